@@ -1,0 +1,108 @@
+"""Reference conversions between float32 and the stored element types (numpy, vectorized).
+
+q8_0 and q4_0 follow docs/FORMAT.md exactly: blocks of 32 values along a row, one float16
+scale per block, round to nearest (ties to even). The planes returned here are the bytes the
+writer stores; the C kernels read the same planes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .format import QUANT_BLOCK, DType, layout
+
+CHUNK_ROWS = 4096  # rows quantized at a time: bounds the temporaries to a few copies of a chunk
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bits (uint16), rounding to nearest even; NaN stays NaN.
+
+    >>> f32_to_bf16(np.array([1.0, 3.14159], np.float32))
+    array([16256, 16457], dtype=uint16)
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    return np.where(np.isnan(x), quiet_nan, rounded).astype(np.uint16)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) → float32, exactly.
+
+    >>> bf16_to_f32(np.array([16256], np.uint16))
+    array([1.], dtype=float32)
+    """
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _inverse(scales16: np.ndarray) -> np.ndarray:
+    """1 / scale in float32, 0 where the scale is 0 (an all-zero block quantizes to zeros)."""
+    d = scales16.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def _q8_0_blocks(blocks: np.ndarray):
+    """(r, nb, 32) float32 → int8 quants (r, nb, 32) and float16 scales (r, nb)."""
+    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float16)
+    q = np.rint(blocks * _inverse(scales)[..., None])
+    return np.clip(q, -127, 127).astype(np.int8), scales
+
+
+def _q4_0_blocks(blocks: np.ndarray):
+    """(r, nb, 32) float32 → packed nibbles (r, nb, 16) uint8 and float16 scales (r, nb)."""
+    peak_index = np.abs(blocks).argmax(axis=2)[..., None]
+    peak = np.take_along_axis(blocks, peak_index, axis=2)[..., 0]  # keeps its sign
+    scales = (peak / np.float32(-8)).astype(np.float16)
+    q = np.clip(np.rint(blocks * _inverse(scales)[..., None]) + 8, 0, 15).astype(np.uint8)
+    return q[..., :16] | (q[..., 16:] << 4), scales
+
+
+_BLOCK_QUANTIZERS = {DType.Q8_0: (_q8_0_blocks, np.int8), DType.Q4_0: (_q4_0_blocks, np.uint8)}
+
+
+def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a 2-D float array row by row into (quants plane, scales plane).
+
+    Returns quants of shape (rows, row_stride) (int8 for q8_0, uint8 nibble pairs for q4_0,
+    zero past the last block) and scales of shape (rows, blocks) float16.
+
+    >>> q, s = quantize(np.ones((2, 40), np.float32), "q8_0")
+    >>> q.shape, s.shape, int(q[0, 0]), float(s[0, 0] * 127)
+    ((2, 64), (2, 2), 127, 1.0)
+    """
+    dtype = DType.parse(dtype)
+    rows, cols = x.shape
+    lay = layout(dtype, (rows, cols))
+    quantize_blocks, quant_type = _BLOCK_QUANTIZERS[dtype]
+    quants = np.zeros((rows, lay.row_stride), quant_type)
+    scales = np.zeros((rows, lay.blocks), np.float16)
+    padded = np.zeros((min(rows, CHUNK_ROWS), lay.blocks * QUANT_BLOCK), np.float32)
+    for start in range(0, rows, CHUNK_ROWS):
+        n = min(CHUNK_ROWS, rows - start)
+        padded[:n, :cols] = x[start:start + n]
+        blocks = padded[:n].reshape(n, lay.blocks, QUANT_BLOCK)
+        if not np.isfinite(blocks).all():
+            raise ValueError(f"cannot quantize to {dtype.label}: rows {start}..{start + n - 1} hold NaN or infinity")
+        q, s = quantize_blocks(blocks)
+        quants[start:start + n, :q[0].size] = q.reshape(n, -1)
+        scales[start:start + n] = s
+    return quants, scales
+
+
+def dequantize(quants: np.ndarray, scales: np.ndarray, cols: int, dtype) -> np.ndarray:
+    """Inverse of `quantize`: float32 array (rows, cols).
+
+    >>> q, s = quantize(np.arange(8, dtype=np.float32).reshape(1, 8), "q8_0")
+    >>> dequantize(q, s, 8, "q8_0").round(1)
+    array([[0., 1., 2., 3., 4., 5., 6., 7.]], dtype=float32)
+    """
+    dtype = DType.parse(dtype)
+    rows, blocks = scales.shape
+    if dtype is DType.Q8_0:
+        values = quants[:, :blocks * QUANT_BLOCK].astype(np.float32).reshape(rows, blocks, QUANT_BLOCK)
+    else:
+        packed = quants[:, :blocks * QUANT_BLOCK // 2].reshape(rows, blocks, QUANT_BLOCK // 2)
+        nibbles = np.concatenate([packed & 0x0F, packed >> 4], axis=2)
+        values = nibbles.astype(np.float32) - 8
+    values *= scales.astype(np.float32)[..., None]
+    return values.reshape(rows, blocks * QUANT_BLOCK)[:, :cols]

@@ -1,0 +1,259 @@
+"""BlobWriter: stream tensors into a blob file, one at a time, atomically.
+
+Bytes go to a temporary file beside the target; only `close()` (after fsync) renames it into
+place, so an exception or Ctrl-C never leaves a half-written file at the target path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import quant
+from ._native import crc32c
+from .format import (
+    DEFAULT_ALIGNMENT, HEADER_SIZE, KNOWN_FEATURES, MAJOR, MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT,
+    MINOR, ROW_ALIGN, DType, Header, data_start, dtype_of_numpy, is_power_of_two, layout, padded_file_size,
+    padding,
+)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
+CHUNK_BYTES = 8 << 20  # rows are converted and written in chunks of about this size
+_FLOAT_TARGETS = {DType.F32: np.float32, DType.F16: np.float16}
+
+
+class BlobWriter:
+    """Write a blob file tensor by tensor; peak memory is about one tensor.
+
+    >>> import numpy as np, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "demo.blob")
+    >>> with BlobWriter(path) as w:
+    ...     w.add("embed", np.ones((4, 8), np.float32), dtype="q8_0")
+    ...     w.add_tie("lm_head", "embed")
+    ...     w.metadata["model"] = {"vocab_size": 4}
+    """
+
+    def __init__(self, path, alignment: int = DEFAULT_ALIGNMENT):
+        if not (is_power_of_two(alignment) and MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT):
+            raise ValueError(f"alignment must be a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, got {alignment}")
+        self.path = Path(path)
+        self.alignment = alignment
+        self.metadata: dict = {}
+        self._records: list[dict] = []
+        self._names: set[str] = set()
+        self._features: set[str] = set()
+        self._blob_count = 0
+        self._crc = 0
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".tmp")
+        self._tmp_path = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+        self._pos = 0
+        self._write_zeros(data_start(alignment))  # header placeholder; rewritten by close()
+
+    # ---- adding tensors ----
+
+    def add(self, name: str, data, *, dtype=None, shape=None, component: str = "text", source: str | None = None):
+        """Add one tensor.
+
+        `data` is a numpy array, converted (or quantized) to `dtype` on the way in (None keeps
+        its dtype); or raw packed bytes, taken as-is, with their `dtype` and `shape` given.
+        """
+        self._check_open()
+        self._check_new_name(name)
+        if isinstance(data, (np.ndarray, np.generic)):
+            data = np.asarray(data)
+            if shape is not None:
+                raise ValueError(f"tensor {name!r}: shape= is only for raw bytes; reshape the array instead")
+            target = dtype_of_numpy(data.dtype) if dtype is None else DType.parse(dtype)
+            self._write_tensor(name, data, target, component, source, stored=False)
+        else:
+            target, array = self._raw_array(name, data, dtype, shape)
+            self._write_tensor(name, array, target, component, source, stored=True)
+
+    def add_tie(self, name: str, target: str, *, component: str = "text", source: str | None = None):
+        """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
+        self._check_open()
+        self._check_new_name(name)
+        self._features.add("tie")
+        self._records.append({"name": name, "tie": target, "component": component, "source": source})
+
+    def add_file(self, name: str, data: bytes, *, component: str = "tokenizer"):
+        """Store bytes verbatim (a tokenizer.model, a tokenizer.json) as a 1-D u8 tensor."""
+        self.add(name, bytes(data), dtype=DType.U8, shape=(len(data),), component=component)
+
+    # ---- finishing ----
+
+    def close(self):
+        """Write the manifest, header and footer, fsync, and rename the file into place."""
+        self._check_open()
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+        os.replace(self._tmp_path, self.path)
+        _fsync_directory(self.path.parent)
+
+    def abort(self):
+        """Drop everything written so far; nothing appears at the target path."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ---- internals ----
+
+    def _check_open(self):
+        if self._file.closed:
+            raise ValueError(f"{self.path}: the writer is already closed")
+
+    def _check_new_name(self, name: str):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"tensor name {name!r} must be 1-255 characters of A-Z a-z 0-9 _ . - /")
+        if name in self._names:
+            raise ValueError(f"{self.path}: tensor {name!r} was already added")
+        self._names.add(name)
+
+    @staticmethod
+    def _raw_array(name, data, dtype, shape):
+        if dtype is None or shape is None:
+            raise ValueError(f"tensor {name!r}: raw bytes need dtype= and shape=")
+        target = DType.parse(dtype)
+        if target.is_quantized:
+            raise ValueError(f"tensor {name!r}: {target.label} cannot be added as raw bytes; pass a float array")
+        shape = tuple(int(d) for d in shape)
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if raw.size != math.prod(shape) * target.numpy.itemsize:
+            raise ValueError(f"tensor {name!r}: {raw.size} raw bytes do not hold shape {shape} of {target.label}")
+        return target, raw.view(target.numpy).reshape(shape)
+
+    def _write_tensor(self, name, array, target, component, source, stored):
+        """Write one blob; `stored` says the array already holds the stored element type."""
+        shape = tuple(int(d) for d in array.shape)
+        lay = layout(target, shape)
+        self._write_zeros(padding(self._pos, self.alignment))
+        offset, self._crc = self._pos, 0
+        rows = array.reshape(lay.rows, lay.cols)
+        try:
+            if target.is_quantized:
+                self._write_quantized(rows, target, lay)
+            else:
+                self._write_plain(rows, target, lay, stored)
+        except ValueError as error:
+            raise ValueError(f"tensor {name!r}: {error}") from None
+        if target.label in KNOWN_FEATURES:
+            self._features.add(target.label)
+        self._blob_count += 1
+        self._records.append({
+            "name": name, "dtype": target.label, "shape": list(shape),
+            "layout": "planar" if target.is_quantized else "rows", "row_stride": lay.row_stride,
+            "offset": offset, "nbytes": lay.nbytes, "crc32c": self._crc, "component": component, "source": source,
+        })
+
+    def _write_plain(self, rows: np.ndarray, target: DType, lay, stored: bool):
+        chunk = max(1, CHUNK_BYTES // max(lay.row_stride, 1))
+        itemsize = target.numpy.itemsize
+        for start in range(0, lay.rows, chunk):
+            block = rows[start:start + chunk]
+            if not stored:
+                block = _convert(block, target)
+            if lay.cols * itemsize != lay.row_stride:
+                padded = np.zeros((len(block), lay.row_stride // itemsize), target.numpy)
+                padded[:, :lay.cols] = block
+                block = padded
+            self._write(block)
+
+    def _write_quantized(self, rows: np.ndarray, target: DType, lay):
+        scales = np.empty((lay.rows, lay.blocks), np.float16)
+        chunk = max(1, CHUNK_BYTES // max(lay.row_stride, 1))
+        for start in range(0, lay.rows, chunk):
+            q, s = quant.quantize(np.asarray(rows[start:start + chunk], np.float32), target)
+            self._write(q)
+            scales[start:start + len(s)] = s
+        self._write(scales)
+
+    def _write(self, array: np.ndarray):
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        self._file.write(raw.data)
+        self._crc = crc32c(raw, self._crc)
+        self._pos += raw.size
+
+    def _write_zeros(self, n: int):
+        if n:
+            self._file.write(bytes(n))
+            self._pos += n
+
+    def _manifest(self) -> bytes:
+        features = [{"name": f, "since": KNOWN_FEATURES[f]} for f in sorted(self._features)]
+        document = {"format": {"name": "blobstore", "major": MAJOR, "minor": MINOR},
+                    "features_required": features, "tensors": self._records, "metadata": self.metadata}
+        try:
+            text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.path}: metadata is not JSON-able ({error})") from None
+        return text.encode("utf-8")
+
+    def _finalize(self):
+        known = {r["name"] for r in self._records}
+        for record in self._records:
+            if "tie" in record and record["tie"] not in known:
+                raise ValueError(f"{self.path}: tie {record['name']!r} points at {record['tie']!r}, which was never added")
+        manifest = self._manifest()
+        if len(manifest) > MAX_MANIFEST_SIZE:
+            raise ValueError(f"{self.path}: manifest is {len(manifest)} bytes; the limit is {MAX_MANIFEST_SIZE}")
+        self._write_zeros(padding(self._pos, ROW_ALIGN))
+        manifest_offset = self._pos
+        self._write(np.frombuffer(manifest, np.uint8))
+        file_size = padded_file_size(self._pos)
+        header = Header(MAJOR, MINOR, self.alignment, self._blob_count, file_size, manifest_offset,
+                        len(manifest), crc32c(manifest)).pack(crc32c)
+        self._write_zeros(file_size - HEADER_SIZE - self._pos)
+        self._file.write(header)  # the footer
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def _convert(block: np.ndarray, target: DType) -> np.ndarray:
+    """Rows of `block` in the stored element type of `target` (not quantized)."""
+    if target is DType.BF16:
+        if block.dtype == np.uint16:
+            raise ValueError("a uint16 array is ambiguous for bf16; pass raw bf16 bits as bytes with shape=")
+        return quant.f32_to_bf16(np.asarray(block, np.float32))
+    if target in _FLOAT_TARGETS:
+        if not np.issubdtype(block.dtype, np.floating):
+            raise ValueError(f"{block.dtype} data cannot be stored as {target.label}")
+        with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
+            converted = block.astype(_FLOAT_TARGETS[target], copy=False)
+        if target is DType.F16 and np.isinf(converted).any() and not np.isinf(block).any():
+            raise ValueError("values exceed the float16 range (65504); store as bf16 or f32")
+        return converted
+    if block.dtype != target.numpy:
+        raise ValueError(f"{block.dtype} data cannot be stored as {target.label} without a lossy cast")
+    return block
+
+
+def _fsync_directory(directory: Path):
+    """Make the rename durable (POSIX); Windows has no directory handles to sync."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
