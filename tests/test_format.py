@@ -160,7 +160,7 @@ def test_writer_interrupted_by_ctrl_c_leaves_nothing(tmp_path):
             w.add("a", np.ones((100, 100), np.float32))
             os.kill(os.getpid(), signal.SIGINT)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert "KeyboardInterrupt" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -239,7 +239,8 @@ def test_opening_a_large_file_does_not_read_it(tmp_path):
     """)
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("resident memory is read from /proc (Linux only)")
-    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               cwd=tmp_path.parent).stdout)
     assert grown < os.path.getsize(path) * 0.02, f"open() made {grown} bytes resident"
 
 
