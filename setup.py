@@ -41,9 +41,12 @@ def kernels_extension():
         path.replace("\\", "/") for path in glob.glob("csrc/*.c")
         if path.replace("\\", "/") != "csrc/crc32c.c"
     )
+    # headers and the per-ISA .inc templates: a change to any of them rebuilds the extension
+    kernel_depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.inc"))
     return Extension(
         "blobstore.runtime._kernels",
         ["runtime/_kernels.pyx", *kernel_sources],
+        depends=kernel_depends,
         include_dirs=["csrc"],
         extra_compile_args=compile_args(),
         extra_link_args=link_args(),
@@ -52,10 +55,13 @@ def kernels_extension():
 
 def extensions():
     exts = [native_extension()]
+    if glob.glob("runtime/_kernels.pyx"):
+        exts.append(kernels_extension())
     return cythonize(exts, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})
 
 
 setup(
-    packages=["blobstore"],
+    packages=["blobstore", "blobstore.runtime"],
+    package_dir={"blobstore": "blobstore", "blobstore.runtime": "runtime"},
     ext_modules=extensions(),
 )

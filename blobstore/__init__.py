@@ -3,6 +3,7 @@
 >>> import blobstore
 >>> r = blobstore.open("model.blob")        # doctest: +SKIP
 """
+from .config import ConfigError, ModelConfig
 from .errors import (
     ChecksumMismatch, CorruptHeader, CorruptManifest, FormatError, InvalidTensor, InvalidTie, MissingTensor,
     NotABlobFile, TruncatedFile, UnsupportedFeature, UnsupportedVersion,
@@ -14,7 +15,7 @@ from .writer import BlobWriter
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "BlobReader", "BlobWriter", "DType", "TensorInfo", "QuantizedTensor",
+    "open", "BlobReader", "BlobWriter", "DType", "TensorInfo", "QuantizedTensor", "ModelConfig", "ConfigError",
     "FormatError", "NotABlobFile", "TruncatedFile", "CorruptHeader", "ChecksumMismatch", "UnsupportedVersion",
     "UnsupportedFeature", "CorruptManifest", "InvalidTensor", "InvalidTie", "MissingTensor",
 ]

@@ -1,5 +1,6 @@
 """blob-pack: write, inspect and verify blob files.
 
+    blob-pack convert SRC -o OUT.blob     a Hugging Face folder or a GGUF file → a blob file
     blob-pack inspect FILE [--json]     what is inside: version, metadata, every tensor
     blob-pack verify FILE               check every checksum (exit 1 names the damaged blobs)
 """
@@ -10,6 +11,7 @@ import json
 import sys
 
 from . import __version__
+from .convert.cli import add_parser as add_convert_parser
 from .errors import ChecksumMismatch, FormatError
 from .reader import open as open_blob
 
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blob-pack", description="Convert models into blob files, and inspect or verify blob files.")
     parser.add_argument("--version", action="version", version=f"blob-pack {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_convert_parser(commands)
 
     inspect = commands.add_parser("inspect", help="show a blob file's header, metadata and tensors",
                                   description="Validate a blob file's header and manifest, then print its "

@@ -277,7 +277,7 @@ def _read_manifest(f, h: Header, path: str) -> dict:
                                       f"{h.manifest_crc32c:08x} (damaged manifest)", ("manifest",))
     try:
         document = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                              parse_constant=_no_constants)
+                              parse_constant=_no_constants, parse_float=_finite_float)
     except UnicodeDecodeError as error:
         raise errors.CorruptManifest(f"{path}: manifest is not UTF-8 ({error})") from None
     except (ValueError, RecursionError) as error:
@@ -293,6 +293,13 @@ def _no_duplicate_keys(pairs):
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"duplicate key {duplicate!r}")
     return dict(pairs)
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows to infinity")
+    return value
 
 
 def _no_constants(name):

@@ -1,0 +1,186 @@
+"""blob-pack convert: a Hugging Face folder or GGUF file → one blob file.
+
+    >>> from blobstore.convert import convert
+    >>> summary = convert("gemma-3-270m/", "gemma.blob", dtype="q8_0")   # doctest: +SKIP
+
+The source is planned first (names, shapes, dtypes, ties, every problem reported together),
+then streamed one tensor at a time into a BlobWriter, which writes a temporary file and renames
+it into place only when complete.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, is_power_of_two
+from ..quant import bf16_to_f32
+from ..writer import BlobWriter
+from . import tokenizer
+from .families import family_for_hf
+from .plan import WEIGHT_DTYPES, Options, Plan, make_plan
+from .problems import ConversionError, Problems
+from .sources import open_source, provenance
+
+__all__ = ["convert", "ConversionError", "Options", "Summary"]
+
+
+@dataclass
+class Summary:
+    output: str
+    tensors: int = 0
+    ties: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    components: dict = field(default_factory=dict)   # component → tensors stored
+    dropped: dict = field(default_factory=dict)      # component → tensors left out (--text-only)
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    dry_run: bool = False
+
+    def format(self) -> str:
+        parts = ", ".join(f"{c} {n}" for c, n in self.components.items())
+        lines = [f"{'would write' if self.dry_run else 'wrote'} {self.output}: {self.tensors} tensors ({parts}), "
+                 f"{self.ties} tie(s); {self.bytes_in / 1e6:.1f} MB in"
+                 + ("" if self.dry_run else f", {self.bytes_out / 1e6:.1f} MB out") + f"; {self.seconds:.1f} s"]
+        lines += [f"  left out by --text-only: {n} {c} tensor(s)" for c, n in self.dropped.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
+            allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
+            quiet: bool = False, log=None) -> Summary:
+    """Convert `src` (HF model folder or .gguf) into the blob file `out`; see `blob-pack convert --help`.
+
+    Raises ConversionError listing every problem found; nothing is written then. `log` receives
+    the plan (dry run) and warnings, one line per call (default: discard).
+    """
+    started = time.monotonic()
+    log = log or (lambda line: None)
+    for option, value in (("dtype", dtype), ("embed_dtype", embed_dtype or dtype)):
+        if value not in WEIGHT_DTYPES:
+            raise ConversionError(f"{option}: expected one of {', '.join(WEIGHT_DTYPES)}, found {value!r}")
+    if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
+        raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
+    options = Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,
+                      allow_unknown=allow_unknown, alignment=align)
+    out = Path(out)
+    if not dry_run:
+        _check_output(out, force)
+    source = open_source(src)
+    family = family_for_hf(source.config)  # a GGUF source's config names the matching HF architecture
+    config = family.normalize(source.config, source.generation_config)
+    problems = Problems(str(src))
+    plan = make_plan(source, config, family.variant(source.config), options, problems)
+    problems.raise_if_fatal(options.allow_unknown, found=len(plan.entries))
+    for warning in problems.warnings:
+        log(f"warning: {warning}")
+    summary = _summary(out, plan, source, dry_run)
+    if dry_run:
+        for line in describe_plan(plan):
+            log(line)
+    else:
+        _write(out, source, family, plan, options, quiet)
+        summary.bytes_out = out.stat().st_size
+    summary.warnings = problems.warnings
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """One line per stored tensor and tie: the dry-run output."""
+    lines = [f"{e.source} -> {e.name} [{e.component}] {e.dtype} {'x'.join(map(str, e.shape)) or 'scalar'}"
+             for e in plan.entries]
+    lines += [f"{name} -> tie to {target} ({reason})" for name, target, reason in plan.ties]
+    lines += [f"{src} -> left out (--text-only)" for srcs in plan.dropped.values() for src in srcs]
+    lines += [f"{src} -> ignored (derived buffer)" for src in plan.ignored]
+    return lines
+
+
+def _check_output(out: Path, force: bool):
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise ConversionError(f"{out} is a directory; give a file name such as {out / 'model.blob'}")
+    if not out.parent.resolve().is_dir():
+        raise ConversionError(f"{out}: the folder {out.parent} does not exist")
+
+
+def _summary(out: Path, plan: Plan, source, dry_run: bool) -> Summary:
+    components = {}
+    for entry in plan.entries:
+        components[entry.component] = components.get(entry.component, 0) + 1
+    return Summary(str(out), tensors=len(plan.entries), ties=len(plan.ties),
+                   bytes_in=sum(source.tensors[e.source].nbytes for e in plan.entries), components=components,
+                   dropped={c: len(s) for c, s in plan.dropped.items()}, notes=list(plan.notes), dry_run=dry_run)
+
+
+def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ConversionError("blob-pack convert needs tqdm: pip install 'blobstore-runtime[convert]'") from None
+
+    total = sum(source.tensors[e.source].nbytes for e in plan.entries)
+    with BlobWriter(out, alignment=options.alignment) as writer, \
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, leave=False,
+                 desc="converting") as bar:
+        for entry in plan.entries:
+            bar.set_postfix_str(entry.name, refresh=False)
+            _add_tensor(writer, source, family, plan.config, entry)
+            bar.update(source.tensors[entry.source].nbytes)
+        for name, target, _ in plan.ties:
+            writer.add_tie(name, target, source=None)
+        tok = tokenizer.from_gguf(source.metadata, plan.config) if source.kind == "gguf" else \
+            tokenizer.from_folder(source.path, plan.config)
+        for name, data in tok.files.items():
+            writer.add_file(name, data)
+        writer.metadata.update(_metadata(source, plan, options, tok))
+
+
+def _add_tensor(writer: BlobWriter, source, family, config: ModelConfig, entry):
+    array, stored = source.read(entry.source)
+    if source.kind == "gguf" and entry.component == "text":
+        array = family.gguf_sanitize(entry.name, array, config)
+    if stored == "bf16":
+        if entry.dtype == "bf16":  # the raw bits go in untouched
+            writer.add(entry.name, memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)), dtype="bf16",
+                       shape=entry.shape, component=entry.component, source=entry.source)
+            return
+        array = bf16_to_f32(array)
+    writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source)
+
+
+def _metadata(source, plan: Plan, options: Options, tok) -> dict:
+    from .. import __version__
+
+    components = {"text": {"tensors": sum(e.component == "text" for e in plan.entries)}}
+    if source.kind == "safetensors":
+        raw = source.config
+        for name in ("vision", "projector"):
+            count = sum(e.component == name for e in plan.entries)
+            if count:
+                config = raw.get("vision_config") if name == "vision" else {
+                    k: v for k, v in raw.items() if k in ("mm_tokens_per_image", "boi_token_index",
+                                                          "eoi_token_index", "image_token_index")}
+                components[name] = {"tensors": count, "config": config, "required": False}
+    source_info = {"format": source.kind, "name": source.path.name, "packer": f"blob-pack {__version__}",
+                   "files": provenance(source.provenance_files())}
+    if source.kind == "safetensors":
+        source_info.update(config=source.config, generation_config=source.generation_config)
+    else:
+        source_info.update(gguf_metadata=source.scalar_metadata())
+    return {
+        "model": plan.config.to_dict(),
+        "tokenizer": tok.settings,
+        "components": components,
+        "source": source_info,
+        "conversion": {"dtype": options.dtype, "embed_dtype": options.embed_dtype or options.dtype,
+                       "keep_f32": list(options.keep_f32), "text_only": options.text_only,
+                       "allow_unknown": options.allow_unknown, "dropped": {c: len(s) for c, s in plan.dropped.items()}},
+    }

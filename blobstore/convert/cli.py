@@ -1,0 +1,62 @@
+"""`blob-pack convert`: argparse setup and handler (wired into blobstore/cli.py by add_parser)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import convert
+from .plan import WEIGHT_DTYPES
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `convert` subcommand to blob-pack's subparsers; it runs `run(args)`."""
+    parser = subparsers.add_parser(
+        "convert", help="convert a Hugging Face model folder or a GGUF file into a blob file",
+        description="Convert SRC — a Hugging Face model folder (config.json, model.safetensors or shards with "
+                    "model.safetensors.index.json, tokenizer files) or a .gguf file — into one blob file. "
+                    "Every problem with the source (unmapped, missing or mis-shaped tensors) is reported together "
+                    "and nothing is written. The output appears only when complete.",
+)
+    parser.add_argument("src", metavar="SRC", help="Hugging Face model folder or .gguf file")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="q8_0",
+                        help="stored type of 2-D weight matrices, default q8_0 (norms and biases stay f32)")
+    parser.add_argument("--keep-f32", nargs="+", action="extend", default=[], metavar="PATTERN",
+                        help="keep stored tensors whose name matches any of these shell patterns in f32, "
+                             "e.g. 'layers.0.*' 'lm_head'")
+    parser.add_argument("--embed-dtype", choices=WEIGHT_DTYPES, default=None, metavar="D",
+                        help="stored type of the embedding and output head (default: as --dtype)")
+    parser.add_argument("--text-only", action="store_true",
+                        help="leave out a vision tower and projector (the summary says how many tensors)")
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="keep source tensors that map to nothing under 'extra.<source name>' instead of failing")
+    parser.add_argument("--align", type=int, default=4096, metavar="N",
+                        help="blob alignment in bytes: a power of two, at least 64 (default 4096)")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT.blob if it exists")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mapping plan (source name -> stored name, dtype, shape) and write nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    """Run `blob-pack convert`; returns the exit status (1 with one message listing every problem).
+
+    ValueError covers ConversionError, ConfigError and the writer's errors, which all name the
+    file or tensor at fault.
+    """
+    try:
+        summary = convert(args.src, args.output, dtype=args.dtype, embed_dtype=args.embed_dtype,
+                          keep_f32=args.keep_f32, text_only=args.text_only, allow_unknown=args.allow_unknown,
+                          align=args.align, force=args.force, dry_run=args.dry_run, quiet=args.quiet,
+                          log=lambda line: print(line, file=sys.stdout if args.dry_run else sys.stderr))
+    except (ValueError, OSError) as error:
+        print(f"blob-pack convert: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("blob-pack convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if not args.quiet or args.dry_run:
+        print(summary.format())
+    return 0

@@ -1,0 +1,351 @@
+"""What every family shares: the Family record, HF name parsing, and config normalization.
+
+A family module supplies only data — the variants' transformers defaults and traits, its
+per-layer name table, its GGUF quirks — and this module turns a config dict plus that data
+into a ModelConfig. Config dicts may be transformers-4 style (rope_theta, rope_scaling,
+sliding_window_pattern, torch_dtype) or transformers-5 style (rope_parameters, possibly nested
+per attention type; layer_types; dtype).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ...config import (
+    FULL_ATTENTION, LAYER_TYPES, SLIDING_ATTENTION, ConfigError, ModelConfig, RopeParams, round_to_dtype,
+)
+
+# Text-model key prefixes seen in practice: transformers 4/5 CausalLM, bare, and the two
+# multimodal wrappings (transformers >= 4.52 and the original Gemma 3 release).
+TEXT_PREFIX = r"(?:model\.language_model\.|language_model\.model\.|model\.)?"
+LAYER_NAME = re.compile(rf"^{TEXT_PREFIX}layers\.(\d+)\.(.+)$")
+GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
+GLOBAL_NAME = re.compile(rf"^{TEXT_PREFIX}(embed_tokens\.weight|norm\.weight)$")
+HEAD_NAME = re.compile(r"^(?:language_model\.)?lm_head(?:\.weight)?$")
+
+# Per-layer names every family shares (HF suffix after "layers.N." → canonical part).
+COMMON_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
+    "self_attn.v_proj.weight": "v", "self_attn.o_proj.weight": "o",
+    "self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
+    "self_attn.v_proj.bias": "v_bias", "self_attn.o_proj.bias": "o_bias",
+    "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
+    "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up", "mlp.down_proj.weight": "down",
+}
+# HF calls the pre-MLP norm "post_attention_layernorm" in Llama-style blocks...
+PLAIN_BLOCK_NAMES = {**COMMON_LAYER_NAMES, "post_attention_layernorm.weight": "ffn_norm"}
+# ...while Gemma 2/3 blocks norm before and after both attention and MLP.
+SANDWICH_BLOCK_NAMES = {
+    **COMMON_LAYER_NAMES,
+    "post_attention_layernorm.weight": "post_attn_norm",
+    "pre_feedforward_layernorm.weight": "ffn_norm",
+    "post_feedforward_layernorm.weight": "post_ffn_norm",
+}
+
+# GGUF (llama.cpp) names; its semantics match the canonical ones, so one table serves every family.
+GGUF_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "q", "attn_k.weight": "k", "attn_v.weight": "v",
+    "attn_output.weight": "o", "attn_q.bias": "q_bias", "attn_k.bias": "k_bias", "attn_v.bias": "v_bias",
+    "attn_output.bias": "o_bias", "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "post_attention_norm.weight": "post_attn_norm", "ffn_norm.weight": "ffn_norm",
+    "post_ffw_norm.weight": "post_ffn_norm", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
+    "ffn_down.weight": "down",
+}
+GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
+# Multimodal components and where their tensors live in HF checkpoints.
+COMPONENT_NAMES = {
+    "vision": re.compile(r"^(?:model\.)?vision_tower\.(.+)$"),
+    "projector": re.compile(r"^(?:model\.)?multi_modal_projector\.(.+)$"),
+}
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "half": "float16", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One architecture's traits and the transformers class defaults its config.json may omit."""
+
+    defaults: dict
+    layer_names: dict                     # HF suffix after "layers.N." → canonical part
+    layer_pattern: Callable[[dict, int], list[str]]  # layer types when the config lists none
+    norm_offset: float = 0.0
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool | None = None          # None: from the config's attention_bias
+    uses_query_pre_attn_scalar: bool = False
+    default_theta: dict = field(default_factory=lambda: {FULL_ATTENTION: 10000.0, SLIDING_ATTENTION: 10000.0})
+    local_theta_key: str | None = None    # transformers-4 key of the sliding layers' rope base
+    legacy_scaled_types: tuple = LAYER_TYPES  # layer types a transformers-4 rope_scaling applies to
+    legacy_activation: dict = field(default_factory=dict)  # extra activation spellings of this family
+    multimodal: bool = False              # text config nested under text_config; vision tower expected
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family: its architectures and GGUF quirks."""
+
+    name: str
+    variants: dict                        # HF architecture name → Variant
+    gguf_arches: dict                     # GGUF general.architecture → HF architecture name
+    gguf_config: Callable[[dict, str, dict], dict] = lambda meta, arch, cfg: cfg  # family GGUF keys
+    gguf_sanitize: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = lambda name, x, cfg: x
+
+    def normalize(self, config: dict, generation_config: dict | None = None) -> ModelConfig:
+        arch = architecture_of(config)
+        return normalize(config, arch, self.name, self.variants[arch], generation_config or {})
+
+    def variant(self, config: dict) -> Variant:
+        return self.variants[architecture_of(config)]
+
+    def hf_config_from_gguf(self, meta: dict, has_output_head: bool) -> dict:
+        hf_arch = self.gguf_arches[meta["general.architecture"]]
+        return self.gguf_config(meta, hf_arch, gguf_common_config(meta, hf_arch, has_output_head))
+
+
+def map_text_name(name: str, layer_names: dict) -> str | None:
+    """Canonical name of an HF text tensor name, or None: exact, anchored matches only.
+
+    >>> map_text_name("model.layers.3.mlp.up_proj.weight", PLAIN_BLOCK_NAMES)
+    'layers.3.up'
+    """
+    match = LAYER_NAME.match(name)
+    if match:
+        part = layer_names.get(match.group(2))
+        return f"layers.{int(match.group(1))}.{part}" if part else None
+    match = GLOBAL_NAME.match(name)
+    if match:
+        return GLOBAL_NAMES[match.group(1)]
+    return "lm_head" if HEAD_NAME.match(name) else None
+
+
+def map_gguf_name(name: str) -> str | None:
+    """Canonical name of a GGUF tensor name, or None.
+
+    >>> map_gguf_name("blk.2.attn_output.weight")
+    'layers.2.o'
+    """
+    match = GGUF_LAYER_NAME.match(name)
+    if match:
+        part = GGUF_LAYER_NAMES.get(match.group(2))
+        return f"layers.{int(match.group(1))}.{part}" if part else None
+    return GGUF_GLOBAL_NAMES.get(name)
+
+
+def map_component_name(name: str) -> tuple[str, str] | None:
+    """(component, stored name) of a multimodal tensor: `vision.…` / `projector.…`, suffixes kept as they are."""
+    for component, pattern in COMPONENT_NAMES.items():
+        match = pattern.match(name)
+        if match:
+            return component, f"{component}.{match.group(1)}"
+    return None
+
+
+def architecture_of(config: dict) -> str:
+    archs = config.get("architectures") or []
+    if len(archs) != 1 or not isinstance(archs[0], str):
+        raise ConfigError(f"config.json field architectures: expected one architecture name, found {archs!r}")
+    return archs[0]
+
+
+# ---- config normalization ----
+
+def text_section(config: dict, variant: Variant) -> dict:
+    """The text model's config with the architecture's defaults filled in.
+
+    transformers writes only non-default values to config.json, so defaults are part of the format.
+    """
+    section = (config.get("text_config") or {}) if variant.multimodal else config
+    merged = {**variant.defaults, **section}
+    for key in ("dtype", "torch_dtype"):  # multimodal configs keep the dtype at the top level
+        merged.setdefault(key, config.get(key))
+    return merged
+
+
+def normalize(config: dict, arch: str, family: str, variant: Variant, generation_config: dict) -> ModelConfig:
+    cfg = text_section(config, variant)
+    hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
+    head_dim = _int(cfg, "head_dim") if cfg.get("head_dim") else hidden // heads
+    num_layers = _int(cfg, "num_hidden_layers")
+    layer_types = _layer_types(cfg, num_layers, variant)
+    window = cfg.get("sliding_window") or 0
+    source_dtype = _source_dtype(cfg)
+    qkv_bias = bool(cfg.get("attention_bias")) if variant.qkv_bias is None else variant.qkv_bias
+    if cfg.get("mlp_bias"):
+        raise ConfigError("config.json field mlp_bias: true is not supported (MLP projections without biases only)")
+    return ModelConfig(
+        arch=arch, family=family,
+        vocab_size=_int(cfg, "vocab_size"), hidden_size=hidden, intermediate_size=_int(cfg, "intermediate_size"),
+        num_layers=num_layers, num_heads=heads, num_kv_heads=_int(cfg, "num_key_value_heads", heads),
+        head_dim=head_dim, rms_norm_eps=float(cfg["rms_norm_eps"]), norm_offset=variant.norm_offset,
+        embedding_scale=round_to_dtype(math.sqrt(hidden), source_dtype) if variant.scale_embeddings else 1.0,
+        activation=_activation(cfg, variant),
+        layer_types=tuple(layer_types),
+        sliding_window=tuple(int(window) if t == SLIDING_ATTENTION else 0 for t in layer_types),
+        rope=_rope_per_layer(cfg, layer_types, variant),
+        attn_scale=float(cfg["query_pre_attn_scalar"] if variant.uses_query_pre_attn_scalar else head_dim) ** -0.5,
+        attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping")),
+        final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")),
+        qk_norm=variant.qk_norm, qkv_bias=qkv_bias,
+        o_bias=bool(cfg.get("attention_bias")) and variant.qkv_bias is None,
+        sandwich_norms=variant.sandwich_norms,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        bos_token_id=_token_id(generation_config.get("bos_token_id", cfg.get("bos_token_id"))),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id"), generation_config.get("eos_token_id")),
+        pad_token_id=_token_id(generation_config.get("pad_token_id", cfg.get("pad_token_id"))),
+        max_position_embeddings=_int(cfg, "max_position_embeddings"),
+        source_dtype=source_dtype,
+    )
+
+
+def _int(cfg: dict, key: str, default=None) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"config.json field {key}: expected an integer, found {value!r}")
+    return value
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _token_id(value) -> int | None:
+    if isinstance(value, list):  # some configs give a list; the first is the canonical one
+        value = value[0] if value else None
+    return value
+
+
+def _eos_ids(*values) -> tuple[int, ...]:
+    """Every end-of-sequence id from config.json and generation_config.json, in first-seen order."""
+    ids = []
+    for value in values:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
+
+
+def _source_dtype(cfg: dict) -> str:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"config.json field dtype: expected one of {sorted(DTYPES)}, found {name!r}")
+    return DTYPES[name]
+
+
+def _activation(cfg: dict, variant: Variant) -> str:
+    name = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    known = {**ACTIVATIONS, **variant.legacy_activation}
+    if name not in known:
+        raise ConfigError(f"config.json field hidden_act: {name!r} is not supported; supported: {sorted(known)}")
+    return known[name]
+
+
+def _layer_types(cfg: dict, num_layers: int, variant: Variant) -> list[str]:
+    """`layer_types` when present (it wins over stale pattern fields), else the family's pattern."""
+    types = cfg.get("layer_types")
+    if types is None:
+        types = variant.layer_pattern(cfg, num_layers)
+    if len(types) != num_layers or not set(types) <= set(LAYER_TYPES):
+        raise ConfigError(f"config.json field layer_types: expected {num_layers} entries of {LAYER_TYPES}, "
+                          f"found {types!r}")
+    return list(types)
+
+
+def _rope_per_layer(cfg: dict, layer_types: list[str], variant: Variant) -> tuple[RopeParams, ...]:
+    params = cfg.get("rope_parameters")
+    if params and set(params) & set(LAYER_TYPES):  # transformers 5, one dict per attention type
+        by_type = {t: _rope(params.get(t) or {}, variant.default_theta[t], cfg, f"rope_parameters.{t}")
+                   for t in set(layer_types)}
+    elif params:  # transformers 5, one dict for all layers
+        by_type = {t: _rope(params, variant.default_theta[t], cfg, "rope_parameters") for t in set(layer_types)}
+    else:  # transformers 4: rope_theta (+ a local base) and rope_scaling
+        by_type = {t: _legacy_rope(cfg, t, variant) for t in set(layer_types)}
+    return tuple(by_type[t] for t in layer_types)
+
+
+def _legacy_rope(cfg: dict, layer_type: str, variant: Variant) -> RopeParams:
+    theta = cfg.get("rope_theta")
+    if layer_type == SLIDING_ATTENTION and variant.local_theta_key:
+        theta = cfg.get(variant.local_theta_key)
+    scaling = cfg.get("rope_scaling") if layer_type in variant.legacy_scaled_types else None
+    params = {**(scaling or {}), "rope_theta": theta if theta is not None else variant.default_theta[layer_type]}
+    return _rope(params, variant.default_theta[layer_type], cfg, "rope_scaling")
+
+
+def _rope(params: dict, default_theta: float, cfg: dict, where: str) -> RopeParams:
+    kind = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta") or default_theta)
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"config.json field {where}.partial_rotary_factor: only 1.0 is supported, "
+                          f"found {params['partial_rotary_factor']}")
+    if kind == "default":
+        return RopeParams(theta)
+    if kind == "linear":
+        return RopeParams(theta, "linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        return RopeParams(theta, "llama3", factor=float(params["factor"]),
+                          low_freq_factor=float(params["low_freq_factor"]),
+                          high_freq_factor=float(params["high_freq_factor"]),
+                          original_max_position_embeddings=int(params.get("original_max_position_embeddings")
+                                                               or cfg["max_position_embeddings"]))
+    raise ConfigError(f"config.json field {where}: rope type {kind!r} is not supported; "
+                      f"supported: default, linear, llama3")
+
+
+# ---- layer patterns (used when a config has no layer_types) ----
+
+def all_full(cfg: dict, num_layers: int) -> list[str]:
+    return [FULL_ATTENTION] * num_layers
+
+
+def every_nth_full(pattern_key: str, default_every: int):
+    """Layers are sliding except every `every`-th (Gemma 2: 2, Gemma 3: 6)."""
+    def pattern(cfg: dict, num_layers: int) -> list[str]:
+        every = cfg.get(pattern_key) or default_every
+        return [FULL_ATTENTION if (i + 1) % every == 0 else SLIDING_ATTENTION for i in range(num_layers)]
+    return pattern
+
+
+# ---- GGUF metadata → an HF-style config dict ----
+
+def gguf_common_config(meta: dict, hf_arch: str, has_output_head: bool) -> dict:
+    """The GGUF keys every architecture shares, under their config.json names (absent keys left out)."""
+    arch = meta["general.architecture"]
+    key = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
+    head_count_kv = key("attention.head_count_kv")
+    if isinstance(head_count_kv, list):
+        raise ConfigError(f"GGUF field {arch}.attention.head_count_kv: per-layer KV head counts are not supported")
+    rope_dims, head_dim = key("rope.dimension_count"), key("attention.key_length")
+    if rope_dims is not None and head_dim is not None and rope_dims != head_dim:
+        raise ConfigError(f"GGUF field {arch}.rope.dimension_count: partial rotary embeddings are not supported "
+                          f"(rotating {rope_dims} of {head_dim} dimensions)")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    config = {
+        "architectures": [hf_arch],
+        "vocab_size": key("vocab_size") or (len(tokens) if tokens else None),
+        "hidden_size": key("embedding_length"), "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"), "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": head_count_kv, "head_dim": head_dim,
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"), "max_position_embeddings": key("context_length"),
+        "rope_theta": key("rope.freq_base"), "sliding_window": key("attention.sliding_window"),
+        "attn_logit_softcapping": key("attn_logit_softcapping"),
+        "final_logit_softcapping": key("final_logit_softcapping"),
+        "tie_word_embeddings": not has_output_head,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "dtype": "float32",  # GGUF weights are dequantized to float32
+    }
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none"):
+        config["rope_scaling"] = {"rope_type": scaling, "factor": key("rope.scaling.factor"),
+                                  "original_max_position_embeddings": key("rope.scaling.original_context_length")}
+    return {k: v for k, v in config.items() if v is not None}

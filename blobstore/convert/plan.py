@@ -1,0 +1,149 @@
+"""The mapping plan: which source tensor becomes which stored tensor, in which dtype — or why not.
+
+Planning reads only names, shapes and dtypes (plus, for a present output head, its bytes and the
+embedding's, to detect a duplicated tied head), so `--dry-run` and every error come before any
+output is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from .families import map_component_name, map_gguf_name, map_text_name
+from .problems import Problems, classify
+
+FLOAT_SOURCE_DTYPES = ("f32", "f16", "bf16")
+WEIGHT_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # choices for --dtype and --embed-dtype
+IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a derived buffer older checkpoints saved
+# Known, but not representable: llama.cpp's Llama 3.1 rope factors (read from config.json instead).
+UNSUPPORTED = {"rope_freqs.weight"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Conversion choices; see `blob-pack convert --help`."""
+
+    dtype: str = "q8_0"             # 2-D weight matrices
+    embed_dtype: str | None = None  # embedding and output head (None: as dtype)
+    keep_f32: tuple = ()            # fnmatch patterns over stored names kept in f32
+    text_only: bool = False
+    allow_unknown: bool = False
+    alignment: int = 4096
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str          # stored name
+    source: str        # source tensor name
+    component: str     # "text" | "vision" | "projector" | "extra"
+    shape: tuple
+    dtype: str         # stored dtype
+
+
+@dataclass
+class Plan:
+    config: ModelConfig
+    entries: list = field(default_factory=list)
+    ties: list = field(default_factory=list)        # (name, target, reason)
+    dropped: dict = field(default_factory=dict)     # component → source names left out by --text-only
+    ignored: list = field(default_factory=list)
+    notes: list = field(default_factory=list)       # things the summary should say
+
+
+def make_plan(source, config: ModelConfig, variant, options: Options, problems: Problems) -> Plan:
+    plan = Plan(config)
+    mapped = _map_names(source, variant, options, plan, problems)
+    expected = config.expected_tensors()
+    for name, (src, component) in mapped.items():
+        ref = source.tensors[src]
+        if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
+            problems.mismatched.append((name, expected[name], ref.shape, src))
+        if ref.dtype not in FLOAT_SOURCE_DTYPES and source.kind == "safetensors":
+            problems.bad_dtypes.append((name, ref.dtype, src))
+            continue
+        plan.entries.append(Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options)))
+    problems.missing += [n for n in expected if n not in mapped and n != "lm_head"]
+    _plan_head(source, plan, expected, problems)
+    return plan
+
+
+def target_dtype(name: str, shape: tuple, options: Options) -> str:
+    """f32 for norms, biases, --keep-f32 matches and unknown (extra.) tensors; the embedding choice for
+    embed/lm_head; else dtype."""
+    if len(shape) != 2 or name.startswith("extra.") or any(fnmatch.fnmatchcase(name, p) for p in options.keep_f32):
+        return "f32"
+    if name in ("embed", "lm_head"):
+        return options.embed_dtype or options.dtype
+    return options.dtype
+
+
+def _map_names(source, variant, options: Options, plan: Plan, problems: Problems) -> dict:
+    """stored name → (source name, component); unmapped names go to `problems` with their cause."""
+    text_name = map_gguf_name if source.kind == "gguf" else lambda n: map_text_name(n, variant.layer_names)
+    expected = plan.config.expected_tensors()
+    mapped, sources_of = {}, {}
+    for src in source.tensors:
+        if IGNORED.search(src):
+            plan.ignored.append(src)
+            continue
+        target = _map_one(src, text_name, variant)
+        if target and target[0] != "text" and options.text_only:
+            plan.dropped.setdefault(target[0], []).append(src)
+            continue
+        if target is None or (target[0] == "text" and target[1] not in expected):
+            cause = "config" if target else "unsupported" if src in UNSUPPORTED else classify(src, text_name)
+            if options.allow_unknown:
+                target = ("extra", f"extra.{src}")
+                plan.notes.append(f"kept unmapped {src} as extra.{src}")
+            else:
+                problems.add_unmapped(src, cause)
+                continue
+        sources_of.setdefault(target[1], []).append(src)
+        mapped[target[1]] = (src, target[0])
+    problems.duplicates += [(name, srcs) for name, srcs in sources_of.items() if len(srcs) > 1]
+    return mapped
+
+
+def _map_one(src: str, text_name, variant) -> tuple[str, str] | None:
+    name = text_name(src)
+    if name:
+        return "text", name
+    return map_component_name(src) if variant.multimodal else None
+
+
+def _plan_head(source, plan: Plan, expected: dict, problems: Problems):
+    """The four head cases: tie by config, dedupe an identical copy, keep a distinct one, or report it missing."""
+    config = plan.config
+    head = next((e for e in plan.entries if e.name == "lm_head"), None)
+    if head is None:
+        if config.tie_word_embeddings:
+            plan.ties.append(("lm_head", "embed", "tie_word_embeddings in the config"))
+        else:
+            problems.missing.append("lm_head")
+        return
+    embed = next((e for e in plan.entries if e.name == "embed"), None)
+    if head.shape != expected["lm_head"]:
+        problems.mismatched.append(("lm_head", expected["lm_head"], head.shape, head.source))
+    elif embed is not None and _same_bytes(source, head.source, embed.source):
+        plan.entries.remove(head)
+        plan.ties.append(("lm_head", "embed", f"{head.source} is bit-identical to the embedding"))
+        plan.notes.append(f"{head.source} is bit-identical to the embedding: stored as a tie, not a copy")
+        plan.config = dataclasses.replace(config, tie_word_embeddings=True)
+    else:
+        if config.tie_word_embeddings:
+            problems.warnings.append(f"config.json says tie_word_embeddings, but {head.source} differs from the "
+                                     f"embedding; it is stored as its own tensor (the file's config says untied)")
+        plan.config = dataclasses.replace(config, tie_word_embeddings=False)
+
+
+def _same_bytes(source, first: str, second: str) -> bool:
+    a, b = source.tensors[first], source.tensors[second]
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    (x, _), (y, _) = source.read(first), source.read(second)
+    return bool(np.array_equal(x.view(np.uint8), y.view(np.uint8)))

@@ -1,0 +1,100 @@
+/* The compute kernels' C API: what runtime/_kernels.pyx and csrc/tests/test_kernels.c call.
+ *
+ * Shapes are written as in numpy, row-major, outermost first: X (n, cols) means n rows of
+ * `cols` floats, row i at x + i*x_stride. Strides are in elements unless named *_bytes.
+ * Every kernel is a pure function of its inputs: the result does not depend on the ISA's
+ * thread count (work is split over output rows, never inside a reduction).
+ */
+#ifndef BLOBSTORE_KERNELS_H
+#define BLOBSTORE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Weight dtypes the kernels read; values equal blobstore.DType. */
+enum blob_dtype { BLOB_F32 = 0, BLOB_F16 = 1, BLOB_BF16 = 2, BLOB_Q8_0 = 3, BLOB_Q4_0 = 4 };
+#define BLOB_NUM_DTYPES 5
+#define BLOB_QBLOCK 32 /* values per q8_0 / q4_0 block */
+
+/* Instruction-set paths; a path is usable when the CPU has every feature it needs. */
+enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2 };
+#define BLOB_NUM_ISAS 3
+
+/* Status codes returned by the kernels. */
+enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };
+
+/* A weight matrix W (rows, cols) in the blob file's planar layout, read in place.
+ * Plain dtypes: row r at data + r*row_stride_bytes.
+ * q8_0 / q4_0: the quant plane (row r at data + r*row_stride_bytes, ceil(cols/32) blocks of
+ * 32 int8 or 16 packed-nibble bytes, zero past `cols`; each row padded to a multiple of 64
+ * bytes, as the file stores it, and the kernels may read that padding) and the scale plane
+ * `scales` (rows, ceil(cols/32)) float16 bits, packed. */
+typedef struct blob_matrix {
+    int dtype;
+    const void *data;
+    size_t row_stride_bytes;
+    const uint16_t *scales;
+    size_t rows, cols;
+} blob_matrix;
+
+/* ---- run-time ISA choice (dispatch.c) ---- */
+int blob_isa_supported(int isa);
+int blob_isa_best(void);           /* the fastest supported path */
+int blob_isa_current(void);
+int blob_isa_select(int isa);      /* BLOB_OK, or BLOB_EINVAL when unsupported */
+const char *blob_isa_name(int isa);
+int blob_isa_int8_dot(void);       /* 1 when the current path uses a dedicated int8 dot instruction */
+
+/* ---- threads (threads.c) ---- */
+int blob_threads_get(void);
+int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise */
+#define BLOB_MAX_THREADS 256
+
+/* ---- matrix products (matmul.c) ----
+ * Y (n, rows) = X (n, cols) @ W.T; n == 1 is the decode matvec, n > 1 the tiled prefill. */
+int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
+                float *y, size_t y_stride);
+
+/* ---- attention (attention.c) ----
+ * Causal attention of n queries at positions p0 .. p0+n-1 over a KV cache holding positions
+ * 0 .. p0+n-1. Element (pos, kv_head, d) of K is at k + pos*k_pos_stride + kv_head*k_head_stride + d
+ * (likewise V); the cache dtype is BLOB_F32 or BLOB_F16. Query head h reads kv head
+ * h / (n_heads / n_kv_heads). A key at position j is visible from position p when j <= p and,
+ * with window > 0, p - j < window. Scores are (q . k) * scale, then softcap * tanh(s / softcap)
+ * when softcap > 0. Q and OUT are (n, n_heads, head_dim), contiguous. */
+typedef struct blob_attention {
+    size_t n_heads, n_kv_heads, head_dim;
+    int kv_dtype;
+    const void *k, *v;
+    size_t k_pos_stride, k_head_stride, v_pos_stride, v_head_stride;
+    float scale, softcap;
+    size_t window;
+} blob_attention;
+
+int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out);
+
+/* ---- small ops (ops.c), X (n, d) contiguous rows, OUT may alias X ---- */
+/* out = x / rms(x) * (offset + w): offset 0 for plain RMSNorm, 1 for Gemma's (1 + w). */
+void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
+                   float *out);
+/* Rotate X (n, n_heads, head_dim) in place, HF half-split layout, over the first
+ * 2*n_freq dimensions of each head: angle = positions[i] * inv_freq[j]. */
+void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
+               const float *inv_freq, size_t n_freq);
+enum blob_activation { BLOB_ACT_SILU = 0, BLOB_ACT_GELU_TANH = 1 };
+/* out = act(gate) * up, element-wise over `count` values. */
+void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out);
+/* Each row of X (n, d) replaced by its softmax. */
+void blob_softmax(float *x, size_t n, size_t d);
+/* out = cap * tanh(x / cap), element-wise. */
+void blob_softcap(const float *x, size_t count, float cap, float *out);
+/* out = a + b, element-wise. */
+void blob_add(const float *a, const float *b, size_t count, float *out);
+/* OUT (n, cols) = rows ids[0..n) of W, dequantized to f32 (ids already range-checked). */
+void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out);
+
+/* STREAM-style read of `nbytes` (a multiple of 64, 64-byte aligned) on every thread,
+ * for the bandwidth benchmark; returns a checksum so the reads cannot be optimized away. */
+double blob_read_bandwidth_probe(const void *data, size_t nbytes);
+
+#endif

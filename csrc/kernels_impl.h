@@ -1,0 +1,171 @@
+/* Internals shared by the kernel sources: the per-ISA function table, number conversions,
+ * the thread pool and the scratch workspace. Not part of the public API (kernels.h). */
+#ifndef BLOBSTORE_KERNELS_IMPL_H
+#define BLOBSTORE_KERNELS_IMPL_H
+
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#if defined(_MSC_VER)
+#define BLOB_INLINE static __forceinline
+#else
+#define BLOB_INLINE static inline __attribute__((always_inline))
+#endif
+
+/* Loop-unrolling hint for the register-tile loops (trip counts are compile-time constants once
+ * inlined). clang unrolls them unasked and warns when a pragma meets a loop it already unrolled. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define BLOB_UNROLL _Pragma("GCC unroll 16")
+#else
+#define BLOB_UNROLL
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BLOB_HAVE_X86 1
+#endif
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define BLOB_HAVE_ARM64 1
+#endif
+
+static inline size_t blob_min(size_t a, size_t b) { return a < b ? a : b; }
+static inline size_t blob_div_up(size_t a, size_t b) { return (a + b - 1) / b; }
+
+/* ---- number formats, bit-exact and free of any instruction-set extension ---- */
+
+static inline float blob_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t blob_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline float blob_bf16_to_f32(uint16_t h) { return blob_bits_f32((uint32_t)h << 16); }
+
+static inline float blob_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return blob_bits_f32(sign | 0x7f800000u | (man << 13)); /* inf / nan */
+    if (exp == 0) {
+        /* zero or subnormal: man * 2^-24, exact in f32 */
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    return blob_bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+/* f32 -> f16 bits, round to nearest even (the KV cache writer and the tests use it). */
+static inline uint16_t blob_f32_to_f16(float f) {
+    uint32_t u = blob_f32_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0);
+    if (a >= 0x477ff000u) return sign | 0x7c00;                 /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                                      /* subnormal f16 or zero */
+        float v = blob_bits_f32(a) * 16777216.0f;               /* exact scaling by 2^24 */
+        return sign | (uint16_t)lrintf(v);                      /* lrint: ties to even */
+    }
+    uint32_t mant_odd = (a >> 13) & 1;
+    a += 0xc8000fffu + mant_odd;                                /* rebias exponent, round */
+    return sign | (uint16_t)(a >> 13);
+}
+
+/* One weight of a plain-dtype row, as f32. */
+static inline float blob_weight_f32(const void *row, size_t k, int dtype) {
+    switch (dtype) {
+    case BLOB_F16: return blob_f16_to_f32(((const uint16_t *)row)[k]);
+    case BLOB_BF16: return blob_bf16_to_f32(((const uint16_t *)row)[k]);
+    default: return ((const float *)row)[k];
+    }
+}
+
+/* One weight of a quantized row as its integer level (q8_0: int8, q4_0: nibble - 8). */
+static inline int blob_weight_level(const uint8_t *row, size_t k, int dtype) {
+    if (dtype == BLOB_Q4_0) {
+        const uint8_t byte = row[(k / 32) * 16 + (k % 16)];
+        return (int)((k % 32) < 16 ? (byte & 15) : (byte >> 4)) - 8;
+    }
+    return ((const int8_t *)row)[k];
+}
+
+/* 1/scale for activation quantization; blocks too small for a finite inverse become zeros. */
+static inline float blob_inverse_scale(float scale) { return scale >= FLT_MIN ? 1.0f / scale : 0.0f; }
+
+/* ---- the per-ISA function table ---- */
+
+/* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
+ * quantized to 8-bit blocks: token t's blocks at q + t*q_stride, its scales at d + t*nblocks. */
+typedef struct blob_acts {
+    const float *x;
+    size_t x_stride;
+    const int8_t *q;
+    const float *d;
+    size_t q_stride, nblocks;
+} blob_acts;
+
+/* Y[t][r] for rows r0 .. r0+nr-1 and tokens t0 .. t0+nt-1, nr <= tile rows, nt <= tile tokens. */
+typedef void (*blob_tile_fn)(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
+                             size_t t0, size_t nt, float *y, size_t y_stride);
+
+typedef struct blob_isa_ops {
+    /* matvec: tile of mv_rows rows x 1 token; matmul: mm_rows x mm_tokens */
+    blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES];
+    int mv_rows, mm_rows, mm_tokens;
+    /* X (n,) -> ceil(n/32) blocks of 32 int8 (zero-padded) with f32 scales: d = amax/127 */
+    void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
+    /* sum_k a[k] * b[k], a in `dtype` (f32 or f16), b f32 */
+    float (*dot)(const void *a, const float *b, size_t n, int dtype);
+    /* y += alpha * x, x in `dtype` (f32 or f16) */
+    void (*axpy)(float *y, float alpha, const void *x, size_t n, int dtype);
+    /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
+    uint64_t (*read_sum)(const void *data, size_t nbytes);
+} blob_isa_ops;
+
+/* Largest tile any path uses. */
+#define BLOB_TILE_MAX_ROWS 8
+#define BLOB_TILE_MAX_TOKENS 8
+
+/* The R row pointers of a tile; rows past the matrix repeat its last row, so a tile kernel
+ * always runs its full register tile and simply does not store the surplus results. */
+BLOB_INLINE void blob_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int R,
+                                const uint8_t **rows) {
+    for (int r = 0; r < R; r++)
+        rows[r] = (const uint8_t *)w->data + (r0 + blob_min((size_t)r, nr - 1)) * w->row_stride_bytes;
+}
+
+/* The T token indices of a tile, repeating the last token likewise. */
+BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
+    for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
+}
+
+extern const blob_isa_ops blob_ops_scalar;
+#if defined(BLOB_HAVE_X86)
+extern const blob_isa_ops blob_ops_avx2;
+extern const blob_isa_ops blob_ops_avx2_vnni;
+#endif
+#if defined(BLOB_HAVE_ARM64)
+extern const blob_isa_ops blob_ops_neon;
+extern const blob_isa_ops blob_ops_neon_dotprod;
+#endif
+
+/* The table of the current ISA (dispatch.c). */
+const blob_isa_ops *blob_ops(void);
+
+/* ---- thread pool (threads.c) ---- */
+
+/* Runs task(ctx, ith, nth) for ith = 0 .. nth-1 on the pool (ith 0 on the caller) and returns
+ * when every call has returned. */
+typedef void (*blob_task_fn)(void *ctx, int ith, int nth);
+void blob_pool_run(blob_task_fn task, void *ctx);
+
+/* Atomically returns *counter and adds one: how threads share out work items. */
+size_t blob_next_item(volatile size_t *counter);
+
+/* Kernel calls hold this lock: they share the pool and the workspace. */
+void blob_call_lock(void);
+void blob_call_unlock(void);
+
+/* A 64-byte aligned scratch buffer of at least `nbytes`, grown on demand and kept (so the hot
+ * path does not allocate once warm); valid until the next call. NULL when out of memory.
+ * Only call it while holding the call lock. */
+void *blob_workspace(size_t nbytes);
+
+#endif

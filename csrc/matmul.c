@@ -1,0 +1,109 @@
+/* The one row-loop and threading skeleton behind every matrix product, whatever the dtype.
+ *
+ * Work items are (token tile, chunk of output rows) pairs, handed out through an atomic
+ * counter so a descheduled thread delays nobody. Inside an item, each register tile of weight
+ * rows is run against every token of the token tile before moving on, so a weight row is read
+ * from memory once per token tile. Each output is computed by exactly one tile call whatever
+ * the thread count: results are bit-identical for any number of threads.
+ */
+#include "kernels_impl.h"
+
+#define MATVEC_CHUNK_ROWS 64           /* rows per work item at one token */
+#define MATMUL_CHUNK_ROWS 16           /* rows per work item at many tokens */
+#define ACT_TILE_BYTES (4u << 20)      /* activations of one token tile: stay in the last-level cache */
+
+typedef struct {
+    const blob_matrix *w;
+    blob_acts acts;
+    float *y;
+    size_t y_stride, n;
+    blob_tile_fn tile;
+    int tile_rows, tile_tokens;
+    size_t chunk_rows, nchunks, token_tile, nitems;
+    volatile size_t next;
+} matmul_job;
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    matmul_job *j = (matmul_job *)ctx;
+    (void)ith, (void)nth;
+    for (size_t item; (item = blob_next_item(&j->next)) < j->nitems;) {
+        size_t r_begin = (item % j->nchunks) * j->chunk_rows;
+        size_t r_end = blob_min(r_begin + j->chunk_rows, j->w->rows);
+        size_t t_begin = (item / j->nchunks) * j->token_tile;
+        size_t t_end = blob_min(t_begin + j->token_tile, j->n);
+        for (size_t r = r_begin; r < r_end; r += j->tile_rows)
+            for (size_t t = t_begin; t < t_end; t += j->tile_tokens)
+                j->tile(j->w, r, blob_min(j->tile_rows, r_end - r), &j->acts, t,
+                        blob_min(j->tile_tokens, t_end - t), j->y, j->y_stride);
+    }
+}
+
+typedef struct {
+    const float *x;
+    size_t x_stride, cols, n;
+    int8_t *q;
+    float *d;
+    size_t q_stride, nblocks;
+    void (*quantize_row)(const float *, size_t, int8_t *, float *);
+    volatile size_t next;
+} quantize_job;
+
+static void quantize_task(void *ctx, int ith, int nth) {
+    quantize_job *j = (quantize_job *)ctx;
+    (void)ith, (void)nth;
+    const size_t used = j->nblocks * BLOB_QBLOCK;
+    for (size_t t; (t = blob_next_item(&j->next)) < j->n;) {
+        int8_t *q = j->q + t * j->q_stride;
+        j->quantize_row(j->x + t * j->x_stride, j->cols, q, j->d + t * j->nblocks);
+        memset(q + used, 0, j->q_stride - used);   /* defined bytes in the row padding too */
+    }
+}
+
+/* Quantizes X (n, cols) into the workspace: q (n, q_stride) int8, d (n, nblocks) f32. */
+static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols) {
+    size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
+    size_t q_stride = (nblocks * BLOB_QBLOCK + 63) & ~(size_t)63;
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride + n * nblocks * sizeof(float));
+    if (!space) return BLOB_ENOMEM;
+    quantize_job job = {acts->x, acts->x_stride, cols, n, (int8_t *)space,
+                        (float *)(space + n * q_stride), q_stride, nblocks, ops->quantize_row, 0};
+    if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
+    else blob_pool_run(quantize_task, &job);
+    acts->q = job.q;
+    acts->d = job.d;
+    acts->q_stride = q_stride;
+    acts->nblocks = nblocks;
+    return BLOB_OK;
+}
+
+static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; }
+
+int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n, float *y,
+                size_t y_stride) {
+    if (w->dtype < 0 || w->dtype >= BLOB_NUM_DTYPES) return BLOB_EINVAL;
+    if (n == 0 || w->rows == 0) return BLOB_OK;
+    const blob_isa_ops *ops = blob_ops();
+    const int quantized = w->dtype == BLOB_Q8_0 || w->dtype == BLOB_Q4_0;
+    matmul_job job;
+    memset(&job, 0, sizeof job);
+    job.w = w;
+    job.acts.x = x;
+    job.acts.x_stride = x_stride;
+    job.y = y;
+    job.y_stride = y_stride;
+    job.n = n;
+    job.tile = n == 1 ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
+    job.tile_rows = n == 1 ? ops->mv_rows : ops->mm_rows;
+    job.tile_tokens = n == 1 ? 1 : ops->mm_tokens;
+    job.chunk_rows = round_down_to(n == 1 ? MATVEC_CHUNK_ROWS : MATMUL_CHUNK_ROWS, job.tile_rows);
+    job.nchunks = blob_div_up(w->rows, job.chunk_rows);
+    size_t act_row_bytes = quantized ? w->cols + w->cols / 8 : 4 * w->cols;
+    job.token_tile = blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), job.tile_tokens));
+    job.nitems = job.nchunks * blob_div_up(n, job.token_tile);
+
+    blob_call_lock();
+    int status = quantized ? quantize_activations(ops, &job.acts, n, w->cols) : BLOB_OK;
+    if (status == BLOB_OK) blob_pool_run(matmul_task, &job);
+    blob_call_unlock();
+    return status;
+}

@@ -1,0 +1,120 @@
+/* The small per-token ops: linear in the activations, so plain C on the calling thread is
+ * enough (a decode step spends its time in the matrix products). */
+#include "kernels_impl.h"
+
+void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
+                   float *out) {
+    for (size_t i = 0; i < n; i++) {
+        const float *xi = x + i * d;
+        double squares = 0.0;   /* double: the mean of squares is exact enough for any d */
+        for (size_t k = 0; k < d; k++) squares += (double)xi[k] * xi[k];
+        const float inv_rms = (float)(1.0 / sqrt(squares / (double)d + (double)eps));
+        for (size_t k = 0; k < d; k++) out[i * d + k] = xi[k] * inv_rms * (offset + w[k]);
+    }
+}
+
+void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
+               const float *inv_freq, size_t n_freq) {
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < n_freq; j++) {
+            /* the angle rounded to f32 first, as HF computes position * inv_freq in f32 */
+            const float angle = (float)positions[i] * inv_freq[j];
+            const float c = (float)cos((double)angle), s = (float)sin((double)angle);
+            for (size_t h = 0; h < n_heads; h++) {
+                float *head = x + (i * n_heads + h) * head_dim;
+                const float x1 = head[j], x2 = head[j + n_freq];
+                head[j] = x1 * c - x2 * s;
+                head[j + n_freq] = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
+static float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static float gelu_tanh(float g) {
+    const float sqrt_2_over_pi = 0.7978845608028654f;
+    return 0.5f * g * (1.0f + tanhf(sqrt_2_over_pi * (g + 0.044715f * g * g * g)));
+}
+
+void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out) {
+    if (act == BLOB_ACT_GELU_TANH)
+        for (size_t k = 0; k < count; k++) out[k] = gelu_tanh(gate[k]) * up[k];
+    else
+        for (size_t k = 0; k < count; k++) out[k] = silu(gate[k]) * up[k];
+}
+
+void blob_softmax(float *x, size_t n, size_t d) {
+    for (size_t i = 0; i < n; i++) {
+        float *row = x + i * d, max_value = -INFINITY, total = 0.0f;
+        for (size_t k = 0; k < d; k++) max_value = fmaxf(max_value, row[k]);
+        for (size_t k = 0; k < d; k++) {
+            row[k] = expf(row[k] - max_value);
+            total += row[k];
+        }
+        const float inv_total = 1.0f / total;
+        for (size_t k = 0; k < d; k++) row[k] *= inv_total;
+    }
+}
+
+void blob_softcap(const float *x, size_t count, float cap, float *out) {
+    for (size_t k = 0; k < count; k++) out[k] = cap * tanhf(x[k] / cap);
+}
+
+void blob_add(const float *a, const float *b, size_t count, float *out) {
+    for (size_t k = 0; k < count; k++) out[k] = a[k] + b[k];
+}
+
+/* One row of W as f32: value = weight for plain dtypes, level * block scale for quantized. */
+static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
+    const uint8_t *row = (const uint8_t *)w->data + r * w->row_stride_bytes;
+    if (w->dtype == BLOB_Q8_0 || w->dtype == BLOB_Q4_0) {
+        const uint16_t *scales = w->scales + r * blob_div_up(w->cols, BLOB_QBLOCK);
+        for (size_t k = 0; k < w->cols; k++)
+            out[k] = (float)blob_weight_level(row, k, w->dtype) * blob_f16_to_f32(scales[k / BLOB_QBLOCK]);
+    } else {
+        for (size_t k = 0; k < w->cols; k++) out[k] = blob_weight_f32(row, k, w->dtype);
+    }
+}
+
+void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out) {
+    for (size_t i = 0; i < n; i++) dequantize_row(w, (size_t)ids[i], out + i * w->cols);
+}
+
+/* ---- read bandwidth probe: threads sum 1 MiB chunks with the current path's read_sum ---- */
+
+#define PROBE_CHUNK_BYTES ((size_t)1 << 20)
+
+typedef struct {
+    const uint8_t *data;
+    size_t nbytes;
+    uint64_t (*read_sum)(const void *, size_t);
+    volatile size_t next;
+    uint64_t sums[BLOB_MAX_THREADS];
+} read_job;
+
+static void read_task(void *ctx, int ith, int nth) {
+    read_job *j = (read_job *)ctx;
+    uint64_t total = 0;
+    (void)nth;
+    for (size_t chunk; (chunk = blob_next_item(&j->next)) * PROBE_CHUNK_BYTES < j->nbytes;) {
+        size_t begin = chunk * PROBE_CHUNK_BYTES;
+        total += j->read_sum(j->data + begin, blob_min(PROBE_CHUNK_BYTES, j->nbytes - begin));
+    }
+    j->sums[ith] = total;
+}
+
+double blob_read_bandwidth_probe(const void *data, size_t nbytes) {
+    static read_job job;  /* guarded by the call lock; too big for a worker's stack */
+    const blob_isa_ops *ops = blob_ops();
+    blob_call_lock();
+    memset(&job, 0, sizeof job);
+    job.data = (const uint8_t *)data;
+    job.nbytes = nbytes;
+    job.read_sum = ops->read_sum;
+    blob_pool_run(read_task, &job);
+    double checksum = 0.0;
+    for (int i = 0; i < BLOB_MAX_THREADS; i++) checksum += (double)job.sums[i];
+    blob_call_unlock();
+    return checksum;
+}

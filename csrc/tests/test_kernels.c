@@ -1,0 +1,319 @@
+/* Every SIMD path of this machine against the scalar reference, without Python: natively on
+ * x86-64, and for arm64 under qemu-aarch64 (tools/test_kernels_native.sh).
+ *
+ * Checked per path (including the int8-dot variants VNNI / SDOT when the CPU has them):
+ * - activation quantization: bytes and scales identical to scalar;
+ * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
+ *   float summation order (1e-5 of sum |w x|);
+ * - dot / axpy over f32 and f16 (the attention helpers), read_sum (the bandwidth probe);
+ * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
+ *   1 vs 2 threads bit-identical.
+ * Exit status 0 when everything passed.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "cpu.h"
+#include "kernels_impl.h"
+
+static int failures = 0, checks = 0;
+
+static void fail(const char *what, const char *path, double got, double want, double tol) {
+    if (failures < 20) fprintf(stderr, "FAIL %s [%s]: got %.9g want %.9g (tolerance %.3g)\n", what, path, got, want, tol);
+    failures++;
+}
+
+static void expect_close(const char *what, const char *path, double got, double want, double tol) {
+    checks++;
+    if (!(fabs(got - want) <= tol)) fail(what, path, got, want, tol);
+}
+
+/* ---- deterministic random data ---- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t next_u32(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float next_float(void) { return (float)next_u32() / 4294967296.0f * 2.0f - 1.0f; }
+
+/* ---- weights in the blob layout ---- */
+
+typedef struct {
+    blob_matrix m;
+    uint8_t *plane;       /* rows x stride */
+    uint16_t *scales;
+    float *abs_values;    /* |W| as f32 (rows, cols), for tolerances */
+} test_weight;
+
+static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static size_t row_bytes(int dtype, size_t cols) {
+    size_t nb = blob_div_up(cols, BLOB_QBLOCK);
+    switch (dtype) {
+    case BLOB_F32: return 4 * cols;
+    case BLOB_F16: case BLOB_BF16: return 2 * cols;
+    case BLOB_Q8_0: return nb * 32;
+    default: return nb * 16;
+    }
+}
+
+static test_weight make_weight(int dtype, size_t rows, size_t cols) {
+    test_weight w;
+    size_t stride = round64(row_bytes(dtype, cols)), nb = blob_div_up(cols, BLOB_QBLOCK);
+    w.plane = (uint8_t *)calloc(rows, stride);
+    w.scales = (uint16_t *)calloc(rows * nb + 1, 2);
+    w.abs_values = (float *)calloc(rows * cols, sizeof(float));
+    for (size_t r = 0; r < rows; r++) {
+        uint8_t *row = w.plane + r * stride;
+        for (size_t k = 0; k < cols; k++) {
+            float v = next_float();
+            if (dtype == BLOB_F32) ((float *)row)[k] = v;
+            if (dtype == BLOB_F16) ((uint16_t *)row)[k] = blob_f32_to_f16(v);
+            if (dtype == BLOB_BF16) ((uint16_t *)row)[k] = (uint16_t)(blob_f32_bits(v) >> 16);
+            if (dtype == BLOB_Q8_0) ((int8_t *)row)[k] = (int8_t)(next_u32() % 255) - 127;
+            if (dtype == BLOB_Q4_0) {
+                uint8_t *byte = row + (k / 32) * 16 + k % 16;
+                *byte |= (uint8_t)((next_u32() % 16) << ((k % 32) < 16 ? 0 : 4));
+            }
+        }
+        for (size_t b = 0; b < nb; b++) w.scales[r * nb + b] = blob_f32_to_f16(0.01f + 0.02f * fabsf(next_float()));
+        /* q4_0 padding past cols holds level 0 (nibble 8), as the format writes it */
+        if (dtype == BLOB_Q4_0)
+            for (size_t k = cols; k < nb * 32; k++) row[(k / 32) * 16 + k % 16] |= (uint8_t)(8 << ((k % 32) < 16 ? 0 : 4));
+    }
+    w.m.dtype = dtype;
+    w.m.data = w.plane;
+    w.m.row_stride_bytes = stride;
+    w.m.scales = (dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0) ? w.scales : NULL;
+    w.m.rows = rows;
+    w.m.cols = cols;
+    for (size_t r = 0; r < rows; r++) {
+        const uint8_t *row = w.plane + r * stride;
+        for (size_t k = 0; k < cols; k++)
+            w.abs_values[r * cols + k] = w.m.scales
+                ? fabsf((float)blob_weight_level(row, k, dtype) * blob_f16_to_f32(w.scales[r * nb + k / 32]))
+                : fabsf(blob_weight_f32(row, k, dtype));
+    }
+    return w;
+}
+
+static void free_weight(test_weight *w) {
+    free(w->plane);
+    free(w->scales);
+    free(w->abs_values);
+}
+
+/* ---- one path's tiles over a whole matrix, the way matmul.c drives them ---- */
+
+typedef struct {
+    int8_t *q;
+    float *d;
+    size_t q_stride, nblocks;
+} quantized_acts;
+
+static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size_t n, size_t cols) {
+    quantized_acts qa;
+    qa.nblocks = blob_div_up(cols, BLOB_QBLOCK);
+    qa.q_stride = round64(qa.nblocks * 32);
+    qa.q = (int8_t *)calloc(n, qa.q_stride);
+    qa.d = (float *)calloc(n * qa.nblocks, sizeof(float));
+    for (size_t t = 0; t < n; t++) ops->quantize_row(x + t * cols, cols, qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+    return qa;
+}
+
+static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y) {
+    quantized_acts qa = quantize_all(ops, x, n, w->m.cols);
+    blob_acts a = {x, w->m.cols, qa.q, qa.d, qa.q_stride, qa.nblocks};
+    blob_tile_fn tile = n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
+    size_t R = (size_t)(n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
+    for (size_t r = 0; r < w->m.rows; r += R)
+        for (size_t t = 0; t < n; t += T)
+            tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
+    free(qa.q);
+    free(qa.d);
+}
+
+static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
+
+static void check_quantize(const blob_isa_ops *ops, const char *path) {
+    const size_t sizes[] = {1, 31, 32, 33, 100, 257};
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        size_t n = sizes[i];
+        float *x = (float *)malloc(n * sizeof(float));
+        for (size_t k = 0; k < n; k++) x[k] = next_float() * (k % 7 == 0 ? 100.0f : 1.0f);
+        if (n > 40) for (size_t k = 32; k < 64; k++) x[k] = 0.0f;   /* an all-zero block */
+        quantized_acts mine = quantize_all(ops, x, 1, n), ref = quantize_all(&blob_ops_scalar, x, 1, n);
+        checks++;
+        if (memcmp(mine.q, ref.q, mine.nblocks * 32) != 0 || memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
+            fail("quantize_row bytes", path, (double)n, (double)n, 0);
+        free(mine.q), free(mine.d), free(ref.q), free(ref.d), free(x);
+    }
+}
+
+static void check_tiles(const blob_isa_ops *ops, const char *path) {
+    const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}};
+    const size_t token_counts[] = {1, 2, 3, 5};
+    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            size_t rows = shapes[s][0], cols = shapes[s][1];
+            test_weight w = make_weight(dtype, rows, cols);
+            for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
+                size_t n = token_counts[c];
+                float *x = (float *)malloc(n * cols * sizeof(float));
+                float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+                for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
+                run_tiles(ops, &w, x, n, y);
+                run_tiles(&blob_ops_scalar, &w, x, n, ref);
+                char what[64];
+                snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
+                for (size_t t = 0; t < n; t++)
+                    for (size_t r = 0; r < rows; r++) {
+                        double slack = 0;
+                        for (size_t k = 0; k < cols; k++) slack += w.abs_values[r * cols + k] * fabs(x[t * cols + k]);
+                        expect_close(what, path, y[t * rows + r], ref[t * rows + r], 1e-5 * slack + 1e-6);
+                    }
+                free(x), free(y), free(ref);
+            }
+            free_weight(&w);
+        }
+    }
+}
+
+static void check_dot_axpy(const blob_isa_ops *ops, const char *path) {
+    const size_t sizes[] = {1, 7, 8, 9, 64, 100};
+    for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
+        for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+            size_t n = sizes[i];
+            test_weight a = make_weight(dtype, 1, n);
+            float *b = (float *)malloc(n * sizeof(float)), *y1 = (float *)malloc(n * sizeof(float)), *y2 = (float *)malloc(n * sizeof(float));
+            double slack = 0;
+            for (size_t k = 0; k < n; k++) {
+                b[k] = next_float();
+                y1[k] = y2[k] = next_float();
+                slack += a.abs_values[k] * fabs(b[k]);
+            }
+            expect_close("dot", path, ops->dot(a.plane, b, n, dtype), blob_ops_scalar.dot(a.plane, b, n, dtype), 1e-5 * slack + 1e-6);
+            ops->axpy(y1, 0.75f, a.plane, n, dtype);
+            blob_ops_scalar.axpy(y2, 0.75f, a.plane, n, dtype);
+            for (size_t k = 0; k < n; k++) expect_close("axpy", path, y1[k], y2[k], 1e-6);
+            free(b), free(y1), free(y2);
+            free_weight(&a);
+        }
+    }
+}
+
+static void check_read_sum(const blob_isa_ops *ops, const char *path) {
+    enum { WORDS = 4096 };
+    static _Alignas(64) uint64_t words[WORDS];
+    for (size_t i = 0; i < WORDS; i++) words[i] = ((uint64_t)next_u32() << 32) | next_u32();
+    for (size_t nbytes = 64; nbytes <= sizeof words; nbytes *= 4) {
+        checks++;
+        if (ops->read_sum(words, nbytes) != blob_ops_scalar.read_sum(words, nbytes))
+            fail("read_sum", path, (double)nbytes, (double)nbytes, 0);
+    }
+}
+
+/* ---- the public API on each selectable path ---- */
+
+static void matmul_via_api(const test_weight *w, const float *x, size_t n, float *y) {
+    if (blob_matmul(&w->m, x, w->m.cols, n, y, w->m.rows) != BLOB_OK) fail("blob_matmul status", "api", 1, 0, 0);
+}
+
+static void attention_via_api(int kv_dtype, size_t window, float softcap, const float *q, size_t n, size_t p0, float *out) {
+    enum { CACHE = 64 * 2 * 40 };   /* 64 positions, 2 kv heads, head_dim 40, head-major */
+    static float k32[CACHE], v32[CACHE];
+    static uint16_t k16[CACHE], v16[CACHE];
+    static int filled = 0;
+    if (!filled) {
+        for (size_t i = 0; i < CACHE; i++) {
+            k32[i] = next_float();
+            v32[i] = next_float();
+            k16[i] = blob_f32_to_f16(next_float());
+            v16[i] = blob_f32_to_f16(next_float());
+        }
+        filled = 1;
+    }
+    const void *k = kv_dtype == BLOB_F16 ? (const void *)k16 : (const void *)k32;
+    const void *v = kv_dtype == BLOB_F16 ? (const void *)v16 : (const void *)v32;
+    blob_attention a = {8, 2, 40, kv_dtype, k, v, 40, 64 * 40, 40, 64 * 40, 0.3f, softcap, window};
+    if (blob_attention_run(&a, q, n, p0, out) != BLOB_OK) fail("blob_attention_run status", "api", 1, 0, 0);
+}
+
+static void check_api(int isa) {
+    const char *path = blob_isa_name(isa);
+    float x[5 * 300], q[6 * 8 * 40];
+    for (size_t i = 0; i < 5 * 300; i++) x[i] = next_float();
+    for (size_t i = 0; i < 6 * 8 * 40; i++) q[i] = next_float();
+    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+        test_weight w = make_weight(dtype, 67, 300);
+        for (size_t n = 1; n <= 5; n += 4) {
+            float y[5 * 67], y2[5 * 67], ref[5 * 67];
+            blob_isa_select(BLOB_ISA_SCALAR);
+            matmul_via_api(&w, x, n, ref);
+            blob_isa_select(isa);
+            blob_threads_set(1);
+            matmul_via_api(&w, x, n, y);
+            blob_threads_set(2);
+            matmul_via_api(&w, x, n, y2);
+            checks++;
+            if (memcmp(y, y2, n * 67 * sizeof(float)) != 0) fail("matmul threads 1 vs 2 bit-identical", path, 0, 0, 0);
+            for (size_t i = 0; i < n * 67; i++) expect_close("blob_matmul vs scalar", path, y[i], ref[i], 2e-4);
+        }
+        free_weight(&w);
+    }
+    for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++) {
+        for (size_t window = 0; window <= 8; window += 8) {
+            float out[6 * 8 * 40], out2[6 * 8 * 40], ref[6 * 8 * 40];
+            blob_isa_select(BLOB_ISA_SCALAR);
+            attention_via_api(kv_dtype, window, 4.0f, q, 6, 20, ref);
+            blob_isa_select(isa);
+            blob_threads_set(1);
+            attention_via_api(kv_dtype, window, 4.0f, q, 6, 20, out);
+            blob_threads_set(2);
+            attention_via_api(kv_dtype, window, 4.0f, q, 6, 20, out2);
+            checks++;
+            if (memcmp(out, out2, sizeof out) != 0) fail("attention threads 1 vs 2 bit-identical", path, 0, 0, 0);
+            for (size_t i = 0; i < 6 * 8 * 40; i++) expect_close("attention vs scalar", path, out[i], ref[i], 1e-5);
+        }
+    }
+}
+
+int main(void) {
+    uint32_t f = blob_cpu_features();
+    const struct { const char *name; const blob_isa_ops *ops; int usable; } paths[] = {
+#if defined(BLOB_HAVE_X86)
+        {"avx2", &blob_ops_avx2, blob_isa_supported(BLOB_ISA_AVX2)},
+        {"avx2+vnni", &blob_ops_avx2_vnni, blob_isa_supported(BLOB_ISA_AVX2) && (f & BLOB_CPU_AVX512VNNI) && (f & BLOB_CPU_AVX512BW)},
+#endif
+#if defined(BLOB_HAVE_ARM64)
+        {"neon", &blob_ops_neon, blob_isa_supported(BLOB_ISA_NEON)},
+        {"neon+dotprod", &blob_ops_neon_dotprod, blob_isa_supported(BLOB_ISA_NEON) && (f & BLOB_CPU_DOTPROD)},
+#endif
+        {"scalar", &blob_ops_scalar, 1},
+    };
+    (void)f;
+    printf("arch %s, features 0x%x\n", blob_cpu_arch(), (unsigned)f);
+    for (size_t i = 0; i < sizeof paths / sizeof *paths; i++) {
+        if (!paths[i].usable) {
+            printf("path %-13s skipped: the CPU lacks its features\n", paths[i].name);
+            continue;
+        }
+        int before = failures;
+        check_quantize(paths[i].ops, paths[i].name);
+        check_tiles(paths[i].ops, paths[i].name);
+        check_dot_axpy(paths[i].ops, paths[i].name);
+        check_read_sum(paths[i].ops, paths[i].name);
+        printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
+    }
+    for (int isa = 0; isa < BLOB_NUM_ISAS; isa++) {
+        if (!blob_isa_supported(isa)) continue;
+        int before = failures;
+        check_api(isa);
+        printf("api  %-13s %s\n", blob_isa_name(isa), failures == before ? "ok" : "FAILED");
+    }
+    printf("%d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}

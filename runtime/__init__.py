@@ -1,0 +1,16 @@
+"""blobstore.runtime: run blob files on the CPU.
+
+>>> from blobstore.runtime import load
+>>> model = load("gemma-3-270m.blob")                                  # doctest: +SKIP
+>>> print(model.generate("The sky is", max_new_tokens=16).text)        # doctest: +SKIP
+"""
+from .api import Model, load
+from .chat import ChatTemplateError
+from .generate import GenerationChunk, GenerationResult, GenerationStats
+from .kernels import cpu_info
+from .kv_cache import ContextFull
+from .sampling import SamplingParams
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+__all__ = ["load", "Model", "GenerationResult", "GenerationChunk", "GenerationStats", "SamplingParams",
+           "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info"]

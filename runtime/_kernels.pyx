@@ -1,0 +1,573 @@
+# cython: language_level=3, boundscheck=False, wraparound=True
+"""Python bindings of the C kernels in csrc/ (see csrc/kernels.h for the exact semantics).
+
+Every call validates its arguments (clear ValueError / TypeError / IndexError naming the
+argument, the expected and the found shape or dtype), then runs the kernel with the GIL
+released. Weights are bound once as a `Matrix` straight over the reader's read-only views;
+nothing is copied.
+
+The instruction-set path is chosen at import: the best one the CPU supports, or the one named
+by the environment variable BLOBSTORE_ISA (scalar, avx2 or neon).
+"""
+import os
+
+import numpy as np
+
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+
+
+cdef extern from "cpu.h" nogil:
+    uint32_t blob_cpu_features()
+    const char *blob_cpu_arch()
+
+
+cdef extern from "kernels.h" nogil:
+    int BLOB_F32, BLOB_F16, BLOB_BF16, BLOB_Q8_0, BLOB_Q4_0
+    int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS
+    int BLOB_ACT_SILU, BLOB_ACT_GELU_TANH
+
+    ctypedef struct blob_matrix:
+        int dtype
+        const void *data
+        size_t row_stride_bytes
+        const uint16_t *scales
+        size_t rows, cols
+
+    ctypedef struct blob_attention:
+        size_t n_heads, n_kv_heads, head_dim
+        int kv_dtype
+        const void *k
+        const void *v
+        size_t k_pos_stride, k_head_stride, v_pos_stride, v_head_stride
+        float scale, softcap
+        size_t window
+
+    int blob_isa_supported(int isa)
+    int blob_isa_best()
+    int blob_isa_current()
+    int blob_isa_select(int isa)
+    const char *blob_isa_name(int isa)
+    int blob_isa_int8_dot()
+    int blob_threads_get()
+    int blob_threads_set(int n)
+    int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
+                    float *y, size_t y_stride)
+    int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out)
+    void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps,
+                       float offset, float *out)
+    void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
+                   const float *inv_freq, size_t n_freq)
+    void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out)
+    void blob_softmax(float *x, size_t n, size_t d)
+    void blob_softcap(const float *x, size_t count, float cap, float *out)
+    void blob_add(const float *a, const float *b, size_t count, float *out)
+    void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out)
+    double blob_read_bandwidth_probe(const void *data, size_t nbytes)
+
+
+# ---- CPU, ISA and threads ----
+
+_FEATURE_BITS = {
+    "sse4.2": 1 << 0, "avx2": 1 << 1, "fma": 1 << 2, "f16c": 1 << 3, "avx512f": 1 << 4,
+    "avx512bw": 1 << 5, "avx512vnni": 1 << 6, "avxvnni": 1 << 7,
+    "neon": 1 << 16, "dotprod": 1 << 17, "crc32": 1 << 18,
+}
+_ISA_NAMES = tuple(blob_isa_name(i).decode() for i in range(BLOB_NUM_ISAS))
+
+
+def cpu_features():
+    """Names of the CPU features the kernels can use, e.g. ['sse4.2', 'avx2', 'fma', 'f16c']."""
+    bits = blob_cpu_features()
+    return [name for name, bit in _FEATURE_BITS.items() if bits & bit]
+
+
+def available_isas():
+    """The instruction-set paths this CPU supports, slowest first: ['scalar', 'avx2']."""
+    return [name for i, name in enumerate(_ISA_NAMES) if blob_isa_supported(i)]
+
+
+def get_isa():
+    """The path the kernels use now: 'scalar', 'avx2' or 'neon'."""
+    return _ISA_NAMES[blob_isa_current()]
+
+
+def set_isa(name):
+    """Switch every kernel to the path `name` (for tests and benchmarks comparing paths).
+
+    >>> set_isa("scalar")           # doctest: +SKIP
+    """
+    if name not in _ISA_NAMES:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {list(_ISA_NAMES)}")
+    if blob_isa_select(_ISA_NAMES.index(name)) != BLOB_OK:
+        raise ValueError(
+            f"ISA {name!r} is not supported by this CPU ({blob_cpu_arch().decode()}, features: "
+            f"{', '.join(cpu_features()) or 'none'}); supported: {available_isas()}")
+
+
+def get_threads():
+    """Threads every kernel call runs on."""
+    return blob_threads_get()
+
+
+def set_threads(int n):
+    """Run kernels on `n` threads (the caller plus n - 1 pool workers)."""
+    if n < 1 or n > BLOB_MAX_THREADS:
+        raise ValueError(f"threads must be between 1 and {BLOB_MAX_THREADS}, got {n}")
+    if blob_threads_set(n) != BLOB_OK:
+        raise ValueError(f"threads={n} is not available on this platform (single-threaded build)")
+
+
+def physical_cores():
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in allowed:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
+                package = f.read().strip()
+            cores.add((package, core))
+        except OSError:
+            cores.add(("cpu", cpu))
+    return max(1, len(cores))
+
+
+def cpu_info():
+    """The CPU and the kernels' configuration.
+
+    >>> cpu_info()["isa"]           # doctest: +SKIP
+    'avx2'
+    """
+    int8_dot = None
+    if blob_isa_int8_dot():
+        int8_dot = "vnni" if get_isa() == "avx2" else "dotprod"
+    return {
+        "arch": blob_cpu_arch().decode(),
+        "features": cpu_features(),
+        "isa": get_isa(),
+        "available_isas": available_isas(),
+        "int8_dot": int8_dot,
+        "threads": get_threads(),
+        "physical_cores": physical_cores(),
+    }
+
+
+def _configure_from_environment():
+    requested = os.environ.get("BLOBSTORE_ISA", "").strip().lower()
+    if requested:
+        try:
+            set_isa(requested)
+        except ValueError as e:
+            raise ValueError(f"BLOBSTORE_ISA={requested!r}: {e}") from None
+    else:
+        blob_isa_select(blob_isa_best())
+    set_threads(min(physical_cores(), BLOB_MAX_THREADS))
+
+
+_configure_from_environment()
+
+
+# ---- weights ----
+
+_DTYPE_CODES = {"f32": BLOB_F32, "f16": BLOB_F16, "bf16": BLOB_BF16, "q8_0": BLOB_Q8_0, "q4_0": BLOB_Q4_0}
+_PLAIN_NUMPY = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
+_QUANT_BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
+
+
+def _address(array):
+    return <uintptr_t>array.__array_interface__["data"][0]
+
+
+def _dtype_label(dtype):
+    label = getattr(dtype, "label", None) or str(dtype).lower()
+    if label not in _DTYPE_CODES:
+        raise ValueError(f"unsupported weight dtype {dtype!r}; expected one of {list(_DTYPE_CODES)}")
+    return label
+
+
+cdef class Matrix:
+    """A weight matrix W (rows, cols) bound for the kernels, zero copy.
+
+    `weight` is a 2-D numpy array (float32 'f32', float16 'f16', or bfloat16 bits as uint16
+    'bf16'; rows may be strided, as the reader's views are over their row padding) or a
+    quantized tensor with `.dtype`, `.shape`, `.quants` and `.scales` (the reader's
+    QuantizedTensor). `dtype` names the type when the array's own dtype does not (bf16).
+
+    >>> w = Matrix(reader["blk.0.attn_q.weight"])        # doctest: +SKIP
+    >>> y = matmul(w, x)                                 # doctest: +SKIP
+    """
+    cdef blob_matrix m
+    cdef readonly str dtype
+    cdef readonly str name
+    cdef object _keep
+
+    def __init__(self, weight, dtype=None, name="weight"):
+        self.name = name
+        if hasattr(weight, "quants") and hasattr(weight, "scales"):
+            self._bind_quantized(weight)
+        else:
+            self._bind_plain(np.asarray(weight), dtype)
+
+    def _bind_plain(self, array, dtype):
+        label = _dtype_label(dtype) if dtype is not None else (
+            "bf16" if array.dtype == np.uint16 else
+            {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(array.dtype))
+        if label not in _PLAIN_NUMPY:
+            raise TypeError(f"{self.name}: array dtype {array.dtype} is not a weight type; expected "
+                            f"float32 (f32), float16 (f16) or uint16 bfloat16 bits (bf16)")
+        if array.dtype != _PLAIN_NUMPY[label]:
+            raise TypeError(f"{self.name}: dtype {label} needs a {_PLAIN_NUMPY[label]} array, found {array.dtype}")
+        if array.ndim != 2:
+            raise ValueError(f"{self.name}: expected a 2-D weight (rows, cols), found shape {array.shape}")
+        rows, cols = array.shape
+        if rows == 0 or cols == 0:
+            raise ValueError(f"{self.name}: empty weight of shape {array.shape}")
+        item = array.itemsize
+        if array.strides[1] != item or array.strides[0] < cols * item or array.strides[0] % item:
+            raise ValueError(f"{self.name}: rows must be contiguous and non-overlapping; found strides "
+                             f"{array.strides} for shape {array.shape} of {item}-byte elements")
+        self.dtype = label
+        self.m.dtype = _DTYPE_CODES[label]
+        self.m.data = <const void *><uintptr_t>_address(array)
+        self.m.row_stride_bytes = array.strides[0]
+        self.m.scales = NULL
+        self.m.rows, self.m.cols = rows, cols
+        self._keep = array
+
+    def _bind_quantized(self, tensor):
+        label = _dtype_label(tensor.dtype)
+        if label not in _QUANT_BLOCK_BYTES:
+            raise TypeError(f"{self.name}: quantized tensor of dtype {label}; expected q8_0 or q4_0")
+        shape = tuple(tensor.shape)
+        if len(shape) < 2:
+            raise ValueError(f"{self.name}: expected a weight of at least 2 dimensions, found shape {shape}")
+        cols = shape[-1]
+        rows = int(np.prod(shape[:-1]))
+        nblocks = -(-cols // 32)
+        row_bytes = -(-nblocks * _QUANT_BLOCK_BYTES[label] // 64) * 64   # padded as in the file
+        quants, scales = np.asarray(tensor.quants), np.asarray(tensor.scales)
+        if rows == 0 or cols == 0:
+            raise ValueError(f"{self.name}: empty weight of shape {shape}")
+        if quants.ndim != 2 or quants.shape[0] != rows or quants.shape[1] < row_bytes \
+                or quants.itemsize != 1 or quants.strides[1] != 1 or quants.strides[0] < quants.shape[1]:
+            raise ValueError(f"{self.name}: quant plane must be ({rows}, >= {row_bytes}) bytes with contiguous "
+                             f"rows (the file's 64-byte row padding included); found shape {quants.shape}, "
+                             f"dtype {quants.dtype}, strides {quants.strides}")
+        if scales.dtype != np.float16 or scales.shape != (rows, nblocks) or not scales.flags.c_contiguous:
+            raise ValueError(f"{self.name}: scale plane must be a packed float16 ({rows}, {nblocks}) array; "
+                             f"found {scales.dtype} {scales.shape}"
+                             f"{'' if scales.flags.c_contiguous else ' (not contiguous)'}")
+        self.dtype = label
+        self.m.dtype = _DTYPE_CODES[label]
+        self.m.data = <const void *><uintptr_t>_address(quants)
+        self.m.row_stride_bytes = quants.strides[0]
+        self.m.scales = <const uint16_t *><uintptr_t>_address(scales)
+        self.m.rows, self.m.cols = rows, cols
+        self._keep = (quants, scales)
+
+    @property
+    def rows(self):
+        return self.m.rows
+
+    @property
+    def cols(self):
+        return self.m.cols
+
+    @property
+    def shape(self):
+        return (self.m.rows, self.m.cols)
+
+    def __repr__(self):
+        return f"Matrix({self.name!r}, {self.dtype}, rows={self.m.rows}, cols={self.m.cols})"
+
+
+# ---- argument checks ----
+
+def _float_array(x, what, ndim=None):
+    a = np.asarray(x)
+    if a.dtype != np.float32:
+        raise TypeError(f"{what} must be float32, found {a.dtype}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimensions, found shape {a.shape}")
+    return a
+
+
+def _output(out, shape, what):
+    if out is None:
+        return np.empty(shape, np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != tuple(shape):
+        found = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"{what}: out must be a float32 array of shape {tuple(shape)}, found {found}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{what}: out must be C-contiguous and writable")
+    return out
+
+
+def _contiguous(a, what):
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} must be C-contiguous (strides {a.strides} for shape {a.shape})")
+    return a
+
+
+cdef int _check(int status, str what) except -1:
+    if status == BLOB_ENOMEM:
+        raise MemoryError(f"{what}: out of memory for the kernel's scratch buffer")
+    if status != BLOB_OK:
+        raise ValueError(f"{what}: invalid arguments (status {status})")
+    return 0
+
+
+# ---- matrix products ----
+
+def matmul(Matrix w, x, out=None):
+    """Y = X @ W.T: x (cols,) -> (rows,) (decode matvec) or (n, cols) -> (n, rows) (prefill).
+
+    Rows of x may be strided; out, when given, must be a C-contiguous float32 array and must
+    not overlap x.
+
+    >>> y = matmul(Matrix(np.eye(3, dtype=np.float32)), np.ones(3, np.float32))
+    """
+    a = _float_array(x, "matmul: x")
+    single = a.ndim == 1
+    a2 = a.reshape(1, -1) if single else a
+    if a2.ndim != 2 or a2.shape[1] != w.m.cols:
+        raise ValueError(f"matmul: x must be ({w.m.cols},) or (n, {w.m.cols}) for {w!r}, found shape {a.shape}")
+    cdef size_t n = a2.shape[0]
+    if a2.strides[1] != 4 or a2.strides[0] % 4 or (n > 1 and a2.strides[0] < 4 * a2.shape[1]):
+        a2 = np.ascontiguousarray(a2)   # only unusual activation layouts are copied, never weights
+    cdef object out_shape = [w.m.rows] if single else [n, w.m.rows]
+    y = _output(out, tuple(out_shape), "matmul")
+    if n == 0:
+        return y
+    cdef const float[:, :] xv = a2
+    cdef float[:, ::1] yv = y.reshape(n, w.m.rows)
+    cdef size_t x_stride = xv.strides[0] // 4 if n > 1 else w.m.cols
+    cdef int status
+    with nogil:
+        status = blob_matmul(&w.m, &xv[0, 0], x_stride, n, &yv[0, 0], w.m.rows)
+    _check(status, "matmul")
+    return y
+
+
+# ---- attention ----
+
+def _cache_view(c, what):
+    c = np.asarray(c)
+    if c.dtype not in (np.float32, np.float16):
+        raise TypeError(f"attention: {what} cache must be float32 or float16, found {c.dtype}")
+    if c.ndim != 3:
+        raise ValueError(f"attention: {what} cache must be (positions, n_kv_heads, head_dim), found shape {c.shape}")
+    item = c.itemsize
+    if c.strides[2] != item or c.strides[0] < 0 or c.strides[1] < 0 or c.strides[0] % item or c.strides[1] % item:
+        raise ValueError(f"attention: {what} cache needs contiguous head vectors and non-negative strides; "
+                         f"found strides {c.strides}")
+    return c
+
+
+def attention(q, k, v, *, int p0, float scale, int window=0, float softcap=0.0, out=None):
+    """Causal grouped-query attention of queries at positions p0 .. p0+n-1.
+
+    q: (n, n_heads, head_dim) float32, C-contiguous. k, v: the cache, (positions, n_kv_heads,
+    head_dim) float32 or float16 with positions >= p0 + n; rows may be strided (pass a transposed
+    view of a head-major cache). window > 0 limits each query to the `window` latest keys (its own
+    included); softcap > 0 applies softcap * tanh(score / softcap) to the scaled scores.
+    Returns out (n, n_heads, head_dim).
+    """
+    qa = _contiguous(_float_array(q, "attention: q", 3), "attention: q")
+    ka, va = _cache_view(k, "k"), _cache_view(v, "v")
+    cdef size_t n = qa.shape[0], n_heads = qa.shape[1], head_dim = qa.shape[2]
+    if ka.dtype != va.dtype or ka.shape != va.shape:
+        raise ValueError(f"attention: k and v caches differ: {ka.dtype} {ka.shape} vs {va.dtype} {va.shape}")
+    n_kv = ka.shape[1]
+    if ka.shape[2] != head_dim:
+        raise ValueError(f"attention: cache head_dim {ka.shape[2]} differs from the queries' {head_dim}")
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"attention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
+    if p0 < 0 or window < 0 or softcap < 0:
+        raise ValueError(f"attention: p0, window and softcap must be >= 0; found {p0}, {window}, {softcap}")
+    if ka.shape[0] < p0 + n:
+        raise ValueError(f"attention: the cache holds {ka.shape[0]} positions; queries at {p0}..{p0 + n - 1} "
+                         f"need {p0 + n}")
+    result = _output(out, qa.shape, "attention")
+    if n == 0 or head_dim == 0:
+        return result
+    cdef blob_attention a
+    item = ka.itemsize
+    a.n_heads, a.n_kv_heads, a.head_dim = n_heads, n_kv, head_dim
+    a.kv_dtype = BLOB_F16 if ka.dtype == np.float16 else BLOB_F32
+    a.k = <const void *><uintptr_t>_address(ka)
+    a.v = <const void *><uintptr_t>_address(va)
+    a.k_pos_stride, a.k_head_stride = ka.strides[0] // item, ka.strides[1] // item
+    a.v_pos_stride, a.v_head_stride = va.strides[0] // item, va.strides[1] // item
+    a.scale, a.softcap, a.window = scale, softcap, window
+    cdef const float[:, :, ::1] qv = qa
+    cdef float[:, :, ::1] ov = result
+    cdef size_t start = p0
+    cdef int status
+    with nogil:
+        status = blob_attention_run(&a, &qv[0, 0, 0], n, start, &ov[0, 0, 0])
+    _check(status, "attention")
+    return result
+
+
+# ---- small ops ----
+
+def rms_norm(x, w, float eps, float offset=0.0, out=None):
+    """out = x / sqrt(mean(x**2) + eps) * (offset + w) over the last axis of x (..., d).
+
+    offset=0 is the usual RMSNorm, offset=1 Gemma's (1 + w).
+    """
+    xa = _contiguous(_float_array(x, "rms_norm: x"), "rms_norm: x")
+    wa = _contiguous(_float_array(w, "rms_norm: w", 1), "rms_norm: w")
+    if xa.ndim == 0 or xa.shape[-1] != wa.shape[0]:
+        raise ValueError(f"rms_norm: x's last axis must match w ({wa.shape[0]},), found shape {xa.shape}")
+    result = _output(out, xa.shape, "rms_norm")
+    cdef size_t d = wa.shape[0]
+    cdef size_t n = xa.size // d if d else 0
+    if n == 0:
+        return result
+    cdef const float[::1] xv = xa.reshape(-1)
+    cdef const float[::1] wv = wa
+    cdef float[::1] ov = result.reshape(-1)
+    with nogil:
+        blob_rms_norm(&xv[0], &wv[0], n, d, eps, offset, &ov[0])
+    return result
+
+
+def rope(x, positions, inv_freq):
+    """Rotate x (n, n_heads, head_dim) in place, HF half-split layout; returns x.
+
+    Token i is rotated by angle positions[i] * inv_freq[j] in dimensions (j, j + len(inv_freq));
+    2 * len(inv_freq) <= head_dim (partial rotary leaves the rest unchanged).
+    """
+    xa = _contiguous(_float_array(x, "rope: x", 3), "rope: x")
+    if not xa.flags.writeable:
+        raise ValueError("rope: x must be writable (it is rotated in place)")
+    pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+    freq = _contiguous(_float_array(inv_freq, "rope: inv_freq", 1), "rope: inv_freq")
+    cdef size_t n = xa.shape[0], n_heads = xa.shape[1], head_dim = xa.shape[2], n_freq = freq.shape[0]
+    if pos.shape[0] != n:
+        raise ValueError(f"rope: {pos.shape[0]} positions for {n} tokens")
+    if 2 * n_freq > head_dim:
+        raise ValueError(f"rope: {n_freq} frequencies rotate {2 * n_freq} dimensions; head_dim is {head_dim}")
+    if n == 0 or n_heads == 0 or n_freq == 0:
+        return x
+    cdef float[:, :, ::1] xv = xa
+    cdef const int64_t[::1] pv = pos
+    cdef const float[::1] fv = freq
+    with nogil:
+        blob_rope(&xv[0, 0, 0], n, n_heads, head_dim, &pv[0], &fv[0], n_freq)
+    return x
+
+
+_ACTIVATIONS = {"silu": BLOB_ACT_SILU, "gelu_tanh": BLOB_ACT_GELU_TANH}
+
+
+def _elementwise_pair(a, b, what):
+    aa = _contiguous(_float_array(a, f"{what}: first input"), f"{what}: first input")
+    ba = _contiguous(_float_array(b, f"{what}: second input"), f"{what}: second input")
+    if aa.shape != ba.shape:
+        raise ValueError(f"{what}: inputs differ in shape: {aa.shape} vs {ba.shape}")
+    return aa, ba
+
+
+def gated_act(gate, up, str kind="silu", out=None):
+    """out = act(gate) * up, act = 'silu' or 'gelu_tanh' (GELU, tanh approximation)."""
+    if kind not in _ACTIVATIONS:
+        raise ValueError(f"gated_act: unknown activation {kind!r}; expected one of {list(_ACTIVATIONS)}")
+    ga, ua = _elementwise_pair(gate, up, "gated_act")
+    result = _output(out, ga.shape, "gated_act")
+    if ga.size == 0:
+        return result
+    cdef const float[::1] gv = ga.reshape(-1)
+    cdef const float[::1] uv = ua.reshape(-1)
+    cdef float[::1] ov = result.reshape(-1)
+    cdef int act = _ACTIVATIONS[kind]
+    with nogil:
+        blob_gated_act(&gv[0], &uv[0], gv.shape[0], act, &ov[0])
+    return result
+
+
+def add(a, b, out=None):
+    """out = a + b (the residual add); out may be a or b."""
+    aa, ba = _elementwise_pair(a, b, "add")
+    result = _output(out, aa.shape, "add")
+    if aa.size == 0:
+        return result
+    cdef const float[::1] av = aa.reshape(-1)
+    cdef const float[::1] bv = ba.reshape(-1)
+    cdef float[::1] ov = result.reshape(-1)
+    with nogil:
+        blob_add(&av[0], &bv[0], av.shape[0], &ov[0])
+    return result
+
+
+def softcap(x, float cap, out=None):
+    """out = cap * tanh(x / cap) (final-logit soft-capping); cap > 0."""
+    if not cap > 0:
+        raise ValueError(f"softcap: cap must be > 0, found {cap}")
+    xa = _contiguous(_float_array(x, "softcap: x"), "softcap: x")
+    result = _output(out, xa.shape, "softcap")
+    if xa.size == 0:
+        return result
+    cdef const float[::1] xv = xa.reshape(-1)
+    cdef float[::1] ov = result.reshape(-1)
+    with nogil:
+        blob_softcap(&xv[0], xv.shape[0], cap, &ov[0])
+    return result
+
+
+def softmax(x, out=None):
+    """Softmax over the last axis of x (..., d)."""
+    xa = _contiguous(_float_array(x, "softmax: x"), "softmax: x")
+    if xa.ndim == 0:
+        raise ValueError("softmax: x must have at least one dimension")
+    result = _output(out, xa.shape, "softmax")
+    if result is not xa:
+        result[...] = xa
+    cdef size_t d = xa.shape[-1]
+    if xa.size == 0:
+        return result
+    cdef float[::1] ov = result.reshape(-1)
+    with nogil:
+        blob_softmax(&ov[0], ov.shape[0] // d, d)
+    return result
+
+
+def embed(Matrix w, ids, out=None):
+    """Rows `ids` of w as float32 (n, cols), dequantized whatever w's dtype."""
+    ia = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if ia.size and (ia.min() < 0 or ia.max() >= <long long>w.m.rows):
+        bad = ia[(ia < 0) | (ia >= <long long>w.m.rows)][0]
+        raise IndexError(f"embed: id {bad} out of range for {w!r} (0 .. {w.m.rows - 1})")
+    cdef size_t n = ia.shape[0]
+    result = _output(out, (n, w.m.cols), "embed")
+    if n == 0:
+        return result
+    cdef const int64_t[::1] iv = ia
+    cdef float[:, ::1] ov = result
+    with nogil:
+        blob_embed(&w.m, &iv[0], n, &ov[0, 0])
+    return result
+
+
+def read_bandwidth_probe(buffer):
+    """Read every byte of `buffer` (uint8, 64-byte aligned, size a multiple of 64) on all threads.
+
+    For the bandwidth benchmark: returns a checksum so the reads cannot be skipped.
+    """
+    a = np.asarray(buffer)
+    if a.dtype != np.uint8 or a.ndim != 1 or not a.flags.c_contiguous:
+        raise ValueError("read_bandwidth_probe: buffer must be a contiguous 1-D uint8 array")
+    if _address(a) % 64 or a.size % 64:
+        raise ValueError("read_bandwidth_probe: buffer must be 64-byte aligned with a size multiple of 64")
+    cdef const void *p = <const void *><uintptr_t>_address(a)
+    cdef size_t nbytes = a.size
+    cdef double checksum
+    with nogil:
+        checksum = blob_read_bandwidth_probe(p, nbytes)
+    return checksum

@@ -1,0 +1,201 @@
+"""The public Model: load() a blob file, then forward / generate / stream / chat."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..reader import open as open_blob
+from . import chat as chat_templates
+from . import kernels
+from .generate import GenerationChunk, GenerationResult, stream
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
+
+
+def load(path, *, threads: int | None = None, max_seq_len: int | None = None, kv_dtype: str = "f32",
+         verbose: bool = False) -> "Model":
+    """Map a blob file and get a model ready to run: the file is validated, every tensor the
+    architecture needs is checked, and no weight is copied.
+
+    >>> model = load("gemma-3-270m.blob")                         # doctest: +SKIP
+    >>> model.generate("The capital of France is", max_new_tokens=8).text   # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    if threads is not None:
+        kernels.set_threads(threads)
+    reader = open_blob(path)
+    try:
+        model = Model(reader, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
+    except BaseException:
+        reader.close()
+        raise
+    if verbose:
+        info = kernels.cpu_info()
+        print(f"Loaded {os.fspath(path)} in {(time.perf_counter() - started) * 1000:.1f} ms "
+              f"({model.config.arch}, {info['isa']} kernels, {kernels.get_threads()} threads, "
+              f"context {model.cache.max_seq_len})", file=sys.stderr)
+    return model
+
+
+class Model:
+    """A loaded model. Generation state (the KV cache) is shared by calls, which run one at a time."""
+
+    def __init__(self, reader, *, max_seq_len: int | None = None, kv_dtype: str = "f32"):
+        if "model" not in reader.metadata:
+            raise FormatError(f"{reader.path}: no model config in the metadata; was it written by blob-pack convert?")
+        self.reader = reader
+        self.config = ModelConfig.from_dict(reader.metadata["model"])
+        self.transformer = Transformer(reader, self.config)
+        self.tokenizer_info = reader.metadata.get("tokenizer", {})
+        self.tokenizer = _tokenizer(reader, self.tokenizer_info)
+        self.generation_config = reader.metadata.get("source", {}).get("generation_config") or {}
+        self.max_seq_len = _context_length(self.config, max_seq_len, kv_dtype)
+        self.cache = KVCache(self.config.num_layers, self.max_seq_len, self.config.num_kv_heads,
+                             self.config.head_dim, kv_dtype)
+        self._lock = threading.Lock()
+
+    # ---- numbers ----
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits (len(ids), vocab) at every position, from an empty cache. The
+        generation state is left alone."""
+        ids = self._check_ids(ids)
+        scratch = KVCache(self.config.num_layers, max(len(ids), 1), self.config.num_kv_heads,
+                          self.config.head_dim, "f32")
+        with self._lock:
+            return self.transformer.run(ids, scratch, start=0, all_logits=True)
+
+    # ---- text ----
+
+    def generate(self, prompt, **options) -> GenerationResult:
+        """Generate a completion of `prompt` (a str, or a list of token ids used as given).
+
+        Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
+        from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos.
+        """
+        texts, ids = [], []
+        for chunk in self.stream(prompt, **options):
+            texts.append(chunk.text)
+            if chunk.token_id is not None:
+                ids.append(chunk.token_id)
+            last = chunk
+        return GenerationResult("".join(texts), ids, last.finish_reason, last.stats)
+
+    def stream(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None, min_p=None,
+               repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
+               ignore_eos: bool = False) -> Iterator[GenerationChunk]:
+        """Like generate(), one GenerationChunk per token; breaking out of the loop cancels.
+        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests)."""
+        params = SamplingParams.from_generation_config(
+            self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty)
+        ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this model is generating in another thread; use one Model per thread "
+                               "or wait for that generation to finish")
+        try:
+            yield from stream(self, ids, params, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or ()),
+                              stop_ids=frozenset() if ignore_eos else self._stop_ids())
+        finally:
+            self._lock.release()
+
+    def chat(self, messages: Sequence[Mapping], *, stream: bool = False, **options):
+        """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template.
+
+        Returns a GenerationResult, or an iterator of GenerationChunk with stream=True. The cached
+        prefix of the previous turn is reused, so a long conversation is not recomputed each turn.
+        """
+        prompt = self.tokenizer.encode(self.apply_chat_template(messages), add_bos=False)
+        return self.stream(prompt, **options) if stream else self.generate(prompt, **options)
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+        """The prompt text the chat template renders for `messages` (BOS included when the template writes it)."""
+        return chat_templates.render(self._chat_template(), messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self._token_text(self.tokenizer.bos_id),
+                                     eos_token=self._token_text(self.tokenizer.eos_id))
+
+    # ---- helpers ----
+
+    def _chat_template(self) -> str:
+        if self.tokenizer_info.get("chat_template"):
+            return self.tokenizer_info["chat_template"]
+        llama3_marker = "<|start_header_id|>"  # the only way to tell a Llama 3 from a Llama 2
+        vocabulary = [llama3_marker] if self.tokenizer.token_to_id(llama3_marker) is not None else []
+        return chat_templates.builtin_template(self.config.arch.lower(), vocabulary)
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        for marker in chat_templates.end_of_turn_tokens(self._chat_template()):
+            token = self.tokenizer.token_to_id(marker)
+            if token is not None:
+                ids.add(token)
+        return frozenset(ids)
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def close(self):
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _tokenizer(reader, info: Mapping) -> Tokenizer:
+    """The tokenizer packed in the file: tokenizer.model (SentencePiece) or tokenizer.json."""
+    add_bos = info.get("add_bos")
+    if "tokenizer.model" in reader:
+        return Tokenizer.from_sentencepiece(reader.file_bytes("tokenizer.model"), add_bos=add_bos)
+    if "tokenizer.json" in reader:
+        eos_ids = info.get("eos_ids") or [None]
+        return Tokenizer.from_json(reader.file_bytes("tokenizer.json"), bos_token=info.get("bos_id"),
+                                   eos_token=eos_ids[0], add_bos=add_bos)
+    raise FormatError(f"{reader.path}: no tokenizer in the file (expected a tokenizer.model or tokenizer.json blob)")
+
+
+def _context_length(config: ModelConfig, requested: int | None, kv_dtype: str) -> int:
+    """The KV cache length: as requested, else the model's context capped to a share of RAM."""
+    if requested is not None:
+        if requested <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {requested}")
+        return requested
+    bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * (4 if kv_dtype == "f32" else 2)
+    budget = _total_memory() // KV_CACHE_RAM_SHARE // bytes_per_token
+    length = min(config.max_position_embeddings, max(budget, 1))
+    if length < config.max_position_embeddings:
+        print(f"blobstore: context capped to {length} of the model's {config.max_position_embeddings} tokens "
+              f"so the KV cache fits in 1/{KV_CACHE_RAM_SHARE} of RAM; pass max_seq_len to choose",
+              file=sys.stderr)
+    return length
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # platforms without sysconf (Windows): assume a modest laptop

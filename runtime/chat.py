@@ -1,0 +1,216 @@
+"""Chat prompts: Jinja chat templates, rendered the way transformers renders them, but in a
+sandbox, because a template is code from an untrusted file.
+
+A model's own template comes from its tokenizer_config.json / chat_template.jinja. Models
+without one get a built-in template chosen by family (`builtin_template`).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from typing import Collection, Mapping, Sequence
+
+import jinja2
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile, is blocked by the sandbox, or rejects the messages."""
+
+
+# Built-in templates. Jinja string escapes ('\n') are kept raw here; all output comes from
+# {{ }} expressions so that block whitespace never leaks into the prompt.
+_GEMMA = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system_prefix = messages[0]['content'] | trim + '\n\n' -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system_prefix = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') -}}
+  {%- endif -%}
+  {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+  {{- '<start_of_turn>' + role + '\n' + (system_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<start_of_turn>model\n' -}}
+{%- endif -%}
+"""
+
+_LLAMA3 = r"""
+{{- bos_token -}}
+{%- for message in messages -%}
+  {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+{%- endif -%}
+"""
+
+_CHATML = r"""
+{%- for message in messages -%}
+  {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+# Llama 2 and Mistral share the [INST] shape. Llama 2 wraps the system prompt in <<SYS>>
+# and repeats BOS on every instruction; Mistral prepends the system prompt as plain text and
+# writes BOS once.
+_INST_SETTINGS = {
+    "llama2": r"""
+{%- set system_open, system_close = '<<SYS>>\n', '\n<</SYS>>\n\n' -%}
+{%- set bos_every_turn, answer_end = true, ' ' + eos_token -%}
+""",
+    "mistral": r"""
+{%- set system_open, system_close = '', '\n\n' -%}
+{%- set bos_every_turn, answer_end = false, eos_token -%}
+""",
+}
+
+_INST = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set system_prefix = system_open + messages[0]['content'] | trim + system_close -%}
+  {%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system_prefix = '' -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {%- set bos = bos_token if bos_every_turn or loop.first else '' -%}
+    {{- bos + '[INST] ' + (system_prefix if loop.first else '') + message['content'] | trim + ' [/INST]' -}}
+  {%- else -%}
+    {{- ' ' + message['content'] | trim + answer_end -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+BUILTIN_TEMPLATES = {
+    "gemma": _GEMMA,
+    "llama2": _INST_SETTINGS["llama2"] + _INST,
+    "llama3": _LLAMA3,
+    "chatml": _CHATML,
+    "mistral": _INST_SETTINGS["mistral"] + _INST,
+}
+
+# Markers that close a turn in the templates we know; a model stops generating on them.
+_END_OF_TURN_MARKERS = ("<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>")
+
+
+def builtin_template(family: str, vocabulary: Collection[str] = ()) -> str:
+    """The built-in Jinja template for a model family (transformers' model_type, e.g.
+    "gemma3_text", "qwen2", "llama") or for a template name in BUILTIN_TEMPLATES.
+    "llama" means Llama 3 when `vocabulary` holds "<|start_header_id|>", else Llama 2.
+
+    >>> builtin_template("qwen2") == BUILTIN_TEMPLATES["chatml"]
+    True
+    """
+    name = family.lower()
+    if name not in BUILTIN_TEMPLATES:
+        name = _template_name_for_family(name, vocabulary)
+    return BUILTIN_TEMPLATES[name]
+
+
+def end_of_turn_tokens(template: str) -> tuple[str, ...]:
+    """The end-of-turn token strings a template writes, which generation should stop on
+    (besides the model's EOS ids). Templates ending turns with EOS itself give ().
+
+    >>> end_of_turn_tokens(BUILTIN_TEMPLATES["gemma"])
+    ('<end_of_turn>',)
+    """
+    return tuple(marker for marker in _END_OF_TURN_MARKERS if marker in template)
+
+
+def render(template: str, messages: Sequence[Mapping], *, add_generation_prompt: bool = True,
+           bos_token: str = "", eos_token: str = "", **variables) -> str:
+    """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]), rendered like
+    transformers' apply_chat_template(tokenize=False). Extra `variables` (tools, documents,
+    enable_thinking, ...) are passed to the template.
+
+    >>> render(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": "Hi"}])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    _check_messages(messages)
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token, **variables)
+    except ChatTemplateError:
+        raise
+    except Exception as error:  # the template is foreign code: any failure is the template's
+        raise ChatTemplateError(f"chat template failed: {type(error).__name__}: {error}") from error
+
+
+def _template_name_for_family(family: str, vocabulary: Collection[str]) -> str:
+    if family.startswith("gemma"):
+        return "gemma"
+    if family.startswith("qwen"):
+        return "chatml"
+    if family.startswith("mistral"):
+        return "mistral"
+    if family.startswith("llama"):
+        return "llama3" if "<|start_header_id|>" in vocabulary else "llama2"
+    raise ChatTemplateError(f"no built-in chat template for model family {family!r}; "
+                            f"known: gemma*, llama, mistral, qwen*, or one of {sorted(BUILTIN_TEMPLATES)}")
+
+
+def _check_messages(messages: Sequence[Mapping]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise ChatTemplateError(f"messages[{index}] must be a dict with a string 'role', got {message!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    try:
+        return _environment().from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ChatTemplateError(f"chat template line {error.lineno}: {error.message}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    """transformers' rendering rules (trim/lstrip blocks, loop controls, its globals and
+    tojson), in an immutable sandbox where unsafe attribute access fails loudly."""
+    class GenerationTag(Extension):
+        """{% generation %}...{% endgeneration %} marks assistant text for training masks;
+        for a prompt it only renders its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        def unsafe_undefined(self, obj, attribute):
+            # jinja's default yields an Undefined that prints as "": blocked code would go unnoticed
+            raise SecurityError(f"chat template tried to access {type(obj).__name__}.{attribute}, "
+                                "which the sandbox blocks")
+
+    def raise_exception(message):
+        raise ChatTemplateError(f"chat template refused the messages: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols],
+                  undefined=jinja2.Undefined)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+

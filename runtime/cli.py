@@ -1,0 +1,120 @@
+"""blob-run: generate text from a blob file.
+
+    blob-run MODEL -p "Once upon a time" -n 64
+    blob-run MODEL --chat                      (interactive)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .. import FormatError
+from . import kernels
+from .api import load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blob-run", description="Generate text with a model packed by blob-pack. Text goes to stdout; "
+                                     "load time, the kernel path and speed go to stderr.")
+    p.add_argument("model", help="the .blob file (made with: blob-pack convert SRC -o MODEL.blob)")
+    p.add_argument("-p", "--prompt", help="the prompt text; '-' reads it from standard input. "
+                                          "Without it, --chat starts an interactive conversation")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temp", type=float, default=None,
+                   help="sampling temperature; 0 is greedy (default: the model's generation_config, else greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= P")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than P times the most likely one")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help="divide the logits of tokens already seen by this (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help=f"compute threads (default: physical cores, {kernels.physical_cores()} here)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context length to allocate (default: the model's, capped to fit in RAM)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="a system message for --chat")
+    p.add_argument("--isa", choices=kernels.available_isas(), default=None,
+                   help="force a kernel path (default: the fastest this CPU supports)")
+    p.add_argument("--stats-json", action="store_true", help="also print the statistics as one JSON line on stderr")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.isa:
+        kernels.set_isa(args.isa)
+    try:
+        model = load(args.model, threads=args.threads, max_seq_len=args.ctx, verbose=True)
+    except (FormatError, OSError, ValueError) as error:
+        print(f"blob-run: error: {error}", file=sys.stderr)
+        return 1
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    try:
+        if args.chat and args.prompt is None:
+            return _interactive(model, args.system, options, args.stats_json)
+        prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
+        if args.chat:
+            chunks = model.chat(_messages(args.system, [("user", prompt)]), stream=True, **options)
+        else:
+            chunks = model.stream(prompt, **options)
+        _print_stream(chunks, args.stats_json)
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
+    except ValueError as error:
+        print(f"blob-run: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_stream(chunks, stats_json: bool) -> str:
+    text = []
+    for chunk in chunks:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        text.append(chunk.text)
+        if chunk.stats is not None:
+            print(file=sys.stdout)
+            chunk.stats.report()
+            if stats_json:
+                fields = dict(vars(chunk.stats), prefill_tokens_per_second=chunk.stats.prefill_tokens_per_second,
+                              decode_tokens_per_second=chunk.stats.decode_tokens_per_second,
+                              finish_reason=chunk.finish_reason)
+                print(json.dumps(fields), file=sys.stderr)
+    return "".join(text)
+
+
+def _messages(system, turns):
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": role, "content": content} for role, content in turns]
+
+
+def _interactive(model, system, options, stats_json) -> int:
+    turns = []
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        turns.append(("user", line))
+        started = time.perf_counter()
+        try:
+            reply = _print_stream(model.chat(_messages(system, turns), stream=True, **options), stats_json)
+        except KeyboardInterrupt:
+            print(f"\n[interrupted after {time.perf_counter() - started:.1f} s]", file=sys.stderr)
+            turns.pop()
+            continue
+        turns.append(("assistant", reply.strip()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Generation in three layers: token_steps (ids out of the model) → stream (text chunks, stop
+conditions) → generate (one result with statistics)."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    reused_prompt_tokens: int        # served from the cache of the previous turn, not recomputed
+    prefill_seconds: float
+    generated_tokens: int
+    decode_seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        computed = self.prompt_tokens - self.reused_prompt_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first new token comes out of the prefill; decode time covers the others
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
+
+    def report(self, file=sys.stderr):
+        """The llama.cpp / mlx-lm style summary lines."""
+        print(f"Prompt: {self.prompt_tokens} tokens, {self.prefill_tokens_per_second:.3f} tokens-per-sec", file=file)
+        print(f"Generation: {self.generated_tokens} tokens, {self.decode_tokens_per_second:.3f} tokens-per-sec",
+              file=file)
+        print(f"Peak memory: {self.peak_rss_bytes / 1e9:.3f} GB", file=file)
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    text: str                   # new text (may be empty while a character or stop string is incomplete)
+    token_id: int | None        # the token that produced it (None for the final flush)
+    finish_reason: str | None   # "stop" | "length" on the last chunk, else None
+    stats: GenerationStats | None = None  # on the last chunk
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class _Timer:
+    prompt_tokens: int
+    reused: int
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+    generated: int = 0
+
+    def stats(self) -> GenerationStats:
+        now = time.perf_counter()
+        first = self.first_token_at or now
+        return GenerationStats(self.prompt_tokens, self.reused, first - self.started, self.generated,
+                               now - first, peak_rss_bytes())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[int], params: SamplingParams,
+                rng: np.random.Generator, timer: _Timer) -> Iterator[int]:
+    """Yield sampled token ids forever (the caller stops); the cache follows every token.
+
+    The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
+    leaves the cache consistent: the next call recomputes from the last complete position.
+    """
+    prompt_ids = list(prompt_ids)
+    reuse = cache.reusable_prefix(prompt_ids)
+    cache.truncate(reuse)
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    cache.token_ids.extend(prompt_ids[reuse:])
+    context = list(prompt_ids)
+    while True:
+        token = sample(logits, params, rng, context)
+        timer.generated += 1
+        timer.first_token_at = timer.first_token_at or time.perf_counter()
+        yield token
+        context.append(token)
+        logits = transformer.run([token], cache, start=cache.length)[-1]
+        cache.token_ids.append(token)
+
+
+def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int, seed: int | None,
+           stop: Sequence[str] = (), stop_ids=frozenset()) -> Iterator[GenerationChunk]:
+    """Text chunks of a generation; the last chunk has the finish reason and the statistics.
+
+    Text that might be the start of a stop string is held back until it is clearly not one.
+    Breaking out of the loop stops the generation; the cache keeps what was computed.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    model.cache.check_room(len(prompt_ids))
+    timer = _Timer(len(prompt_ids), model.cache.reusable_prefix(list(prompt_ids)))
+    if max_new_tokens == 0:
+        yield GenerationChunk("", None, "length", timer.stats())
+        return
+    decoder = model.tokenizer.decoder(prompt_ids[-8:])
+    rng = np.random.default_rng(seed)
+    held, finish = "", "length"
+    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer)
+    for count, token in enumerate(steps, start=1):
+        if token in stop_ids:
+            finish = "stop"
+            break
+        held += decoder.add(token)
+        cut = _first_stop(held, stop)
+        if cut is not None:
+            held, finish = held[:cut], "stop"
+            break
+        safe = len(held) - _stop_prefix_overlap(held, stop)
+        yield GenerationChunk(held[:safe], token, None)
+        held = held[safe:]
+        if count >= max_new_tokens or len(prompt_ids) + count >= model.cache.max_seq_len:
+            break
+    steps.close()
+    if finish == "length":
+        held += decoder.flush()
+    yield GenerationChunk(held, None, finish, timer.stats())
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_overlap(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest

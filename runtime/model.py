@@ -1,0 +1,177 @@
+"""The transformer: one decoder block, written once, varied only by the ModelConfig.
+
+Weights are bound once, as kernel Matrix objects over the reader's zero-copy views; every layer
+kind (sliding or global attention, soft-capping, q/k norms, biases, sandwich norms) is a field of
+the config, read here, never a per-family copy of the block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import MissingTensor
+from ..format import DType
+from . import kernels
+from .kv_cache import KVCache
+
+PREFILL_CHUNK = 256   # prompt tokens per prefill pass: bounds activation memory, keeps matmul tiles full
+MATRIX_DTYPES = {DType.F32, DType.F16, DType.BF16, DType.Q8_0, DType.Q4_0}
+VECTOR_PARTS = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm",
+                "q_bias", "k_bias", "v_bias", "o_bias")
+
+
+@dataclass
+class Layer:
+    """One block's weights. Optional parts are None when the config does not use them."""
+
+    q: kernels.Matrix
+    k: kernels.Matrix
+    v: kernels.Matrix
+    o: kernels.Matrix
+    gate: kernels.Matrix
+    up: kernels.Matrix
+    down: kernels.Matrix
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    inv_freq: np.ndarray       # rotary inverse frequencies of this layer (local and global layers differ)
+    window: int                # attention window in tokens, 0 = unlimited
+    post_attn_norm: np.ndarray | None = None
+    post_ffn_norm: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    q_bias: np.ndarray | None = None
+    k_bias: np.ndarray | None = None
+    v_bias: np.ndarray | None = None
+    o_bias: np.ndarray | None = None
+
+
+class Transformer:
+    """Binds a blob file's tensors to layers and runs tokens through them.
+
+    >>> t = Transformer(reader, ModelConfig.from_dict(reader.metadata["model"]))   # doctest: +SKIP
+    >>> logits = t.run([2, 651, 6037], cache, start=0, all_logits=True)          # doctest: +SKIP
+    """
+
+    def __init__(self, reader, config: ModelConfig):
+        check_tensors(reader, config)
+        self.config = config
+        self.embed = _matrix(reader, "embed")
+        self.lm_head = _matrix(reader, "lm_head")
+        self.final_norm = _vector(reader, "final_norm")
+        self.layers = [self._bind_layer(reader, i) for i in range(config.num_layers)]
+
+    def _bind_layer(self, reader, i: int) -> Layer:
+        name = f"layers.{i}.".__add__
+        matrices = {part: _matrix(reader, name(part)) for part in ("q", "k", "v", "o", "gate", "up", "down")}
+        vectors = {part: _vector(reader, name(part)) for part in VECTOR_PARTS if name(part) in reader}
+        return Layer(**matrices, **vectors, inv_freq=self.config.rope[i].inv_freq(self.config.head_dim),
+                     window=self.config.sliding_window[i])
+
+    # ---- running tokens ----
+
+    def run(self, ids, cache: KVCache, start: int, all_logits: bool = False) -> np.ndarray:
+        """Process `ids` at positions start.. (their keys and values go into `cache`).
+
+        Returns float32 logits (len(ids), vocab) when `all_logits`, else (1, vocab) for the last token.
+        """
+        cache.check_room(start + len(ids))
+        outputs = []
+        for chunk_start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[chunk_start:chunk_start + PREFILL_CHUNK]
+            hidden = self._hidden_states(chunk, cache, start + chunk_start)
+            if all_logits:
+                outputs.append(self._logits(hidden))
+            elif chunk_start + PREFILL_CHUNK >= len(ids):
+                outputs.append(self._logits(hidden[-1:]))
+        return np.concatenate(outputs)
+
+    def _hidden_states(self, ids, cache: KVCache, start: int) -> np.ndarray:
+        x = kernels.embed(self.embed, ids)
+        if self.config.embedding_scale != 1.0:
+            x *= np.float32(self.config.embedding_scale)
+        positions = np.arange(start, start + len(ids), dtype=np.int64)
+        for i, layer in enumerate(self.layers):
+            x = self._block(i, layer, x, cache, positions)
+        return x
+
+    def _block(self, i: int, layer: Layer, x: np.ndarray, cache: KVCache, positions: np.ndarray) -> np.ndarray:
+        attn = self._attention(i, layer, self._norm(x, layer.attn_norm), cache, positions)
+        if layer.post_attn_norm is not None:
+            attn = self._norm(attn, layer.post_attn_norm)
+        x = kernels.add(x, attn, out=x)
+        mlp = self._mlp(layer, self._norm(x, layer.ffn_norm))
+        if layer.post_ffn_norm is not None:
+            mlp = self._norm(mlp, layer.post_ffn_norm)
+        return kernels.add(x, mlp, out=x)
+
+    def _attention(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, positions: np.ndarray) -> np.ndarray:
+        cfg, n = self.config, len(h)
+        q = _project(layer.q, h, layer.q_bias).reshape(n, cfg.num_heads, cfg.head_dim)
+        k = _project(layer.k, h, layer.k_bias).reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        v = _project(layer.v, h, layer.v_bias).reshape(n, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        kernels.rope(q, positions, layer.inv_freq)
+        kernels.rope(k, positions, layer.inv_freq)
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        cache.store(i, start, k, v)
+        out = kernels.attention(q, cache.k[i, :end], cache.v[i, :end], p0=start, scale=cfg.attn_scale,
+                                window=layer.window, softcap=cfg.attn_logit_softcap or 0.0)
+        return _project(layer.o, out.reshape(n, cfg.num_heads * cfg.head_dim), layer.o_bias)
+
+    def _mlp(self, layer: Layer, h: np.ndarray) -> np.ndarray:
+        gate = kernels.matmul(layer.gate, h)
+        hidden = kernels.gated_act(gate, kernels.matmul(layer.up, h), self.config.activation, out=gate)
+        return kernels.matmul(layer.down, hidden)
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return kernels.rms_norm(x, weight, self.config.rms_norm_eps, self.config.norm_offset)
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        logits = kernels.matmul(self.lm_head, self._norm(hidden, self.final_norm))
+        if self.config.final_logit_softcap:
+            kernels.softcap(logits, self.config.final_logit_softcap, out=logits)
+        return logits
+
+
+def _project(matrix: kernels.Matrix, h: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    y = kernels.matmul(matrix, h)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _matrix(reader, name: str) -> kernels.Matrix:
+    info = reader.info(name)
+    view = reader[name]
+    return kernels.Matrix(view, dtype=None if info.dtype.is_quantized else info.dtype.label, name=name)
+
+
+def _vector(reader, name: str) -> np.ndarray:
+    """A norm weight or bias as float32: the mapped view itself when stored as f32 (the packer's
+    default), else a float32 copy of these few values."""
+    if reader.info(name).dtype is DType.F32:
+        return reader[name]
+    return reader.float32(name)
+
+
+def check_tensors(reader, config: ModelConfig):
+    """Raise one MissingTensor listing every tensor the config needs that is absent, misshapen,
+    or of a dtype the kernels cannot read — before any forward pass can trip over it."""
+    problems = []
+    for name, shape in config.expected_tensors().items():
+        if name not in reader:
+            problems.append(f"  {name}: missing (expected shape {list(shape)})")
+            continue
+        info = reader.info(name)
+        if info.shape != tuple(shape):
+            problems.append(f"  {name}: shape {list(info.shape)}, expected {list(shape)}")
+        if info.dtype not in MATRIX_DTYPES:
+            problems.append(f"  {name}: dtype {info.dtype.label}, expected one of f32 f16 bf16 q8_0 q4_0")
+        elif len(shape) == 1 and info.dtype.is_quantized:
+            problems.append(f"  {name}: a vector stored as {info.dtype.label}; norms and biases must be f32, f16 or bf16")
+    if problems:
+        raise MissingTensor(f"{reader.path}: the file cannot run as {config.arch} "
+                            f"({len(problems)} problem(s)):\n" + "\n".join(problems))

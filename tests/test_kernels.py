@@ -1,0 +1,426 @@
+"""The C kernels against numpy references, on every ISA path this CPU has plus forced scalar.
+
+Error bounds, stated once:
+- f32 / f16 / bf16 weights: the weights are exact in f32, so only summation order differs from
+  a float64 reference: |y - ref| <= 1e-5 * sum_k |w_k x_k| + 1e-6.
+- q8_0 / q4_0: the kernel multiplies the stored weights by activations quantized to 8-bit blocks
+  (scale d = amax/127). (a) Against that exact arithmetic, done here in numpy, the error is
+  summation order only: 1e-5 * sum |terms|. (b) Against dequantized weights @ float
+  activations, rounding each activation moves it by at most d/2 = amax_block/254, so
+  |y - ref| <= sum_blocks (sum_k |w_k|) * amax_block / 254 (+ the same 1e-5 relative slack).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+import blobstore
+from blobstore import quant
+from blobstore.runtime import kernels as K
+
+ISAS = K.available_isas()
+DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+SHAPES = [(1, 1), (5, 31), (7, 33), (13, 100), (64, 256), (37, 1000), (9, 4097)]
+
+
+def stable_seed(*parts) -> int:
+    """A seed that, unlike hash(), is the same in every process."""
+    return zlib.crc32(repr(parts).encode())
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = K.get_isa()
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(previous)
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    previous = K.get_threads()
+    yield
+    K.set_threads(previous)
+
+
+# ---- weights as the reader hands them out: rows padded to 64 bytes, read-only views ----
+
+def padded_rows(values: np.ndarray) -> np.ndarray:
+    """A read-only (rows, cols) view over a buffer whose rows start every 64 bytes, the padding
+    filled with NaN-like garbage (the kernels must never read past `cols`)."""
+    rows, cols = values.shape
+    stride = -(-cols * values.itemsize // 64) * 64
+    buffer = np.full(rows * stride + 64, 0xFF, np.uint8)
+    offset = (-buffer.ctypes.data) % 64
+    view = np.ndarray((rows, cols), values.dtype, buffer, offset, (stride, values.itemsize))
+    view[...] = values
+    view.flags.writeable = False
+    return view
+
+
+def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.ndarray]:
+    """A bound Matrix and the float32 values it stands for."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if dtype == "f32":
+        return K.Matrix(padded_rows(w)), w
+    if dtype == "f16":
+        w16 = w.astype(np.float16)
+        return K.Matrix(padded_rows(w16)), w16.astype(np.float32)
+    if dtype == "bf16":
+        bits = quant.f32_to_bf16(w)
+        return K.Matrix(padded_rows(bits), dtype="bf16"), quant.bf16_to_f32(bits)
+    quants, scales = quant.quantize(w, dtype)
+    quants.flags.writeable = scales.flags.writeable = False
+    tensor = types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), quants=quants,
+                                   scales=scales)
+    return K.Matrix(tensor), quant.dequantize(quants, scales, cols, dtype)
+
+
+def quantize_activations(x: np.ndarray):
+    """numpy twin of the kernels' activation quantization: blocks of 32, d = amax/127 (f32),
+    q = rint(x * (1/d)); returns (levels as float64 (n, padded cols), d per element)."""
+    n, cols = x.shape
+    padded = np.zeros((n, -(-cols // 32) * 32), np.float32)
+    padded[:, :cols] = x
+    blocks = padded.reshape(n, -1, 32)
+    d = np.abs(blocks).max(axis=2) / np.float32(127)
+    inv = np.where(d >= np.finfo(np.float32).tiny, np.float32(1) / np.maximum(d, 1e-38), 0).astype(np.float32)
+    q = np.rint(blocks * inv[..., None])
+    return q.reshape(n, -1).astype(np.float64), np.repeat(d, 32, axis=1).astype(np.float64)
+
+
+def check_matmul(dtype, w_values, x, y):
+    """Asserts y == x @ w.T within the stated bounds."""
+    wd = w_values.astype(np.float64)
+    if dtype in ("f32", "f16", "bf16"):
+        slack = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        np.testing.assert_array_less(np.abs(y - x.astype(np.float64) @ wd.T), 1e-5 * slack + 1e-6)
+        return
+    cols = x.shape[1]
+    levels, d = quantize_activations(x)
+    exact = (levels[:, :cols] * d[:, :cols]) @ wd.T           # what the integer kernel computes
+    slack = (np.abs(levels[:, :cols] * d[:, :cols])) @ np.abs(wd).T
+    np.testing.assert_array_less(np.abs(y - exact), 1e-5 * slack + 1e-6)
+    # the quantization bound against float activations
+    nb = d.shape[1] // 32
+    block_w = np.zeros((wd.shape[0], nb * 32))
+    block_w[:, :cols] = np.abs(wd)
+    per_block_w = block_w.reshape(wd.shape[0], nb, 32).sum(axis=2)      # (rows, nb)
+    amax = d.reshape(x.shape[0], nb, 32)[:, :, 0] * 127                 # (n, nb)
+    bound = (amax / 254) @ per_block_w.T
+    np.testing.assert_array_less(np.abs(y - x.astype(np.float64) @ wd.T), bound * (1 + 1e-5) + 1e-5 * slack + 1e-6)
+
+
+# ---- matrix products ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matvec(isa, dtype, shape):
+    rng = np.random.default_rng(stable_seed(dtype, shape))
+    m, w = make_weight(dtype, *shape, rng)
+    x = rng.standard_normal(shape[1]).astype(np.float32)
+    y = K.matmul(m, x)
+    assert y.shape == (shape[0],) and y.dtype == np.float32
+    check_matmul(dtype, w, x[None], y[None].astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,n", [((7, 33), 2), ((13, 100), 5), ((64, 256), 17), ((37, 1000), 3), ((33, 65), 64)])
+def test_matmul_prefill(isa, dtype, shape, n):
+    rng = np.random.default_rng(stable_seed(dtype, shape, n))
+    m, w = make_weight(dtype, *shape, rng)
+    x = rng.standard_normal((n, shape[1])).astype(np.float32)
+    y = K.matmul(m, x)
+    assert y.shape == (n, shape[0])
+    check_matmul(dtype, w, x, y.astype(np.float64))
+
+
+def test_matmul_strided_activations_and_out(isa):
+    rng = np.random.default_rng(5)
+    m, w = make_weight("q8_0", 20, 96, rng)
+    wide = rng.standard_normal((6, 128)).astype(np.float32)
+    x = wide[:, :96]                                   # rows 512 bytes apart
+    out = np.full((6, 20), np.nan, np.float32)
+    assert K.matmul(m, x, out=out) is out
+    check_matmul("q8_0", w, np.ascontiguousarray(x), out.astype(np.float64))
+
+
+def test_activation_outliers_and_zero_blocks(isa):
+    """A zero block, a block with one huge value and tiny values: scales 0, large and small."""
+    rng = np.random.default_rng(6)
+    m, w = make_weight("q8_0", 8, 96, rng)
+    x = np.zeros((2, 96), np.float32)
+    x[0, 32:64] = rng.standard_normal(32) * 1e-30
+    x[0, 64] = 3e4
+    x[1, :] = rng.standard_normal(96)
+    check_matmul("q8_0", w, x, K.matmul(m, x).astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threads_bit_identical(threads, dtype):
+    rng = np.random.default_rng(7)
+    m, _ = make_weight(dtype, 301, 257, rng)
+    for n in (1, 7):
+        x = rng.standard_normal((n, 257)).astype(np.float32)
+        results = []
+        for count in (1, 2):
+            K.set_threads(count)
+            results.append(K.matmul(m, x))
+        assert np.array_equal(results[0], results[1])
+
+
+def test_paths_agree_on_quantized_activations():
+    """Every path quantizes activations identically, so q8_0 results differ only by float
+    summation order between paths."""
+    rng = np.random.default_rng(8)
+    m, w = make_weight("q8_0", 16, 200, rng)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    previous = K.get_isa()
+    try:
+        outputs = []
+        for name in ISAS:
+            K.set_isa(name)
+            outputs.append(K.matmul(m, x))
+    finally:
+        K.set_isa(previous)
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_matrix_from_blob_file(tmp_path):
+    """Bound straight over the reader's read-only views of a real file."""
+    rng = np.random.default_rng(9)
+    path = tmp_path / "w.blob"
+    values = {name: rng.standard_normal((19, 70)).astype(np.float32) for name in DTYPES}
+    with blobstore.BlobWriter(path, alignment=64) as writer:
+        for name, v in values.items():
+            writer.add(name, v, dtype=name)
+    x = rng.standard_normal(70).astype(np.float32)
+    with blobstore.open(path) as reader:
+        for name in DTYPES:
+            view = reader[name]
+            m = K.Matrix(view, dtype="bf16" if name == "bf16" else None, name=name)
+            assert m.shape == (19, 70) and m.dtype == name
+            check_matmul(name, reader.float32(name), x[None], K.matmul(m, x)[None].astype(np.float64))
+            del m, view
+
+
+# ---- attention ----
+
+def attention_reference(q, k, v, p0, scale, window, softcap):
+    """q (n, H, D), k/v (P, KV, D) -> (n, H, D), float64."""
+    n, H, D = q.shape
+    group = H // k.shape[1]
+    out = np.zeros((n, H, D))
+    for i in range(n):
+        p = p0 + i
+        first = max(0, p - window + 1) if window else 0
+        for h in range(H):
+            keys = k[first:p + 1, h // group].astype(np.float64)
+            s = keys @ q[i, h].astype(np.float64) * scale
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            e = np.exp(s - s.max())
+            out[i, h] = (e / e.sum()) @ v[first:p + 1, h // group].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("window", [0, 3, 40])
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_attention(isa, group, window, softcap):
+    rng = np.random.default_rng(group * 100 + window)
+    kv_heads, head_dim, p0, n = 2, 20, 9, 6
+    for cache_dtype in (np.float32, np.float16):
+        k = rng.standard_normal((p0 + n + 4, kv_heads, head_dim)).astype(cache_dtype)
+        v = rng.standard_normal((p0 + n + 4, kv_heads, head_dim)).astype(cache_dtype)
+        q = rng.standard_normal((n, kv_heads * group, head_dim)).astype(np.float32)
+        scale = head_dim ** -0.5 * 3          # sharp enough that the softcap matters
+        for start, queries in ((p0, q), (p0 + n - 1, q[:1]), (0, q)):   # prefill, decode, from 0
+            got = K.attention(queries, k, v, p0=start, scale=scale, window=window, softcap=softcap)
+            want = attention_reference(queries, k, v, start, scale, window, softcap)
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_head_major_cache(isa, threads):
+    """A (kv_heads, positions, D) cache passed as a transposed view; threads 1 and 2 agree bitwise."""
+    rng = np.random.default_rng(11)
+    cache_k = rng.standard_normal((4, 64, 32)).astype(np.float16)
+    cache_v = rng.standard_normal((4, 64, 32)).astype(np.float16)
+    q = rng.standard_normal((10, 8, 32)).astype(np.float32)
+    k, v = cache_k.transpose(1, 0, 2), cache_v.transpose(1, 0, 2)
+    results = []
+    for count in (1, 2):
+        K.set_threads(count)
+        results.append(K.attention(q, k, v, p0=30, scale=0.2, window=16, softcap=0.0))
+    assert np.array_equal(results[0], results[1])
+    np.testing.assert_allclose(results[0], attention_reference(q, k, v, 30, 0.2, 16, 0.0), rtol=2e-5, atol=2e-5)
+
+
+def test_attention_errors():
+    q = np.zeros((2, 6, 8), np.float32)
+    k = np.zeros((10, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"multiple of n_kv_heads \(4\)"):
+        K.attention(q, k, k, p0=0, scale=1.0)
+    with pytest.raises(ValueError, match=r"holds 10 positions; queries at 9..10 need 11"):
+        K.attention(np.zeros((2, 4, 8), np.float32), k, k, p0=9, scale=1.0)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        K.attention(np.zeros((2, 4, 8), np.float32), k.astype(np.float64), k, p0=0, scale=1.0)
+    with pytest.raises(ValueError, match="head_dim 8 differs"):
+        K.attention(np.zeros((1, 4, 4), np.float32), k, k, p0=0, scale=1.0)
+
+
+# ---- small ops ----
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm(offset):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 4, 37)).astype(np.float32)
+    w = rng.standard_normal(37).astype(np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * (offset + w)
+    np.testing.assert_allclose(K.rms_norm(x, w, 1e-6, offset), want, rtol=1e-5, atol=1e-6)
+    K.rms_norm(x, w, 1e-6, offset, out=x)                  # in place
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
+
+
+def rotate_half_reference(x, positions, inv_freq):
+    """HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin over the rotated dimensions."""
+    rot = 2 * len(inv_freq)
+    angles = positions[:, None].astype(np.float32) * inv_freq[None, :]          # f32, as HF
+    cos = np.cos(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :]
+    sin = np.sin(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :]
+    head = x[..., :rot].astype(np.float64)
+    half = rot // 2
+    rotated = np.concatenate([-head[..., half:], head[..., :half]], -1)
+    out = x.astype(np.float64).copy()
+    out[..., :rot] = head * cos + rotated * sin
+    return out
+
+
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (10, 6)])
+def test_rope(head_dim, rotary_dim):
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((5, 3, head_dim)).astype(np.float32)
+    positions = np.array([0, 1, 7, 100, 4095])
+    inv_freq = K.rope_inv_freq(rotary_dim, 10000.0)
+    want = rotate_half_reference(x, positions, inv_freq)
+    assert K.rope(x, positions, inv_freq) is x
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+])
+def test_rope_inv_freq_matches_transformers(scaling):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500000.0,
+                         rope_scaling=dict(scaling) if scaling else None)
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        want, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    else:
+        want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    got = K.rope_inv_freq(64, 500000.0, scaling)
+    np.testing.assert_allclose(got, want.to(torch.float32).numpy(), rtol=1e-6)
+
+
+def test_gated_activations():
+    rng = np.random.default_rng(14)
+    gate = (rng.standard_normal((3, 50)) * 4).astype(np.float32)
+    up = rng.standard_normal((3, 50)).astype(np.float32)
+    g = gate.astype(np.float64)
+    silu = g / (1 + np.exp(-g)) * up
+    gelu = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))) * up
+    np.testing.assert_allclose(K.gated_act(gate, up, "silu"), silu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(K.gated_act(gate, up, "gelu_tanh"), gelu, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        K.gated_act(gate, up, "relu")
+
+
+def test_softmax_softcap_add():
+    rng = np.random.default_rng(15)
+    x = (rng.standard_normal((4, 33)) * 30).astype(np.float32)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(K.softmax(x), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(K.softcap(x, 30.0), 30 * np.tanh(x / 30.0), rtol=1e-6, atol=1e-6)
+    y = rng.standard_normal((4, 33)).astype(np.float32)
+    np.testing.assert_array_equal(K.add(x, y), x + y)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        K.softcap(x, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed(dtype):
+    rng = np.random.default_rng(16)
+    m, w = make_weight(dtype, 11, 45, rng)
+    ids = np.array([3, 0, 10, 3])
+    np.testing.assert_array_equal(K.embed(m, ids), w[ids])
+    with pytest.raises(IndexError, match=r"id 11 out of range .* \(0 .. 10\)"):
+        K.embed(m, [1, 11])
+
+
+# ---- argument checking and configuration ----
+
+def test_matrix_validation():
+    with pytest.raises(TypeError, match="float64 is not a weight type"):
+        K.Matrix(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"2-D weight .* found shape \(3,\)"):
+        K.Matrix(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        K.Matrix(np.zeros((4, 6), np.float32)[:, ::2])
+    q, s = quant.quantize(np.ones((2, 40), np.float32), "q8_0")
+    bad = types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(2, 40), quants=q, scales=s[:, :1])
+    with pytest.raises(ValueError, match=r"scale plane must be a packed float16 \(2, 2\)"):
+        K.Matrix(bad, name="blk.0.q")
+
+
+def test_matmul_validation():
+    m = K.Matrix(np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match=r"x must be \(6,\) or \(n, 6\)"):
+        K.matmul(m, np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="x must be float32, found float64"):
+        K.matmul(m, np.ones(6))
+    with pytest.raises(ValueError, match=r"out must be a float32 array of shape \(4,\)"):
+        K.matmul(m, np.ones(6, np.float32), out=np.empty(5, np.float32))
+    read_only = np.empty(4, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        K.matmul(m, np.ones(6, np.float32), out=read_only)
+
+
+def test_isa_choice():
+    info = K.cpu_info()
+    assert info["isa"] in info["available_isas"] and "scalar" in info["available_isas"]
+    assert info["threads"] >= 1
+    missing = {"x86_64": "neon", "arm64": "avx2"}.get(info["arch"], "avx2")
+    with pytest.raises(ValueError, match=rf"ISA '{missing}' is not supported by this CPU .*features"):
+        K.set_isa(missing)
+    with pytest.raises(ValueError, match="unknown ISA 'sse'"):
+        K.set_isa("sse")
+    with pytest.raises(ValueError, match="threads must be between 1 and"):
+        K.set_threads(0)
+
+
+def test_isa_environment_variable():
+    code = "from blobstore.runtime import kernels; print(kernels.get_isa())"
+    env = dict(os.environ, BLOBSTORE_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "scalar", out.stderr
+    env["BLOBSTORE_ISA"] = "mmx"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "BLOBSTORE_ISA='mmx'" in out.stderr and "unknown ISA" in out.stderr
