@@ -341,6 +341,8 @@ def _validate_tensors(document, h: Header, path: str) -> dict[str, TensorInfo]:
             raise errors.InvalidTensor(f"{path}: tensor name {name!r} appears twice in the manifest")
         if isinstance(record, dict) and "tie" in record:
             ties[name] = _check_keys(record, TIE_KEYS, name, path)
+            if not isinstance(record["tie"], str):
+                raise errors.InvalidTie(f"{path}: tensor {name!r}: tie: expected a tensor name, found {record['tie']!r}")
         else:
             data[name] = _data_info(record, name, h, path)
     if len(data) != h.blob_count:
@@ -385,6 +387,8 @@ def _data_info(record, name, h: Header, path) -> TensorInfo:
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and 0 <= d < MAX_DIM for d in shape)):
         bad("shape", f"a list of at most {MAX_NDIM} integers in [0, 2^40)", shape)
     shape = tuple(shape)
+    if math.prod(d for d in shape if d) >= MAX_DIM:  # bounds empty tensors too, whose nbytes is 0
+        bad("shape", "fewer than 2^40 elements, counting only the non-zero dimensions", list(shape))
     for field in ("row_stride", "offset", "nbytes", "crc32c"):
         if not _is_int(record[field]) or record[field] < 0:
             bad(field, "a non-negative integer", record[field])
