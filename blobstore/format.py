@@ -73,7 +73,7 @@ class DType(enum.IntEnum):
 
     @property
     def is_quantized(self) -> bool:
-        return self in (DType.Q8_0, DType.Q4_0)
+        return self in _QUANTIZED
 
     @property
     def numpy(self) -> np.dtype:
@@ -88,6 +88,7 @@ _NUMPY_TYPES = {
     DType.I8: "i1", DType.I32: "<i4", DType.I64: "<i8",
 }
 _QUANT_BYTES_PER_BLOCK = {DType.Q8_0: 32, DType.Q4_0: 16}
+_QUANTIZED = frozenset(_QUANT_BYTES_PER_BLOCK)
 
 
 def dtype_names() -> list[str]:

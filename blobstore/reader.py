@@ -288,11 +288,12 @@ def _read_manifest(f, h: Header, path: str) -> dict:
 
 
 def _no_duplicate_keys(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        keys = [k for k, _ in pairs]
         duplicate = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"duplicate key {duplicate!r}")
-    return dict(pairs)
+    return result
 
 
 def _finite_float(text):
@@ -335,8 +336,10 @@ def _validate_tensors(document, h: Header, path: str) -> dict[str, TensorInfo]:
     records = document["tensors"]
     data: dict[str, TensorInfo] = {}
     ties: dict[str, dict] = {}
+    names = []
     for index, record in enumerate(records):
         name = _record_name(record, index, path)
+        names.append(name)
         if name in data or name in ties:
             raise errors.InvalidTensor(f"{path}: tensor name {name!r} appears twice in the manifest")
         if isinstance(record, dict) and "tie" in record:
@@ -350,7 +353,7 @@ def _validate_tensors(document, h: Header, path: str) -> dict[str, TensorInfo]:
                                    f"manifest), found {h.blob_count}")
     _check_no_overlap(data.values(), path)
     resolved = _resolve_ties(ties, data, path)
-    return {name: data.get(name) or resolved[name] for name in (_record_name(r, i, path) for i, r in enumerate(records))}
+    return {name: data.get(name) or resolved[name] for name in names}
 
 
 def _record_name(record, index, path):
