@@ -43,27 +43,28 @@ class RopeParams:
     original_max_position_embeddings: int = 0
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies (head_dim // 2,) float32 for rotating pairs (i, i + head_dim/2).
+        """Inverse frequencies (head_dim // 2,) float32 for rotating pairs (i, i + head_dim/2),
+        computed in float32 exactly as transformers computes them.
 
         >>> RopeParams(10000.0).inv_freq(4)
         array([1.  , 0.01], dtype=float32)
         """
-        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
-        inv = 1.0 / self.theta ** exponents
+        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        inv = (np.float32(1.0) / (np.float32(self.theta) ** exponents)).astype(np.float32)
         if self.kind == "linear":
-            inv = inv / self.factor
+            inv = inv / np.float32(self.factor)
         elif self.kind == "llama3":
             inv = self._llama3_scaled(inv)
         return inv.astype(np.float32)
 
     def _llama3_scaled(self, inv: np.ndarray) -> np.ndarray:
+        context = self.original_max_position_embeddings
         wavelength = 2 * math.pi / inv
-        low_limit = self.original_max_position_embeddings / self.low_freq_factor    # longer waves: scale fully
-        high_limit = self.original_max_position_embeddings / self.high_freq_factor  # shorter waves: keep
-        smooth = (self.original_max_position_embeddings / wavelength - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor)
-        blended = (1 - smooth) * inv / self.factor + smooth * inv
-        return np.where(wavelength > low_limit, inv / self.factor, np.where(wavelength < high_limit, inv, blended))
+        scaled = np.where(wavelength > context / self.low_freq_factor, inv / self.factor, inv)  # long waves
+        smooth = (context / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelength >= context / self.high_freq_factor) & (wavelength <= context / self.low_freq_factor)
+        return np.where(medium, blended, scaled)
 
 
 @dataclass(frozen=True)

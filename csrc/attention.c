@@ -15,36 +15,47 @@ typedef struct {
     volatile size_t next;
 } attention_job;
 
-static size_t element_size(int dtype) { return dtype == BLOB_F16 ? 2 : 4; }
+/* scores (count,) = K (count, head_dim) @ q: the keys are a matrix of cache rows, so this is
+ * the matvec kernel's work, run through its row tiles. */
+static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_bytes, size_t count,
+                       const blob_attention *a, const float *q, float *scores) {
+    const blob_matrix keys = {a->kv_dtype, k, row_bytes, NULL, count, a->head_dim};
+    blob_acts query;
+    memset(&query, 0, sizeof query);
+    query.x = q;
+    const size_t R = (size_t)ops->mv_rows;
+    for (size_t r = 0; r < count; r += R)
+        ops->matvec[a->kv_dtype](&keys, r, blob_min(R, count - r), &query, 0, 1, scores, 0);
+}
 
 /* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j]. */
 static void attend(const attention_job *j, size_t i, size_t h, float *scores) {
     const blob_attention *a = j->a;
-    const size_t hd = a->head_dim, es = element_size(a->kv_dtype);
+    const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
     const size_t p = j->p0 + i;
     const size_t first = (a->window > 0 && p + 1 > a->window) ? p + 1 - a->window : 0;
+    const size_t count = p + 1 - first;
     const size_t kv_head = h / (a->n_heads / a->n_kv_heads);
-    const uint8_t *k = (const uint8_t *)a->k + kv_head * a->k_head_stride * es;
-    const uint8_t *v = (const uint8_t *)a->v + kv_head * a->v_head_stride * es;
+    const uint8_t *k = (const uint8_t *)a->k + (kv_head * a->k_head_stride + first * a->k_pos_stride) * es;
+    const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
     const float *q = j->q + (i * a->n_heads + h) * hd;
     float *o = j->out + (i * a->n_heads + h) * hd;
 
+    key_scores(j->ops, k, a->k_pos_stride * es, count, a, q, scores);
     float max_score = -INFINITY;
-    for (size_t pos = first; pos <= p; pos++) {
-        float s = j->ops->dot(k + pos * a->k_pos_stride * es, q, hd, a->kv_dtype) * a->scale;
+    for (size_t c = 0; c < count; c++) {
+        float s = scores[c] * a->scale;
         if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
-        scores[pos - first] = s;
+        scores[c] = s;
         max_score = fmaxf(max_score, s);
     }
     float total = 0.0f;
-    for (size_t pos = first; pos <= p; pos++) {
-        float e = expf(scores[pos - first] - max_score);
-        scores[pos - first] = e;
-        total += e;
+    for (size_t c = 0; c < count; c++) {
+        scores[c] = expf(scores[c] - max_score);
+        total += scores[c];
     }
     memset(o, 0, hd * sizeof(float));
-    for (size_t pos = first; pos <= p; pos++)
-        j->ops->axpy(o, scores[pos - first], v + pos * a->v_pos_stride * es, hd, a->kv_dtype);
+    j->ops->axpy_rows(o, scores, v, a->v_pos_stride, count, hd, a->kv_dtype);
     const float inv_total = 1.0f / total;
     for (size_t d = 0; d < hd; d++) o[d] *= inv_total;
 }

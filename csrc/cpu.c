@@ -57,6 +57,7 @@ static uint32_t detect(void) {
         if (zmm_ok && (r[1] & (1u << 16))) f |= BLOB_CPU_AVX512F;
         if (zmm_ok && (r[1] & (1u << 30))) f |= BLOB_CPU_AVX512BW;
         if (zmm_ok && (r[2] & (1u << 11))) f |= BLOB_CPU_AVX512VNNI;
+        if (zmm_ok && (r[1] & (1u << 31))) f |= BLOB_CPU_AVX512VL;
         cpuid(7, 1, r);
         if (ymm_ok && (r[0] & (1u << 4))) f |= BLOB_CPU_AVXVNNI;
     }

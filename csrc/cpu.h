@@ -14,6 +14,7 @@ enum blob_cpu_feature {
     BLOB_CPU_AVX512BW   = 1u << 5,
     BLOB_CPU_AVX512VNNI = 1u << 6,
     BLOB_CPU_AVXVNNI    = 1u << 7,
+    BLOB_CPU_AVX512VL   = 1u << 8,   /* x86: AVX-512 forms on 256-bit registers (VNNI on ymm needs it) */
     BLOB_CPU_NEON       = 1u << 16,  /* arm64: always present */
     BLOB_CPU_DOTPROD    = 1u << 17,  /* arm64: SDOT/UDOT */
     BLOB_CPU_ARMCRC32   = 1u << 18   /* arm64: CRC32C instructions */

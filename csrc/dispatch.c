@@ -50,8 +50,8 @@ static const blob_isa_ops *table_for(int isa) {
     switch (isa) {
 #if defined(BLOB_HAVE_X86)
     case BLOB_ISA_AVX2:
-        /* cpu.h has no AVX512VL bit; every CPU shipping AVX512-VNNI also has VL and BW */
-        if ((f & BLOB_CPU_AVX512VNNI) && (f & BLOB_CPU_AVX512BW)) return &blob_ops_avx2_vnni;
+        /* the VNNI kernels use the EVEX vpdpbusd on ymm registers, which needs AVX512VL */
+        if ((f & BLOB_CPU_AVX512VNNI) && (f & BLOB_CPU_AVX512VL)) return &blob_ops_avx2_vnni;
         return &blob_ops_avx2;
 #endif
 #if defined(BLOB_HAVE_ARM64)

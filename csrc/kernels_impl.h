@@ -33,6 +33,9 @@
 static inline size_t blob_min(size_t a, size_t b) { return a < b ? a : b; }
 static inline size_t blob_div_up(size_t a, size_t b) { return (a + b - 1) / b; }
 
+/* Bytes per element of a KV cache dtype (f32 or f16). */
+static inline size_t blob_cache_elem_size(int dtype) { return dtype == BLOB_F16 ? 2 : 4; }
+
 /* ---- number formats, bit-exact and free of any instruction-set extension ---- */
 
 static inline float blob_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -111,17 +114,17 @@ typedef struct blob_isa_ops {
     int mv_rows, mm_rows, mm_tokens;
     /* X (n,) -> ceil(n/32) blocks of 32 int8 (zero-padded) with f32 scales: d = amax/127 */
     void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
-    /* sum_k a[k] * b[k], a in `dtype` (f32 or f16), b f32 */
-    float (*dot)(const void *a, const float *b, size_t n, int dtype);
-    /* y += alpha * x, x in `dtype` (f32 or f16) */
-    void (*axpy)(float *y, float alpha, const void *x, size_t n, int dtype);
+    /* y (n,) += sum_i alpha[i] * rows[i] over `count` rows of n values in `dtype` (f32 or
+     * f16), row i at rows + i*stride elements: attention's weighted sum of values. */
+    void (*axpy_rows)(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
+                      size_t n, int dtype);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
 } blob_isa_ops;
 
-/* Largest tile any path uses. */
-#define BLOB_TILE_MAX_ROWS 8
-#define BLOB_TILE_MAX_TOKENS 8
+/* Largest tile any path uses (sizes the tile kernels' local arrays). */
+#define BLOB_TILE_MAX_ROWS 4
+#define BLOB_TILE_MAX_TOKENS 4
 
 /* The R row pointers of a tile; rows past the matrix repeat its last row, so a tile kernel
  * always runs its full register tile and simply does not store the surplus results. */
@@ -135,6 +138,31 @@ BLOB_INLINE void blob_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int 
 BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
+
+/* A path's ten tile functions, one per (dtype, tile shape), each calling the path's generic
+ * float_tile or quant_tile with constants the compiler specializes on; `attr` is the path's
+ * target attribute. BLOB_TILE_TABLE lists them in blob_isa_ops order. */
+#define BLOB_TILE_FN(attr, name, body, dtype, R, T)                                            \
+    static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
+                          size_t t0, size_t nt, float *y, size_t ys) {                         \
+        body(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);                                        \
+    }
+#define BLOB_DEFINE_TILES(attr, mv_rows, mm_rows, mm_tokens)                                   \
+    _Static_assert(mv_rows <= BLOB_TILE_MAX_ROWS && mm_rows <= BLOB_TILE_MAX_ROWS &&           \
+                   mm_tokens <= BLOB_TILE_MAX_TOKENS, "tile larger than BLOB_TILE_MAX_*");     \
+    BLOB_TILE_FN(attr, mv_f32, float_tile, BLOB_F32, mv_rows, 1)                               \
+    BLOB_TILE_FN(attr, mv_f16, float_tile, BLOB_F16, mv_rows, 1)                               \
+    BLOB_TILE_FN(attr, mv_bf16, float_tile, BLOB_BF16, mv_rows, 1)                             \
+    BLOB_TILE_FN(attr, mv_q8_0, quant_tile, BLOB_Q8_0, mv_rows, 1)                             \
+    BLOB_TILE_FN(attr, mv_q4_0, quant_tile, BLOB_Q4_0, mv_rows, 1)                             \
+    BLOB_TILE_FN(attr, mm_f32, float_tile, BLOB_F32, mm_rows, mm_tokens)                       \
+    BLOB_TILE_FN(attr, mm_f16, float_tile, BLOB_F16, mm_rows, mm_tokens)                       \
+    BLOB_TILE_FN(attr, mm_bf16, float_tile, BLOB_BF16, mm_rows, mm_tokens)                     \
+    BLOB_TILE_FN(attr, mm_q8_0, quant_tile, BLOB_Q8_0, mm_rows, mm_tokens)                     \
+    BLOB_TILE_FN(attr, mm_q4_0, quant_tile, BLOB_Q4_0, mm_rows, mm_tokens)
+#define BLOB_TILE_TABLE(mv_rows, mm_rows, mm_tokens)                                           \
+    {mv_f32, mv_f16, mv_bf16, mv_q8_0, mv_q4_0}, {mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0},  \
+        mv_rows, mm_rows, mm_tokens
 
 extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)

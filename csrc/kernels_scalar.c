@@ -108,22 +108,7 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
         for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = acc[r][t];
 }
 
-/* One function per (dtype, tile shape): the table entries. */
-#define TILE_FN(name, body, dtype, R, T)                                                       \
-    static void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,           \
-                     size_t t0, size_t nt, float *y, size_t ys) {                              \
-        body(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);                                        \
-    }
-TILE_FN(mv_f32, float_tile, BLOB_F32, MV_ROWS, 1)
-TILE_FN(mv_f16, float_tile, BLOB_F16, MV_ROWS, 1)
-TILE_FN(mv_bf16, float_tile, BLOB_BF16, MV_ROWS, 1)
-TILE_FN(mv_q8_0, quant_tile, BLOB_Q8_0, MV_ROWS, 1)
-TILE_FN(mv_q4_0, quant_tile, BLOB_Q4_0, MV_ROWS, 1)
-TILE_FN(mm_f32, float_tile, BLOB_F32, MM_ROWS, MM_TOKENS)
-TILE_FN(mm_f16, float_tile, BLOB_F16, MM_ROWS, MM_TOKENS)
-TILE_FN(mm_bf16, float_tile, BLOB_BF16, MM_ROWS, MM_TOKENS)
-TILE_FN(mm_q8_0, quant_tile, BLOB_Q8_0, MM_ROWS, MM_TOKENS)
-TILE_FN(mm_q4_0, quant_tile, BLOB_Q4_0, MM_ROWS, MM_TOKENS)
+BLOB_DEFINE_TILES(, MV_ROWS, MM_ROWS, MM_TOKENS)
 
 /* Activations to 8-bit blocks: d = amax / 127, q = round-to-nearest-even(x / d). Every path
  * computes exactly this, so the quantized activations are identical across paths. */
@@ -139,19 +124,14 @@ static void quantize_row(const float *x, size_t n, int8_t *q, float *d) {
     }
 }
 
-static float dot(const void *a, const float *b, size_t n, int dtype) {
-    float lanes[LANES] = {0};
-    for (size_t k = 0; k < n; k += LANES) {
-        float wl[LANES];
-        size_t len = blob_min(LANES, n - k);
-        load_weights((const uint8_t *)a, k, len, dtype, wl);
-        for (size_t l = 0; l < len; l++) lanes[l] += wl[l] * b[k + l];
-    }
-    return sum_lanes(lanes);
+BLOB_INLINE void axpy(float *y, float alpha, const void *x, size_t n, int dtype) {
+    for (size_t k = 0; k < n; k++) y[k] += alpha * blob_weight_f32(x, k, dtype);
 }
 
-static void axpy(float *y, float alpha, const void *x, size_t n, int dtype) {
-    for (size_t k = 0; k < n; k++) y[k] += alpha * blob_weight_f32(x, k, dtype);
+static void axpy_rows(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
+                      size_t n, int dtype) {
+    const size_t step = stride * blob_cache_elem_size(dtype);
+    for (size_t i = 0; i < count; i++) axpy(y, alpha[i], (const uint8_t *)rows + i * step, n, dtype);
 }
 
 static uint64_t read_sum(const void *data, size_t nbytes) {
@@ -163,8 +143,6 @@ static uint64_t read_sum(const void *data, size_t nbytes) {
 }
 
 const blob_isa_ops blob_ops_scalar = {
-    {mv_f32, mv_f16, mv_bf16, mv_q8_0, mv_q4_0},
-    {mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0},
-    MV_ROWS, MM_ROWS, MM_TOKENS,
-    quantize_row, dot, axpy, read_sum,
+    BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
+    quantize_row, axpy_rows, read_sum,
 };

@@ -69,7 +69,7 @@ cdef extern from "kernels.h" nogil:
 
 _FEATURE_BITS = {
     "sse4.2": 1 << 0, "avx2": 1 << 1, "fma": 1 << 2, "f16c": 1 << 3, "avx512f": 1 << 4,
-    "avx512bw": 1 << 5, "avx512vnni": 1 << 6, "avxvnni": 1 << 7,
+    "avx512bw": 1 << 5, "avx512vnni": 1 << 6, "avxvnni": 1 << 7, "avx512vl": 1 << 8,
     "neon": 1 << 16, "dotprod": 1 << 17, "crc32": 1 << 18,
 }
 _ISA_NAMES = tuple(blob_isa_name(i).decode() for i in range(BLOB_NUM_ISAS))
@@ -341,6 +341,8 @@ def matmul(Matrix w, x, out=None):
         a2 = np.ascontiguousarray(a2)   # only unusual activation layouts are copied, never weights
     cdef object out_shape = [w.m.rows] if single else [n, w.m.rows]
     y = _output(out, tuple(out_shape), "matmul")
+    if out is not None and np.may_share_memory(y, a2):
+        raise ValueError("matmul: out must not overlap x (every output row reads all of x)")
     if n == 0:
         return y
     cdef const float[:, :] xv = a2
@@ -540,7 +542,10 @@ def softmax(x, out=None):
 
 def embed(Matrix w, ids, out=None):
     """Rows `ids` of w as float32 (n, cols), dequantized whatever w's dtype."""
-    ia = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    raw = np.asarray(ids)
+    if raw.size and raw.dtype.kind not in "iu":
+        raise TypeError(f"embed: ids must be integers, found {raw.dtype}")
+    ia = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
     if ia.size and (ia.min() < 0 or ia.max() >= <long long>w.m.rows):
         bad = ia[(ia < 0) | (ia >= <long long>w.m.rows)][0]
         raise IndexError(f"embed: id {bad} out of range for {w!r} (0 .. {w.m.rows - 1})")

@@ -23,6 +23,7 @@ import pytest
 
 import blobstore
 from blobstore import quant
+from blobstore.config import RopeParams
 from blobstore.runtime import kernels as K
 
 ISAS = K.available_isas()
@@ -310,7 +311,7 @@ def test_rope(head_dim, rotary_dim):
     rng = np.random.default_rng(13)
     x = rng.standard_normal((5, 3, head_dim)).astype(np.float32)
     positions = np.array([0, 1, 7, 100, 4095])
-    inv_freq = K.rope_inv_freq(rotary_dim, 10000.0)
+    inv_freq = RopeParams(10000.0).inv_freq(rotary_dim)
     want = rotate_half_reference(x, positions, inv_freq)
     assert K.rope(x, positions, inv_freq) is x
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
@@ -335,8 +336,9 @@ def test_rope_inv_freq_matches_transformers(scaling):
         want, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     else:
         want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
-    got = K.rope_inv_freq(64, 500000.0, scaling)
-    np.testing.assert_allclose(got, want.to(torch.float32).numpy(), rtol=1e-6)
+    fields = {k: v for k, v in (scaling or {}).items() if k != "rope_type"}
+    got = RopeParams(500000.0, kind, **fields).inv_freq(64)
+    np.testing.assert_allclose(got, want.to(torch.float32).numpy(), rtol=1e-6)  # torch's pow may differ by an ulp
 
 
 def test_gated_activations():
@@ -372,6 +374,21 @@ def test_embed(dtype):
     np.testing.assert_array_equal(K.embed(m, ids), w[ids])
     with pytest.raises(IndexError, match=r"id 11 out of range .* \(0 .. 10\)"):
         K.embed(m, [1, 11])
+    with pytest.raises(TypeError, match="ids must be integers, found float64"):
+        K.embed(m, [1.5])
+
+
+def test_read_bandwidth_probe(isa, threads):
+    """The benchmark's read kernel reads every word: the checksum of 512 words of 1 is 512."""
+    raw = np.zeros(4096 + 8, np.uint64)
+    start = (-raw.ctypes.data % 64) // 8
+    words = raw[start:start + 512]
+    words[:] = 1
+    for count in (1, 2):
+        K.set_threads(count)
+        assert K.read_bandwidth_probe(words.view(np.uint8)) == 512.0
+    with pytest.raises(ValueError, match="64-byte aligned"):
+        K.read_bandwidth_probe(words.view(np.uint8)[8:72])
 
 
 # ---- argument checking and configuration ----
@@ -397,6 +414,10 @@ def test_matmul_validation():
         K.matmul(m, np.ones(6))
     with pytest.raises(ValueError, match=r"out must be a float32 array of shape \(4,\)"):
         K.matmul(m, np.ones(6, np.float32), out=np.empty(5, np.float32))
+    square = K.Matrix(np.ones((6, 6), np.float32))
+    x = np.ones(6, np.float32)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        K.matmul(square, x, out=x)
     read_only = np.empty(4, np.float32)
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="writable"):
@@ -416,11 +437,11 @@ def test_isa_choice():
         K.set_threads(0)
 
 
-def test_isa_environment_variable():
+def test_isa_environment_variable(tmp_path):
     code = "from blobstore.runtime import kernels; print(kernels.get_isa())"
     env = dict(os.environ, BLOBSTORE_ISA="scalar")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.strip() == "scalar", out.stderr
     env["BLOBSTORE_ISA"] = "mmx"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "BLOBSTORE_ISA='mmx'" in out.stderr and "unknown ISA" in out.stderr

@@ -5,7 +5,7 @@
  * - activation quantization: bytes and scales identical to scalar;
  * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
  *   float summation order (1e-5 of sum |w x|);
- * - dot / axpy over f32 and f16 (the attention helpers), read_sum (the bandwidth probe);
+ * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 threads bit-identical.
  * Exit status 0 when everything passed.
@@ -182,24 +182,19 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
-static void check_dot_axpy(const blob_isa_ops *ops, const char *path) {
+static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
     const size_t sizes[] = {1, 7, 8, 9, 64, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
         for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-            size_t n = sizes[i];
-            test_weight a = make_weight(dtype, 1, n);
-            float *b = (float *)malloc(n * sizeof(float)), *y1 = (float *)malloc(n * sizeof(float)), *y2 = (float *)malloc(n * sizeof(float));
-            double slack = 0;
-            for (size_t k = 0; k < n; k++) {
-                b[k] = next_float();
-                y1[k] = y2[k] = next_float();
-                slack += a.abs_values[k] * fabs(b[k]);
-            }
-            expect_close("dot", path, ops->dot(a.plane, b, n, dtype), blob_ops_scalar.dot(a.plane, b, n, dtype), 1e-5 * slack + 1e-6);
-            ops->axpy(y1, 0.75f, a.plane, n, dtype);
-            blob_ops_scalar.axpy(y2, 0.75f, a.plane, n, dtype);
-            for (size_t k = 0; k < n; k++) expect_close("axpy", path, y1[k], y2[k], 1e-6);
-            free(b), free(y1), free(y2);
+            const size_t n = sizes[i], count = 5;
+            test_weight a = make_weight(dtype, count, n);   /* rows 64 bytes apart, like a cache */
+            const size_t stride = a.m.row_stride_bytes / blob_cache_elem_size(dtype);
+            float alpha[5], y1[100], y2[100];
+            for (size_t k = 0; k < n; k++) y1[k] = y2[k] = next_float();
+            for (size_t r = 0; r < count; r++) alpha[r] = next_float();
+            ops->axpy_rows(y1, alpha, a.plane, stride, count, n, dtype);
+            blob_ops_scalar.axpy_rows(y2, alpha, a.plane, stride, count, n, dtype);
+            for (size_t k = 0; k < n; k++) expect_close("axpy_rows", path, y1[k], y2[k], 1e-5);
             free_weight(&a);
         }
     }
@@ -304,7 +299,7 @@ int main(void) {
         int before = failures;
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
-        check_dot_axpy(paths[i].ops, paths[i].name);
+        check_axpy_rows(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
