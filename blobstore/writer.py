@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +49,7 @@ class BlobWriter:
         self._features: set[str] = set()
         self._blob_count = 0
         self._crc = 0
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".tmp")
-        self._tmp_path = Path(tmp)
+        self._tmp_path, fd = _create_temporary(self.path)
         self._file = os.fdopen(fd, "wb")
         self._pos = 0
         self._write_zeros(data_start(alignment))  # header placeholder; rewritten by close()
@@ -246,6 +245,18 @@ def _convert(block: np.ndarray, target: DType) -> np.ndarray:
     if block.dtype != target.numpy:
         raise ValueError(f"{block.dtype} data cannot be stored as {target.label} without a lossy cast")
     return block
+
+
+def _create_temporary(target: Path) -> tuple[Path, int]:
+    """A new file beside `target`. Unlike mkstemp's 0600, it gets the usual 0666 & ~umask, so the
+    renamed result is as readable as any file the user creates."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        path = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return path, os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
 
 
 def _fsync_directory(directory: Path):

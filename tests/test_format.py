@@ -144,6 +144,16 @@ def test_metadata_and_file_blobs(tmp_path):
             r.info("nope")
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write(tmp_path / "t.blob", {"a": (np.ones(3, np.float32), None)})
+    finally:
+        os.umask(umask)
+    if os.name == "posix":
+        assert os.stat(tmp_path / "t.blob").st_mode & 0o777 == 0o644
+
+
 def test_writer_failure_leaves_nothing_at_the_target(tmp_path):
     target = tmp_path / "out.blob"
     with pytest.raises(RuntimeError):
