@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..errors import FormatError
 from ..reader import open as open_blob
 from . import chat as chat_templates
-from . import kernels
+from . import demo, kernels
 from .generate import GenerationChunk, GenerationResult, stream
 from .kv_cache import KVCache
 from .model import Transformer
@@ -23,15 +23,19 @@ from .tokenizer import Tokenizer
 KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
 
 
-def load(path, *, threads: int | None = None, max_seq_len: int | None = None, kv_dtype: str = "f32",
+def load(path=None, *, threads: int | None = None, max_seq_len: int | None = None, kv_dtype: str = "f32",
          verbose: bool = False) -> "Model":
     """Map a blob file and get a model ready to run: the file is validated, every tensor the
-    architecture needs is checked, and no weight is copied.
+    architecture needs is checked, and no weight is copied. Without a path, the built-in demo
+    model (see blobstore.runtime.demo) is loaded, and a notice on stderr says so.
 
     >>> model = load("gemma-3-270m.blob")                         # doctest: +SKIP
     >>> model.generate("The capital of France is", max_new_tokens=8).text   # doctest: +SKIP
     """
     started = time.perf_counter()
+    if path is None:
+        path = demo.demo_path()
+        print(demo.NOTICE, file=sys.stderr)
     if threads is not None:
         kernels.set_threads(threads)
     reader = open_blob(path)

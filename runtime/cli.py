@@ -1,6 +1,7 @@
 """blob-run: generate text from a blob file.
 
     blob-run MODEL -p "Once upon a time" -n 64
+    blob-run -p "And God said"                 (the built-in demo model)
     blob-run MODEL --chat                      (interactive)
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blob-run", description="Generate text with a model packed by blob-pack. Text goes to stdout; "
                                      "load time, the kernel path and speed go to stderr.")
-    p.add_argument("model", help="the .blob file (made with: blob-pack convert SRC -o MODEL.blob)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="the .blob file (made with: blob-pack convert SRC -o MODEL.blob); "
+                        "without it, the built-in demo model")
     p.add_argument("-p", "--prompt", help="the prompt text; '-' reads it from standard input. "
                                           "Without it, --chat starts an interactive conversation")
     p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
