@@ -2,8 +2,10 @@
 them; the sandbox stops template code from reaching Python internals."""
 
 import pytest
-from tokenizers import Tokenizer as HfTokenizer, models
-from transformers import PreTrainedTokenizerFast
+
+tokenizers = pytest.importorskip("tokenizers")
+HfTokenizer, models = tokenizers.Tokenizer, tokenizers.models
+PreTrainedTokenizerFast = pytest.importorskip("transformers").PreTrainedTokenizerFast
 
 from blobstore.runtime.chat import (
     BUILTIN_TEMPLATES, ChatTemplateError, builtin_template, end_of_turn_tokens, render,

@@ -1,12 +1,13 @@
 """Sampler: reproducible, never picks an excluded token, filters agree with transformers."""
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
-from transformers.generation.logits_process import (
-    MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-    TopKLogitsWarper, TopPLogitsWarper,
-)
+
+torch = pytest.importorskip("torch")
+hf = pytest.importorskip("transformers.generation.logits_process")
+MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper = (
+    hf.MinPLogitsWarper, hf.RepetitionPenaltyLogitsProcessor, hf.TemperatureLogitsWarper, hf.TopKLogitsWarper,
+    hf.TopPLogitsWarper)
 
 from blobstore.runtime.sampling import (
     SamplingParams, apply_repetition_penalty, candidates, sample,

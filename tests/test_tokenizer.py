@@ -6,8 +6,12 @@ import sys
 import pytest
 import sentencepiece
 from hypothesis import given, settings, strategies as st
-from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+tokenizers = pytest.importorskip("tokenizers")
+HfTokenizer, decoders, models, pre_tokenizers, processors, trainers = (
+    tokenizers.Tokenizer, tokenizers.decoders, tokenizers.models, tokenizers.pre_tokenizers, tokenizers.processors,
+    tokenizers.trainers)
+PreTrainedTokenizerFast = pytest.importorskip("transformers").PreTrainedTokenizerFast
 
 from blobstore.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
