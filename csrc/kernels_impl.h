@@ -109,8 +109,9 @@ typedef void (*blob_tile_fn)(const blob_matrix *w, size_t r0, size_t nr, const b
                              size_t t0, size_t nt, float *y, size_t y_stride);
 
 typedef struct blob_isa_ops {
-    /* matvec: tile of mv_rows rows x 1 token; matmul: mm_rows x mm_tokens */
-    blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES];
+    /* matvec: tile of mv_rows rows x 1 token; matmul: mm_rows x mm_tokens;
+     * matvec_row: 1 row x 1 token, for rows too short for matvec's (see matmul.c) */
+    blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES], matvec_row[BLOB_NUM_DTYPES];
     int mv_rows, mm_rows, mm_tokens;
     /* X (n,) -> ceil(n/32) blocks of 32 int8 (zero-padded) with f32 scales: d = amax/127 */
     void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
@@ -139,7 +140,7 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
 
-/* A path's ten tile functions, one per (dtype, tile shape), each calling the path's generic
+/* A path's fifteen tile functions, one per (dtype, tile shape), each calling the path's generic
  * float_tile or quant_tile with constants the compiler specializes on; `attr` is the path's
  * target attribute. BLOB_TILE_TABLE lists them in blob_isa_ops order. */
 #define BLOB_TILE_FN(attr, name, body, dtype, R, T)                                            \
@@ -159,10 +160,15 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     BLOB_TILE_FN(attr, mm_f16, float_tile, BLOB_F16, mm_rows, mm_tokens)                       \
     BLOB_TILE_FN(attr, mm_bf16, float_tile, BLOB_BF16, mm_rows, mm_tokens)                     \
     BLOB_TILE_FN(attr, mm_q8_0, quant_tile, BLOB_Q8_0, mm_rows, mm_tokens)                     \
-    BLOB_TILE_FN(attr, mm_q4_0, quant_tile, BLOB_Q4_0, mm_rows, mm_tokens)
+    BLOB_TILE_FN(attr, mm_q4_0, quant_tile, BLOB_Q4_0, mm_rows, mm_tokens)                     \
+    BLOB_TILE_FN(attr, mv1_f32, float_tile, BLOB_F32, 1, 1)                                    \
+    BLOB_TILE_FN(attr, mv1_f16, float_tile, BLOB_F16, 1, 1)                                    \
+    BLOB_TILE_FN(attr, mv1_bf16, float_tile, BLOB_BF16, 1, 1)                                  \
+    BLOB_TILE_FN(attr, mv1_q8_0, quant_tile, BLOB_Q8_0, 1, 1)                                  \
+    BLOB_TILE_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0, 1, 1)
 #define BLOB_TILE_TABLE(mv_rows, mm_rows, mm_tokens)                                           \
     {mv_f32, mv_f16, mv_bf16, mv_q8_0, mv_q4_0}, {mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0},  \
-        mv_rows, mm_rows, mm_tokens
+        {mv1_f32, mv1_f16, mv1_bf16, mv1_q8_0, mv1_q4_0}, mv_rows, mm_rows, mm_tokens
 
 extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)

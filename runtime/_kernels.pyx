@@ -165,7 +165,8 @@ def _configure_from_environment():
             raise ValueError(f"BLOBSTORE_ISA={requested!r}: {e}") from None
     else:
         blob_isa_select(blob_isa_best())
-    set_threads(min(physical_cores(), BLOB_MAX_THREADS))
+    if blob_threads_set(min(physical_cores(), BLOB_MAX_THREADS)) != BLOB_OK:
+        blob_threads_set(1)  # a single-threaded build (Windows has no pool yet: csrc/threads.c)
 
 
 _configure_from_environment()

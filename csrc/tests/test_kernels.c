@@ -4,7 +4,7 @@
  * Checked per path (including the int8-dot variants VNNI / SDOT when the CPU has them):
  * - activation quantization: bytes and scales identical to scalar;
  * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
- *   float summation order (1e-5 of sum |w x|);
+ *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 threads bit-identical.
@@ -124,11 +124,13 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     return qa;
 }
 
-static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y) {
+/* Y = X @ W.T through the path's tiles; one_row picks the one-row matvec tile (n == 1). */
+static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y,
+                      int one_row) {
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols);
     blob_acts a = {x, w->m.cols, qa.q, qa.d, qa.q_stride, qa.nblocks};
-    blob_tile_fn tile = n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
-    size_t R = (size_t)(n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
+    blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
+    size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
         for (size_t t = 0; t < n; t += T)
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
@@ -154,7 +156,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
 }
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
-    const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}};
+    const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
     const size_t token_counts[] = {1, 2, 3, 5};
     for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -165,8 +167,8 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
                 float *x = (float *)malloc(n * cols * sizeof(float));
                 float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
                 for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
-                run_tiles(ops, &w, x, n, y);
-                run_tiles(&blob_ops_scalar, &w, x, n, ref);
+                run_tiles(ops, &w, x, n, y, 0);
+                run_tiles(&blob_ops_scalar, &w, x, n, ref, 0);
                 char what[64];
                 snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
                 for (size_t t = 0; t < n; t++)
@@ -175,6 +177,11 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
                         for (size_t k = 0; k < cols; k++) slack += w.abs_values[r * cols + k] * fabs(x[t * cols + k]);
                         expect_close(what, path, y[t * rows + r], ref[t * rows + r], 1e-5 * slack + 1e-6);
                     }
+                if (n == 1) {   /* the one-row tile forms the very same sums */
+                    run_tiles(ops, &w, x, n, ref, 1);
+                    snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
+                    for (size_t r = 0; r < rows; r++) expect_close(what, path, ref[r], y[r], 0);
+                }
                 free(x), free(y), free(ref);
             }
             free_weight(&w);
