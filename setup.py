@@ -4,7 +4,7 @@ blobstore._native           checksums for the file format (csrc/crc32c.c)
 blobstore.runtime._kernels  the compute kernels (every other csrc/*.c)
 
 Wheels must run on any CPU of their platform, so nothing here targets the build
-machine: no -march=native. SIMD code paths carry their own per-function target
+machine's CPU (no native-arch flags). SIMD code paths carry their own per-function target
 attributes in C and are chosen at run time (csrc/cpu.c).
 """
 import glob
