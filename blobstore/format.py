@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_NDIM = 8
 MAX_DIM = 1 << 40
 QUANT_BLOCK = 32           # values per q8_0 / q4_0 block, one float16 scale each
+TENSOR_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
+TENSOR_NAME_RULE = "1-255 characters of A-Z a-z 0-9 _ . - /"
 
 # Header and footer: magic, major, minor, header size, alignment, flags, blob count, file size,
 # manifest offset, manifest size, manifest CRC32C, header CRC32C (of the 60 bytes before it).

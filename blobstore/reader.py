@@ -10,7 +10,6 @@ import json
 import math
 import mmap
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +18,11 @@ from . import errors, quant
 from ._native import crc32c
 from .format import (
     FILE_ALIGN, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MAX_ALIGNMENT, MAX_DIM,
-    MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, DType, Header, data_start, is_power_of_two, layout,
+    MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header,
+    data_start, is_power_of_two, layout,
 )
 
 MAX_TENSORS = 1_000_000
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 DATA_KEYS = {"name", "dtype", "shape", "layout", "row_stride", "offset", "nbytes", "crc32c", "component", "source"}
 TIE_KEYS = {"name", "tie", "component", "source"}
 
@@ -358,9 +357,8 @@ def _validate_tensors(document, h: Header, path: str) -> dict[str, TensorInfo]:
 
 def _record_name(record, index, path):
     name = record.get("name") if isinstance(record, dict) else None
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise errors.InvalidTensor(f"{path}: tensor #{index} has name {name!r}; expected 1-255 characters of "
-                                   f"A-Z a-z 0-9 _ . - /")
+    if not isinstance(name, str) or not TENSOR_NAME.fullmatch(name):
+        raise errors.InvalidTensor(f"{path}: tensor #{index} has name {name!r}; expected {TENSOR_NAME_RULE}")
     return name
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import secrets
 from pathlib import Path
 
@@ -18,11 +17,10 @@ from . import quant
 from ._native import crc32c
 from .format import (
     DEFAULT_ALIGNMENT, HEADER_SIZE, KNOWN_FEATURES, MAJOR, MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT,
-    MINOR, ROW_ALIGN, DType, Header, data_start, dtype_of_numpy, is_power_of_two, layout, padded_file_size,
-    padding,
+    MINOR, ROW_ALIGN, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header, data_start, dtype_of_numpy,
+    is_power_of_two, layout, padded_file_size, padding,
 )
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 CHUNK_BYTES = 8 << 20  # rows are converted and written in chunks of about this size
 _FLOAT_TARGETS = {DType.F32: np.float32, DType.F16: np.float16}
 
@@ -120,8 +118,8 @@ class BlobWriter:
             raise ValueError(f"{self.path}: the writer is already closed")
 
     def _check_new_name(self, name: str):
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"tensor name {name!r} must be 1-255 characters of A-Z a-z 0-9 _ . - /")
+        if not isinstance(name, str) or not TENSOR_NAME.fullmatch(name):
+            raise ValueError(f"tensor name {name!r} must be {TENSOR_NAME_RULE}")
         if name in self._names:
             raise ValueError(f"{self.path}: tensor {name!r} was already added")
         self._names.add(name)

@@ -107,9 +107,10 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
 
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
     leaves the cache consistent: the next call recomputes from the last complete position.
+    `timer.reused` is how many leading prompt tokens the cache already holds.
     """
     prompt_ids = list(prompt_ids)
-    reuse = cache.reusable_prefix(prompt_ids)
+    reuse = timer.reused
     cache.truncate(reuse)
     logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
     cache.token_ids.extend(prompt_ids[reuse:])
