@@ -54,6 +54,13 @@ int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise
  * Y (n, rows) = X (n, cols) @ W.T; n == 1 is the decode matvec, n > 1 the tiled prefill. */
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);
+/* The products of up to BLOB_MAX_GROUP matrices with the same X, as one job (a transformer's
+ * Q, K and V, or its gate and up): X is quantized once and the pool woken once. The matrices
+ * share dtype and `cols`; Y_i (n, w[i]->rows) at y[i], rows y_stride[i]
+ * apart. Each Y_i is bit-identical to blob_matmul(w[i], ...). */
+#define BLOB_MAX_GROUP 3
+int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t *y_stride, size_t count,
+                      const float *x, size_t x_stride, size_t n);
 
 /* ---- attention (attention.c) ----
  * Causal attention of n queries at positions p0 .. p0+n-1 over a KV cache holding positions
@@ -92,6 +99,46 @@ void blob_softcap(const float *x, size_t count, float cap, float *out);
 void blob_add(const float *a, const float *b, size_t count, float *out);
 /* OUT (n, cols) = rows ids[0..n) of W, dequantized to f32 (ids already range-checked). */
 void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out);
+
+/* ---- the transformer forward pass (forward.c) ----
+ * One decoder block varied by these fields; optional weights are NULL when the model has none.
+ * Vectors are float32 of the obvious length (norms: hidden, or head_dim for q/k norms). */
+typedef struct blob_layer {
+    blob_matrix q, k, v, o, gate, up, down;
+    const float *attn_norm, *ffn_norm;
+    const float *post_attn_norm, *post_ffn_norm;   /* Gemma 2/3 sandwich norms */
+    const float *q_norm, *k_norm;                  /* per-head RMSNorm of queries and keys */
+    const float *q_bias, *k_bias, *v_bias, *o_bias;
+    const float *inv_freq;                         /* rotary inverse frequencies, n_freq of them */
+    size_t n_freq;
+    size_t window;                                 /* attention window in tokens, 0 = unlimited */
+} blob_layer;
+
+typedef struct blob_model {
+    size_t n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn;
+    float rms_eps, norm_offset;      /* norm: x / rms(x) * (norm_offset + w) */
+    float embedding_scale;           /* embeddings are multiplied by it (Gemma: sqrt(hidden)) */
+    float attn_scale, attn_softcap;  /* score = (q . k) * attn_scale, then the softcap when > 0 */
+    float final_softcap;             /* on the logits, when > 0 */
+    int activation;                  /* enum blob_activation of the gated MLP */
+    blob_matrix embed, lm_head;
+    const float *final_norm;
+    const blob_layer *layers;        /* n_layers of them */
+} blob_model;
+
+/* K and V, each (n_layers, max_seq, n_kv_heads, head_dim) contiguous, f32 or f16. */
+typedef struct blob_kv_cache {
+    int dtype;
+    void *k, *v;
+    size_t max_seq;
+} blob_kv_cache;
+
+/* Runs tokens ids[0..n) at positions start..start+n-1 through every layer, writing their keys
+ * and values into the cache (which must hold positions 0..start-1 already). LOGITS receives
+ * (logit_rows, vocab): the logits of the last logit_rows <= n tokens (0: none, a prompt chunk
+ * whose logits nobody reads). ids must be in range. */
+int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
+                 size_t start, size_t logit_rows, float *logits);
 
 /* STREAM-style read of `nbytes` (a multiple of 64, 64-byte aligned) on every thread,
  * for the bandwidth benchmark; returns a checksum so the reads cannot be optimized away. */

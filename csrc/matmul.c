@@ -28,30 +28,43 @@ static int matvec_by_single_rows(size_t row_stride_bytes) {
     return row_stride_bytes > 256 && row_stride_bytes < 4096;
 }
 
+/* One matrix of a job: its items come after those of the parts before it. */
 typedef struct {
     const blob_matrix *w;
-    blob_acts acts;
     float *y;
-    size_t y_stride, n;
+    size_t y_stride;
     blob_tile_fn tile;
-    int tile_rows, tile_tokens;
-    size_t chunk_rows, nchunks, token_tile, nitems;
+    int tile_rows;
+    size_t chunk_rows, nchunks, first_item;
+} matmul_part;
+
+typedef struct {
+    matmul_part parts[BLOB_MAX_GROUP];
+    size_t nparts;
+    blob_acts acts;
+    size_t n, token_tile, nitems;
+    int tile_tokens;
     volatile size_t next;
 } matmul_job;
+
+static void run_item(const matmul_job *j, size_t item) {
+    const matmul_part *p = j->parts;
+    while (p + 1 < j->parts + j->nparts && item >= p[1].first_item) p++;
+    const size_t local = item - p->first_item;
+    const size_t r_begin = (local % p->nchunks) * p->chunk_rows;
+    const size_t r_end = blob_min(r_begin + p->chunk_rows, p->w->rows);
+    const size_t t_begin = (local / p->nchunks) * j->token_tile;
+    const size_t t_end = blob_min(t_begin + j->token_tile, j->n);
+    for (size_t r = r_begin; r < r_end; r += p->tile_rows)
+        for (size_t t = t_begin; t < t_end; t += j->tile_tokens)
+            p->tile(p->w, r, blob_min(p->tile_rows, r_end - r), &j->acts, t,
+                    blob_min(j->tile_tokens, t_end - t), p->y, p->y_stride);
+}
 
 static void matmul_task(void *ctx, int ith, int nth) {
     matmul_job *j = (matmul_job *)ctx;
     (void)ith, (void)nth;
-    for (size_t item; (item = blob_next_item(&j->next)) < j->nitems;) {
-        size_t r_begin = (item % j->nchunks) * j->chunk_rows;
-        size_t r_end = blob_min(r_begin + j->chunk_rows, j->w->rows);
-        size_t t_begin = (item / j->nchunks) * j->token_tile;
-        size_t t_end = blob_min(t_begin + j->token_tile, j->n);
-        for (size_t r = r_begin; r < r_end; r += j->tile_rows)
-            for (size_t t = t_begin; t < t_end; t += j->tile_tokens)
-                j->tile(j->w, r, blob_min(j->tile_rows, r_end - r), &j->acts, t,
-                        blob_min(j->tile_tokens, t_end - t), j->y, j->y_stride);
-    }
+    for (size_t item; (item = blob_next_item(&j->next)) < j->nitems;) run_item(j, item);
 }
 
 typedef struct {
@@ -94,37 +107,59 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
 
 static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; }
 
-int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n, float *y,
-                size_t y_stride) {
-    if (w->dtype < 0 || w->dtype >= BLOB_NUM_DTYPES) return BLOB_EINVAL;
-    if (n == 0 || w->rows == 0) return BLOB_OK;
-    const blob_isa_ops *ops = blob_ops();
-    const int quantized = w->dtype == BLOB_Q8_0 || w->dtype == BLOB_Q4_0;
-    matmul_job job;
-    memset(&job, 0, sizeof job);
-    job.w = w;
-    job.acts.x = x;
-    job.acts.x_stride = x_stride;
-    job.y = y;
-    job.y_stride = y_stride;
-    job.n = n;
+/* Fills in part `p` of the job for matrix w: its tile and how its rows split into items. */
+static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, const blob_matrix *w,
+                      float *y, size_t y_stride) {
+    const size_t n = job->n;
     const int row_tiles = n == 1 && matvec_by_single_rows(w->row_stride_bytes);
-    job.tile = row_tiles ? ops->matvec_row[w->dtype] : n == 1 ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
-    job.tile_rows = row_tiles ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows;
-    job.tile_tokens = n == 1 ? 1 : ops->mm_tokens;
+    p->w = w;
+    p->y = y;
+    p->y_stride = y_stride;
+    p->tile = row_tiles ? ops->matvec_row[w->dtype] : n == 1 ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
+    p->tile_rows = row_tiles ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows;
     size_t chunk_rows = MATMUL_CHUNK_ROWS;
     if (n == 1)
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / w->row_stride_bytes,
                               blob_div_up(w->rows, MATVEC_MIN_ITEMS * (size_t)blob_threads_get()));
-    job.chunk_rows = round_down_to(chunk_rows, job.tile_rows);
-    job.nchunks = blob_div_up(w->rows, job.chunk_rows);
-    size_t act_row_bytes = quantized ? w->cols + w->cols / 8 : 4 * w->cols;
+    p->chunk_rows = round_down_to(chunk_rows, p->tile_rows);
+    p->nchunks = blob_div_up(w->rows, p->chunk_rows);
+    p->first_item = job->nitems;
+    job->nitems += p->nchunks * blob_div_up(n, job->token_tile);
+}
+
+static int is_quantized(int dtype) { return dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0; }
+
+int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t *y_stride, size_t count,
+                      const float *x, size_t x_stride, size_t n) {
+    if (count == 0 || count > BLOB_MAX_GROUP) return BLOB_EINVAL;
+    for (size_t i = 0; i < count; i++)
+        if (w[i]->dtype < 0 || w[i]->dtype >= BLOB_NUM_DTYPES || w[i]->dtype != w[0]->dtype ||
+            w[i]->cols != w[0]->cols)
+            return BLOB_EINVAL;
+    if (n == 0) return BLOB_OK;
+    const blob_isa_ops *ops = blob_ops();
+    const int quantized = is_quantized(w[0]->dtype);
+    const size_t cols = w[0]->cols;
+    matmul_job job;
+    memset(&job, 0, sizeof job);
+    job.acts.x = x;
+    job.acts.x_stride = x_stride;
+    job.n = n;
+    job.tile_tokens = n == 1 ? 1 : ops->mm_tokens;
+    size_t act_row_bytes = quantized ? cols + cols / 8 : 4 * cols;
     job.token_tile = blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), job.tile_tokens));
-    job.nitems = job.nchunks * blob_div_up(n, job.token_tile);
+    for (size_t i = 0; i < count; i++)
+        if (w[i]->rows > 0) plan_part(ops, &job, &job.parts[job.nparts++], w[i], y[i], y_stride[i]);
+    if (job.nitems == 0) return BLOB_OK;
 
     blob_call_lock();
-    int status = quantized ? quantize_activations(ops, &job.acts, n, w->cols) : BLOB_OK;
+    int status = quantized ? quantize_activations(ops, &job.acts, n, cols) : BLOB_OK;
     if (status == BLOB_OK) blob_pool_run(matmul_task, &job);
     blob_call_unlock();
     return status;
+}
+
+int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n, float *y,
+                size_t y_stride) {
+    return blob_matmul_group(&w, &y, &y_stride, 1, x, x_stride, n);
 }

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+from libc.stdlib cimport calloc, free
 
 
 cdef extern from "cpu.h" nogil:
@@ -41,6 +42,38 @@ cdef extern from "kernels.h" nogil:
         size_t k_pos_stride, k_head_stride, v_pos_stride, v_head_stride
         float scale, softcap
         size_t window
+
+    ctypedef struct blob_layer:
+        blob_matrix q, k, v, o, gate, up, down
+        const float *attn_norm
+        const float *ffn_norm
+        const float *post_attn_norm
+        const float *post_ffn_norm
+        const float *q_norm
+        const float *k_norm
+        const float *q_bias
+        const float *k_bias
+        const float *v_bias
+        const float *o_bias
+        const float *inv_freq
+        size_t n_freq, window
+
+    ctypedef struct blob_model:
+        size_t n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn
+        float rms_eps, norm_offset, embedding_scale, attn_scale, attn_softcap, final_softcap
+        int activation
+        blob_matrix embed, lm_head
+        const float *final_norm
+        const blob_layer *layers
+
+    ctypedef struct blob_kv_cache:
+        int dtype
+        void *k
+        void *v
+        size_t max_seq
+
+    int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
+                     size_t start, size_t logit_rows, float *logits)
 
     int blob_isa_supported(int isa)
     int blob_isa_best()
@@ -577,3 +610,153 @@ def read_bandwidth_probe(buffer):
     with nogil:
         checksum = blob_read_bandwidth_probe(p, nbytes)
     return checksum
+
+
+# ---- the whole forward pass ----
+
+cdef const float *_vector_address(object v, size_t length, str what, list keep, bint optional=False) except? NULL:
+    if v is None:
+        if optional:
+            return NULL
+        raise ValueError(f"{what}: missing")
+    a = _contiguous(_float_array(v, what, 1), what)
+    if <size_t>a.shape[0] != length:
+        raise ValueError(f"{what}: expected {length} values, found {a.shape[0]}")
+    keep.append(a)
+    return <const float *><uintptr_t>_address(a)
+
+
+cdef blob_matrix _sized(Matrix w, size_t rows, size_t cols, str what, list keep) except *:
+    if w.m.rows != rows or w.m.cols != cols:
+        raise ValueError(f"{what}: {w!r} must be ({rows}, {cols})")
+    keep.append(w)
+    return w.m
+
+
+cdef class DecoderStack:
+    """Every layer of a decoder-only transformer, bound for blob_forward (csrc/forward.c): the
+    per-token layer loop runs in C with the GIL released.
+
+    `layers` are objects with the weights as attributes: Matrix q, k, v, o, gate, up, down;
+    float32 vectors attn_norm, ffn_norm, inv_freq; optional (None) post_attn_norm,
+    post_ffn_norm, q_norm, k_norm, q_bias, k_bias, v_bias, o_bias; int window.
+
+    >>> stack = DecoderStack(embed, lm_head, final_norm, layers, n_heads=4, ...)   # doctest: +SKIP
+    >>> logits = stack.run(ids, cache_k, cache_v, start=0, logit_rows=1)          # doctest: +SKIP
+    """
+    cdef blob_model m
+    cdef blob_layer *layers
+    cdef list _keep
+    cdef readonly size_t vocab
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    def __init__(self, Matrix embed, Matrix lm_head, final_norm, layers, *, size_t n_heads,
+                 size_t n_kv_heads, size_t head_dim, size_t ffn, float rms_eps, float norm_offset,
+                 float embedding_scale, float attn_scale, float attn_softcap, float final_softcap,
+                 str activation):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"DecoderStack: unknown activation {activation!r}; expected one of {list(_ACTIVATIONS)}")
+        if n_kv_heads == 0 or n_heads % n_kv_heads:
+            raise ValueError(f"DecoderStack: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self._keep = []
+        cdef size_t hidden = embed.m.cols
+        self.vocab = embed.m.rows
+        self.m.n_layers, self.m.hidden, self.m.ffn = len(layers), hidden, ffn
+        self.m.n_heads, self.m.n_kv_heads, self.m.head_dim = n_heads, n_kv_heads, head_dim
+        self.m.rms_eps, self.m.norm_offset, self.m.embedding_scale = rms_eps, norm_offset, embedding_scale
+        self.m.attn_scale, self.m.attn_softcap, self.m.final_softcap = attn_scale, attn_softcap, final_softcap
+        self.m.activation = _ACTIVATIONS[activation]
+        self.m.embed = _sized(embed, self.vocab, hidden, "embed", self._keep)
+        self.m.lm_head = _sized(lm_head, self.vocab, hidden, "lm_head", self._keep)
+        self.m.final_norm = _vector_address(final_norm, hidden, "final_norm", self._keep)
+        self.layers = <blob_layer *>calloc(max(1, len(layers)), sizeof(blob_layer))
+        if self.layers == NULL:
+            raise MemoryError("DecoderStack: out of memory for the layer table")
+        for i, layer in enumerate(layers):
+            self._bind_layer(&self.layers[i], layer, f"layers.{i}.")
+        self.m.layers = self.layers
+
+    cdef _bind_layer(self, blob_layer *l, layer, str name):
+        cdef size_t hidden = self.m.hidden, hd = self.m.head_dim
+        cdef size_t q_width = self.m.n_heads * hd, kv_width = self.m.n_kv_heads * hd
+        keep = self._keep
+        l.q = _sized(layer.q, q_width, hidden, name + "q", keep)
+        l.k = _sized(layer.k, kv_width, hidden, name + "k", keep)
+        l.v = _sized(layer.v, kv_width, hidden, name + "v", keep)
+        l.o = _sized(layer.o, hidden, q_width, name + "o", keep)
+        l.gate = _sized(layer.gate, self.m.ffn, hidden, name + "gate", keep)
+        l.up = _sized(layer.up, self.m.ffn, hidden, name + "up", keep)
+        l.down = _sized(layer.down, hidden, self.m.ffn, name + "down", keep)
+        l.attn_norm = _vector_address(layer.attn_norm, hidden, name + "attn_norm", keep)
+        l.ffn_norm = _vector_address(layer.ffn_norm, hidden, name + "ffn_norm", keep)
+        l.post_attn_norm = _vector_address(layer.post_attn_norm, hidden, name + "post_attn_norm", keep, True)
+        l.post_ffn_norm = _vector_address(layer.post_ffn_norm, hidden, name + "post_ffn_norm", keep, True)
+        l.q_norm = _vector_address(layer.q_norm, hd, name + "q_norm", keep, True)
+        l.k_norm = _vector_address(layer.k_norm, hd, name + "k_norm", keep, True)
+        if (l.q_norm == NULL) != (l.k_norm == NULL):
+            raise ValueError(f"{name}q_norm and {name}k_norm: give both or neither")
+        l.q_bias = _vector_address(layer.q_bias, q_width, name + "q_bias", keep, True)
+        l.k_bias = _vector_address(layer.k_bias, kv_width, name + "k_bias", keep, True)
+        l.v_bias = _vector_address(layer.v_bias, kv_width, name + "v_bias", keep, True)
+        l.o_bias = _vector_address(layer.o_bias, hidden, name + "o_bias", keep, True)
+        freq = _contiguous(_float_array(layer.inv_freq, name + "inv_freq", 1), name + "inv_freq")
+        if 2 * freq.shape[0] > hd:
+            raise ValueError(f"{name}inv_freq: {freq.shape[0]} frequencies rotate more than head_dim {hd}")
+        l.inv_freq = _vector_address(freq, freq.shape[0], name + "inv_freq", keep)
+        l.n_freq = freq.shape[0]
+        if layer.window < 0:
+            raise ValueError(f"{name}window must be >= 0, found {layer.window}")
+        l.window = layer.window
+
+    cdef _bind_cache(self, k_cache, v_cache, blob_kv_cache *c):
+        expected = (self.m.n_layers, None, self.m.n_kv_heads, self.m.head_dim)
+        for what, a in (("k", k_cache), ("v", v_cache)):
+            if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float16) or a.ndim != 4 \
+                    or a.shape[:1] + a.shape[2:] != expected[:1] + expected[2:]:
+                found = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise ValueError(f"forward: {what} cache must be a float32 or float16 array of shape "
+                                 f"({self.m.n_layers}, max_seq, {self.m.n_kv_heads}, {self.m.head_dim}), found {found}")
+            if not a.flags.c_contiguous or not a.flags.writeable:
+                raise ValueError(f"forward: {what} cache must be C-contiguous and writable")
+        if k_cache.dtype != v_cache.dtype or k_cache.shape != v_cache.shape:
+            raise ValueError(f"forward: k and v caches differ: {k_cache.dtype} {k_cache.shape} vs "
+                             f"{v_cache.dtype} {v_cache.shape}")
+        c.dtype = BLOB_F16 if k_cache.dtype == np.float16 else BLOB_F32
+        c.k = <void *><uintptr_t>_address(k_cache)
+        c.v = <void *><uintptr_t>_address(v_cache)
+        c.max_seq = k_cache.shape[1]
+
+    def run(self, ids, k_cache, v_cache, size_t start, size_t logit_rows=1):
+        """Run `ids` at positions start.. through every layer, their keys and values going into
+        the caches (n_layers, max_seq, n_kv_heads, head_dim), which must already hold positions
+        0..start-1. Returns the float32 logits (logit_rows, vocab) of the last logit_rows tokens."""
+        raw = np.asarray(ids)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise TypeError(f"forward: ids must be integers, found {raw.dtype}")
+        ia = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
+        if ia.size and (ia.min() < 0 or ia.max() >= <long long>self.vocab):
+            bad = ia[(ia < 0) | (ia >= <long long>self.vocab)][0]
+            raise IndexError(f"forward: token id {bad} out of range (vocabulary of {self.vocab})")
+        cdef size_t n = ia.shape[0]
+        if logit_rows > n:
+            raise ValueError(f"forward: {logit_rows} logit rows asked of {n} tokens")
+        cdef blob_kv_cache c
+        self._bind_cache(k_cache, v_cache, &c)
+        if start + n > c.max_seq:
+            raise ValueError(f"forward: positions {start}..{start + n - 1} do not fit a cache of {c.max_seq}")
+        logits = np.empty((logit_rows, self.vocab), np.float32)
+        if n == 0:
+            return logits
+        cdef const int64_t[::1] iv = ia
+        cdef float[:, ::1] lv = logits
+        cdef float *out = &lv[0, 0] if logit_rows else NULL
+        cdef int status
+        with nogil:
+            status = blob_forward(&self.m, &c, &iv[0], n, start, logit_rows, out)
+        _check(status, "forward")
+        return logits

@@ -72,11 +72,11 @@ class Model:
     # ---- numbers ----
 
     def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits (len(ids), vocab) at every position, from an empty cache. The
-        generation state is left alone."""
+        """float32 logits (len(ids), vocab) at every position, from an empty cache (of the
+        model's KV dtype). The generation state is left alone."""
         ids = self._check_ids(ids)
         scratch = KVCache(self.config.num_layers, max(len(ids), 1), self.config.num_kv_heads,
-                          self.config.head_dim, "f32")
+                          self.config.head_dim, self.cache.dtype)
         with self._lock:
             return self.transformer.run(ids, scratch, start=0, all_logits=True)
 

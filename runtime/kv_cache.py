@@ -28,6 +28,7 @@ class KVCache:
         self.k = np.zeros(shape, KV_DTYPES[dtype])
         self.v = np.zeros(shape, KV_DTYPES[dtype])
         self.max_seq_len = max_seq_len
+        self.dtype = dtype
         self.token_ids: list[int] = []  # the tokens whose keys and values are at positions 0..length-1
 
     @property
@@ -55,8 +56,3 @@ class KVCache:
         if needed > self.max_seq_len:
             raise ContextFull(f"{needed} tokens do not fit in the context of {self.max_seq_len} tokens; "
                               f"shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len")
-
-    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
-        """Write keys and values (n, num_kv_heads, head_dim) of positions start..start+n-1."""
-        self.k[layer, start:start + len(k)] = k
-        self.v[layer, start:start + len(v)] = v

@@ -1,8 +1,10 @@
-"""The transformer: one decoder block, written once, varied only by the ModelConfig.
+"""The transformer: binds a blob file's weights to the decoder block, which is written once (in
+csrc/forward.c) and varied only by the ModelConfig.
 
 Weights are bound once, as kernel Matrix objects over the reader's zero-copy views; every layer
 kind (sliding or global attention, soft-capping, q/k norms, biases, sandwich norms) is a field of
-the config, read here, never a per-family copy of the block.
+the config, handed to the C block here, never a per-family copy of the block. The whole
+per-token layer loop runs in C: Python is entered once per token (or per prompt chunk).
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ class Transformer:
         self.lm_head = _matrix(reader, "lm_head")
         self.final_norm = _vector(reader, "final_norm")
         self.layers = [self._bind_layer(reader, i) for i in range(config.num_layers)]
+        self.stack = kernels.DecoderStack(
+            self.embed, self.lm_head, self.final_norm, self.layers, n_heads=config.num_heads,
+            n_kv_heads=config.num_kv_heads, head_dim=config.head_dim, ffn=config.intermediate_size,
+            rms_eps=config.rms_norm_eps, norm_offset=config.norm_offset,
+            embedding_scale=config.embedding_scale, attn_scale=config.attn_scale,
+            attn_softcap=config.attn_logit_softcap or 0.0, final_softcap=config.final_logit_softcap or 0.0,
+            activation=config.activation)
 
     def _bind_layer(self, reader, i: int) -> Layer:
         name = f"layers.{i}.".__add__
@@ -80,67 +89,12 @@ class Transformer:
         outputs = []
         for chunk_start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[chunk_start:chunk_start + PREFILL_CHUNK]
-            hidden = self._hidden_states(chunk, cache, start + chunk_start)
-            if all_logits:
-                outputs.append(self._logits(hidden))
-            elif chunk_start + PREFILL_CHUNK >= len(ids):
-                outputs.append(self._logits(hidden[-1:]))
+            last_chunk = chunk_start + PREFILL_CHUNK >= len(ids)
+            rows = len(chunk) if all_logits else int(last_chunk)
+            logits = self.stack.run(chunk, cache.k, cache.v, start + chunk_start, logit_rows=rows)
+            if rows:
+                outputs.append(logits)
         return np.concatenate(outputs)
-
-    def _hidden_states(self, ids, cache: KVCache, start: int) -> np.ndarray:
-        x = kernels.embed(self.embed, ids)
-        if self.config.embedding_scale != 1.0:
-            x *= np.float32(self.config.embedding_scale)
-        positions = np.arange(start, start + len(ids), dtype=np.int64)
-        for i, layer in enumerate(self.layers):
-            x = self._block(i, layer, x, cache, positions)
-        return x
-
-    def _block(self, i: int, layer: Layer, x: np.ndarray, cache: KVCache, positions: np.ndarray) -> np.ndarray:
-        attn = self._attention(i, layer, self._norm(x, layer.attn_norm), cache, positions)
-        if layer.post_attn_norm is not None:
-            attn = self._norm(attn, layer.post_attn_norm)
-        x = kernels.add(x, attn, out=x)
-        mlp = self._mlp(layer, self._norm(x, layer.ffn_norm))
-        if layer.post_ffn_norm is not None:
-            mlp = self._norm(mlp, layer.post_ffn_norm)
-        return kernels.add(x, mlp, out=x)
-
-    def _attention(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, positions: np.ndarray) -> np.ndarray:
-        cfg, n = self.config, len(h)
-        q = _project(layer.q, h, layer.q_bias).reshape(n, cfg.num_heads, cfg.head_dim)
-        k = _project(layer.k, h, layer.k_bias).reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        v = _project(layer.v, h, layer.v_bias).reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        if layer.q_norm is not None:
-            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-        kernels.rope(q, positions, layer.inv_freq)
-        kernels.rope(k, positions, layer.inv_freq)
-        start, end = int(positions[0]), int(positions[-1]) + 1
-        cache.store(i, start, k, v)
-        out = kernels.attention(q, cache.k[i, :end], cache.v[i, :end], p0=start, scale=cfg.attn_scale,
-                                window=layer.window, softcap=cfg.attn_logit_softcap or 0.0)
-        return _project(layer.o, out.reshape(n, cfg.num_heads * cfg.head_dim), layer.o_bias)
-
-    def _mlp(self, layer: Layer, h: np.ndarray) -> np.ndarray:
-        gate = kernels.matmul(layer.gate, h)
-        hidden = kernels.gated_act(gate, kernels.matmul(layer.up, h), self.config.activation, out=gate)
-        return kernels.matmul(layer.down, hidden)
-
-    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return kernels.rms_norm(x, weight, self.config.rms_norm_eps, self.config.norm_offset)
-
-    def _logits(self, hidden: np.ndarray) -> np.ndarray:
-        logits = kernels.matmul(self.lm_head, self._norm(hidden, self.final_norm))
-        if self.config.final_logit_softcap:
-            kernels.softcap(logits, self.config.final_logit_softcap, out=logits)
-        return logits
-
-
-def _project(matrix: kernels.Matrix, h: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    y = kernels.matmul(matrix, h)
-    if bias is not None:
-        y += bias
-    return y
 
 
 def _matrix(reader, name: str) -> kernels.Matrix:

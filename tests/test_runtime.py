@@ -84,6 +84,30 @@ def test_prefill_then_decode_equals_one_full_forward(packed, name):
     assert np.abs(np.concatenate(stepped) - full).max() < 1e-4
 
 
+def test_f16_kv_cache_stays_close_to_f32(packed):
+    path = packed("gemma3")[0]
+    ids = prompt_ids(load(path).config.vocab_size, n=60, seed=4)
+    exact, half = load(path).forward(ids), load(path, kv_dtype="f16").forward(ids)
+    assert half.dtype == np.float32 and not np.array_equal(half, exact)  # keys and values were rounded
+    assert np.abs(half - exact).max() < 1e-2 * np.abs(exact).max()
+
+
+def test_the_c_layer_loop_rejects_bad_arguments_with_clear_errors(packed):
+    model = load(packed("llama")[0])
+    stack, cache = model.transformer.stack, model.cache
+    with pytest.raises(IndexError, match="token id 400 out of range"):
+        stack.run([1, model.config.vocab_size], cache.k, cache.v, 0)
+    with pytest.raises(ValueError, match="k cache must be"):
+        stack.run([1], cache.k[:, :, :, :4], cache.v, 0)
+    with pytest.raises(ValueError, match="caches differ"):
+        stack.run([1], cache.k, cache.v.astype(np.float16), 0)
+    with pytest.raises(ValueError, match="do not fit a cache"):
+        stack.run([1, 2], cache.k, cache.v, cache.max_seq_len - 1)
+    with pytest.raises(ValueError, match="3 logit rows asked of 2 tokens"):
+        stack.run([1, 2], cache.k, cache.v, 0, logit_rows=3)
+    assert stack.run([1, 2], cache.k, cache.v, 0, logit_rows=0).shape == (0, model.config.vocab_size)
+
+
 @pytest.mark.parametrize("dtype, bar", [("q8_0", 0.97), ("q4_0", 0.90)])
 def test_quantized_top1_agreement_is_reported(packed, dtype, bar, capsys):
     """Random tiny models have close top logits, so the agreement is reported, not asserted to the bar."""

@@ -244,6 +244,27 @@ static void attention_via_api(int kv_dtype, size_t window, float softcap, const 
     if (blob_attention_run(&a, q, n, p0, out) != BLOB_OK) fail("blob_attention_run status", "api", 1, 0, 0);
 }
 
+/* blob_matmul_group of three matrices (different row counts) == three blob_matmul calls, bitwise. */
+static void check_matmul_group(int dtype, const float *x, size_t n, const char *path) {
+    const size_t rows[3] = {67, 5, 130};
+    test_weight w[3];
+    const blob_matrix *wp[3];
+    float y[3][5 * 130], ref[3][5 * 130];
+    float *yp[3] = {y[0], y[1], y[2]};
+    for (int i = 0; i < 3; i++) {
+        w[i] = make_weight(dtype, rows[i], 300);
+        wp[i] = &w[i].m;
+        matmul_via_api(&w[i], x, n, ref[i]);
+    }
+    if (blob_matmul_group(wp, yp, rows, 3, x, 300, n) != BLOB_OK) fail("blob_matmul_group status", path, 1, 0, 0);
+    for (int i = 0; i < 3; i++) {
+        checks++;
+        if (memcmp(y[i], ref[i], n * rows[i] * sizeof(float)) != 0)
+            fail("matmul_group vs matmul bit-identical", path, (double)i, (double)dtype, 0);
+        free_weight(&w[i]);
+    }
+}
+
 static void check_api(int isa) {
     const char *path = blob_isa_name(isa);
     float x[5 * 300], q[6 * 8 * 40];
@@ -263,6 +284,7 @@ static void check_api(int isa) {
             checks++;
             if (memcmp(y, y2, n * 67 * sizeof(float)) != 0) fail("matmul threads 1 vs 2 bit-identical", path, 0, 0, 0);
             for (size_t i = 0; i < n * 67; i++) expect_close("blob_matmul vs scalar", path, y[i], ref[i], 2e-4);
+            check_matmul_group(dtype, x, n, path);
         }
         free_weight(&w);
     }
