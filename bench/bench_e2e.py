@@ -177,13 +177,23 @@ def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, t
 
     for dtype in types:
         blob = work / f"{stem}-{dtype}.blob"
-        if not blob.exists():
-            convert(source, blob, dtype=dtype, quiet=True)
+        if not blob.exists() or _stale(blob, dtype):
+            convert(source, blob, dtype=dtype, quiet=True, force=True)
         peer = None
         if python:
             peer = work / f"{stem}-{dtype}.gguf"
             quantize_gguf(python, peer_source, peer, dtype)
         yield dtype, blob, peer
+
+
+def _stale(blob: Path, dtype: str) -> bool:
+    """A kept blob that today's converter would write differently (it changed defaults since)."""
+    import blobstore
+    from blobstore.convert.plan import Options, resolved_embed_dtype
+
+    with blobstore.open(blob) as r:
+        recorded = r.metadata.get("conversion", {})
+    return recorded.get("embed_dtype") != resolved_embed_dtype(Options(dtype=dtype))
 
 
 def gemma_model(work: Path, python: str | None):

@@ -2,8 +2,6 @@
  * description (blob_model, blob_layer), run over every layer without returning to Python. A
  * decode step is a few hundred kernel calls microseconds apart; issuing them from here keeps
  * the time between them at nanoseconds. */
-#include <stdlib.h>
-
 #include "kernels_impl.h"
 
 /* The activations of one call: n tokens of every intermediate the block needs. */
@@ -23,12 +21,18 @@ static float *carve(float **cursor, size_t count) {
     return p;
 }
 
-static void *alloc_activations(const blob_model *m, size_t n, activations *a) {
+static size_t activation_floats(const blob_model *m, size_t n) {
     const size_t q_width = m->n_heads * m->head_dim, kv_width = m->n_kv_heads * m->head_dim;
-    const size_t floats = n * (3 * m->hidden + 2 * q_width + 2 * kv_width + 2 * m->ffn) + 9 * 16;
-    float *block = (float *)malloc(floats * sizeof(float) + n * sizeof(int64_t) + 64);
-    if (!block) return NULL;
-    float *cursor = (float *)(((uintptr_t)block + 63) & ~(uintptr_t)63);
+    return n * (3 * m->hidden + 2 * q_width + 2 * kv_width + 2 * m->ffn) + 9 * 16;
+}
+
+size_t blob_forward_scratch_bytes(const blob_model *m, size_t n) {
+    return activation_floats(m, n) * sizeof(float) + n * sizeof(int64_t) + 64;
+}
+
+static void carve_activations(const blob_model *m, size_t n, void *scratch, activations *a) {
+    const size_t q_width = m->n_heads * m->head_dim, kv_width = m->n_kv_heads * m->head_dim;
+    float *cursor = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     a->x = carve(&cursor, n * m->hidden);
     a->h = carve(&cursor, n * m->hidden);
     a->sub = carve(&cursor, n * m->hidden);
@@ -39,11 +43,53 @@ static void *alloc_activations(const blob_model *m, size_t n, activations *a) {
     a->gate = carve(&cursor, n * m->ffn);
     a->up = carve(&cursor, n * m->ffn);
     a->positions = (int64_t *)cursor;
-    return block;
 }
 
-static void norm(const blob_model *m, const float *x, const float *w, size_t rows, size_t d, float *out) {
-    blob_rms_norm(x, w, rows, d, m->rms_eps, m->norm_offset, out);
+/* ---- row-wise ops, split over the thread pool for a prompt chunk ---- */
+
+typedef enum { NORM_ROWS, GATED_ACT_ROWS } row_op;
+
+typedef struct {
+    const blob_model *m;
+    row_op op;
+    const float *x, *w;   /* NORM_ROWS: rows x, weight w; GATED_ACT_ROWS: gates x, ups w */
+    float *out;
+    size_t rows, d;
+    volatile size_t next;
+} rows_job;
+
+static void run_row(const rows_job *j, size_t i) {
+    const size_t at = i * j->d;
+    if (j->op == NORM_ROWS)
+        blob_rms_norm(j->x + at, j->w, 1, j->d, j->m->rms_eps, j->m->norm_offset, j->out + at);
+    else
+        blob_gated_act(j->x + at, j->w + at, j->d, j->m->activation, j->out + at);
+}
+
+static void rows_task(void *ctx, int ith, int nth) {
+    rows_job *j = (rows_job *)ctx;
+    (void)ith, (void)nth;
+    for (size_t i; (i = blob_next_item(&j->next)) < j->rows;) run_row(j, i);
+}
+
+/* One token's rows run on the caller (waking the pool costs more than they do); a prompt
+ * chunk's rows are shared out. Every row is computed the same way either way. */
+static void run_rows(const blob_model *m, row_op op, const float *x, const float *w, float *out,
+                     size_t rows, size_t d, size_t tokens) {
+    rows_job job = {m, op, x, w, out, rows, d, 0};
+    if (tokens == 1) {
+        for (size_t i = 0; i < rows; i++) run_row(&job, i);
+        return;
+    }
+    blob_call_lock();
+    blob_pool_run(rows_task, &job);
+    blob_call_unlock();
+}
+
+/* RMSNorm of `rows` rows of d values, belonging to `tokens` tokens. */
+static void norm(const blob_model *m, const float *x, const float *w, size_t rows, size_t d, size_t tokens,
+                 float *out) {
+    run_rows(m, NORM_ROWS, x, w, out, rows, d, tokens);
 }
 
 /* Y_i (n, w_i.rows) = X @ W_i.T for matrices reading the same X: one kernel job when they share
@@ -95,7 +141,7 @@ static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i
     const blob_layer *l = &m->layers[i];
     const size_t hd = m->head_dim;
     int status;
-    norm(m, a->x, l->attn_norm, n, m->hidden, a->h);
+    norm(m, a->x, l->attn_norm, n, m->hidden, n, a->h);
     const blob_matrix *qkv[3] = {&l->q, &l->k, &l->v};
     float *qkv_out[3] = {a->q, a->k, a->v};
     if ((status = project(qkv, qkv_out, 3, a->h, n)) != BLOB_OK) return status;
@@ -103,8 +149,8 @@ static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i
     add_bias(a->k, l->k_bias, n, l->k.rows);
     add_bias(a->v, l->v_bias, n, l->v.rows);
     if (l->q_norm) {
-        norm(m, a->q, l->q_norm, n * m->n_heads, hd, a->q);
-        norm(m, a->k, l->k_norm, n * m->n_kv_heads, hd, a->k);
+        norm(m, a->q, l->q_norm, n * m->n_heads, hd, n, a->q);
+        norm(m, a->k, l->k_norm, n * m->n_kv_heads, hd, n, a->k);
     }
     blob_rope(a->q, n, m->n_heads, hd, a->positions, l->inv_freq, l->n_freq);
     blob_rope(a->k, n, m->n_kv_heads, hd, a->positions, l->inv_freq, l->n_freq);
@@ -118,20 +164,20 @@ static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i
     if ((status = blob_attention_run(&at, a->q, n, start, a->att)) != BLOB_OK) return status;
     if ((status = project1(&l->o, a->att, n, a->sub)) != BLOB_OK) return status;
     add_bias(a->sub, l->o_bias, n, m->hidden);
-    if (l->post_attn_norm) norm(m, a->sub, l->post_attn_norm, n, m->hidden, a->sub);
+    if (l->post_attn_norm) norm(m, a->sub, l->post_attn_norm, n, m->hidden, n, a->sub);
     blob_add(a->x, a->sub, n * m->hidden, a->x);
     return BLOB_OK;
 }
 
 static int mlp_block(const blob_model *m, const blob_layer *l, activations *a, size_t n) {
     int status;
-    norm(m, a->x, l->ffn_norm, n, m->hidden, a->h);
+    norm(m, a->x, l->ffn_norm, n, m->hidden, n, a->h);
     const blob_matrix *gate_up[2] = {&l->gate, &l->up};
     float *gate_up_out[2] = {a->gate, a->up};
     if ((status = project(gate_up, gate_up_out, 2, a->h, n)) != BLOB_OK) return status;
-    blob_gated_act(a->gate, a->up, n * m->ffn, m->activation, a->gate);
+    run_rows(m, GATED_ACT_ROWS, a->gate, a->up, a->gate, n, m->ffn, n);
     if ((status = project1(&l->down, a->gate, n, a->sub)) != BLOB_OK) return status;
-    if (l->post_ffn_norm) norm(m, a->sub, l->post_ffn_norm, n, m->hidden, a->sub);
+    if (l->post_ffn_norm) norm(m, a->sub, l->post_ffn_norm, n, m->hidden, n, a->sub);
     blob_add(a->x, a->sub, n * m->hidden, a->x);
     return BLOB_OK;
 }
@@ -140,7 +186,7 @@ static int mlp_block(const blob_model *m, const blob_layer *l, activations *a, s
 static int head(const blob_model *m, activations *a, size_t n, size_t rows, float *logits) {
     if (rows == 0) return BLOB_OK;
     const float *last = a->x + (n - rows) * m->hidden;
-    norm(m, last, m->final_norm, rows, m->hidden, a->h);
+    norm(m, last, m->final_norm, rows, m->hidden, rows, a->h);
     int status = project1(&m->lm_head, a->h, rows, logits);
     if (status == BLOB_OK && m->final_softcap > 0.0f)
         blob_softcap(logits, rows * m->lm_head.rows, m->final_softcap, logits);
@@ -148,13 +194,12 @@ static int head(const blob_model *m, activations *a, size_t n, size_t rows, floa
 }
 
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
-                 size_t start, size_t logit_rows, float *logits) {
+                 size_t start, size_t logit_rows, float *logits, void *scratch) {
     if (n == 0) return BLOB_OK;
     if (logit_rows > n) return BLOB_EINVAL;
     if (start + n > cache->max_seq || (cache->dtype != BLOB_F32 && cache->dtype != BLOB_F16)) return BLOB_EINVAL;
     activations a;
-    void *block = alloc_activations(m, n, &a);
-    if (!block) return BLOB_ENOMEM;
+    carve_activations(m, n, scratch, &a);
     for (size_t i = 0; i < n; i++) a.positions[i] = (int64_t)(start + i);
     blob_embed(&m->embed, ids, n, a.x);
     if (m->embedding_scale != 1.0f)
@@ -165,6 +210,5 @@ int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t 
         if (status == BLOB_OK) status = mlp_block(m, &m->layers[i], &a, n);
     }
     if (status == BLOB_OK) status = head(m, &a, n, logit_rows, logits);
-    free(block);
     return status;
 }

@@ -136,9 +136,12 @@ typedef struct blob_kv_cache {
 /* Runs tokens ids[0..n) at positions start..start+n-1 through every layer, writing their keys
  * and values into the cache (which must hold positions 0..start-1 already). LOGITS receives
  * (logit_rows, vocab): the logits of the last logit_rows <= n tokens (0: none, a prompt chunk
- * whose logits nobody reads). ids must be in range. */
+ * whose logits nobody reads). ids must be in range. SCRATCH holds the activations:
+ * blob_forward_scratch_bytes(m, n) bytes, owned by the caller so that a model's steps reuse one
+ * buffer (fresh pages would cost a page fault each) and two models can run at once. */
+size_t blob_forward_scratch_bytes(const blob_model *m, size_t n);
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
-                 size_t start, size_t logit_rows, float *logits);
+                 size_t start, size_t logit_rows, float *logits, void *scratch);
 
 /* STREAM-style read of `nbytes` (a multiple of 64, 64-byte aligned) on every thread,
  * for the bandwidth benchmark; returns a checksum so the reads cannot be optimized away. */

@@ -10,6 +10,7 @@ The instruction-set path is chosen at import: the best one the CPU supports, or 
 by the environment variable BLOBSTORE_ISA (scalar, avx2 or neon).
 """
 import os
+import threading
 
 import numpy as np
 
@@ -72,8 +73,9 @@ cdef extern from "kernels.h" nogil:
         void *v
         size_t max_seq
 
+    size_t blob_forward_scratch_bytes(const blob_model *m, size_t n)
     int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
-                     size_t start, size_t logit_rows, float *logits)
+                     size_t start, size_t logit_rows, float *logits, void *scratch)
 
     int blob_isa_supported(int isa)
     int blob_isa_best()
@@ -644,6 +646,8 @@ cdef class DecoderStack:
     cdef blob_model m
     cdef blob_layer *layers
     cdef list _keep
+    cdef object _scratch           # the activations' buffer, grown to the longest chunk run
+    cdef object _busy              # one run at a time: runs share the scratch buffer
     cdef readonly size_t vocab
 
     def __cinit__(self):
@@ -661,6 +665,8 @@ cdef class DecoderStack:
         if n_kv_heads == 0 or n_heads % n_kv_heads:
             raise ValueError(f"DecoderStack: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self._keep = []
+        self._scratch = np.empty(0, np.uint8)
+        self._busy = threading.Lock()
         cdef size_t hidden = embed.m.cols
         self.vocab = embed.m.rows
         self.m.n_layers, self.m.hidden, self.m.ffn = len(layers), hidden, ffn
@@ -749,11 +755,25 @@ cdef class DecoderStack:
         logits = np.empty((logit_rows, self.vocab), np.float32)
         if n == 0:
             return logits
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("forward: this DecoderStack is running in another thread; "
+                               "use one stack per thread")
+        try:
+            needed = blob_forward_scratch_bytes(&self.m, n)
+            if self._scratch.shape[0] < needed:
+                self._scratch = np.empty(needed, np.uint8)
+            return self._run(ia, &c, start, logit_rows, logits)
+        finally:
+            self._busy.release()
+
+    cdef _run(self, ia, blob_kv_cache *c, size_t start, size_t logit_rows, logits):
         cdef const int64_t[::1] iv = ia
         cdef float[:, ::1] lv = logits
         cdef float *out = &lv[0, 0] if logit_rows else NULL
+        cdef void *scratch = <void *><uintptr_t>_address(self._scratch)
+        cdef size_t n = ia.shape[0]
         cdef int status
         with nogil:
-            status = blob_forward(&self.m, &c, &iv[0], n, start, logit_rows, out)
+            status = blob_forward(&self.m, c, &iv[0], n, start, logit_rows, out, scratch)
         _check(status, "forward")
         return logits

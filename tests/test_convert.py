@@ -152,6 +152,22 @@ def test_quantized_matrices_within_the_block_bound(dtype, checkpoints, tmp_path)
         assert blob.info("layers.0.q_norm").dtype.label == "f32"
 
 
+@pytest.mark.parametrize("dtype, embed_dtype, stored", [
+    ("q4_0", None, "q8_0"),     # 4-bit weights: the embedding / head stay at 8 bits by default
+    ("q4_0", "q4_0", "q4_0"),   # unless asked for explicitly
+    ("q4_0", "f16", "f16"),
+    ("q8_0", None, "q8_0"),     # other dtypes: the embedding follows --dtype
+    ("bf16", None, "bf16"),
+])
+def test_embedding_dtype_policy(dtype, embed_dtype, stored, checkpoints, tmp_path):
+    out = tmp_path / "model.blob"
+    convert(checkpoints("llama"), out, dtype=dtype, embed_dtype=embed_dtype, quiet=True)  # an untied head
+    with blobstore.open(out) as blob:
+        assert blob.info("embed").dtype.label == blob.info("lm_head").dtype.label == stored
+        assert blob.info("layers.0.q").dtype.label == dtype
+        assert blob.metadata["conversion"]["embed_dtype"] == stored
+
+
 def test_manifest_records_config_tokenizer_and_provenance(checkpoints, tmp_path, spm_model):
     folder = checkpoints("gemma3")
     out = tmp_path / "model.blob"

@@ -203,6 +203,7 @@ def test_cli_help_explains_every_option(capsys):
     for option in ("--output", "--dtype", "--keep-f32", "--embed-dtype", "--text-only", "--allow-unknown", "--align",
                    "--force", "--dry-run", "--quiet"):
         assert option in text
+    assert "q8_0 when --dtype is 4-bit" in " ".join(text.split())  # the embedding default is explained
 
 
 @pytest.mark.parametrize("options, message", [

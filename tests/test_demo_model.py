@@ -96,10 +96,12 @@ def test_packaged_q8_0_demo_agrees_with_f32(f32_logits, held_out_ids):
 
 
 # A 256-wide model feels 4-bit rounding more than a large one, most of all in its tied embedding /
-# output head: q4_0 throughout agrees on 88 % of the tokens, 93 % with that one matrix at q8_0.
-@pytest.mark.parametrize("embed_dtype, least", [("q8_0", 0.90), (None, 0.85)])
+# output head: q4_0 throughout agrees on 88 % of the tokens, 93 % with that one matrix at q8_0
+# (the converter's default under --dtype q4_0).
+@pytest.mark.parametrize("embed_dtype, least", [(None, 0.90), ("q4_0", 0.85)])
 def test_q4_0_conversion_agrees_with_f32(fixture_blob, f32_logits, held_out_ids, embed_dtype, least):
     agreement = top1_agreement(fixture_blob("q4_0", embed_dtype), held_out_ids, f32_logits)
+    print(f"q4_0, embedding {embed_dtype or 'default'}: top-1 agreement {agreement:.1%}")
     assert agreement >= least, f"top-1 agreement {agreement:.1%}"
 
 

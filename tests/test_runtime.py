@@ -1,4 +1,5 @@
 """The runtime against transformers: logits at every position and greedy tokens, per family and quirk."""
+import os
 import threading
 
 import numpy as np
@@ -210,3 +211,46 @@ def test_two_threads_on_one_model_get_a_clear_error_or_work(packed):
     tokens = [o for o in outcomes if isinstance(o, list)]
     assert tokens and all(t == tokens[0] for t in tokens)
     assert all("another thread" in o for o in outcomes if isinstance(o, str))
+
+
+class _InterruptedStack:
+    """Runs the real layer loop (the step's keys and values land in the cache), then raises
+    KeyboardInterrupt on call number `at`, as Ctrl-C arriving during a step would."""
+
+    def __init__(self, stack, at):
+        self.stack, self.at, self.calls = stack, at, 0
+
+    def run(self, *args, **kwargs):
+        logits = self.stack.run(*args, **kwargs)
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return logits
+
+
+def test_ctrl_c_during_a_step_leaves_the_model_usable(packed):
+    path = packed("gemma3")[0]
+    expected = load(path).generate("the fox", max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
+    model = load(path)
+    real = model.transformer.stack
+    model.transformer.stack = _InterruptedStack(real, at=5)   # the prefill, then decode steps
+    with pytest.raises(KeyboardInterrupt):
+        model.generate("the fox", max_new_tokens=12, temperature=0, ignore_eos=True)
+    model.transformer.stack = real
+    assert model.generate("the fox", max_new_tokens=12, temperature=0, ignore_eos=True).token_ids == expected
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident size read from /proc (Linux)")
+def test_a_thousand_short_generations_do_not_grow_memory(packed):
+    model = load(packed("llama")[0])
+    for i in range(100):   # warm up: caches, allocator pools, lazily built tables
+        model.generate([1, 5 + i % 7, 9], max_new_tokens=2, temperature=0.8, seed=i)
+    before = _rss_bytes()
+    for i in range(1000):
+        model.generate([1, 5 + i % 7, 9], max_new_tokens=2, temperature=0.8, seed=i)
+    assert _rss_bytes() - before < 2 << 20

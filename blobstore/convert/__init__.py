@@ -21,7 +21,7 @@ from ..quant import bf16_to_f32
 from ..writer import BlobWriter
 from . import tokenizer
 from .families import family_for_hf
-from .plan import WEIGHT_DTYPES, Options, Plan, make_plan
+from .plan import WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype
 from .problems import ConversionError, Problems
 from .sources import open_source, provenance
 
@@ -180,7 +180,7 @@ def _metadata(source, plan: Plan, options: Options, tok) -> dict:
         "tokenizer": tok.settings,
         "components": components,
         "source": source_info,
-        "conversion": {"dtype": options.dtype, "embed_dtype": options.embed_dtype or options.dtype,
+        "conversion": {"dtype": options.dtype, "embed_dtype": resolved_embed_dtype(options),
                        "keep_f32": list(options.keep_f32), "text_only": options.text_only,
                        "allow_unknown": options.allow_unknown, "dropped": {c: len(s) for c, s in plan.dropped.items()}},
     }
