@@ -146,10 +146,8 @@ def get_threads():
 
 def set_threads(int n):
     """Run kernels on `n` threads (the caller plus n - 1 pool workers)."""
-    if n < 1 or n > BLOB_MAX_THREADS:
-        raise ValueError(f"threads must be between 1 and {BLOB_MAX_THREADS}, got {n}")
     if blob_threads_set(n) != BLOB_OK:
-        raise ValueError(f"threads={n} is not available on this platform (single-threaded build)")
+        raise ValueError(f"threads must be between 1 and {BLOB_MAX_THREADS}, got {n}")
 
 
 def physical_cores():
@@ -200,8 +198,7 @@ def _configure_from_environment():
             raise ValueError(f"BLOBSTORE_ISA={requested!r}: {e}") from None
     else:
         blob_isa_select(blob_isa_best())
-    if blob_threads_set(min(physical_cores(), BLOB_MAX_THREADS)) != BLOB_OK:
-        blob_threads_set(1)  # a single-threaded build (Windows has no pool yet: csrc/threads.c)
+    blob_threads_set(min(physical_cores(), BLOB_MAX_THREADS))  # in range: cannot fail
 
 
 _configure_from_environment()

@@ -5,8 +5,11 @@
 #      dispatched AVX2 sources and VPDPBUSD only in the VNNI one;
 #   3. arm64: cross-compiled with aarch64-linux-gnu-gcc and run under qemu-aarch64 twice,
 #      -cpu max (NEON with dotprod) and -cpu cortex-a53 (NEON without it), plus the same
-#      object check for SDOT; and cross-compiled with clang too when installed.
-# Needs the Debian packages gcc-aarch64-linux-gnu and qemu-user (apt-get install them).
+#      object check for SDOT; and cross-compiled with clang too when installed;
+#   4. Windows x86-64 (the Win32 side of the thread pool in csrc/threads.c): cross-compiled with
+#      MinGW-w64 and run under wine, on x86-64 hosts where both are installed.
+# Needs the Debian packages gcc-aarch64-linux-gnu and qemu-user (apt-get install them); step 4
+# needs gcc-mingw-w64-x86-64 and wine64, and is skipped, saying so, without them.
 # Usage: tools/test_kernels_native.sh   (from anywhere; exits non-zero on any failure)
 set -eu
 
@@ -69,4 +72,12 @@ if command -v clang >/dev/null 2>&1; then   # clang reaches SDOT another way (se
     build_and_run "clang --target=aarch64-linux-gnu" test_arm64_clang $qemu -cpu max
 fi
 check_objects aarch64-linux-gnu-gcc aarch64-linux-gnu-objdump '\ssdot\s' '^kernels_neon_dotprod\.o$'
+
+if [ "$(uname -m)" = x86_64 ] && command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1 \
+        && command -v wine >/dev/null 2>&1; then
+    build_and_run x86_64-w64-mingw32-gcc test_windows.exe env WINEDEBUG=-all wine
+else
+    echo "SKIP windows: needs an x86-64 host with x86_64-w64-mingw32-gcc and wine" \
+        "(Debian packages gcc-mingw-w64-x86-64 and wine64)"
+fi
 echo "all kernel paths passed"

@@ -7,7 +7,8 @@
  *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
- *   1 vs 2 threads bit-identical.
+ *   1 vs 2 threads bit-identical;
+ * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads.
  * Exit status 0 when everything passed.
  */
 #include <stdio.h>
@@ -311,6 +312,40 @@ static void check_api(int isa) {
     }
 }
 
+/* Counts the calls each thread index receives. Every index is a different thread, so the
+ * counters need no atomics. */
+typedef struct {
+    unsigned calls[8];
+    int nth_seen[8];
+} pool_probe;
+
+static void probe_task(void *ctx, int ith, int nth) {
+    pool_probe *probe = ctx;
+    probe->calls[ith]++;
+    probe->nth_seen[ith] = nth;
+}
+
+/* Many back-to-back jobs (workers caught spinning) and 8 threads on fewer cores (workers
+ * descheduled, asleep on the condition variable, the caller yielding). */
+static void check_pool(void) {
+    const int thread_counts[] = {2, 3, 8};
+    const unsigned jobs = 100;
+    for (size_t t = 0; t < sizeof thread_counts / sizeof *thread_counts; t++) {
+        int n = thread_counts[t];
+        checks++;
+        if (blob_threads_set(n) != BLOB_OK || blob_threads_get() != n) fail("pool: set threads", "pool", blob_threads_get(), n, 0);
+        pool_probe probe = {{0}, {0}};
+        blob_call_lock();
+        for (unsigned j = 0; j < jobs; j++) blob_pool_run(probe_task, &probe);
+        blob_call_unlock();
+        for (int ith = 0; ith < n; ith++) {
+            expect_close("pool: calls per thread index", "pool", probe.calls[ith], jobs, 0);
+            expect_close("pool: thread count seen by the task", "pool", probe.nth_seen[ith], n, 0);
+        }
+    }
+    blob_threads_set(1);
+}
+
 int main(void) {
     uint32_t f = blob_cpu_features();
     const struct { const char *name; const blob_isa_ops *ops; int usable; } paths[] = {
@@ -344,6 +379,9 @@ int main(void) {
         check_api(isa);
         printf("api  %-13s %s\n", blob_isa_name(isa), failures == before ? "ok" : "FAILED");
     }
+    int before = failures;
+    check_pool();
+    printf("pool               %s\n", failures == before ? "ok" : "FAILED");
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
