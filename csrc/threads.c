@@ -162,9 +162,12 @@ void *blob_workspace(size_t nbytes) {
 
 /* ---- the pool ---- */
 
-/* Rounds of cpu_relax() before a worker sleeps (or the caller starts yielding): about half a
- * millisecond on Zen 4, where a pause takes ~25 ns; the pause latency varies between CPUs. */
-#define SPIN_ROUNDS 20000
+/* Rounds of cpu_relax() before a worker sleeps (or the caller starts yielding): about 100 us on
+ * Zen 4, where a pause takes ~25 ns (it varies between CPUs). That spans the gaps between a
+ * token's kernels (microseconds) and most gaps between tokens; a longer spin burns a core that
+ * other programs, or the caller's own thread on a busy machine, need (at 0.5 ms, a pool job
+ * cost ~1 ms with another program busy on the second core). */
+#define SPIN_ROUNDS 4000
 
 static os_lock call_mutex = LOCK_INIT;
 void blob_call_lock(void) { lock_acquire(&call_mutex); }
