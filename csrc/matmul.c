@@ -55,39 +55,46 @@ static void matmul_task(void *ctx, int ith, int nth) {
 }
 
 typedef struct {
+    const blob_isa_ops *ops;
     const float *x;
     size_t x_stride, cols, n;
-    int8_t *q;
+    int bits;                       /* level width, blob_act_bits */
+    uint8_t *q;
     float *d;
-    size_t q_stride, nblocks;
-    void (*quantize_row)(const float *, size_t, int8_t *, float *);
+    size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
 
 static void quantize_task(void *ctx, int ith, int nth) {
     quantize_job *j = (quantize_job *)ctx;
     (void)ith, (void)nth;
-    const size_t used = j->nblocks * BLOB_QBLOCK;
+    const size_t used = j->nblocks * BLOB_QBLOCK * (size_t)(j->bits / 8);
     for (size_t t; (t = blob_next_item(&j->next)) < j->n;) {
-        int8_t *q = j->q + t * j->q_stride;
-        j->quantize_row(j->x + t * j->x_stride, j->cols, q, j->d + t * j->nblocks);
-        memset(q + used, 0, j->q_stride - used);   /* defined bytes in the row padding too */
+        uint8_t *q = j->q + t * j->q_stride_bytes;
+        const float *x = j->x + t * j->x_stride;
+        float *d = j->d + t * j->nblocks;
+        if (j->bits == 16) j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
+        else j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
+        memset(q + used, 0, j->q_stride_bytes - used);   /* defined bytes in the row padding too */
     }
 }
 
-/* Quantizes X (n, cols) into the workspace: q (n, q_stride) int8, d (n, nblocks) f32. */
-static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols) {
+/* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
+ * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32. */
+static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
+    const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
-    size_t q_stride = (nblocks * BLOB_QBLOCK + 63) & ~(size_t)63;
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride + n * nblocks * sizeof(float));
+    size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
-    quantize_job job = {acts->x, acts->x_stride, cols, n, (int8_t *)space,
-                        (float *)(space + n * q_stride), q_stride, nblocks, ops->quantize_row, 0};
+    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space,
+                        (float *)(space + n * q_stride_bytes), q_stride_bytes, nblocks, 0};
     if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
-    acts->q = job.q;
+    acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
+    acts->q16 = bits == 16 ? (const int16_t *)space : NULL;
     acts->d = job.d;
-    acts->q_stride = q_stride;
+    acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;
 }
@@ -118,12 +125,12 @@ int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                               blob_div_up(w->rows, MATVEC_MIN_ITEMS * (size_t)blob_threads_get()));
     job.chunk_rows = round_down_to(chunk_rows, job.tile_rows);
     job.nchunks = blob_div_up(w->rows, job.chunk_rows);
-    size_t act_row_bytes = quantized ? w->cols + w->cols / 8 : 4 * w->cols;
+    size_t act_row_bytes = quantized ? w->cols * (size_t)(blob_act_bits(w->dtype) / 8) + w->cols / 8 : 4 * w->cols;
     job.token_tile = blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), job.tile_tokens));
     job.nitems = job.nchunks * blob_div_up(n, job.token_tile);
 
     blob_call_lock();
-    int status = quantized ? quantize_activations(ops, &job.acts, n, w->cols) : BLOB_OK;
+    int status = quantized ? quantize_activations(ops, &job.acts, n, w->cols, w->dtype) : BLOB_OK;
     if (status == BLOB_OK) blob_pool_run(matmul_task, &job);
     blob_call_unlock();
     return status;
