@@ -101,8 +101,10 @@ static inline float blob_inverse_scale(float scale) { return scale >= FLT_MIN ? 
  * error, so it keeps int8 activations and the byte dot products (VPMADDUBSW, VPDPBUSD, SDOT). */
 static inline int blob_act_bits(int dtype) { return dtype == BLOB_Q8_0 ? 16 : 8; }
 
-/* The largest activation level of a width: a block's scale is amax / this. */
-static inline float blob_act_qmax(int bits) { return bits == 16 ? 32767.0f : 127.0f; }
+/* The largest activation level of a width: a block's scale is amax / this. int16 levels stop
+ * at 127 * 257 = 32639 so that each splits into two signed bytes, hi = round(x / 256) and
+ * x - 256 hi, for the int8 dot instructions (SDOT); the lost range is 0.4 %. */
+static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127.0f; }
 
 /* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
  * quantized to blocks of 32 levels, int8 in q8 or int16 in q16 as blob_act_bits says (the
@@ -133,7 +135,7 @@ typedef struct blob_isa_ops {
     blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES], matvec_row[BLOB_NUM_DTYPES];
     int mv_rows, mm_rows, mm_tokens;
     /* X (n,) -> ceil(n/32) blocks of 32 levels (zero-padded) with f32 scales d = amax/QMAX and
-     * levels rint(x * (1/d)): int8 with QMAX 127, int16 with QMAX 32767 */
+     * levels rint(x * (1/d)): int8 with QMAX 127, int16 with QMAX 32639 */
     void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
     void (*quantize_row16)(const float *x, size_t n, int16_t *q, float *d);
     /* y (n,) += sum_i alpha[i] * rows[i] over `count` rows of n values in `dtype` (f32 or

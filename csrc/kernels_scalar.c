@@ -77,7 +77,7 @@ BLOB_INLINE const int16_t *act_block(const void *levels, size_t b, int dtype, in
     return buffer;
 }
 
-/* The exact int32 dot of a block: |w| <= 127, |x| <= 32767, 32 terms. */
+/* The exact int32 dot of a block: |w| <= 127, |x| <= 32639, 32 terms. */
 BLOB_INLINE int32_t dot_block(const int8_t *w, const int16_t *x) {
     int32_t s = 0;
     for (int i = 0; i < BLOB_QBLOCK; i++) s += (int32_t)w[i] * (int32_t)x[i];

@@ -4,7 +4,8 @@ Error bounds, stated once:
 - f32 / f16 / bf16 weights: the weights are exact in f32, so only summation order differs from
   a float64 reference: |y - ref| <= 1e-5 * sum_k |w_k x_k| + 1e-6.
 - q8_0 / q4_0: the kernel multiplies the stored weights by activations quantized to blocks of 32
-  levels, int16 for q8_0 (scale d = amax/32767) and int8 for q4_0 (d = amax/127). (a) Against
+  levels, int16 for q8_0 (scale d = amax/32639, see
+  blob_act_qmax) and int8 for q4_0 (d = amax/127). (a) Against
   that exact arithmetic, done here in numpy, the error is summation order only:
   1e-5 * sum |terms|. (b) Against dequantized weights @ float activations, rounding each
   activation moves it by at most d/2 = amax_block/(2 QMAX), so
@@ -86,7 +87,7 @@ def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.nda
     return K.Matrix(tensor), quant.dequantize(quants, scales, cols, dtype)
 
 
-ACT_QMAX = {"q8_0": 32767, "q4_0": 127}   # largest activation level: int16 for q8_0, int8 for q4_0
+ACT_QMAX = {"q8_0": 32639, "q4_0": 127}   # largest activation level: int16 for q8_0, int8 for q4_0
 
 
 def quantize_activations(x: np.ndarray, dtype: str):
