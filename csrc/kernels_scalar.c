@@ -67,15 +67,24 @@ BLOB_INLINE const int8_t *block_levels(const uint8_t *row, size_t b, int dtype, 
     return (const int8_t *)row + BLOB_QBLOCK * b;
 }
 
-/* x arrives widened to int16 (once per token and block, shared by the tile's rows), so the
- * vectorized loop only widens w: about a third fewer instructions per row. */
+/* Block b of a token's activation levels as int16: q8_0's int16 levels as they are, q4_0's int8
+ * ones widened (once per token and block, shared by the tile's rows, so the vectorized dot
+ * below only widens w: about a third fewer instructions per row). */
+BLOB_INLINE const int16_t *act_block(const void *levels, size_t b, int dtype, int16_t *buffer) {
+    if (blob_act_bits(dtype) == 16) return (const int16_t *)levels + BLOB_QBLOCK * b;
+    const int8_t *bytes = (const int8_t *)levels + BLOB_QBLOCK * b;
+    for (int i = 0; i < BLOB_QBLOCK; i++) buffer[i] = bytes[i];
+    return buffer;
+}
+
+/* The exact int32 dot of a block: |w| <= 127, |x| <= 32639, 32 terms. */
 BLOB_INLINE int32_t dot_block(const int8_t *w, const int16_t *x) {
     int32_t s = 0;
     for (int i = 0; i < BLOB_QBLOCK; i++) s += (int32_t)w[i] * (int32_t)x[i];
     return s;
 }
 
-/* Y tile for q8_0 / q4_0 weights against activations quantized to 8-bit blocks. */
+/* Y tile for q8_0 / q4_0 weights against their quantized activations (blob_act_bits). */
 BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
                             size_t t0, size_t nt, float *y, size_t ys, int dtype, int R, int T) {
     const uint8_t *rows[BLOB_TILE_MAX_ROWS];
@@ -96,9 +105,8 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
         }
         BLOB_UNROLL
         for (int t = 0; t < T; t++) {
-            const int8_t *xq = a->q + tokens[t] * a->q_stride + b * BLOB_QBLOCK;
-            int16_t xw[BLOB_QBLOCK];
-            for (int i = 0; i < BLOB_QBLOCK; i++) xw[i] = xq[i];
+            int16_t buffer[BLOB_QBLOCK];
+            const int16_t *xw = act_block(blob_act_levels(a, tokens[t], dtype), b, dtype, buffer);
             float dx = a->d[tokens[t] * nb + b];
             BLOB_UNROLL
             for (int r = 0; r < R; r++) acc[r][t] += (float)dot_block(wl[r], xw) * (dw[r] * dx);
@@ -110,19 +118,26 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
 
 BLOB_DEFINE_TILES(, MV_ROWS, MM_ROWS, MM_TOKENS)
 
-/* Activations to 8-bit blocks: d = amax / 127, q = round-to-nearest-even(x / d). Every path
- * computes exactly this, so the quantized activations are identical across paths. */
-static void quantize_row(const float *x, size_t n, int8_t *q, float *d) {
+/* Activations to blocks of `bits`-bit levels: d = amax / QMAX (blob_act_qmax), q =
+ * round-to-nearest-even(x * (1/d)). Every path computes exactly this, so the quantized
+ * activations are identical across paths. */
+BLOB_INLINE void quantize_blocks(const float *x, size_t n, void *q, float *d, int bits) {
     for (size_t b = 0; b * BLOB_QBLOCK < n; b++) {
         size_t k0 = b * BLOB_QBLOCK, len = blob_min(BLOB_QBLOCK, n - k0);
         float amax = 0.0f;
         for (size_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
-        float scale = amax / 127.0f, inv = blob_inverse_scale(scale);
-        for (size_t i = 0; i < BLOB_QBLOCK; i++)
-            q[k0 + i] = (int8_t)(i < len ? lrintf(x[k0 + i] * inv) : 0);
+        float scale = amax / blob_act_qmax(bits), inv = blob_inverse_scale(scale);
+        for (size_t i = 0; i < BLOB_QBLOCK; i++) {
+            long level = i < len ? lrintf(x[k0 + i] * inv) : 0;
+            if (bits == 16) ((int16_t *)q)[k0 + i] = (int16_t)level;
+            else ((int8_t *)q)[k0 + i] = (int8_t)level;
+        }
         d[b] = scale;
     }
 }
+
+static void quantize_row(const float *x, size_t n, int8_t *q, float *d) { quantize_blocks(x, n, q, d, 8); }
+static void quantize_row16(const float *x, size_t n, int16_t *q, float *d) { quantize_blocks(x, n, q, d, 16); }
 
 BLOB_INLINE void axpy(float *y, float alpha, const void *x, size_t n, int dtype) {
     for (size_t k = 0; k < n; k++) y[k] += alpha * blob_weight_f32(x, k, dtype);
@@ -144,5 +159,5 @@ static uint64_t read_sum(const void *data, size_t nbytes) {
 
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, axpy_rows, read_sum,
+    quantize_row, quantize_row16, axpy_rows, read_sum,
 };

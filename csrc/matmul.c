@@ -68,39 +68,46 @@ static void matmul_task(void *ctx, int ith, int nth) {
 }
 
 typedef struct {
+    const blob_isa_ops *ops;
     const float *x;
     size_t x_stride, cols, n;
-    int8_t *q;
+    int bits;                       /* level width, blob_act_bits */
+    uint8_t *q;
     float *d;
-    size_t q_stride, nblocks;
-    void (*quantize_row)(const float *, size_t, int8_t *, float *);
+    size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
 
 static void quantize_task(void *ctx, int ith, int nth) {
     quantize_job *j = (quantize_job *)ctx;
     (void)ith, (void)nth;
-    const size_t used = j->nblocks * BLOB_QBLOCK;
+    const size_t used = j->nblocks * BLOB_QBLOCK * (size_t)(j->bits / 8);
     for (size_t t; (t = blob_next_item(&j->next)) < j->n;) {
-        int8_t *q = j->q + t * j->q_stride;
-        j->quantize_row(j->x + t * j->x_stride, j->cols, q, j->d + t * j->nblocks);
-        memset(q + used, 0, j->q_stride - used);   /* defined bytes in the row padding too */
+        uint8_t *q = j->q + t * j->q_stride_bytes;
+        const float *x = j->x + t * j->x_stride;
+        float *d = j->d + t * j->nblocks;
+        if (j->bits == 16) j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
+        else j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
+        memset(q + used, 0, j->q_stride_bytes - used);   /* defined bytes in the row padding too */
     }
 }
 
-/* Quantizes X (n, cols) into the workspace: q (n, q_stride) int8, d (n, nblocks) f32. */
-static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols) {
+/* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
+ * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32. */
+static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
+    const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
-    size_t q_stride = (nblocks * BLOB_QBLOCK + 63) & ~(size_t)63;
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride + n * nblocks * sizeof(float));
+    size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
-    quantize_job job = {acts->x, acts->x_stride, cols, n, (int8_t *)space,
-                        (float *)(space + n * q_stride), q_stride, nblocks, ops->quantize_row, 0};
+    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space,
+                        (float *)(space + n * q_stride_bytes), q_stride_bytes, nblocks, 0};
     if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
-    acts->q = job.q;
+    acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
+    acts->q16 = bits == 16 ? (const int16_t *)space : NULL;
     acts->d = job.d;
-    acts->q_stride = q_stride;
+    acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;
 }
@@ -146,14 +153,14 @@ int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t
     job.acts.x_stride = x_stride;
     job.n = n;
     job.tile_tokens = n == 1 ? 1 : ops->mm_tokens;
-    size_t act_row_bytes = quantized ? cols + cols / 8 : 4 * cols;
+    size_t act_row_bytes = quantized ? cols * (size_t)(blob_act_bits(w[0]->dtype) / 8) + cols / 8 : 4 * cols;
     job.token_tile = blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), job.tile_tokens));
     for (size_t i = 0; i < count; i++)
         if (w[i]->rows > 0) plan_part(ops, &job, &job.parts[job.nparts++], w[i], y[i], y_stride[i]);
     if (job.nitems == 0) return BLOB_OK;
 
     blob_call_lock();
-    int status = quantized ? quantize_activations(ops, &job.acts, n, cols) : BLOB_OK;
+    int status = quantized ? quantize_activations(ops, &job.acts, n, cols, w[0]->dtype) : BLOB_OK;
     if (status == BLOB_OK) blob_pool_run(matmul_task, &job);
     blob_call_unlock();
     return status;

@@ -3,11 +3,13 @@
 Error bounds, stated once:
 - f32 / f16 / bf16 weights: the weights are exact in f32, so only summation order differs from
   a float64 reference: |y - ref| <= 1e-5 * sum_k |w_k x_k| + 1e-6.
-- q8_0 / q4_0: the kernel multiplies the stored weights by activations quantized to 8-bit blocks
-  (scale d = amax/127). (a) Against that exact arithmetic, done here in numpy, the error is
-  summation order only: 1e-5 * sum |terms|. (b) Against dequantized weights @ float
-  activations, rounding each activation moves it by at most d/2 = amax_block/254, so
-  |y - ref| <= sum_blocks (sum_k |w_k|) * amax_block / 254 (+ the same 1e-5 relative slack).
+- q8_0 / q4_0: the kernel multiplies the stored weights by activations quantized to blocks of 32
+  levels, int16 for q8_0 (scale d = amax/32639, see
+  blob_act_qmax) and int8 for q4_0 (d = amax/127). (a) Against
+  that exact arithmetic, done here in numpy, the error is summation order only:
+  1e-5 * sum |terms|. (b) Against dequantized weights @ float activations, rounding each
+  activation moves it by at most d/2 = amax_block/(2 QMAX), so
+  |y - ref| <= sum_blocks (sum_k |w_k|) * amax_block / (2 QMAX) (+ the same 1e-5 relative slack).
 """
 from __future__ import annotations
 
@@ -85,14 +87,18 @@ def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.nda
     return K.Matrix(tensor), quant.dequantize(quants, scales, cols, dtype)
 
 
-def quantize_activations(x: np.ndarray):
-    """numpy twin of the kernels' activation quantization: blocks of 32, d = amax/127 (f32),
-    q = rint(x * (1/d)); returns (levels as float64 (n, padded cols), d per element)."""
+ACT_QMAX = {"q8_0": 32639, "q4_0": 127}   # largest activation level: int16 for q8_0, int8 for q4_0
+
+
+def quantize_activations(x: np.ndarray, dtype: str):
+    """numpy twin of the kernels' activation quantization for `dtype` weights: blocks of 32,
+    d = amax/QMAX (f32), q = rint(x * (1/d)); returns (levels as float64 (n, padded cols), d per
+    element)."""
     n, cols = x.shape
     padded = np.zeros((n, -(-cols // 32) * 32), np.float32)
     padded[:, :cols] = x
     blocks = padded.reshape(n, -1, 32)
-    d = np.abs(blocks).max(axis=2) / np.float32(127)
+    d = np.abs(blocks).max(axis=2) / np.float32(ACT_QMAX[dtype])
     inv = np.where(d >= np.finfo(np.float32).tiny, np.float32(1) / np.maximum(d, 1e-38), 0).astype(np.float32)
     q = np.rint(blocks * inv[..., None])
     return q.reshape(n, -1).astype(np.float64), np.repeat(d, 32, axis=1).astype(np.float64)
@@ -106,7 +112,7 @@ def check_matmul(dtype, w_values, x, y):
         np.testing.assert_array_less(np.abs(y - x.astype(np.float64) @ wd.T), 1e-5 * slack + 1e-6)
         return
     cols = x.shape[1]
-    levels, d = quantize_activations(x)
+    levels, d = quantize_activations(x, dtype)
     exact = (levels[:, :cols] * d[:, :cols]) @ wd.T           # what the integer kernel computes
     slack = (np.abs(levels[:, :cols] * d[:, :cols])) @ np.abs(wd).T
     np.testing.assert_array_less(np.abs(y - exact), 1e-5 * slack + 1e-6)
@@ -115,8 +121,8 @@ def check_matmul(dtype, w_values, x, y):
     block_w = np.zeros((wd.shape[0], nb * 32))
     block_w[:, :cols] = np.abs(wd)
     per_block_w = block_w.reshape(wd.shape[0], nb, 32).sum(axis=2)      # (rows, nb)
-    amax = d.reshape(x.shape[0], nb, 32)[:, :, 0] * 127                 # (n, nb)
-    bound = (amax / 254) @ per_block_w.T
+    amax = d.reshape(x.shape[0], nb, 32)[:, :, 0] * ACT_QMAX[dtype]     # (n, nb)
+    bound = (amax / (2 * ACT_QMAX[dtype])) @ per_block_w.T
     np.testing.assert_array_less(np.abs(y - x.astype(np.float64) @ wd.T), bound * (1 + 1e-5) + 1e-5 * slack + 1e-6)
 
 

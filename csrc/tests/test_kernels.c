@@ -2,7 +2,7 @@
  * x86-64, and for arm64 under qemu-aarch64 (tools/test_kernels_native.sh).
  *
  * Checked per path (including the int8-dot variants VNNI / SDOT when the CPU has them):
- * - activation quantization: bytes and scales identical to scalar;
+ * - activation quantization, int8 and int16 levels: bytes and scales identical to scalar;
  * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
  *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
@@ -110,26 +110,33 @@ static void free_weight(test_weight *w) {
 /* ---- one path's tiles over a whole matrix, the way matmul.c drives them ---- */
 
 typedef struct {
-    int8_t *q;
+    int bits;
+    void *q;              /* n rows of q_stride levels, int8 or int16 per bits */
     float *d;
     size_t q_stride, nblocks;
 } quantized_acts;
 
-static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size_t n, size_t cols) {
+static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size_t n, size_t cols, int bits) {
     quantized_acts qa;
+    qa.bits = bits;
     qa.nblocks = blob_div_up(cols, BLOB_QBLOCK);
     qa.q_stride = round64(qa.nblocks * 32);
-    qa.q = (int8_t *)calloc(n, qa.q_stride);
+    qa.q = calloc(n, qa.q_stride * (size_t)(bits / 8));
     qa.d = (float *)calloc(n * qa.nblocks, sizeof(float));
-    for (size_t t = 0; t < n; t++) ops->quantize_row(x + t * cols, cols, qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+    for (size_t t = 0; t < n; t++) {
+        if (bits == 16) ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+        else ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+    }
     return qa;
 }
 
 /* Y = X @ W.T through the path's tiles; one_row picks the one-row matvec tile (n == 1). */
 static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y,
                       int one_row) {
-    quantized_acts qa = quantize_all(ops, x, n, w->m.cols);
-    blob_acts a = {x, w->m.cols, qa.q, qa.d, qa.q_stride, qa.nblocks};
+    const int bits = blob_act_bits(w->m.dtype);
+    quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
+    blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
+                   qa.d, qa.q_stride, qa.nblocks};
     blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
     size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
@@ -148,11 +155,15 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
         float *x = (float *)malloc(n * sizeof(float));
         for (size_t k = 0; k < n; k++) x[k] = next_float() * (k % 7 == 0 ? 100.0f : 1.0f);
         if (n > 40) for (size_t k = 32; k < 64; k++) x[k] = 0.0f;   /* an all-zero block */
-        quantized_acts mine = quantize_all(ops, x, 1, n), ref = quantize_all(&blob_ops_scalar, x, 1, n);
-        checks++;
-        if (memcmp(mine.q, ref.q, mine.nblocks * 32) != 0 || memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
-            fail("quantize_row bytes", path, (double)n, (double)n, 0);
-        free(mine.q), free(mine.d), free(ref.q), free(ref.d), free(x);
+        for (int bits = 8; bits <= 16; bits += 8) {
+            quantized_acts mine = quantize_all(ops, x, 1, n, bits), ref = quantize_all(&blob_ops_scalar, x, 1, n, bits);
+            checks++;
+            if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
+                memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
+                fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
+            free(mine.q), free(mine.d), free(ref.q), free(ref.d);
+        }
+        free(x);
     }
 }
 
