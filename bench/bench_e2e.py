@@ -416,8 +416,9 @@ def main():
     body = table(rows, bandwidth, args)
     print(body)
     chart(rows, HERE / "e2e.png")
-    write_markdown(args.out, body)
-    for line in ratios(rows):
+    summary = ratios(rows)
+    write_markdown(args.out, body + "\n\nRatios to llama.cpp in this run:\n\n```\n" + "\n".join(summary) + "\n```")
+    for line in summary:
         print(line)
 
 
