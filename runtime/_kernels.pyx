@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from blobstore.runtime.cores import physical_cores
+
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
@@ -148,25 +150,6 @@ def set_threads(int n):
     """Run kernels on `n` threads (the caller plus n - 1 pool workers)."""
     if blob_threads_set(n) != BLOB_OK:
         raise ValueError(f"threads must be between 1 and {BLOB_MAX_THREADS}, got {n}")
-
-
-def physical_cores():
-    """Physical cores this process may run on (hyper-threads counted once)."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in allowed:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
-                core = f.read().strip()
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
-                package = f.read().strip()
-            cores.add((package, core))
-        except OSError:
-            cores.add(("cpu", cpu))
-    return max(1, len(cores))
 
 
 def cpu_info():

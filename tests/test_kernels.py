@@ -470,3 +470,18 @@ def test_isa_environment_variable(tmp_path):
     env["BLOBSTORE_ISA"] = "mmx"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "BLOBSTORE_ISA='mmx'" in out.stderr and "unknown ISA" in out.stderr
+
+
+def test_physical_cores_counts_each_core_once():
+    import os
+    from blobstore.runtime import cores
+
+    assert 1 <= cores.physical_cores() <= (os.cpu_count() or 1)
+    assert K.cpu_info()["physical_cores"] == cores.physical_cores()
+    core, cache = (0).to_bytes(4, "little"), (2).to_bytes(4, "little")
+    # Windows' SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX records: (Relationship, Size, payload)
+    records = b"".join(kind + (8 + len(payload)).to_bytes(4, "little") + payload
+                       for kind, payload in [(core, b"\0" * 40), (cache, b"\0" * 24), (core, b"\0" * 40)])
+    assert cores.count_core_records(records) == 2
+    with pytest.raises(ValueError, match="record of 0 bytes"):
+        cores.count_core_records(core + (0).to_bytes(4, "little"))
