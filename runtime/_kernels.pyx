@@ -556,15 +556,21 @@ def softmax(x, out=None):
     return result
 
 
-def embed(Matrix w, ids, out=None):
-    """Rows `ids` of w as float32 (n, cols), dequantized whatever w's dtype."""
+def _token_ids(ids, long long count, str what, str within):
+    """ids as a contiguous int64 array, each checked to lie in 0 .. count-1."""
     raw = np.asarray(ids)
     if raw.size and raw.dtype.kind not in "iu":
-        raise TypeError(f"embed: ids must be integers, found {raw.dtype}")
+        raise TypeError(f"{what}: ids must be integers, found {raw.dtype}")
     ia = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
-    if ia.size and (ia.min() < 0 or ia.max() >= <long long>w.m.rows):
-        bad = ia[(ia < 0) | (ia >= <long long>w.m.rows)][0]
-        raise IndexError(f"embed: id {bad} out of range for {w!r} (0 .. {w.m.rows - 1})")
+    if ia.size and (ia.min() < 0 or ia.max() >= count):
+        bad = ia[(ia < 0) | (ia >= count)][0]
+        raise IndexError(f"{what}: token id {bad} out of range for {within} (0 .. {count - 1})")
+    return ia
+
+
+def embed(Matrix w, ids, out=None):
+    """Rows `ids` of w as float32 (n, cols), dequantized whatever w's dtype."""
+    ia = _token_ids(ids, w.m.rows, "embed", repr(w))
     cdef size_t n = ia.shape[0]
     result = _output(out, (n, w.m.cols), "embed")
     if n == 0:
@@ -721,13 +727,7 @@ cdef class DecoderStack:
         """Run `ids` at positions start.. through every layer, their keys and values going into
         the caches (n_layers, max_seq, n_kv_heads, head_dim), which must already hold positions
         0..start-1. Returns the float32 logits (logit_rows, vocab) of the last logit_rows tokens."""
-        raw = np.asarray(ids)
-        if raw.size and raw.dtype.kind not in "iu":
-            raise TypeError(f"forward: ids must be integers, found {raw.dtype}")
-        ia = np.ascontiguousarray(raw, dtype=np.int64).reshape(-1)
-        if ia.size and (ia.min() < 0 or ia.max() >= <long long>self.vocab):
-            bad = ia[(ia < 0) | (ia >= <long long>self.vocab)][0]
-            raise IndexError(f"forward: token id {bad} out of range (vocabulary of {self.vocab})")
+        ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
         cdef size_t n = ia.shape[0]
         if logit_rows > n:
             raise ValueError(f"forward: {logit_rows} logit rows asked of {n} tokens")

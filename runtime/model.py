@@ -59,13 +59,11 @@ class Transformer:
     def __init__(self, reader, config: ModelConfig):
         check_tensors(reader, config)
         self.config = config
-        self.embed = _matrix(reader, "embed")
-        self.lm_head = _matrix(reader, "lm_head")
-        self.final_norm = _vector(reader, "final_norm")
-        self.layers = [self._bind_layer(reader, i) for i in range(config.num_layers)]
-        self.stack = kernels.DecoderStack(
-            self.embed, self.lm_head, self.final_norm, self.layers, n_heads=config.num_heads,
-            n_kv_heads=config.num_kv_heads, head_dim=config.head_dim, ffn=config.intermediate_size,
+        layers = [self._bind_layer(reader, i) for i in range(config.num_layers)]
+        self.stack = kernels.DecoderStack(    # holds the bound weights from here on
+            _matrix(reader, "embed"), _matrix(reader, "lm_head"), _vector(reader, "final_norm"), layers,
+            n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+            ffn=config.intermediate_size,
             rms_eps=config.rms_norm_eps, norm_offset=config.norm_offset,
             embedding_scale=config.embedding_scale, attn_scale=config.attn_scale,
             attn_softcap=config.attn_logit_softcap or 0.0, final_softcap=config.final_logit_softcap or 0.0,
