@@ -16,16 +16,22 @@
 #define MATVEC_MIN_ITEMS 8
 #define MATMUL_CHUNK_ROWS 16           /* rows per work item at many tokens */
 #define ACT_TILE_BYTES (4u << 20)      /* activations of one token tile: stay in the last-level cache */
+
+static int is_quantized(int dtype) { return dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0; }
 /* A matvec tile of several rows reads them as interleaved streams one row_stride apart. Rows
  * of 257 bytes up to a page put those streams in the same pages, which the hardware prefetchers
  * follow badly (AMD Zen 3: 262144 x 640 q8_0 at 6 GB/s with 4-row tiles, 18-20 GB/s with
  * 1-row tiles, which read memory in order); such rows go one per tile, and out-of-order
- * execution overlaps the rows' independent sums instead. Rows of at most 256 bytes (a 4-row
- * tile then spans 16 lines, read nearly in order) and rows of a page or more (streams in
- * separate pages) keep the multi-row tile, whose independent accumulators hide the FMA latency
- * that bounds a lone long row (f16 8192 x 8192: 17 GB/s against 10). */
-static int matvec_by_single_rows(size_t row_stride_bytes) {
-    return row_stride_bytes > 256 && row_stride_bytes < 4096;
+ * execution overlaps the rows' independent sums instead. Quantized rows longer than that go one
+ * per tile too: the one-row tile prefetches ahead in software (kernels_x86.inc), which the
+ * prefetchers' stop at every page boundary needs (Zen 4, 2 threads, 2048 x 5632 q8_0: 31-32 GB/s
+ * against 25-26 with 4-row tiles; 8192 x 8192 the same either way). Rows of at most 256 bytes
+ * (a 4-row tile then spans 16 lines, read nearly in order) and float rows of a page or more keep
+ * the multi-row tile, whose independent accumulators read long f16 rows faster than the
+ * one-row tile's four chains (2048 x 5632 f16: 31-32 against 27-28 GB/s). */
+static int matvec_by_single_rows(const blob_matrix *w) {
+    const size_t bytes = w->row_stride_bytes;
+    return bytes > 256 && (bytes < 4096 || is_quantized(w->dtype));
 }
 
 /* One matrix of a job: its items come after those of the parts before it. */
@@ -118,7 +124,7 @@ static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; 
 static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, const blob_matrix *w,
                       float *y, size_t y_stride) {
     const size_t n = job->n;
-    const int row_tiles = n == 1 && matvec_by_single_rows(w->row_stride_bytes);
+    const int row_tiles = n == 1 && matvec_by_single_rows(w);
     p->w = w;
     p->y = y;
     p->y_stride = y_stride;
@@ -133,8 +139,6 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
     p->first_item = job->nitems;
     job->nitems += p->nchunks * blob_div_up(n, job->token_tile);
 }
-
-static int is_quantized(int dtype) { return dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0; }
 
 int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t *y_stride, size_t count,
                       const float *x, size_t x_stride, size_t n) {

@@ -149,12 +149,14 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
 
 static void check_quantize(const blob_isa_ops *ops, const char *path) {
-    const size_t sizes[] = {1, 31, 32, 33, 100, 257};
+    /* 257 and up: groups of eight blocks (the x86 path's scale vectors) and a remainder */
+    const size_t sizes[] = {1, 31, 32, 33, 100, 257, 640, 2065};
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
         size_t n = sizes[i];
         float *x = (float *)malloc(n * sizeof(float));
         for (size_t k = 0; k < n; k++) x[k] = next_float() * (k % 7 == 0 ? 100.0f : 1.0f);
         if (n > 40) for (size_t k = 32; k < 64; k++) x[k] = 0.0f;   /* an all-zero block */
+        if (n > 200) for (size_t k = 96; k < 128; k++) x[k] *= 1e-39f; /* scale below FLT_MIN */
         for (int bits = 8; bits <= 16; bits += 8) {
             quantized_acts mine = quantize_all(ops, x, 1, n, bits), ref = quantize_all(&blob_ops_scalar, x, 1, n, bits);
             checks++;
