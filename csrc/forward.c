@@ -12,6 +12,9 @@ typedef struct {
     float *q, *att;  /* (n, n_heads * head_dim) */
     float *k, *v;    /* (n, n_kv_heads * head_dim) */
     float *gate, *up; /* (n, ffn) */
+    float *rope;     /* (n, head_dim / 2, 2) cosines and sines of the positions' rotary angles */
+    const float *rope_inv_freq;   /* the frequencies `rope` holds the angles of (NULL: none yet) */
+    size_t rope_n_freq;
     int64_t *positions;
 } activations;
 
@@ -23,7 +26,7 @@ static float *carve(float **cursor, size_t count) {
 
 static size_t activation_floats(const blob_model *m, size_t n) {
     const size_t q_width = m->n_heads * m->head_dim, kv_width = m->n_kv_heads * m->head_dim;
-    return n * (3 * m->hidden + 2 * q_width + 2 * kv_width + 2 * m->ffn) + 9 * 16;
+    return n * (3 * m->hidden + 2 * q_width + 2 * kv_width + 2 * m->ffn + m->head_dim) + 10 * 16;
 }
 
 size_t blob_forward_scratch_bytes(const blob_model *m, size_t n) {
@@ -42,6 +45,9 @@ static void carve_activations(const blob_model *m, size_t n, void *scratch, acti
     a->v = carve(&cursor, n * kv_width);
     a->gate = carve(&cursor, n * m->ffn);
     a->up = carve(&cursor, n * m->ffn);
+    a->rope = carve(&cursor, n * m->head_dim);
+    a->rope_inv_freq = NULL;
+    a->rope_n_freq = 0;
     a->positions = (int64_t *)cursor;
 }
 
@@ -136,6 +142,19 @@ static void store_kv(const blob_model *m, const blob_kv_cache *c, size_t layer, 
     }
 }
 
+/* Rotary embedding of the layer's queries and keys. The angles are computed when the layer's
+ * frequencies differ from the last layer's: once per call for most models, at each switch
+ * between local and global layers for Gemma 3 (their cos and sin cost more than the rotation). */
+static void rotate(activations *a, const blob_layer *l, size_t n, size_t n_heads, size_t n_kv_heads, size_t hd) {
+    if (a->rope_inv_freq != l->inv_freq || a->rope_n_freq != l->n_freq) {
+        blob_rope_angles(a->positions, n, l->inv_freq, l->n_freq, a->rope);
+        a->rope_inv_freq = l->inv_freq;
+        a->rope_n_freq = l->n_freq;
+    }
+    blob_rope(a->q, n, n_heads, hd, a->rope, l->n_freq);
+    blob_rope(a->k, n, n_kv_heads, hd, a->rope, l->n_freq);
+}
+
 static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i, activations *a,
                            size_t n, size_t start) {
     const blob_layer *l = &m->layers[i];
@@ -152,8 +171,7 @@ static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i
         norm(m, a->q, l->q_norm, n * m->n_heads, hd, n, a->q);
         norm(m, a->k, l->k_norm, n * m->n_kv_heads, hd, n, a->k);
     }
-    blob_rope(a->q, n, m->n_heads, hd, a->positions, l->inv_freq, l->n_freq);
-    blob_rope(a->k, n, m->n_kv_heads, hd, a->positions, l->inv_freq, l->n_freq);
+    rotate(a, l, n, m->n_heads, m->n_kv_heads, hd);
     store_kv(m, c, i, start, n, a->k, a->v);
 
     const size_t es = blob_cache_elem_size(c->dtype), width = m->n_kv_heads * hd;

@@ -84,10 +84,12 @@ int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t
 /* out = x / rms(x) * (offset + w): offset 0 for plain RMSNorm, 1 for Gemma's (1 + w). */
 void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
                    float *out);
-/* Rotate X (n, n_heads, head_dim) in place, HF half-split layout, over the first
- * 2*n_freq dimensions of each head: angle = positions[i] * inv_freq[j]. */
-void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
-               const float *inv_freq, size_t n_freq);
+/* Rotary embedding in two steps, so that layers sharing frequencies share the angles:
+ * blob_rope_angles fills COS_SIN (n, n_freq, 2) with the cosine and sine of
+ * positions[i] * inv_freq[j]; blob_rope rotates X (n, n_heads, head_dim) in place by them, HF
+ * half-split layout, over the first 2*n_freq dimensions of each head. */
+void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float *cos_sin);
+void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq);
 enum blob_activation { BLOB_ACT_SILU = 0, BLOB_ACT_GELU_TANH = 1 };
 /* out = act(gate) * up, element-wise over `count` values. */
 void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out);

@@ -92,6 +92,32 @@ static inline int blob_weight_level(const uint8_t *row, size_t k, int dtype) {
 /* 1/scale for activation quantization; blocks too small for a finite inverse become zeros. */
 static inline float blob_inverse_scale(float scale) { return scale >= FLT_MIN ? 1.0f / scale : 0.0f; }
 
+/* ---- gated activations ---- */
+
+/* The argument z of the sigmoid in act(g) = g * sigmoid(z): z = g for SiLU; for GELU's tanh
+ * approximation 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3). */
+static inline float blob_act_arg(float g, int act) {
+    return act == BLOB_ACT_GELU_TANH ? 1.5957691216057308f * (g + 0.044715f * g * g * g) : g;
+}
+
+/* act(g) * u with libm's expf: the scalar path, and the reference the vector paths (whose exp
+ * is the polynomial below) are tested against. */
+static inline float blob_gated_act1(float g, float u, int act) {
+    return g / (1.0f + expf(-blob_act_arg(g, act))) * u;
+}
+
+/* The vector paths' exp(x): x clamped to [BLOB_EXP_MIN, BLOB_EXP_MAX] (2^n then stays a normal
+ * float), n = rint(x log2(e)), r = x - n ln(2) in two steps (ln 2 = LN2_HI + LN2_LO, LN2_HI
+ * exact in few bits, so n * LN2_HI is exact), e^r by its Taylor polynomial of degree 7
+ * (|r| <= ln(2)/2: truncation error below 1e-8), times 2^n built in the exponent bits. Within
+ * a few ulp of expf; NaN stays NaN. */
+#define BLOB_EXP_MIN (-87.0f)
+#define BLOB_EXP_MAX 88.0f
+#define BLOB_LOG2E 1.44269504088896341f
+#define BLOB_LN2_HI 0.693359375f
+#define BLOB_LN2_LO (-2.12194440e-4f)
+#define BLOB_EXP_POLY {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
+
 /* ---- the per-ISA function table ---- */
 
 /* Width of the activation levels a quantized weight dtype is multiplied with. q8_0 takes int16
@@ -143,6 +169,8 @@ typedef struct blob_isa_ops {
      * f16), row i at rows + i*stride elements: attention's weighted sum of values. */
     void (*axpy_rows)(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
                       size_t n, int dtype);
+    /* out[k] = act(gate[k]) * up[k] for k < count (blob_gated_act1); out may be gate */
+    void (*gated_act)(const float *gate, const float *up, size_t count, int act, float *out);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
 } blob_isa_ops;

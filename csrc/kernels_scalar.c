@@ -157,7 +157,11 @@ static uint64_t read_sum(const void *data, size_t nbytes) {
     return acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
 }
 
+static void gated_act(const float *gate, const float *up, size_t count, int act, float *out) {
+    for (size_t k = 0; k < count; k++) out[k] = blob_gated_act1(gate[k], up[k], act);
+}
+
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, quantize_row16, axpy_rows, read_sum,
+    quantize_row, quantize_row16, axpy_rows, gated_act, read_sum,
 };

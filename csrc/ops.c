@@ -1,27 +1,45 @@
-/* The small per-token ops: linear in the activations, so plain C on the calling thread is
- * enough (a decode step spends its time in the matrix products). */
+/* The small per-token ops, plain C on the calling thread: a decode step spends its time in the
+ * matrix products. The gated activation, whose exp would cost as much as all of these, runs
+ * on the instruction-set path (blob_isa_ops.gated_act). */
 #include "kernels_impl.h"
+
+/* Sum of x[k]^2 in double (exact enough for any d), in eight running sums: a single one waits
+ * out the add latency at every element (Gemma 3 270M prefill: 4 % of its time in norms). */
+static double sum_of_squares(const float *x, size_t d) {
+    double lanes[8] = {0};
+    size_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += (double)x[k + l] * x[k + l];
+    for (; k < d; k++) lanes[0] += (double)x[k] * x[k];
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
 
 void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
                    float *out) {
     for (size_t i = 0; i < n; i++) {
         const float *xi = x + i * d;
-        double squares = 0.0;   /* double: the mean of squares is exact enough for any d */
-        for (size_t k = 0; k < d; k++) squares += (double)xi[k] * xi[k];
-        const float inv_rms = (float)(1.0 / sqrt(squares / (double)d + (double)eps));
+        const float inv_rms = (float)(1.0 / sqrt(sum_of_squares(xi, d) / (double)d + (double)eps));
         for (size_t k = 0; k < d; k++) out[i * d + k] = xi[k] * inv_rms * (offset + w[k]);
     }
 }
 
-void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
-               const float *inv_freq, size_t n_freq) {
+void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float *cos_sin) {
     for (size_t i = 0; i < n; i++) {
         for (size_t j = 0; j < n_freq; j++) {
             /* the angle rounded to f32 first, as HF computes position * inv_freq in f32 */
             const float angle = (float)positions[i] * inv_freq[j];
-            const float c = (float)cos((double)angle), s = (float)sin((double)angle);
-            for (size_t h = 0; h < n_heads; h++) {
-                float *head = x + (i * n_heads + h) * head_dim;
+            cos_sin[(i * n_freq + j) * 2] = (float)cos((double)angle);
+            cos_sin[(i * n_freq + j) * 2 + 1] = (float)sin((double)angle);
+        }
+    }
+}
+
+void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq) {
+    for (size_t i = 0; i < n; i++) {
+        for (size_t h = 0; h < n_heads; h++) {
+            float *head = x + (i * n_heads + h) * head_dim;
+            for (size_t j = 0; j < n_freq; j++) {
+                const float c = cos_sin[(i * n_freq + j) * 2], s = cos_sin[(i * n_freq + j) * 2 + 1];
                 const float x1 = head[j], x2 = head[j + n_freq];
                 head[j] = x1 * c - x2 * s;
                 head[j + n_freq] = x2 * c + x1 * s;
@@ -30,20 +48,8 @@ void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_
     }
 }
 
-static float silu(float g) { return g / (1.0f + expf(-g)); }
-
-/* GELU, tanh approximation: 0.5 g (1 + tanh(u)) is g * sigmoid(2u) exactly, and one expf costs
- * a third of a tanhf (which a prompt chunk calls for every FFN activation of every layer). */
-static float gelu_tanh(float g) {
-    const float two_sqrt_2_over_pi = 1.5957691216057308f;
-    return g / (1.0f + expf(-two_sqrt_2_over_pi * (g + 0.044715f * g * g * g)));
-}
-
 void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out) {
-    if (act == BLOB_ACT_GELU_TANH)
-        for (size_t k = 0; k < count; k++) out[k] = gelu_tanh(gate[k]) * up[k];
-    else
-        for (size_t k = 0; k < count; k++) out[k] = silu(gate[k]) * up[k];
+    blob_ops()->gated_act(gate, up, count, act, out);
 }
 
 void blob_softmax(float *x, size_t n, size_t d) {

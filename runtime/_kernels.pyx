@@ -92,8 +92,9 @@ cdef extern from "kernels.h" nogil:
     int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out)
     void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps,
                        float offset, float *out)
-    void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const int64_t *positions,
-                   const float *inv_freq, size_t n_freq)
+    void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq,
+                          float *cos_sin)
+    void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq)
     void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out)
     void blob_softmax(float *x, size_t n, size_t d)
     void blob_softcap(const float *x, size_t count, float cap, float *out)
@@ -477,8 +478,10 @@ def rope(x, positions, inv_freq):
     cdef float[:, :, ::1] xv = xa
     cdef const int64_t[::1] pv = pos
     cdef const float[::1] fv = freq
+    cdef float[:, :, ::1] angles = np.empty((n, n_freq, 2), np.float32)
     with nogil:
-        blob_rope(&xv[0, 0, 0], n, n_heads, head_dim, &pv[0], &fv[0], n_freq)
+        blob_rope_angles(&pv[0], n, &fv[0], n_freq, &angles[0, 0, 0])
+        blob_rope(&xv[0, 0, 0], n, n_heads, head_dim, &angles[0, 0, 0], n_freq)
     return x
 
 

@@ -59,7 +59,9 @@ class Transformer:
     def __init__(self, reader, config: ModelConfig):
         check_tensors(reader, config)
         self.config = config
-        layers = [self._bind_layer(reader, i) for i in range(config.num_layers)]
+        # one array per distinct rotary setting: layers that share it share its angles in the stack
+        inv_freqs = {rope: rope.inv_freq(config.head_dim) for rope in set(config.rope)}
+        layers = [self._bind_layer(reader, i, inv_freqs[config.rope[i]]) for i in range(config.num_layers)]
         self.stack = kernels.DecoderStack(    # holds the bound weights from here on
             _matrix(reader, "embed"), _matrix(reader, "lm_head"), _vector(reader, "final_norm"), layers,
             n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
@@ -69,12 +71,11 @@ class Transformer:
             attn_softcap=config.attn_logit_softcap or 0.0, final_softcap=config.final_logit_softcap or 0.0,
             activation=config.activation)
 
-    def _bind_layer(self, reader, i: int) -> Layer:
+    def _bind_layer(self, reader, i: int, inv_freq: np.ndarray) -> Layer:
         name = f"layers.{i}.".__add__
         matrices = {part: _matrix(reader, name(part)) for part in ("q", "k", "v", "o", "gate", "up", "down")}
         vectors = {part: _vector(reader, name(part)) for part in VECTOR_PARTS if name(part) in reader}
-        return Layer(**matrices, **vectors, inv_freq=self.config.rope[i].inv_freq(self.config.head_dim),
-                     window=self.config.sliding_window[i])
+        return Layer(**matrices, **vectors, inv_freq=inv_freq, window=self.config.sliding_window[i])
 
     # ---- running tokens ----
 

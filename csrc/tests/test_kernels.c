@@ -6,6 +6,7 @@
  * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
  *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
+ * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads.
@@ -227,6 +228,34 @@ static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* SiLU and GELU-tanh gates against the scalar path (libm's expf), over gates from -100 to 100
+ * (both ends of the exp limits) and zero, in place too; NaN stays NaN. Within 8 ulp of the
+ * result times (1 + |z|), z the sigmoid's argument: for z << 0 the result is about g e^z, so
+ * the rounding of z itself (which a compiler may contract into an FMA on either side) moves it
+ * by |z| ulp. Below 1e-30 it may differ absolutely: a gate of -90 leaves 1e-36 for libm's 0. */
+static void check_gated_act(const blob_isa_ops *ops, const char *path) {
+    enum { N = 203 };   /* the vector loop and a tail */
+    float gate[N], up[N], mine[N], ref[N];
+    for (int act = BLOB_ACT_SILU; act <= BLOB_ACT_GELU_TANH; act++) {
+        for (size_t k = 0; k < N; k++) {
+            gate[k] = k < 100 ? next_float() * 6.0f : k < 200 ? next_float() * 100.0f : 0.0f;
+            up[k] = next_float() + 2.0f;
+        }
+        gate[7] = 1e-30f;
+        ops->gated_act(gate, up, N, act, mine);
+        blob_ops_scalar.gated_act(gate, up, N, act, ref);
+        for (size_t k = 0; k < N; k++)
+            expect_close(act ? "gated_act gelu_tanh" : "gated_act silu", path, mine[k], ref[k],
+                         8 * FLT_EPSILON * fabs(ref[k]) * (1 + fabs(blob_act_arg(gate[k], act))) + 1e-30);
+        ops->gated_act(gate, up, N, act, gate);   /* out == gate */
+        for (size_t k = 0; k < N; k++) expect_close("gated_act in place", path, gate[k], mine[k], 0.0);
+        gate[0] = NAN;
+        ops->gated_act(gate, up, 8, act, mine);
+        checks++;
+        if (!isnan(mine[0])) fail("gated_act NaN gate", path, mine[0], NAN, 0.0);
+    }
+}
+
 static void check_read_sum(const blob_isa_ops *ops, const char *path) {
     enum { WORDS = 4096 };
     static _Alignas(64) uint64_t words[WORDS];
@@ -383,6 +412,7 @@ int main(void) {
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
         check_axpy_rows(paths[i].ops, paths[i].name);
+        check_gated_act(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
