@@ -96,8 +96,11 @@ static inline float blob_inverse_scale(float scale) { return scale >= FLT_MIN ? 
 
 /* The argument z of the sigmoid in act(g) = g * sigmoid(z): z = g for SiLU; for GELU's tanh
  * approximation 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3). */
+#define BLOB_GELU_SCALE 1.5957691216057308f   /* 2 sqrt(2/pi) */
+#define BLOB_GELU_CUBIC 0.044715f
+
 static inline float blob_act_arg(float g, int act) {
-    return act == BLOB_ACT_GELU_TANH ? 1.5957691216057308f * (g + 0.044715f * g * g * g) : g;
+    return act == BLOB_ACT_GELU_TANH ? BLOB_GELU_SCALE * (g + BLOB_GELU_CUBIC * g * g * g) : g;
 }
 
 /* act(g) * u with libm's expf: the scalar path, and the reference the vector paths (whose exp
