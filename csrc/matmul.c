@@ -9,30 +9,24 @@
 #include "kernels_impl.h"
 
 /* Weight bytes per work item at one token: each thread then reads long in-order runs, which
- * the prefetchers follow (64-row items held 262144 x 640 q8_0 at 24 GB/s on 2 threads; 128 KiB
- * items reach the ~30 GB/s of memory), while a small matrix still yields MATVEC_MIN_ITEMS
- * items per thread to balance. */
-#define MATVEC_ITEM_BYTES (128u << 10)
-#define MATVEC_MIN_ITEMS 8
+ * the prefetchers follow, while a small matrix still yields MATVEC_MIN_ITEMS items per thread
+ * to balance. Every item start is a cold stream: on Zen 4 at 2 threads, the 1.1B llama's
+ * matrices read at 31 GB/s (q8_0) in 128 KiB items against 33-34 in 1 MiB ones, which is the
+ * read probe's own figure over the same bytes. */
+#define MATVEC_ITEM_BYTES (1024u << 10)
+#define MATVEC_MIN_ITEMS 4
 #define MATMUL_CHUNK_ROWS 16           /* rows per work item at many tokens */
 #define ACT_TILE_BYTES (4u << 20)      /* activations of one token tile: stay in the last-level cache */
 
 static int is_quantized(int dtype) { return dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0; }
-/* A matvec tile of several rows reads them as interleaved streams one row_stride apart. Rows
- * of 257 bytes up to a page put those streams in the same pages, which the hardware prefetchers
- * follow badly (AMD Zen 3: 262144 x 640 q8_0 at 6 GB/s with 4-row tiles, 18-20 GB/s with
- * 1-row tiles, which read memory in order); such rows go one per tile, and out-of-order
- * execution overlaps the rows' independent sums instead. Quantized rows longer than that go one
- * per tile too: the one-row tile prefetches ahead in software (kernels_x86.inc), which the
- * prefetchers' stop at every page boundary needs (Zen 4, 2 threads, 2048 x 5632 q8_0: 31-32 GB/s
- * against 25-26 with 4-row tiles; 8192 x 8192 the same either way). Rows of at most 256 bytes
- * (a 4-row tile then spans 16 lines, read nearly in order) and float rows of a page or more keep
- * the multi-row tile, whose independent accumulators read long f16 rows faster than the
- * one-row tile's four chains (2048 x 5632 f16: 31-32 against 27-28 GB/s). */
-static int matvec_by_single_rows(const blob_matrix *w) {
-    const size_t bytes = w->row_stride_bytes;
-    return bytes > 256 && (bytes < 4096 || is_quantized(w->dtype));
-}
+/* A matvec tile of several rows reads them as interleaved streams one row_stride apart, which
+ * the hardware prefetchers follow worse than one stream read in order (AMD Zen 3, 262144 x 640
+ * q8_0: 6 GB/s with 4-row tiles, 18-20 with 1-row tiles; Zen 4, 2 threads, the 1.1B llama's
+ * f16 matrices: 27-36 against 30-44 GB/s, the spread being this machine's own). Rows over 256
+ * bytes therefore go one per tile, and out-of-order execution overlaps the rows' independent
+ * sums instead; the quantized one-row tile also prefetches ahead (kernels_x86.inc). Rows of at
+ * most 256 bytes keep the multi-row tile: four of them span 16 lines, read nearly in order. */
+static int matvec_by_single_rows(const blob_matrix *w) { return w->row_stride_bytes > 256; }
 
 /* One matrix of a job: its items come after those of the parts before it. */
 typedef struct {
