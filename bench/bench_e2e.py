@@ -37,10 +37,10 @@ ROOT = HERE.parent
 CACHE = Path(os.environ.get("BLOBSTORE_CACHE", Path.home() / ".cache" / "blobstore"))
 PEER_VENV = CACHE / "peer-venv"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-TYPES = ["f16", "q8_0", "q4_0"]
+TYPES = ["f16", "bf16", "q8_0", "q4_0"]
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048)
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}   # llama.cpp's LLAMA_FTYPE_* values
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}   # llama.cpp's LLAMA_FTYPE_* values
 START, END = "<!-- bench_e2e:start -->", "<!-- bench_e2e:end -->"
 
 

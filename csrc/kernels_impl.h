@@ -23,6 +23,14 @@
 #define BLOB_UNROLL
 #endif
 
+/* Hides where pointer p points from the optimizer. GCC otherwise keeps the address of every
+ * element a fully unrolled loop reads from a stack array in a register of its own, spilled. */
+#if defined(__GNUC__)
+#define BLOB_OPAQUE(p) __asm__("" : "+r"(p))
+#else
+#define BLOB_OPAQUE(p) ((void)0)
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define BLOB_HAVE_X86 1
 #endif
