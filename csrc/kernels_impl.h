@@ -147,7 +147,8 @@ static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127
 /* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
  * quantized to blocks of 32 levels, int8 in q8 or int16 in q16 as blob_act_bits says (the
  * other pointer is unused): token t's levels at q8/q16 + t*q_stride, its block scales at
- * d + t*nblocks. */
+ * d + t*nblocks, and with int8 levels the sum of each block's levels (exact in f32) at
+ * sums + t*nblocks (blob_level_sums). */
 typedef struct blob_acts {
     const float *x;
     size_t x_stride;
@@ -155,7 +156,18 @@ typedef struct blob_acts {
     const int16_t *q16;
     const float *d;
     size_t q_stride, nblocks;
+    const float *sums;
 } blob_acts;
+
+/* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
+ * stored nibbles (level + 8) and take 8 x sum x scale off per block afterwards. */
+static inline void blob_level_sums(const int8_t *q, size_t nblocks, float *sums) {
+    for (size_t b = 0; b < nblocks; b++) {
+        int total = 0;
+        for (int k = 0; k < BLOB_QBLOCK; k++) total += q[b * BLOB_QBLOCK + k];
+        sums[b] = (float)total;
+    }
+}
 
 /* Token t's activation levels for `dtype` weights: int8_t or int16_t, per blob_act_bits. */
 BLOB_INLINE const void *blob_act_levels(const blob_acts *a, size_t t, int dtype) {

@@ -73,7 +73,7 @@ typedef struct {
     size_t x_stride, cols, n;
     int bits;                       /* level width, blob_act_bits */
     uint8_t *q;
-    float *d;
+    float *d, *sums;
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
@@ -86,27 +86,34 @@ static void quantize_task(void *ctx, int ith, int nth) {
         uint8_t *q = j->q + t * j->q_stride_bytes;
         const float *x = j->x + t * j->x_stride;
         float *d = j->d + t * j->nblocks;
-        if (j->bits == 16) j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
-        else j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
+        if (j->bits == 16) {
+            j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
+        } else {
+            j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
+            blob_level_sums((const int8_t *)q, j->nblocks, j->sums + t * j->nblocks);
+        }
         memset(q + used, 0, j->q_stride_bytes - used);   /* defined bytes in the row padding too */
     }
 }
 
 /* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
- * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32. */
+ * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32 and, for
+ * int8 levels, their block sums (n, nblocks) f32. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + n * nblocks * sizeof(float));
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + 2 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
-    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space,
-                        (float *)(space + n * q_stride_bytes), q_stride_bytes, nblocks, 0};
+    float *d = (float *)(space + n * q_stride_bytes);
+    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks,
+                        q_stride_bytes, nblocks, 0};
     if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
     acts->q16 = bits == 16 ? (const int16_t *)space : NULL;
     acts->d = job.d;
+    acts->sums = bits == 8 ? job.sums : NULL;
     acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;

@@ -113,7 +113,7 @@ static void free_weight(test_weight *w) {
 typedef struct {
     int bits;
     void *q;              /* n rows of q_stride levels, int8 or int16 per bits */
-    float *d;
+    float *d, *sums;
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -124,9 +124,14 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.q_stride = round64(qa.nblocks * 32);
     qa.q = calloc(n, qa.q_stride * (size_t)(bits / 8));
     qa.d = (float *)calloc(n * qa.nblocks, sizeof(float));
+    qa.sums = (float *)calloc(n * qa.nblocks, sizeof(float));
     for (size_t t = 0; t < n; t++) {
-        if (bits == 16) ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
-        else ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+        if (bits == 16) {
+            ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+        } else {
+            ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+            blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
+        }
     }
     return qa;
 }
@@ -137,7 +142,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int bits = blob_act_bits(w->m.dtype);
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums};
     blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
     size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
@@ -145,6 +150,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
     free(qa.q);
     free(qa.d);
+    free(qa.sums);
 }
 
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
@@ -164,7 +170,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
                 fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
-            free(mine.q), free(mine.d), free(ref.q), free(ref.d);
+            free(mine.q), free(mine.d), free(mine.sums), free(ref.q), free(ref.d), free(ref.sums);
         }
         free(x);
     }
