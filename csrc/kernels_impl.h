@@ -129,6 +129,13 @@ static inline float blob_gated_act1(float g, float u, int act) {
 #define BLOB_LN2_LO (-2.12194440e-4f)
 #define BLOB_EXP_POLY {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
 
+/* ---- RMSNorm ---- */
+
+/* 1 / rms from a row's sum of squares, in double (exact enough for any d): every path shares it. */
+static inline float blob_inv_rms(double sum_of_squares, size_t d, float eps) {
+    return (float)(1.0 / sqrt(sum_of_squares / (double)d + (double)eps));
+}
+
 /* ---- the per-ISA function table ---- */
 
 /* Width of the activation levels a quantized weight dtype is multiplied with. q8_0 takes int16
@@ -194,6 +201,8 @@ typedef struct blob_isa_ops {
                       size_t n, int dtype);
     /* out[k] = act(gate[k]) * up[k] for k < count (blob_gated_act1); out may be gate */
     void (*gated_act)(const float *gate, const float *up, size_t count, int act, float *out);
+    /* out = x * blob_inv_rms(sum of x[k]^2 in double) * (offset + w), one row of d; out may be x */
+    void (*rms_norm_row)(const float *x, const float *w, size_t d, float eps, float offset, float *out);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
 } blob_isa_ops;

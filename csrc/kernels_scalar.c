@@ -161,7 +161,20 @@ static void gated_act(const float *gate, const float *up, size_t count, int act,
     for (size_t k = 0; k < count; k++) out[k] = blob_gated_act1(gate[k], up[k], act);
 }
 
+/* The sum of squares in eight running sums: a single one waits out the add latency at every
+ * element. */
+static void rms_norm_row(const float *x, const float *w, size_t d, float eps, float offset, float *out) {
+    double lanes[8] = {0};
+    size_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += (double)x[k + l] * x[k + l];
+    for (; k < d; k++) lanes[0] += (double)x[k] * x[k];
+    const double total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    const float inv_rms = blob_inv_rms(total, d, eps);
+    for (k = 0; k < d; k++) out[k] = x[k] * inv_rms * (offset + w[k]);
+}
+
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, quantize_row16, axpy_rows, gated_act, read_sum,
+    quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, read_sum,
 };

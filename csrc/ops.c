@@ -1,26 +1,13 @@
 /* The small per-token ops, plain C on the calling thread: a decode step spends its time in the
- * matrix products. The gated activation, whose exp would cost as much as all of these, runs
- * on the instruction-set path (blob_isa_ops.gated_act). */
+ * matrix products. The gated activation, whose exp would cost as much as all of these, and
+ * RMSNorm, which a Gemma prompt runs six times a layer, run on the instruction-set path
+ * (blob_isa_ops). */
 #include "kernels_impl.h"
-
-/* Sum of x[k]^2 in double (exact enough for any d), in eight running sums: a single one waits
- * out the add latency at every element (Gemma 3 270M prefill: 4 % of its time in norms). */
-static double sum_of_squares(const float *x, size_t d) {
-    double lanes[8] = {0};
-    size_t k = 0;
-    for (; k + 8 <= d; k += 8)
-        for (int l = 0; l < 8; l++) lanes[l] += (double)x[k + l] * x[k + l];
-    for (; k < d; k++) lanes[0] += (double)x[k] * x[k];
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
 
 void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
                    float *out) {
-    for (size_t i = 0; i < n; i++) {
-        const float *xi = x + i * d;
-        const float inv_rms = (float)(1.0 / sqrt(sum_of_squares(xi, d) / (double)d + (double)eps));
-        for (size_t k = 0; k < d; k++) out[i * d + k] = xi[k] * inv_rms * (offset + w[k]);
-    }
+    const blob_isa_ops *ops = blob_ops();
+    for (size_t i = 0; i < n; i++) ops->rms_norm_row(x + i * d, w, d, eps, offset, out + i * d);
 }
 
 void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float *cos_sin) {

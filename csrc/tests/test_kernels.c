@@ -7,6 +7,7 @@
  *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
+ * - RMSNorm rows bit-identical to scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads.
@@ -220,10 +221,10 @@ static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
     const size_t sizes[] = {1, 7, 8, 9, 64, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
         for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-            const size_t n = sizes[i], count = 5;
+            const size_t n = sizes[i], count = 7;   /* x86 takes four rows at a time */
             test_weight a = make_weight(dtype, count, n);   /* rows 64 bytes apart, like a cache */
             const size_t stride = a.m.row_stride_bytes / blob_cache_elem_size(dtype);
-            float alpha[5], y1[100], y2[100];
+            float alpha[7], y1[100], y2[100];
             for (size_t k = 0; k < n; k++) y1[k] = y2[k] = next_float();
             for (size_t r = 0; r < count; r++) alpha[r] = next_float();
             ops->axpy_rows(y1, alpha, a.plane, stride, count, n, dtype);
@@ -232,6 +233,31 @@ static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
             free_weight(&a);
         }
     }
+}
+
+/* RMSNorm rows bit-identical to scalar's: the same per-lane double sums, the same float ops.
+ * Sizes cover the eight-wide loop, its tail, and a row of zeros (eps alone). */
+static void check_rms_norm(const blob_isa_ops *ops, const char *path) {
+    enum { MAX_D = 2051 };
+    const size_t sizes[] = {1, 7, 8, 9, 64, 256, 640, 2051};
+    static float x[MAX_D], w[MAX_D], mine[MAX_D], ref[MAX_D];
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        const size_t d = sizes[i];
+        for (size_t k = 0; k < d; k++) {
+            x[k] = next_float() * (k % 5 == 0 ? 300.0f : 1.0f);
+            w[k] = next_float();
+        }
+        for (int offset = 0; offset <= 1; offset++) {
+            ops->rms_norm_row(x, w, d, 1e-6f, (float)offset, mine);
+            blob_ops_scalar.rms_norm_row(x, w, d, 1e-6f, (float)offset, ref);
+            for (size_t k = 0; k < d; k++) expect_close("rms_norm_row", path, mine[k], ref[k], 0.0);
+        }
+        ops->rms_norm_row(x, w, d, 1e-6f, 1.0f, x);   /* in place */
+        for (size_t k = 0; k < d; k++) expect_close("rms_norm_row in place", path, x[k], ref[k], 0.0);
+    }
+    memset(x, 0, sizeof x);
+    ops->rms_norm_row(x, w, 100, 1e-6f, 0.0f, mine);
+    for (size_t k = 0; k < 100; k++) expect_close("rms_norm_row of zeros", path, mine[k], 0.0, 0.0);
 }
 
 /* SiLU and GELU-tanh gates against the scalar path (libm's expf), over gates from -100 to 100
@@ -419,6 +445,7 @@ int main(void) {
         check_tiles(paths[i].ops, paths[i].name);
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
+        check_rms_norm(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
