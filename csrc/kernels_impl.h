@@ -188,7 +188,8 @@ typedef void (*blob_tile_fn)(const blob_matrix *w, size_t r0, size_t nr, const b
 
 typedef struct blob_isa_ops {
     /* matvec: tile of mv_rows rows x 1 token; matmul: mm_rows x mm_tokens;
-     * matvec_row: 1 row x 1 token, for rows too short for matvec's (see matmul.c) */
+     * matvec_row: rows r0 .. r0+nr-1 (any nr) one at a time x 1 token, for rows too long for
+     * matvec's (see matmul.c) */
     blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES], matvec_row[BLOB_NUM_DTYPES];
     int mv_rows, mm_rows, mm_tokens;
     /* X (n,) -> ceil(n/32) blocks of 32 levels (zero-padded) with f32 scales d = amax/QMAX and
@@ -232,6 +233,13 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
                           size_t t0, size_t nt, float *y, size_t ys) {                         \
         body(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);                                        \
     }
+/* The one-row tile run over nr rows in turn, in one call: short rows (Gemma's 640 columns) cost
+ * about as much again in per-call overhead as in work when called row by row. */
+#define BLOB_ROWS_FN(attr, name, body, dtype)                                                  \
+    static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
+                          size_t t0, size_t nt, float *y, size_t ys) {                         \
+        for (size_t r = r0; r < r0 + nr; r++) body(w, r, 1, a, t0, nt, y, ys, dtype, 1, 1);  \
+    }
 #define BLOB_DEFINE_TILES(attr, mv_rows, mm_rows, mm_tokens)                                   \
     _Static_assert(mv_rows <= BLOB_TILE_MAX_ROWS && mm_rows <= BLOB_TILE_MAX_ROWS &&           \
                    mm_tokens <= BLOB_TILE_MAX_TOKENS, "tile larger than BLOB_TILE_MAX_*");     \
@@ -245,11 +253,11 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     BLOB_TILE_FN(attr, mm_bf16, float_tile, BLOB_BF16, mm_rows, mm_tokens)                     \
     BLOB_TILE_FN(attr, mm_q8_0, quant_tile, BLOB_Q8_0, mm_rows, mm_tokens)                     \
     BLOB_TILE_FN(attr, mm_q4_0, quant_tile, BLOB_Q4_0, mm_rows, mm_tokens)                     \
-    BLOB_TILE_FN(attr, mv1_f32, float_tile, BLOB_F32, 1, 1)                                    \
-    BLOB_TILE_FN(attr, mv1_f16, float_tile, BLOB_F16, 1, 1)                                    \
-    BLOB_TILE_FN(attr, mv1_bf16, float_tile, BLOB_BF16, 1, 1)                                  \
-    BLOB_TILE_FN(attr, mv1_q8_0, quant_tile, BLOB_Q8_0, 1, 1)                                  \
-    BLOB_TILE_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0, 1, 1)
+    BLOB_ROWS_FN(attr, mv1_f32, float_tile, BLOB_F32)                                          \
+    BLOB_ROWS_FN(attr, mv1_f16, float_tile, BLOB_F16)                                          \
+    BLOB_ROWS_FN(attr, mv1_bf16, float_tile, BLOB_BF16)                                        \
+    BLOB_ROWS_FN(attr, mv1_q8_0, quant_tile, BLOB_Q8_0)                                        \
+    BLOB_ROWS_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0)
 #define BLOB_TILE_TABLE(mv_rows, mm_rows, mm_tokens)                                           \
     {mv_f32, mv_f16, mv_bf16, mv_q8_0, mv_q4_0}, {mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0},  \
         {mv1_f32, mv1_f16, mv1_bf16, mv1_q8_0, mv1_q4_0}, mv_rows, mm_rows, mm_tokens

@@ -35,6 +35,7 @@ typedef struct {
     size_t y_stride;
     blob_tile_fn tile;
     int tile_rows;
+    size_t rows_per_call;   /* tile_rows, or a whole chunk for the one-row tiles */
     size_t chunk_rows, nchunks, first_item;
 } matmul_part;
 
@@ -55,9 +56,9 @@ static void run_item(const matmul_job *j, size_t item) {
     const size_t r_end = blob_min(r_begin + p->chunk_rows, p->w->rows);
     const size_t t_begin = (local / p->nchunks) * j->token_tile;
     const size_t t_end = blob_min(t_begin + j->token_tile, j->n);
-    for (size_t r = r_begin; r < r_end; r += p->tile_rows)
+    for (size_t r = r_begin; r < r_end; r += p->rows_per_call)
         for (size_t t = t_begin; t < t_end; t += j->tile_tokens)
-            p->tile(p->w, r, blob_min(p->tile_rows, r_end - r), &j->acts, t,
+            p->tile(p->w, r, blob_min(p->rows_per_call, r_end - r), &j->acts, t,
                     blob_min(j->tile_tokens, t_end - t), p->y, p->y_stride);
 }
 
@@ -136,6 +137,7 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / w->row_stride_bytes,
                               blob_div_up(w->rows, MATVEC_MIN_ITEMS * (size_t)blob_threads_get()));
     p->chunk_rows = round_down_to(chunk_rows, p->tile_rows);
+    p->rows_per_call = row_tiles ? p->chunk_rows : (size_t)p->tile_rows;
     p->nchunks = blob_div_up(w->rows, p->chunk_rows);
     p->first_item = job->nitems;
     job->nitems += p->nchunks * blob_div_up(n, job->token_tile);
