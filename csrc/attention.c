@@ -1,7 +1,9 @@
 /* Causal grouped-query attention over a KV cache (f32 or f16), for one decode token or a
- * prefill batch. One work item = one (query, head) pair: its scores over the visible keys go to
- * a per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.
- * Items are independent, so the result does not depend on the thread count. */
+ * prefill batch. One work item = one query position and a slice of the query heads that share a
+ * KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
+ * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
+ * per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.
+ * A head's result does not depend on the slicing or the thread count. */
 #include "kernels_impl.h"
 
 typedef struct {
@@ -10,38 +12,30 @@ typedef struct {
     const float *q;
     float *out;
     size_t n, p0;
-    float *scratch;          /* (threads, p0 + n) */
-    size_t scratch_stride;
+    size_t heads_per_item;   /* query heads per item: the GQA group, or a part of it */
+    float *scratch;          /* (threads, heads_per_item, scores_stride) */
+    size_t scores_stride;
     volatile size_t next;
 } attention_job;
 
-/* scores (count,) = K (count, head_dim) @ q: the keys are a matrix of cache rows, so this is
- * the matvec kernel's work, run through its row tiles. */
+/* scores (heads, count) = Q (heads, head_dim) @ K (count, head_dim).T: the keys are a matrix
+ * of cache rows and the heads its tokens, the matmul tiles' work. */
 static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_bytes, size_t count,
-                       const blob_attention *a, const float *q, float *scores) {
+                       const blob_attention *a, const float *q, size_t heads, float *scores, size_t stride) {
     const blob_matrix keys = {a->kv_dtype, k, row_bytes, NULL, count, a->head_dim};
-    blob_acts query;
-    memset(&query, 0, sizeof query);
-    query.x = q;
-    const size_t R = (size_t)ops->mv_rows;
+    blob_acts queries;
+    memset(&queries, 0, sizeof queries);
+    queries.x = q;
+    queries.x_stride = a->head_dim;
+    const size_t R = (size_t)ops->mm_rows, T = (size_t)ops->mm_tokens;
     for (size_t r = 0; r < count; r += R)
-        ops->matvec[a->kv_dtype](&keys, r, blob_min(R, count - r), &query, 0, 1, scores, 0);
+        for (size_t t = 0; t < heads; t += T)
+            ops->matmul[a->kv_dtype](&keys, r, blob_min(R, count - r), &queries, t, blob_min(T, heads - t),
+                                     scores, stride);
 }
 
-/* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j]. */
-static void attend(const attention_job *j, size_t i, size_t h, float *scores) {
-    const blob_attention *a = j->a;
-    const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
-    const size_t p = j->p0 + i;
-    const size_t first = (a->window > 0 && p + 1 > a->window) ? p + 1 - a->window : 0;
-    const size_t count = p + 1 - first;
-    const size_t kv_head = h / (a->n_heads / a->n_kv_heads);
-    const uint8_t *k = (const uint8_t *)a->k + (kv_head * a->k_head_stride + first * a->k_pos_stride) * es;
-    const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
-    const float *q = j->q + (i * a->n_heads + h) * hd;
-    float *o = j->out + (i * a->n_heads + h) * hd;
-
-    key_scores(j->ops, k, a->k_pos_stride * es, count, a, q, scores);
+/* Soft-cap and softmax one head's scores in place; returns 1 / (sum of the exponentials). */
+static float softmax_scores(const blob_attention *a, float *scores, size_t count) {
     float max_score = -INFINITY;
     for (size_t c = 0; c < count; c++) {
         float s = scores[c] * a->scale;
@@ -54,19 +48,46 @@ static void attend(const attention_job *j, size_t i, size_t h, float *scores) {
         scores[c] = expf(scores[c] - max_score);
         total += scores[c];
     }
-    memset(o, 0, hd * sizeof(float));
-    j->ops->axpy_rows(o, scores, v, a->v_pos_stride, count, hd, a->kv_dtype);
-    const float inv_total = 1.0f / total;
-    for (size_t d = 0; d < hd; d++) o[d] *= inv_total;
+    return 1.0f / total;
+}
+
+/* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j], for the
+ * heads h0 .. h0 + heads - 1, which share one KV head. */
+static void attend(const attention_job *j, size_t i, size_t h0, size_t heads, float *scores) {
+    const blob_attention *a = j->a;
+    const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
+    const size_t p = j->p0 + i;
+    const size_t first = (a->window > 0 && p + 1 > a->window) ? p + 1 - a->window : 0;
+    const size_t count = p + 1 - first;
+    const size_t kv_head = h0 / (a->n_heads / a->n_kv_heads);
+    const uint8_t *k = (const uint8_t *)a->k + (kv_head * a->k_head_stride + first * a->k_pos_stride) * es;
+    const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
+    key_scores(j->ops, k, a->k_pos_stride * es, count, a, j->q + (i * a->n_heads + h0) * hd, heads, scores,
+               j->scores_stride);
+    for (size_t h = 0; h < heads; h++) {
+        float *row = scores + h * j->scores_stride, *o = j->out + (i * a->n_heads + h0 + h) * hd;
+        const float inv_total = softmax_scores(a, row, count);
+        memset(o, 0, hd * sizeof(float));
+        j->ops->axpy_rows(o, row, v, a->v_pos_stride, count, hd, a->kv_dtype);
+        for (size_t d = 0; d < hd; d++) o[d] *= inv_total;
+    }
 }
 
 static void attention_task(void *ctx, int ith, int nth) {
     attention_job *j = (attention_job *)ctx;
     (void)nth;
-    float *scores = j->scratch + (size_t)ith * j->scratch_stride;
-    const size_t items = j->n * j->a->n_heads;
+    float *scores = j->scratch + (size_t)ith * j->heads_per_item * j->scores_stride;
+    const size_t slices = j->a->n_heads / j->heads_per_item, items = j->n * slices;
     for (size_t item; (item = blob_next_item(&j->next)) < items;)
-        attend(j, item / j->a->n_heads, item % j->a->n_heads, scores);
+        attend(j, item / slices, (item % slices) * j->heads_per_item, j->heads_per_item, scores);
+}
+
+/* The whole GQA group per item, halved while that leaves a thread without an item (Gemma 3
+ * 270M decodes with one KV head for four query heads). */
+static size_t heads_per_item(const blob_attention *a, size_t n) {
+    size_t heads = a->n_heads / a->n_kv_heads;
+    while (heads % 2 == 0 && n * (a->n_heads / heads) < (size_t)blob_threads_get()) heads /= 2;
+    return heads;
 }
 
 int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out) {
@@ -81,10 +102,12 @@ int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t
     job.out = out;
     job.n = n;
     job.p0 = p0;
-    job.scratch_stride = (p0 + n + 15) & ~(size_t)15;   /* 64-byte rows: no false sharing */
+    job.scores_stride = (p0 + n + 15) & ~(size_t)15;   /* 64-byte rows: no false sharing */
 
     blob_call_lock();
-    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() * job.scratch_stride * sizeof(float));
+    job.heads_per_item = heads_per_item(a, n);
+    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() * job.heads_per_item * job.scores_stride *
+                                          sizeof(float));
     int status = job.scratch ? BLOB_OK : BLOB_ENOMEM;
     if (status == BLOB_OK) blob_pool_run(attention_task, &job);
     blob_call_unlock();
