@@ -12,7 +12,9 @@ Peers: llama.cpp through llama-cpp-python, installed (compiled) once into a cach
 transformers on PyTorch CPU at bf16 and f32. Every measurement runs in its own process so that
 RSS figures do not mix. blobstore and llama.cpp run `--runs` times each (default 3), taking
 turns, and each figure is reported at its best: on a shared VM a single run of either can be
-20 % off.
+20 % off. Before a model and type is measured, both runtimes' files are dropped from the page
+cache and read once in order (settle_page_cache), so neither reads its weights from pages its
+writer happened to leave in small pieces.
 
     pip install ".[bench]"
     python bench/bench_e2e.py [--quick] [--runs 3] [--threads 2] [--out BENCHMARKS.md]
@@ -298,6 +300,17 @@ def write_llama_gguf(folder: Path, out: Path):
 
 # ---- measuring ----
 
+def settle_page_cache(path: Path):
+    """Drop `path` from the page cache, then read it once in order: every runtime's file then
+    sits in memory the same way (read-ahead's large folios, mapped with 2 MiB pages), not however
+    its writer left it. On this VM the same bytes read at up to 20 % different speeds otherwise."""
+    with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        while f.read(16 << 20):
+            pass
+
+
 def weight_bytes_per_token(blob: Path) -> int:
     """Bytes of weights a decode step reads: every matrix once, the embedding only for one row
     (unless it doubles as the output head, which reads it whole)."""
@@ -335,6 +348,8 @@ def measure(args, work: Path, bandwidth: float) -> list[dict]:
             jobs = [("blobstore", sys.executable, OURS, blob)]
             if peer is not None:
                 jobs.append(("llama.cpp", python, LLAMA_CPP, peer))
+            for _, _, _, path in jobs:
+                settle_page_cache(path)
             runs = {runtime: [] for runtime, *_ in jobs}
             for attempt in range(args.runs):   # interleaved, so a slow spell of the machine hits both
                 for runtime, interpreter, code, path in jobs:
