@@ -131,9 +131,14 @@ static inline float blob_gated_act1(float g, float u, int act) {
 
 /* ---- RMSNorm ---- */
 
-/* 1 / rms from a row's sum of squares, in double (exact enough for any d): every path shares it. */
-static inline float blob_inv_rms(double sum_of_squares, size_t d, float eps) {
-    return (float)(1.0 / sqrt(sum_of_squares / (double)d + (double)eps));
+/* 1 / rms of a row of d floats whose squares up to x[k) are summed, in double (exact enough for
+ * any d), in eight running sums `lanes` (element i of each eight in lane i): the rest go into
+ * lane 0, then the lanes are added pairwise. Every path ends its sums here, so they agree bit
+ * for bit. */
+static inline float blob_inv_rms(double lanes[8], const float *x, size_t k, size_t d, float eps) {
+    for (; k < d; k++) lanes[0] += (double)x[k] * x[k];
+    const double total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    return (float)(1.0 / sqrt(total / (double)d + (double)eps));
 }
 
 /* ---- the per-ISA function table ---- */

@@ -168,9 +168,7 @@ static void rms_norm_row(const float *x, const float *w, size_t d, float eps, fl
     size_t k = 0;
     for (; k + 8 <= d; k += 8)
         for (int l = 0; l < 8; l++) lanes[l] += (double)x[k + l] * x[k + l];
-    for (; k < d; k++) lanes[0] += (double)x[k] * x[k];
-    const double total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    const float inv_rms = blob_inv_rms(total, d, eps);
+    const float inv_rms = blob_inv_rms(lanes, x, k, d, eps);
     for (k = 0; k < d; k++) out[k] = x[k] * inv_rms * (offset + w[k]);
 }
 
