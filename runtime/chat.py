@@ -152,8 +152,8 @@ def render(template: str, messages: Sequence[Mapping], *, add_generation_prompt:
     _check_tools(tools)
     compiled = _compile(template)
     try:
-        return compiled.render(messages=[_with_reasoning_aliases(_without_nones(_plain(m))) for m in messages],
-                               tools=_plain(tools), documents=_plain(documents),
+        shown = [_with_reasoning_aliases(_without_nones(_plain(message))) for message in messages]
+        return compiled.render(messages=shown, tools=_plain(tools), documents=_plain(documents),
                                add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
                                **_plain(variables))
     except ChatTemplateError:
@@ -280,7 +280,8 @@ def _environment():
         @staticmethod
         def check_name(name):
             if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"chat template tried to set namespace attribute {name!r}, which the sandbox blocks")
+                raise SecurityError(f"chat template tried to set namespace attribute {name!r}, "
+                                    "which the sandbox blocks")
 
     class TemplateDict:
         """dict(...) and dict.fromkeys(...) without the dict type itself, whose class attributes

@@ -270,8 +270,10 @@ CONVERSATIONS = {
     "parallel-calls": [
         {"role": "user", "content": "Weather in Paris and Rome?"},
         {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-            {"id": "call67890", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+            {"id": "call12345", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call67890", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
         {"role": "tool", "tool_call_id": "call12345", "content": "21"},
         {"role": "tool", "tool_call_id": "call67890", "content": "25"},
     ],
@@ -369,16 +371,18 @@ def test_the_parity_cases_render_the_constructs_they_are_meant_to(frozen_time):
     qwen = _ours("qwen", "parallel-calls", tools=TOOLS)
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in qwen
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>' in qwen
-    assert "<|im_start|>user\n<tool_response>\n21\n</tool_response>\n<tool_response>\n25\n</tool_response><|im_end|>" in qwen
+    assert ("<|im_start|>user\n<tool_response>\n21\n</tool_response>\n"
+            "<tool_response>\n25\n</tool_response><|im_end|>") in qwen
     thinking = _ours("qwen", "reasoning", enable_thinking=False)
     assert "<|im_start|>assistant\n4<|im_end|>" in thinking  # earlier reasoning is dropped
     assert "<think>\nanother sum\n</think>\n\n6" in thinking  # `reasoning` is read as reasoning_content
     assert thinking.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
     mistral = _ours("mistral", "tool-call", tools=TOOLS)
-    assert '[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "Météo' in mistral
+    assert '[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "Mét' in mistral
     assert '"return"' not in mistral and mistral.index("[AVAILABLE_TOOLS]") > mistral.index("[TOOL_RESULTS]")
-    assert '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}, "id": "call12345"}]<eos>' in mistral
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}, "id": "call12345"}'
+    assert f"[TOOL_CALLS] [{call}]<eos>" in mistral
     assert "[INST] Use tools when useful.\n\nAnd in Rome?[/INST]" in mistral
 
     assert "<|system|>You can call functions.<|tool|>[{\"name\": \"get_weather\"}]<|/tool|><|end|>" in _ours(

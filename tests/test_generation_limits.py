@@ -2,7 +2,6 @@
 a context that fills up, a prompt that already holds its BOS, and chat-template arguments."""
 import json
 
-import numpy as np
 import pytest
 
 from blobstore.convert import convert
