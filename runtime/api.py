@@ -80,10 +80,26 @@ class Model:
 
     # ---- numbers ----
 
+    @functools.cached_property
+    def decodable_vocab_size(self) -> int:
+        """How many of the logit rows generation may pick: the embedding rows the tokenizer has
+        entries for. Checkpoints often pad the embedding past the tokenizer (Gemma 3: 262,208
+        rows for 262,144 pieces, Qwen2.5: 151,936 for 151,665); the rows past it are never sampled.
+
+        >>> model.config.vocab_size, model.decodable_vocab_size   # doctest: +SKIP
+        (262208, 262144)
+        """
+        return min(self.config.vocab_size, self.tokenizer.vocab_size)
+
     def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits (len(ids), vocab) at every position, from an empty cache (of the
-        model's KV dtype). The generation state is left alone."""
-        ids = self._check_ids(ids)
+        """float32 logits (len(ids), config.vocab_size) at every position, from an empty cache
+        (of the model's KV dtype): every row, padding rows included, as transformers returns
+        them. The generation state is left alone.
+
+        >>> model.forward(model.tokenizer.encode("Hello")).shape   # doctest: +SKIP
+        (2, 262144)
+        """
+        ids = self._check_ids(ids, self.config.vocab_size)
         scratch = KVCache(self.config.num_layers, max(len(ids), 1), self.config.num_kv_heads,
                           self.config.head_dim, self.cache.dtype)
         with self._lock:
@@ -96,6 +112,13 @@ class Model:
 
         Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
         from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos.
+        A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
+        that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
+        decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or
+        "length"; `stats.context_full` tells a full context (max_seq_len) from max_new_tokens.
+
+        >>> model.generate("The sky is", max_new_tokens=8, temperature=0).finish_reason   # doctest: +SKIP
+        'length'
         """
         texts, ids = [], []
         for chunk in self.stream(prompt, **options):
@@ -113,7 +136,8 @@ class Model:
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty)
-        ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
+                              self.decodable_vocab_size)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this model is generating in another thread; use one Model per thread "
                                "or wait for that generation to finish")
@@ -123,20 +147,38 @@ class Model:
         finally:
             self._lock.release()
 
-    def chat(self, messages: Sequence[Mapping], *, stream: bool = False, **options):
+    def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,
+             documents: Sequence[Mapping] | None = None, chat_template_kwargs: Mapping | None = None, **options):
         """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template.
 
-        Returns a GenerationResult, or an iterator of GenerationChunk with stream=True. The cached
-        prefix of the previous turn is reused, so a long conversation is not recomputed each turn.
+        `tools`, `documents` and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the
+        template as in apply_chat_template; the other options are generate()'s. Returns a
+        GenerationResult, or an iterator of GenerationChunk with stream=True. The cached prefix
+        of the previous turn is reused, so a long conversation is not recomputed each turn.
+
+        >>> model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=16).text   # doctest: +SKIP
         """
-        prompt = self.tokenizer.encode(self.apply_chat_template(messages), add_bos=False)
+        text = self.apply_chat_template(messages, tools=tools, documents=documents, **(chat_template_kwargs or {}))
+        prompt = self.tokenizer.encode(text, add_bos=False)  # the template writes BOS where the model wants it
         return self.stream(prompt, **options) if stream else self.generate(prompt, **options)
 
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
-        """The prompt text the chat template renders for `messages` (BOS included when the template writes it)."""
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,
+                            **template_kwargs) -> str:
+        """The prompt text the chat template renders for `messages` (BOS included when the template
+        writes it), as transformers' apply_chat_template(..., tokenize=False) renders it.
+
+        `tools` are JSON-schema dicts (OpenAI's function format); transformers would also turn
+        Python functions into such dicts (its get_json_schema), which this does not. `documents`
+        and `template_kwargs` (enable_thinking, ...) are passed to the template as they are.
+
+        >>> model.apply_chat_template([{"role": "user", "content": "Hi"}])   # doctest: +SKIP
+        '<bos><start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+        """
         return chat_templates.render(self._chat_template(), messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self._token_text(self.tokenizer.bos_id),
-                                     eos_token=self._token_text(self.tokenizer.eos_id))
+                                     eos_token=self._token_text(self.tokenizer.eos_id),
+                                     tools=tools, documents=documents, **template_kwargs)
 
     # ---- helpers ----
 
@@ -160,13 +202,14 @@ class Model:
                 ids.add(token)
         return frozenset(ids)
 
-    def _check_ids(self, ids) -> list[int]:
+    @staticmethod
+    def _check_ids(ids, limit: int) -> list[int]:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        bad = [i for i in ids if not 0 <= i < limit]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{limit - 1})")
         return ids
 
     def close(self):

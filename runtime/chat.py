@@ -6,12 +6,13 @@ without one get a built-in template chosen by family (`builtin_template`).
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import json
+from datetime import datetime
 from typing import Collection, Mapping, Sequence
 
 import jinja2
+import numpy as np
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -134,19 +135,27 @@ def end_of_turn_tokens(template: str) -> tuple[str, ...]:
 
 
 def render(template: str, messages: Sequence[Mapping], *, add_generation_prompt: bool = True,
-           bos_token: str = "", eos_token: str = "", **variables) -> str:
+           bos_token: str = "", eos_token: str = "", tools: Sequence[Mapping] | None = None,
+           documents: Sequence[Mapping] | None = None, **variables) -> str:
     """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]), rendered like
-    transformers' apply_chat_template(tokenize=False). Extra `variables` (tools, documents,
-    enable_thinking, ...) are passed to the template.
+    transformers' apply_chat_template(tokenize=False): `tools` (JSON-schema dicts) and
+    `documents` are always defined for the template (None when not given), extra `variables`
+    (enable_thinking, ...) are passed as they are, message keys set to None are dropped, and a
+    message's reasoning is also given as `reasoning_content` and `thinking`. A message's content
+    may be a string or a list of parts ([{"type": "text", "text": ...}]). The template sees
+    plain copies (dicts, lists, strings, numbers) of everything, never the caller's objects.
 
     >>> render(BUILTIN_TEMPLATES["chatml"], [{"role": "user", "content": "Hi"}])
     '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
     """
     _check_messages(messages)
+    _check_tools(tools)
     compiled = _compile(template)
     try:
-        return compiled.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **variables)
+        shown = [_with_reasoning_aliases(_without_nones(_plain(message))) for message in messages]
+        return compiled.render(messages=shown, tools=_plain(tools), documents=_plain(documents),
+                               add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token,
+                               **_plain(variables))
     except ChatTemplateError:
         raise
     except Exception as error:  # the template is foreign code: any failure is the template's
@@ -174,6 +183,58 @@ def _check_messages(messages: Sequence[Mapping]) -> None:
             raise ChatTemplateError(f"messages[{index}] must be a dict with a string 'role', got {message!r}")
 
 
+def _check_tools(tools) -> None:
+    if tools is None:
+        return
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise ChatTemplateError(f"tools must be a list of JSON-schema dicts, got {type(tools).__name__}")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ChatTemplateError(f"tools[{index}] must be a JSON-schema dict ({{'type': 'function', 'function': "
+                                    f"{{'name': ..., 'parameters': ...}}}}), got {type(tool).__name__}; "
+                                    f"transformers.utils.get_json_schema turns a Python function into one")
+
+
+def _plain(value):
+    """A copy of `value` built from dicts, lists, tuples, strings, numbers, booleans and None:
+    rich objects (numpy arrays, images, str subclasses) carry methods the sandbox does not know to
+    be harmful, so anything else reaches the template as a "<TypeName>" placeholder string."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):  # bool cannot be subclassed: an int subclass here is an enum or the like
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, Mapping):
+        return {_plain(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    return f"<{type(value).__name__}>"
+
+
+def _without_nones(message: dict) -> dict:
+    # OpenAI-style messages carry content=None or tool_calls=None; templates test for the key
+    return {key: value for key, value in message.items() if value is not None}
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _with_reasoning_aliases(message: dict) -> dict:
+    """Reasoning under any of its names is also given as `reasoning_content` (what most templates
+    read) and `thinking` (gpt-oss templates), as transformers gives it."""
+    reasoning = next((message[key] for key in _REASONING_KEYS if key in message), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str):
     try:
@@ -184,8 +245,9 @@ def _compile(template: str):
 
 @functools.lru_cache(maxsize=1)
 def _environment():
-    """transformers' rendering rules (trim/lstrip blocks, loop controls, its globals and
-    tojson), in an immutable sandbox where unsafe attribute access fails loudly."""
+    """transformers' rendering rules (trim/lstrip blocks, loop controls, its globals
+    raise_exception, strftime_now, namespace and dict, and its tojson with ensure_ascii, indent,
+    separators and sort_keys), in an immutable sandbox where unsafe attribute access fails loudly."""
     class GenerationTag(Extension):
         """{% generation %}...{% endgeneration %} marks assistant text for training masks;
         for a prompt it only renders its body."""
@@ -201,6 +263,36 @@ def _environment():
             raise SecurityError(f"chat template tried to access {type(obj).__name__}.{attribute}, "
                                 "which the sandbox blocks")
 
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """namespace(...) whose attribute names may not start with "_", so that a template cannot
+        shadow the object's own internals through it."""
+
+        def __init__(*args, **kwargs):  # jinja's signature: `self` may be an attribute name too
+            self, attributes = args[0], dict(*args[1:], **kwargs)
+            for name in attributes:
+                TemplateNamespace.check_name(name)
+            jinja2.utils.Namespace.__init__(self, attributes)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace.check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"chat template tried to set namespace attribute {name!r}, "
+                                    "which the sandbox blocks")
+
+    class TemplateDict:
+        """dict(...) and dict.fromkeys(...) without the dict type itself, whose class attributes
+        lead to Python's internals."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
     def raise_exception(message):
         raise ChatTemplateError(f"chat template refused the messages: {message}")
 
@@ -211,6 +303,8 @@ def _environment():
                   undefined=jinja2.Undefined)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = TemplateNamespace
+    env.globals["dict"] = TemplateDict()
     return env
 

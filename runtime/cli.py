@@ -14,6 +14,7 @@ import time
 from .. import FormatError
 from . import kernels
 from .api import load
+from .kv_cache import ContextFull
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,17 +67,20 @@ def main(argv=None) -> int:
             chunks = model.chat(_messages(args.system, [("user", prompt)]), stream=True, **options)
         else:
             chunks = model.stream(prompt, **options)
-        _print_stream(chunks, args.stats_json)
+        _print_stream(chunks, model, args.stats_json)
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
+    except ContextFull as error:
+        print(f"blob-run: error: {error} (--ctx N sets the context length)", file=sys.stderr)
+        return 1
     except ValueError as error:
         print(f"blob-run: error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-def _print_stream(chunks, stats_json: bool) -> str:
+def _print_stream(chunks, model, stats_json: bool) -> str:
     text = []
     for chunk in chunks:
         sys.stdout.write(chunk.text)
@@ -90,7 +94,15 @@ def _print_stream(chunks, stats_json: bool) -> str:
                               decode_tokens_per_second=chunk.stats.decode_tokens_per_second,
                               finish_reason=chunk.finish_reason)
                 print(json.dumps(fields), file=sys.stderr)
+            if chunk.stats.context_full:
+                _report_full_context(model, chunk.stats)
     return "".join(text)
+
+
+def _report_full_context(model, stats) -> None:
+    print(f"blob-run: the context of {model.max_seq_len} tokens is full: generation stopped after "
+          f"{stats.generated_tokens} tokens; --ctx N allocates a longer one (this model takes up to "
+          f"{model.config.max_position_embeddings})", file=sys.stderr)
 
 
 def _messages(system, turns):
@@ -111,7 +123,7 @@ def _interactive(model, system, options, stats_json) -> int:
         turns.append(("user", line))
         started = time.perf_counter()
         try:
-            reply = _print_stream(model.chat(_messages(system, turns), stream=True, **options), stats_json)
+            reply = _print_stream(model.chat(_messages(system, turns), stream=True, **options), model, stats_json)
         except KeyboardInterrupt:
             print(f"\n[interrupted after {time.perf_counter() - started:.1f} s]", file=sys.stderr)
             turns.pop()

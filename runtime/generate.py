@@ -22,6 +22,9 @@ class GenerationStats:
     generated_tokens: int
     decode_seconds: float
     peak_rss_bytes: int
+    # the KV cache (max_seq_len) had no room for another token before max_new_tokens were made;
+    # finish_reason is "length" either way, as OpenAI's API defines it
+    context_full: bool = False
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -66,11 +69,11 @@ class _Timer:
     first_token_at: float = 0.0
     generated: int = 0
 
-    def stats(self) -> GenerationStats:
+    def stats(self, context_full: bool = False) -> GenerationStats:
         now = time.perf_counter()
         first = self.first_token_at or now
         return GenerationStats(self.prompt_tokens, self.reused, first - self.started, self.generated,
-                               now - first, peak_rss_bytes())
+                               now - first, peak_rss_bytes(), context_full)
 
 
 def peak_rss_bytes() -> int:
@@ -102,8 +105,12 @@ def _peak_working_set() -> int:
 
 
 def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[int], params: SamplingParams,
-                rng: np.random.Generator, timer: _Timer) -> Iterator[int]:
+                rng: np.random.Generator, timer: _Timer, vocab_size: int) -> Iterator[int]:
     """Yield sampled token ids forever (the caller stops); the cache follows every token.
+
+    Only the first `vocab_size` logits are sampled from (a view, not a copy): checkpoints pad
+    their embedding past the tokenizer (Gemma 3: 262,208 rows for 262,144 pieces), and a padding
+    row the tokenizer cannot decode must never be picked, greedy or sampled.
 
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
     leaves the cache consistent: the next call recomputes from the last complete position.
@@ -112,7 +119,7 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
     prompt_ids = list(prompt_ids)
     reuse = timer.reused
     cache.truncate(reuse)
-    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1, :vocab_size]
     cache.token_ids.extend(prompt_ids[reuse:])
     context = list(prompt_ids)
     while True:
@@ -121,7 +128,7 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
         timer.first_token_at = timer.first_token_at or time.perf_counter()
         yield token
         context.append(token)
-        logits = transformer.run([token], cache, start=cache.length)[-1]
+        logits = transformer.run([token], cache, start=cache.length)[-1, :vocab_size]
         cache.token_ids.append(token)
 
 
@@ -130,7 +137,9 @@ def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_
     """Text chunks of a generation; the last chunk has the finish reason and the statistics.
 
     Text that might be the start of a stop string is held back until it is clearly not one.
-    Breaking out of the loop stops the generation; the cache keeps what was computed.
+    Breaking out of the loop stops the generation; the cache keeps what was computed. A
+    generation that fills the context ends with "length" and `stats.context_full` set.
+    Sampled ids stay below `model.decodable_vocab_size` (see token_steps).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -141,8 +150,8 @@ def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_
         return
     decoder = model.tokenizer.decoder(prompt_ids[-8:])
     rng = np.random.default_rng(seed)
-    held, finish = "", "length"
-    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer)
+    held, finish, context_full = "", "length", False
+    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer, model.decodable_vocab_size)
     for count, token in enumerate(steps, start=1):
         if token in stop_ids:
             finish = "stop"
@@ -155,12 +164,15 @@ def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_
         safe = len(held) - _stop_prefix_overlap(held, stop)
         yield GenerationChunk(held[:safe], token, None)
         held = held[safe:]
-        if count >= max_new_tokens or len(prompt_ids) + count >= model.cache.max_seq_len:
+        if count >= max_new_tokens:
+            break
+        if len(prompt_ids) + count > model.cache.max_seq_len:  # no position left to feed this token at
+            context_full = True
             break
     steps.close()
     if finish == "length":
         held += decoder.flush()
-    yield GenerationChunk(held, None, finish, timer.stats())
+    yield GenerationChunk(held, None, finish, timer.stats(context_full))
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

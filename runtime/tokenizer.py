@@ -48,16 +48,21 @@ class Tokenizer(abc.ABC):
 
     def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
         """Token ids of `text`. Special-token strings in the text (such as a chat template's
-        "<bos>") become their ids. `add_bos=None` follows the model's own setting.
+        "<bos>") become their ids. `add_bos=None` follows the model's own setting; BOS is not
+        added to text that already starts with it (a rendered chat template), because a model
+        reads a doubled BOS differently (Gemma 3 answers otherwise).
 
         >>> tok.encode("Hi there", add_bos=True)[0] == tok.bos_id  # doctest: +SKIP
+        True
+        >>> tok.encode("<bos>Hi there", add_bos=True) == tok.encode("Hi there", add_bos=True)  # doctest: +SKIP
         True
         """
         ids = self._encode(text)
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise ValueError("add_bos=True but this tokenizer has no BOS token")
-            ids.insert(0, self.bos_id)
+            if ids[:1] != [self.bos_id]:
+                ids.insert(0, self.bos_id)
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:

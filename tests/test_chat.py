@@ -149,6 +149,13 @@ def test_template_errors_are_reported_clearly():
         render("{{ messages[0]['content'] + 1 }}", [{"role": "user", "content": "x"}])
 
 
+def test_content_given_as_a_list_of_parts_passes_the_message_check(hf_tokenizer):
+    template = "{% for m in messages %}{% for part in m.content %}{{ part.text }}{% endfor %}|{% endfor %}"
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    assert render(template, messages) == hf_render(hf_tokenizer, template, messages) == "Be brief.|Hi there|"
+
+
 @pytest.mark.parametrize("messages, found", [
     ("hello", "str"), ([{"content": "no role"}], "messages\\[0\\]"), ([{"role": "user"}, "text"], "messages\\[1\\]"),
 ])

@@ -66,3 +66,18 @@ def test_greedy_text_is_fluent_english(blobs):
     result = load(blobs["q8_0"], max_seq_len=512).generate("The capital of France is", max_new_tokens=12,
                                                            temperature=0)
     assert "France" in result.text or "Paris" in result.text, result.text
+
+
+def test_generate_on_the_rendered_chat_prompt_equals_chat(blobs):
+    """The rendered template already starts with <bos>: generate() must not add a second one
+    (the model answers differently after two), so both paths run the same ids."""
+    messages = [{"role": "system", "content": "Answer in one short sentence."},
+                {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    model = load(blobs["q8_0"], max_seq_len=512)
+    text = model.apply_chat_template(messages)
+    ids = model.tokenizer.encode(text)
+    assert text.startswith("<bos>") and ids[0] == model.tokenizer.bos_id and ids[1] != model.tokenizer.bos_id
+    chat = model.chat(messages, temperature=0, max_new_tokens=24)
+    generated = load(blobs["q8_0"], max_seq_len=512).generate(text, temperature=0, max_new_tokens=24)
+    assert chat.text.strip() and generated.token_ids == chat.token_ids
+    assert generated.stats.prompt_tokens == chat.stats.prompt_tokens == len(ids)

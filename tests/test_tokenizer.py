@@ -78,6 +78,17 @@ def test_bos_follows_the_argument(tok):
     assert tok.encode("Hello", add_bos=True) == [tok.bos_id] + tok.encode("Hello", add_bos=False)
 
 
+@pytest.mark.parametrize("add_bos", [True, None, False])
+def test_text_that_starts_with_bos_never_gets_a_second_one(tok, add_bos):
+    bos = tok.id_to_token(tok.bos_id)  # "<s>" / "<|begin_of_text|>", as a chat template writes it
+    ids = tok.encode(bos + "Hello world", add_bos=add_bos)
+    assert ids == [tok.bos_id] + tok.encode("Hello world", add_bos=False)
+    hi = tok.encode("Hi", add_bos=False)
+    assert tok.encode(bos + bos + "Hi", add_bos=add_bos) == [tok.bos_id, tok.bos_id] + hi  # the text's own two
+    later = tok.encode("Hi" + bos, add_bos=add_bos)  # a BOS inside the text is the text's own
+    assert later.count(tok.bos_id) == (1 if add_bos is False else 2) and later[-1] == tok.bos_id
+
+
 def test_streaming_emoji_and_cjk_equals_the_full_decode(tok):
     ids = tok.encode(MIXED_TEXT, add_bos=False)
     pieces = stream(tok.decoder(), ids)
