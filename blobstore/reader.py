@@ -328,7 +328,7 @@ def _check_format_section(section, h: Header, path):
     expected = {"name": FORMAT_NAME, "major": h.major, "minor": h.minor}
     for key, value in expected.items():
         found = section.get(key)
-        if found != value or isinstance(found, bool):
+        if type(found) is not type(value) or found != value:  # 1.0 and true are not the integer 1
             raise errors.CorruptManifest(f"{path}: manifest field format.{key}: expected {value!r} "
                                          f"(as in the header), found {found!r}")
 

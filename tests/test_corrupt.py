@@ -135,6 +135,8 @@ CASES = [
      ["format.minor", "expected 0", "found 3"]),
     ("format major as a bool", manifest(lambda d: d["format"].update(major=True)), CorruptManifest,
      ["format.major", "True"]),
+    ("format minor as a float", manifest(lambda d: d["format"].update(minor=0.0)), CorruptManifest,
+     ["format.minor", "0.0"]),
     ("unknown required feature", manifest(lambda d: d["features_required"].append({"name": "q2_k", "since": "1.4"})),
      UnsupportedFeature, ["'q2_k'", "1.4"]),
     ("malformed feature entry", manifest(lambda d: d["features_required"].append("q2_k")), CorruptManifest,
