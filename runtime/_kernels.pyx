@@ -237,8 +237,8 @@ cdef class Matrix:
     def _bind_plain(self, array, dtype):
         kind = _weight_dtype(dtype) if dtype is not None else _PLAIN_WEIGHTS.get(array.dtype)
         if kind is None or kind.is_quantized:
-            raise TypeError(f"{self.name}: array dtype {array.dtype} is not a weight type; expected "
-                            f"float32 (f32), float16 (f16) or uint16 bfloat16 bits (bf16)")
+            raise TypeError(f"{self.name}: array dtype {array.dtype} is not a weight type; expected one of "
+                            f"{', '.join(f'{numpy} ({d.label})' for numpy, d in _PLAIN_WEIGHTS.items())}")
         if array.dtype != kind.numpy:
             raise TypeError(f"{self.name}: dtype {kind.label} needs a {kind.numpy} array, found {array.dtype}")
         if array.ndim != 2:
