@@ -140,9 +140,9 @@ def _plain(label: str, element: str, bits: int, **roles) -> DTypeSpec:
     return DTypeSpec(label, 1, (Plane("values", element, 1),), bits, **roles)
 
 
-def _blockwise(label: str, quant_element: str, quant_bytes: int, bits: int, since: str) -> DTypeSpec:
+def _blockwise(label: str, quant_element: str, quants_per_block: int, bits: int, since: str) -> DTypeSpec:
     """A type of 32-value blocks: a plane of quants, then one float16 scale per block."""
-    return DTypeSpec(label, 32, (Plane("quants", quant_element, quant_bytes), Plane("scales", "<f2", 1)), bits,
+    return DTypeSpec(label, 32, (Plane("quants", quant_element, quants_per_block), Plane("scales", "<f2", 1)), bits,
                      matmul=True, weight_choice=True, feature_since=since)
 
 
