@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"BLOBST\x00\x1a"  # the NUL and 0x1A catch files mangled by text-mode transfers
+FORMAT_NAME = "blobstore"  # the manifest's format.name
 MAJOR = 1
 MINOR = 0
 
@@ -26,7 +27,7 @@ MAX_ALIGNMENT = 1 << 30
 MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_NDIM = 8
 MAX_DIM = 1 << 40
-QUANT_BLOCK = 32           # values per q8_0 / q4_0 block, one float16 scale each
+MANIFEST_ALIGN = 64        # the manifest starts on a 64-byte boundary too
 TENSOR_NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 TENSOR_NAME_RULE = "1-255 characters of A-Z a-z 0-9 _ . - /"
 
@@ -36,12 +37,14 @@ HEADER_STRUCT = struct.Struct("<8sHHIIIQQQQII")
 assert HEADER_STRUCT.size == HEADER_SIZE
 
 # Features a file may require, and the format version that introduced each. A reader refuses a
-# file requiring a feature it does not know, naming the version that added it.
-KNOWN_FEATURES = {"tie": "1.0", "q8_0": "1.0", "q4_0": "1.0"}
+# file requiring a feature it does not know, naming the version that added it. Besides `tie`, a
+# feature is a stored type (its DTypeSpec.feature_since, below).
+TIE_FEATURE = "tie"
 
 
 class DType(enum.IntEnum):
-    """Element types of stored tensors. The integer values are frozen: C code uses them."""
+    """Element types of stored tensors. The integer values are frozen: C code uses them
+    (csrc/kernels.h's enum blob_dtype, checked against these by tests/test_dtype_table.py)."""
 
     F32 = 0
     F16 = 1
@@ -70,28 +73,93 @@ class DType(enum.IntEnum):
         return cls(value)
 
     @property
+    def spec(self) -> "DTypeSpec":
+        """Every fact about this type: block size, planes, who reads it (the table DTYPE_SPECS).
+
+        >>> DType.Q4_0.spec.block, DType.Q4_0.spec.block_bytes
+        (32, 18)
+        """
+        return DTYPE_SPECS[self]
+
+    @property
     def label(self) -> str:
         """The name used in manifests and on the command line: 'f32', 'q8_0', ..."""
-        return self.name.lower()
+        return self.spec.label
 
     @property
     def is_quantized(self) -> bool:
-        return self in _QUANTIZED
+        """Stored in blocks of several values over more than one plane (q8_0, q4_0)."""
+        return len(self.spec.planes) > 1
 
     @property
     def numpy(self) -> np.dtype:
         """numpy dtype of one stored element (bf16 as its raw uint16 bits; quantized types have none)."""
         if self.is_quantized:
             raise ValueError(f"{self.label} has no single numpy element type")
-        return np.dtype(_NUMPY_TYPES[self])
+        return self.spec.planes[0].numpy
 
 
-_NUMPY_TYPES = {
-    DType.F32: "<f4", DType.F16: "<f2", DType.BF16: "<u2", DType.U8: "u1",
-    DType.I8: "i1", DType.I32: "<i4", DType.I64: "<i8",
+@dataclass(frozen=True)
+class Plane:
+    """One array of a stored tensor's blob: `per_block` elements of numpy type `element` for each
+    block of values. The first plane of a type is stored as rows padded to ROW_ALIGN bytes; every
+    later one is packed (rows x blocks x per_block elements) and starts on a ROW_ALIGN boundary."""
+
+    name: str
+    element: str     # numpy dtype string, little-endian
+    per_block: int
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.element)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.per_block * self.numpy.itemsize
+
+
+@dataclass(frozen=True)
+class DTypeSpec:
+    """The facts of one stored type, read by the writer, the reader, the converter and the runtime."""
+
+    label: str                   # its name in manifests and on the command line
+    block: int                   # values per block (1 for plain types)
+    planes: tuple[Plane, ...]    # plain types: one plane of values; quantized: quants, then scales
+    bits: int                    # bits of one stored value, scales not counted (q4_0: 4)
+    matmul: bool = False         # the C kernels multiply weight matrices of it (csrc/kernels.h)
+    weight_choice: bool = False  # blob-pack convert offers it for --dtype / --embed-dtype
+    feature_since: str | None = None  # a file using it lists it in features_required, with this version
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block of values occupies, all planes together (q8_0: 32 quants + a 2-byte scale)."""
+        return sum(plane.block_bytes for plane in self.planes)
+
+
+def _plain(label: str, element: str, bits: int, **roles) -> DTypeSpec:
+    return DTypeSpec(label, 1, (Plane("values", element, 1),), bits, **roles)
+
+
+def _blockwise(label: str, quant_element: str, quants_per_block: int, bits: int, since: str) -> DTypeSpec:
+    """A type of 32-value blocks: a plane of quants, then one float16 scale per block."""
+    return DTypeSpec(label, 32, (Plane("quants", quant_element, quants_per_block), Plane("scales", "<f2", 1)), bits,
+                     matmul=True, weight_choice=True, feature_since=since)
+
+
+DTYPE_SPECS: dict[DType, DTypeSpec] = {
+    DType.F32: _plain("f32", "<f4", 32, matmul=True, weight_choice=True),
+    DType.F16: _plain("f16", "<f2", 16, matmul=True, weight_choice=True),
+    DType.BF16: _plain("bf16", "<u2", 16, matmul=True, weight_choice=True),  # raw bfloat16 bits
+    DType.Q8_0: _blockwise("q8_0", "i1", 32, 8, "1.0"),
+    DType.Q4_0: _blockwise("q4_0", "u1", 16, 4, "1.0"),  # two 4-bit values per byte
+    DType.U8: _plain("u8", "u1", 8),
+    DType.I8: _plain("i8", "i1", 8),
+    DType.I32: _plain("i32", "<i4", 32),
+    DType.I64: _plain("i64", "<i8", 64),
 }
-_QUANT_BYTES_PER_BLOCK = {DType.Q8_0: 32, DType.Q4_0: 16}
-_QUANTIZED = frozenset(_QUANT_BYTES_PER_BLOCK)
+assert set(DTYPE_SPECS) == set(DType) and all(s.label == d.name.lower() for d, s in DTYPE_SPECS.items())
+
+KNOWN_FEATURES = {TIE_FEATURE: "1.0", **{s.label: s.feature_since for s in DTYPE_SPECS.values() if s.feature_since}}
 
 
 def dtype_names() -> list[str]:
@@ -100,8 +168,8 @@ def dtype_names() -> list[str]:
 
 def dtype_of_numpy(array_dtype: np.dtype) -> DType:
     """The stored dtype that holds numpy dtype `array_dtype` without conversion."""
-    for dtype, name in _NUMPY_TYPES.items():
-        if dtype is not DType.BF16 and np.dtype(name) == np.dtype(array_dtype).newbyteorder("<"):
+    for dtype in DType:
+        if dtype is not DType.BF16 and not dtype.is_quantized and dtype.numpy == np.dtype(array_dtype).newbyteorder("<"):
             return dtype
     raise ValueError(f"numpy dtype {array_dtype} cannot be stored; expected one of {dtype_names()}")
 
@@ -143,8 +211,9 @@ class Layout:
     """Where a tensor's bytes live inside its blob.
 
     Every tensor is `rows` rows of `cols` values, rows = product of all but the last dimension.
-    Plain dtypes: rows of `row_stride` bytes. Quantized dtypes: a plane of quants (rows of
-    `row_stride` bytes), then at `scales_offset` a packed plane of rows x `blocks` float16 scales.
+    Plain dtypes: rows of `row_stride` bytes. Quantized dtypes: the first plane (quants) in rows
+    of `row_stride` bytes, then each later plane packed, rows x `blocks` x its per-block elements,
+    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`).
     """
 
     rows: int
@@ -153,6 +222,7 @@ class Layout:
     blocks: int          # quant blocks per row (0 for plain dtypes)
     scales_offset: int   # start of the scale plane within the blob (0 for plain dtypes)
     nbytes: int
+    plane_offsets: tuple[int, ...] = (0,)   # start of each plane of DTypeSpec.planes within the blob
 
 
 def rows_and_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -166,16 +236,20 @@ def layout(dtype: DType, shape: tuple[int, ...]) -> Layout:
     """The byte layout of a tensor; exact Python integers, so huge shapes cannot overflow.
 
     >>> layout(DType.Q8_0, (3, 40))
-    Layout(rows=3, cols=40, row_stride=64, blocks=2, scales_offset=192, nbytes=204)
+    Layout(rows=3, cols=40, row_stride=64, blocks=2, scales_offset=192, nbytes=204, plane_offsets=(0, 192))
     """
     rows, cols = rows_and_cols(shape)
-    if not dtype.is_quantized:
-        stride = round_up(cols * dtype.numpy.itemsize, ROW_ALIGN)
+    spec = dtype.spec
+    blocks = -(-cols // spec.block)
+    first, *packed = spec.planes
+    stride = round_up(blocks * first.block_bytes, ROW_ALIGN)
+    if not packed:
         return Layout(rows, cols, stride, 0, 0, rows * stride)
-    blocks = -(-cols // QUANT_BLOCK)
-    stride = round_up(blocks * _QUANT_BYTES_PER_BLOCK[dtype], ROW_ALIGN)
-    scales_offset = rows * stride
-    return Layout(rows, cols, stride, blocks, scales_offset, scales_offset + rows * blocks * 2)
+    offsets, end = [0], rows * stride
+    for plane in packed:
+        offsets.append(round_up(end, ROW_ALIGN))
+        end = offsets[-1] + rows * blocks * plane.block_bytes
+    return Layout(rows, cols, stride, blocks, offsets[1], end, tuple(offsets))
 
 
 # ---- the fixed header ----

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .format import QUANT_BLOCK, DType, layout
+from .format import DType, layout
 
 CHUNK_ROWS = 4096  # rows quantized at a time: bounds the temporaries to a few copies of a chunk
 
@@ -54,10 +54,11 @@ def _q4_0_blocks(blocks: np.ndarray):
     peak = np.take_along_axis(blocks, peak_index, axis=2)[..., 0]  # keeps its sign
     scales = (peak / np.float32(-8)).astype(np.float16)
     q = np.clip(np.rint(blocks * _inverse(scales)[..., None]) + 8, 0, 15).astype(np.uint8)
-    return q[..., :16] | (q[..., 16:] << 4), scales
+    half = q.shape[2] // 2  # byte j holds values j (low nibble) and j + half (high nibble)
+    return q[..., :half] | (q[..., half:] << 4), scales
 
 
-_BLOCK_QUANTIZERS = {DType.Q8_0: (_q8_0_blocks, np.int8), DType.Q4_0: (_q4_0_blocks, np.uint8)}
+_BLOCK_QUANTIZERS = {DType.Q8_0: _q8_0_blocks, DType.Q4_0: _q4_0_blocks}
 
 
 def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -73,17 +74,18 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
     dtype = DType.parse(dtype)
     rows, cols = x.shape
     lay = layout(dtype, (rows, cols))
-    quantize_blocks, quant_type = _BLOCK_QUANTIZERS[dtype]
-    quants = np.zeros((rows, lay.row_stride), quant_type)
-    scales = np.zeros((rows, lay.blocks), np.float16)
-    padded = np.zeros((min(rows, CHUNK_ROWS), lay.blocks * QUANT_BLOCK), np.float32)
+    quant_plane, scale_plane = dtype.spec.planes
+    block = dtype.spec.block
+    quants = np.zeros((rows, lay.row_stride // quant_plane.numpy.itemsize), quant_plane.numpy)
+    scales = np.zeros((rows, lay.blocks), scale_plane.numpy)
+    padded = np.zeros((min(rows, CHUNK_ROWS), lay.blocks * block), np.float32)
     for start in range(0, rows, CHUNK_ROWS):
         n = min(CHUNK_ROWS, rows - start)
         padded[:n, :cols] = x[start:start + n]
-        blocks = padded[:n].reshape(n, lay.blocks, QUANT_BLOCK)
+        blocks = padded[:n].reshape(n, lay.blocks, block)
         if not np.isfinite(blocks).all():
             raise ValueError(f"cannot quantize to {dtype.label}: rows {start}..{start + n - 1} hold NaN or infinity")
-        q, s = quantize_blocks(blocks)
+        q, s = _BLOCK_QUANTIZERS[dtype](blocks)
         quants[start:start + n, :q[0].size] = q.reshape(n, -1)
         scales[start:start + n] = s
     return quants, scales
@@ -98,11 +100,11 @@ def dequantize(quants: np.ndarray, scales: np.ndarray, cols: int, dtype) -> np.n
     """
     dtype = DType.parse(dtype)
     rows, blocks = scales.shape
+    per_block = dtype.spec.planes[0].per_block
+    levels = quants[:, :blocks * per_block].reshape(rows, blocks, per_block)
     if dtype is DType.Q8_0:
-        values = quants[:, :blocks * QUANT_BLOCK].astype(np.float32).reshape(rows, blocks, QUANT_BLOCK)
+        values = levels.astype(np.float32)
     else:
-        packed = quants[:, :blocks * QUANT_BLOCK // 2].reshape(rows, blocks, QUANT_BLOCK // 2)
-        nibbles = np.concatenate([packed & 0x0F, packed >> 4], axis=2)
-        values = nibbles.astype(np.float32) - 8
+        values = np.concatenate([levels & 0x0F, levels >> 4], axis=2).astype(np.float32) - 8
     values *= scales.astype(np.float32)[..., None]
-    return values.reshape(rows, blocks * QUANT_BLOCK)[:, :cols]
+    return values.reshape(rows, blocks * dtype.spec.block)[:, :cols]

@@ -17,9 +17,9 @@ import numpy as np
 from . import errors, quant
 from ._native import crc32c
 from .format import (
-    FILE_ALIGN, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MAX_ALIGNMENT, MAX_DIM,
-    MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header,
-    data_start, is_power_of_two, layout,
+    FILE_ALIGN, FORMAT_NAME, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MANIFEST_ALIGN,
+    MAX_ALIGNMENT, MAX_DIM, MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE,
+    DType, Header, data_start, is_power_of_two, layout,
 )
 
 MAX_TENSORS = 1_000_000
@@ -131,9 +131,11 @@ class BlobReader:
             raise ValueError(f"{self.path}: the reader is closed")
         lay = layout(info.dtype, info.shape)
         if info.dtype.is_quantized:
-            quants = np.ndarray((lay.rows, lay.row_stride), np.int8 if info.dtype is DType.Q8_0 else np.uint8,
+            quant_plane, scale_plane = info.dtype.spec.planes
+            quants = np.ndarray((lay.rows, lay.row_stride // quant_plane.numpy.itemsize), quant_plane.numpy,
                                 self._bytes, info.offset)
-            scales = np.ndarray((lay.rows, lay.blocks), "<f2", self._bytes, info.offset + lay.scales_offset)
+            scales = np.ndarray((lay.rows, lay.blocks * scale_plane.per_block), scale_plane.numpy, self._bytes,
+                                info.offset + lay.scales_offset)
             return QuantizedTensor(info.dtype, info.shape, quants, scales)
         return np.ndarray(info.shape, info.dtype.numpy, self._bytes, info.offset,
                           _strides(info.shape, info.dtype.numpy.itemsize, lay.row_stride))
@@ -264,6 +266,8 @@ def _check_header_fields(h: Header, header_size: int, size: int, path: str):
     if h.manifest_offset < data_start(h.alignment) or manifest_end > h.file_size - HEADER_SIZE:
         bad("manifest_offset/size", f"a range inside [{data_start(h.alignment)}, {h.file_size - HEADER_SIZE})",
             f"[{h.manifest_offset}, {manifest_end})")
+    if h.manifest_offset % MANIFEST_ALIGN:
+        bad("manifest_offset", f"a multiple of {MANIFEST_ALIGN}", h.manifest_offset)
 
 
 # ---- manifest ----
@@ -282,6 +286,7 @@ def _read_manifest(f, h: Header, path: str) -> dict:
     except (ValueError, RecursionError) as error:
         raise errors.CorruptManifest(f"{path}: manifest is not valid JSON: {error}") from None
     _check_manifest_shape(document, path)
+    _check_format_section(document["format"], h, path)
     _check_features(document["features_required"], path)
     return document
 
@@ -318,14 +323,25 @@ def _check_manifest_shape(document, path):
         raise errors.CorruptManifest(f"{path}: {len(document['tensors'])} tensors; the limit is {MAX_TENSORS}")
 
 
+def _check_format_section(section, h: Header, path):
+    """format.name says what the file is; its major and minor must repeat the header's."""
+    expected = {"name": FORMAT_NAME, "major": h.major, "minor": h.minor}
+    for key, value in expected.items():
+        found = section.get(key)
+        if type(found) is not type(value) or found != value:  # 1.0 and true are not the integer 1
+            raise errors.CorruptManifest(f"{path}: manifest field format.{key}: expected {value!r} "
+                                         f"(as in the header), found {found!r}")
+
+
 def _check_features(required, path):
     for feature in required:
-        if not (isinstance(feature, dict) and isinstance(feature.get("name"), str)):
-            raise errors.CorruptManifest(f"{path}: features_required entries must be {{name, since}}, found {feature!r}")
+        if not (isinstance(feature, dict) and isinstance(feature.get("name"), str)
+                and isinstance(feature.get("since"), str)):
+            raise errors.CorruptManifest(f"{path}: features_required entries must be {{name, since}} strings, "
+                                         f"found {feature!r}")
         if feature["name"] not in KNOWN_FEATURES:
-            since = feature.get("since", "a newer version")
             raise errors.UnsupportedFeature(
-                f"{path}: the file requires feature {feature['name']!r} (added in format {since}); this reader "
+                f"{path}: the file requires feature {feature['name']!r} (added in format {feature['since']}); this reader "
                 f"implements format {MAJOR}.{MINOR} — upgrade blobstore-runtime to read it")
 
 
@@ -364,13 +380,20 @@ def _record_name(record, index, path):
 
 def _check_keys(record, allowed, name, path):
     unknown = set(record) - allowed
+    if unknown:
+        # Records are strict: information a reader must not skip arrives with a features_required
+        # entry, which an older reader refuses by name before it gets here (FORMAT.md §6.2).
+        raise errors.CorruptManifest(
+            f"{path}: tensor {name!r}: unknown field(s) {sorted(unknown)}; a {'tie' if 'tie' in allowed else 'data'} "
+            f"record has only {sorted(allowed)}, and a field added by a later format comes with a "
+            f"features_required entry naming it")
     missing = {"name", "tie"} - set(record) if "tie" in allowed else DATA_KEYS - {"source"} - set(record)
-    if unknown or missing:
-        raise errors.InvalidTensor(f"{path}: tensor {name!r}: unexpected fields {sorted(unknown)}, "
-                                   f"missing fields {sorted(missing)}")
-    for key in ("component", "source"):
-        if record.get(key) is not None and not isinstance(record[key], str):
-            raise errors.InvalidTensor(f"{path}: tensor {name!r}: field {key!r} must be a string")
+    if missing:
+        raise errors.InvalidTensor(f"{path}: tensor {name!r}: missing fields {sorted(missing)}")
+    if "component" in record and not isinstance(record["component"], str):
+        raise errors.InvalidTensor(f"{path}: tensor {name!r}: field 'component' must be a string")
+    if record.get("source") is not None and not isinstance(record["source"], str):
+        raise errors.InvalidTensor(f"{path}: tensor {name!r}: field 'source' must be a string or null")
     return record
 
 

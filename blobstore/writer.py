@@ -16,8 +16,8 @@ import numpy as np
 from . import quant
 from ._native import crc32c
 from .format import (
-    DEFAULT_ALIGNMENT, HEADER_SIZE, KNOWN_FEATURES, MAJOR, MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT,
-    MINOR, ROW_ALIGN, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header, data_start, dtype_of_numpy,
+    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN, MAX_ALIGNMENT,
+    MAX_MANIFEST_SIZE, MIN_ALIGNMENT, MINOR, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header, data_start, dtype_of_numpy,
     is_power_of_two, layout, padded_file_size, padding,
 )
 
@@ -76,7 +76,7 @@ class BlobWriter:
         """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
         self._check_open()
         self._check_new_name(name)
-        self._features.add("tie")
+        self._features.add(TIE_FEATURE)
         self._records.append({"name": name, "tie": target, "component": component, "source": source})
 
     def add_file(self, name: str, data: bytes, *, component: str = "tokenizer"):
@@ -151,7 +151,7 @@ class BlobWriter:
                 self._write_plain(rows, target, lay, stored)
         except ValueError as error:
             raise ValueError(f"tensor {name!r}: {error}") from None
-        if target.label in KNOWN_FEATURES:
+        if target.spec.feature_since:
             self._features.add(target.label)
         self._blob_count += 1
         self._records.append({
@@ -174,7 +174,7 @@ class BlobWriter:
             self._write(block)
 
     def _write_quantized(self, rows: np.ndarray, target: DType, lay):
-        scales = np.empty((lay.rows, lay.blocks), np.float16)
+        scales = np.empty((lay.rows, lay.blocks), target.spec.planes[1].numpy)
         chunk = max(1, CHUNK_BYTES // max(lay.row_stride, 1))
         for start in range(0, lay.rows, chunk):
             q, s = quant.quantize(np.asarray(rows[start:start + chunk], np.float32), target)
@@ -195,7 +195,7 @@ class BlobWriter:
 
     def _manifest(self) -> bytes:
         features = [{"name": f, "since": KNOWN_FEATURES[f]} for f in sorted(self._features)]
-        document = {"format": {"name": "blobstore", "major": MAJOR, "minor": MINOR},
+        document = {"format": {"name": FORMAT_NAME, "major": MAJOR, "minor": MINOR},
                     "features_required": features, "tensors": self._records, "metadata": self.metadata}
         try:
             text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -211,7 +211,7 @@ class BlobWriter:
         manifest = self._manifest()
         if len(manifest) > MAX_MANIFEST_SIZE:
             raise ValueError(f"{self.path}: manifest is {len(manifest)} bytes; the limit is {MAX_MANIFEST_SIZE}")
-        self._write_zeros(padding(self._pos, ROW_ALIGN))
+        self._write_zeros(padding(self._pos, MANIFEST_ALIGN))
         manifest_offset = self._pos
         self._write(np.frombuffer(manifest, np.uint8))
         file_size = padded_file_size(self._pos)

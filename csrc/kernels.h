@@ -11,10 +11,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Weight dtypes the kernels read; values equal blobstore.DType. */
+/* Weight dtypes the kernels read: the blobstore.DType values whose DTypeSpec says `matmul`
+ * (blobstore/format.py holds every dtype fact; tests/test_dtype_table.py checks these three
+ * definitions against it), passed from Python as those integers. */
 enum blob_dtype { BLOB_F32 = 0, BLOB_F16 = 1, BLOB_BF16 = 2, BLOB_Q8_0 = 3, BLOB_Q4_0 = 4 };
 #define BLOB_NUM_DTYPES 5
-#define BLOB_QBLOCK 32 /* values per q8_0 / q4_0 block */
+#define BLOB_QBLOCK 32 /* values per q8_0 / q4_0 block: DType.Q8_0.spec.block */
 
 /* Instruction-set paths; a path is usable when the CPU has every feature it needs. */
 enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2 };

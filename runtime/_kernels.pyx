@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from blobstore.format import DType, layout
 from blobstore.runtime.cores import physical_cores
 
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
@@ -26,7 +27,7 @@ cdef extern from "cpu.h" nogil:
 
 
 cdef extern from "kernels.h" nogil:
-    int BLOB_F32, BLOB_F16, BLOB_BF16, BLOB_Q8_0, BLOB_Q4_0
+    int BLOB_F32, BLOB_F16
     int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS
     int BLOB_ACT_SILU, BLOB_ACT_GELU_TANH
 
@@ -190,20 +191,24 @@ _configure_from_environment()
 
 # ---- weights ----
 
-_DTYPE_CODES = {"f32": BLOB_F32, "f16": BLOB_F16, "bf16": BLOB_BF16, "q8_0": BLOB_Q8_0, "q4_0": BLOB_Q4_0}
-_PLAIN_NUMPY = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
-_QUANT_BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
+# Weights go to C as their DType's integer (csrc/kernels.h's enum blob_dtype has the same values).
+_MATMUL_DTYPES = [d for d in DType if d.spec.matmul]
+_PLAIN_WEIGHTS = {d.numpy: d for d in _MATMUL_DTYPES if not d.is_quantized}   # bf16 as uint16 bits
 
 
 def _address(array):
     return <uintptr_t>array.__array_interface__["data"][0]
 
 
-def _dtype_label(dtype):
-    label = getattr(dtype, "label", None) or str(dtype).lower()
-    if label not in _DTYPE_CODES:
-        raise ValueError(f"unsupported weight dtype {dtype!r}; expected one of {list(_DTYPE_CODES)}")
-    return label
+def _weight_dtype(dtype):
+    """The DType named by `dtype` (a DType or its label), which the kernels must multiply."""
+    try:
+        kind = DType.parse(dtype)
+    except (ValueError, TypeError):
+        kind = None
+    if kind not in _MATMUL_DTYPES:
+        raise ValueError(f"unsupported weight dtype {dtype!r}; expected one of {[d.label for d in _MATMUL_DTYPES]}")
+    return kind
 
 
 cdef class Matrix:
@@ -230,14 +235,12 @@ cdef class Matrix:
             self._bind_plain(np.asarray(weight), dtype)
 
     def _bind_plain(self, array, dtype):
-        label = _dtype_label(dtype) if dtype is not None else (
-            "bf16" if array.dtype == np.uint16 else
-            {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}.get(array.dtype))
-        if label not in _PLAIN_NUMPY:
-            raise TypeError(f"{self.name}: array dtype {array.dtype} is not a weight type; expected "
-                            f"float32 (f32), float16 (f16) or uint16 bfloat16 bits (bf16)")
-        if array.dtype != _PLAIN_NUMPY[label]:
-            raise TypeError(f"{self.name}: dtype {label} needs a {_PLAIN_NUMPY[label]} array, found {array.dtype}")
+        kind = _weight_dtype(dtype) if dtype is not None else _PLAIN_WEIGHTS.get(array.dtype)
+        if kind is None or kind.is_quantized:
+            raise TypeError(f"{self.name}: array dtype {array.dtype} is not a weight type; expected one of "
+                            f"{', '.join(f'{numpy} ({d.label})' for numpy, d in _PLAIN_WEIGHTS.items())}")
+        if array.dtype != kind.numpy:
+            raise TypeError(f"{self.name}: dtype {kind.label} needs a {kind.numpy} array, found {array.dtype}")
         if array.ndim != 2:
             raise ValueError(f"{self.name}: expected a 2-D weight (rows, cols), found shape {array.shape}")
         rows, cols = array.shape
@@ -247,8 +250,8 @@ cdef class Matrix:
         if array.strides[1] != item or array.strides[0] < cols * item or array.strides[0] % item:
             raise ValueError(f"{self.name}: rows must be contiguous and non-overlapping; found strides "
                              f"{array.strides} for shape {array.shape} of {item}-byte elements")
-        self.dtype = label
-        self.m.dtype = _DTYPE_CODES[label]
+        self.dtype = kind.label
+        self.m.dtype = kind
         self.m.data = <const void *><uintptr_t>_address(array)
         self.m.row_stride_bytes = array.strides[0]
         self.m.scales = NULL
@@ -256,30 +259,31 @@ cdef class Matrix:
         self._keep = array
 
     def _bind_quantized(self, tensor):
-        label = _dtype_label(tensor.dtype)
-        if label not in _QUANT_BLOCK_BYTES:
-            raise TypeError(f"{self.name}: quantized tensor of dtype {label}; expected q8_0 or q4_0")
+        kind = _weight_dtype(tensor.dtype)
+        if not kind.is_quantized:
+            raise TypeError(f"{self.name}: quantized tensor of dtype {kind.label}; expected one of "
+                            f"{[d.label for d in _MATMUL_DTYPES if d.is_quantized]}")
         shape = tuple(tensor.shape)
         if len(shape) < 2:
             raise ValueError(f"{self.name}: expected a weight of at least 2 dimensions, found shape {shape}")
-        cols = shape[-1]
-        rows = int(np.prod(shape[:-1]))
-        nblocks = -(-cols // 32)
-        row_bytes = -(-nblocks * _QUANT_BLOCK_BYTES[label] // 64) * 64   # padded as in the file
+        lay = layout(kind, shape)   # the quant rows are padded as in the file
+        rows, cols, nblocks, row_bytes = lay.rows, lay.cols, lay.blocks, lay.row_stride
+        quant_plane, scale_plane = kind.spec.planes
         quants, scales = np.asarray(tensor.quants), np.asarray(tensor.scales)
         if rows == 0 or cols == 0:
             raise ValueError(f"{self.name}: empty weight of shape {shape}")
         if quants.ndim != 2 or quants.shape[0] != rows or quants.shape[1] < row_bytes \
-                or quants.itemsize != 1 or quants.strides[1] != 1 or quants.strides[0] < quants.shape[1]:
+                or quants.itemsize != quant_plane.numpy.itemsize or quants.strides[1] != quants.itemsize \
+                or quants.strides[0] < quants.shape[1]:
             raise ValueError(f"{self.name}: quant plane must be ({rows}, >= {row_bytes}) bytes with contiguous "
                              f"rows (the file's 64-byte row padding included); found shape {quants.shape}, "
                              f"dtype {quants.dtype}, strides {quants.strides}")
-        if scales.dtype != np.float16 or scales.shape != (rows, nblocks) or not scales.flags.c_contiguous:
-            raise ValueError(f"{self.name}: scale plane must be a packed float16 ({rows}, {nblocks}) array; "
+        if scales.dtype != scale_plane.numpy or scales.shape != (rows, nblocks) or not scales.flags.c_contiguous:
+            raise ValueError(f"{self.name}: scale plane must be a packed {scale_plane.numpy} ({rows}, {nblocks}) array; "
                              f"found {scales.dtype} {scales.shape}"
                              f"{'' if scales.flags.c_contiguous else ' (not contiguous)'}")
-        self.dtype = label
-        self.m.dtype = _DTYPE_CODES[label]
+        self.dtype = kind.label
+        self.m.dtype = kind
         self.m.data = <const void *><uintptr_t>_address(quants)
         self.m.row_stride_bytes = quants.strides[0]
         self.m.scales = <const uint16_t *><uintptr_t>_address(scales)

@@ -19,7 +19,7 @@ from . import kernels
 from .kv_cache import KVCache
 
 PREFILL_CHUNK = 256   # prompt tokens per prefill pass: bounds activation memory, keeps matmul tiles full
-MATRIX_DTYPES = {DType.F32, DType.F16, DType.BF16, DType.Q8_0, DType.Q4_0}
+MATRIX_DTYPES = tuple(d for d in DType if d.spec.matmul)   # what the kernels multiply
 VECTOR_PARTS = ("attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm", "q_norm", "k_norm",
                 "q_bias", "k_bias", "v_bias", "o_bias")
 
@@ -110,6 +110,10 @@ def _vector(reader, name: str) -> np.ndarray:
     return reader.float32(name)
 
 
+def _labels(dtypes) -> str:
+    return " ".join(d.label for d in dtypes)
+
+
 def check_tensors(reader, config: ModelConfig):
     """Raise one MissingTensor listing every tensor the config needs that is absent, misshapen,
     or of a dtype the kernels cannot read — before any forward pass can trip over it."""
@@ -122,9 +126,10 @@ def check_tensors(reader, config: ModelConfig):
         if info.shape != tuple(shape):
             problems.append(f"  {name}: shape {list(info.shape)}, expected {list(shape)}")
         if info.dtype not in MATRIX_DTYPES:
-            problems.append(f"  {name}: dtype {info.dtype.label}, expected one of f32 f16 bf16 q8_0 q4_0")
+            problems.append(f"  {name}: dtype {info.dtype.label}, expected one of {_labels(MATRIX_DTYPES)}")
         elif len(shape) == 1 and info.dtype.is_quantized:
-            problems.append(f"  {name}: a vector stored as {info.dtype.label}; norms and biases must be f32, f16 or bf16")
+            problems.append(f"  {name}: a vector stored as {info.dtype.label}; norms and biases must be one of "
+                            f"{_labels(d for d in MATRIX_DTYPES if not d.is_quantized)}")
     if problems:
         raise MissingTensor(f"{reader.path}: the file cannot run as {config.arch} "
                             f"({len(problems)} problem(s)):\n" + "\n".join(problems))

@@ -68,6 +68,22 @@ def add_records(*records):
     return manifest(lambda d: d["tensors"].extend(records))
 
 
+def shifted_manifest(by):
+    """The manifest moved `by` bytes further into the file, the header pointing at it (CRCs fixed up)."""
+    def build(image):
+        image.body += bytes(by)
+        return image.to_bytes(manifest_offset=image.fields["manifest_offset"] + by)
+    return build
+
+
+def require_new_tensor_kind(document):
+    """What a later format version could write: a record of a new dtype with a new field, announced by a
+    features_required entry; a reader must name that feature, not trip over the record."""
+    document["features_required"].append({"name": "q4_k", "since": "1.1"})
+    record = next(t for t in document["tensors"] if t["name"] == "proj.q4")
+    record.update(dtype="q4_k", super_scales_offset=4096)
+
+
 def tie(name, target):
     return {"name": name, "tie": target, "component": "text", "source": None}
 
@@ -95,6 +111,7 @@ CASES = [
     ("alignment below the minimum", header(alignment=32), CorruptHeader, ["alignment", "32"]),
     ("manifest offset past the end", header(manifest_offset=lambda im: im.size), CorruptHeader, ["manifest_offset"]),
     ("manifest offset inside the header", header(manifest_offset=16), CorruptHeader, ["manifest_offset"]),
+    ("manifest offset not a multiple of 64", shifted_manifest(8), CorruptHeader, ["manifest_offset", "multiple of 64"]),
     ("oversized manifest", header(manifest_size=MAX_MANIFEST_SIZE + 1), CorruptManifest,
      ["manifest_size", str(MAX_MANIFEST_SIZE)]),
     ("wrong blob_count", header(blob_count=lambda im: im.fields["blob_count"] + 1), CorruptHeader, ["blob_count"]),
@@ -108,17 +125,33 @@ CASES = [
      ["duplicate key", "metadata"]),
     ("manifest not an object", manifest_text(b'{"format"', b'[{"format"'), CorruptManifest, ["JSON"]),
     ("manifest section missing", manifest(lambda d: d.pop("tensors")), CorruptManifest, ["'tensors'"]),
+    ("format section not an object", manifest(lambda d: d.update(format="blobstore")), CorruptManifest, ["'format'"]),
+    ("format name of another format", manifest(lambda d: d["format"].update(name="gguf")), CorruptManifest,
+     ["format.name", "'blobstore'", "'gguf'"]),
+    ("format name missing", manifest(lambda d: d["format"].pop("name")), CorruptManifest, ["format.name", "None"]),
+    ("format major unlike the header's", manifest(lambda d: d["format"].update(major=2)), CorruptManifest,
+     ["format.major", "expected 1", "found 2"]),
+    ("format minor unlike the header's", manifest(lambda d: d["format"].update(minor=3)), CorruptManifest,
+     ["format.minor", "expected 0", "found 3"]),
+    ("format major as a bool", manifest(lambda d: d["format"].update(major=True)), CorruptManifest,
+     ["format.major", "True"]),
+    ("format minor as a float", manifest(lambda d: d["format"].update(minor=0.0)), CorruptManifest,
+     ["format.minor", "0.0"]),
     ("unknown required feature", manifest(lambda d: d["features_required"].append({"name": "q2_k", "since": "1.4"})),
      UnsupportedFeature, ["'q2_k'", "1.4"]),
     ("malformed feature entry", manifest(lambda d: d["features_required"].append("q2_k")), CorruptManifest,
      ["features_required"]),
+    ("feature without its version", manifest(lambda d: d["features_required"].append({"name": "q2_k"})),
+     CorruptManifest, ["features_required", "since"]),
     # -- tensor records --
     ("non-ASCII name", tensor_fields("norm", name="normé"), InvalidTensor, ["'normé'", "name"]),
     ("lone surrogate in a name", manifest_text(b'"norm"', b'"n\\ud800rm"'), InvalidTensor, ["name"]),
     ("empty name", tensor_fields("norm", name=""), InvalidTensor, ["name"]),
     ("record not an object", add_records(42), InvalidTensor, ["#8", "name"]),
     ("duplicate names", tensor_fields("norm", name="embed"), InvalidTensor, ["'embed'", "twice"]),
-    ("unexpected field", tensor_fields("norm", scale=1.0), InvalidTensor, ["'norm'", "scale"]),
+    ("unknown field without a feature", tensor_fields("norm", scale=1.0), CorruptManifest,
+     ["'norm'", "'scale'", "features_required"]),
+    ("new field and dtype behind a feature", manifest(require_new_tensor_kind), UnsupportedFeature, ["'q4_k'", "1.1"]),
     ("missing field", drop_field("norm", "offset"), InvalidTensor, ["'norm'", "offset"]),
     ("unknown dtype", tensor_fields("norm", dtype="q3_k"), InvalidTensor, ["'norm'", "dtype", "q3_k"]),
     ("dtype as a number", tensor_fields("norm", dtype=2), InvalidTensor, ["'norm'", "dtype"]),
@@ -138,6 +171,7 @@ CASES = [
     ("wrong layout", tensor_fields("proj.q8", layout="rows"), InvalidTensor, ["'proj.q8'", "layout", "planar"]),
     ("crc32c beyond 32 bits", tensor_fields("norm", crc32c=2**32), InvalidTensor, ["'norm'", "crc32c"]),
     ("component not a string", tensor_fields("norm", component=7), InvalidTensor, ["'norm'", "component"]),
+    ("component null", tensor_fields("norm", component=None), InvalidTensor, ["'norm'", "component"]),
     ("misaligned offset", tensor_fields("norm", offset=lambda t, _: t["offset"] + 8), InvalidTensor,
      ["'norm'", "offset", "alignment"]),
     ("negative offset", tensor_fields("norm", offset=-64), InvalidTensor, ["'norm'", "offset", "non-negative"]),
@@ -154,7 +188,7 @@ CASES = [
     ("tie cycle", add_records(tie("a", "b"), tie("b", "a")), InvalidTie, ["cycle", "a -> b -> a"]),
     ("tie to itself", add_records(tie("a", "a")), InvalidTie, ["cycle", "a -> a"]),
     ("tie target not a string", tensor_fields("lm_head", tie=["embed"]), InvalidTie, ["'lm_head'", "tie"]),
-    ("tie with data fields", tensor_fields("lm_head", offset=64), InvalidTensor, ["'lm_head'", "offset"]),
+    ("tie with data fields", tensor_fields("lm_head", offset=64), CorruptManifest, ["'lm_head'", "offset"]),
 ]
 CASE_IDS = [case[0] for case in CASES]
 

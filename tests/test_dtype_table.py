@@ -1,0 +1,99 @@
+"""The dtype table in blobstore/format.py is the one source of dtype facts: the C kernels' header
+must agree with it, and every Python consumer reads it instead of restating it."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blobstore import quant
+from blobstore.convert import plan
+from blobstore.format import DTYPE_SPECS, KNOWN_FEATURES, ROW_ALIGN, DType, layout
+from blobstore.runtime import kernels, model
+
+KERNELS_H = Path(__file__).resolve().parents[1] / "csrc" / "kernels.h"
+MATMUL = [d for d in DType if d.spec.matmul]
+
+
+def c_header():
+    """csrc/kernels.h with its comments removed."""
+    return re.sub(r"/\*.*?\*/", "", KERNELS_H.read_text(), flags=re.S)
+
+
+def c_enum(name: str) -> dict[str, int]:
+    body = re.search(r"enum\s+%s\s*\{([^}]*)\}" % name, c_header())
+    assert body, f"enum {name} not found in {KERNELS_H}"
+    entries = [e.strip() for e in body.group(1).split(",") if e.strip()]
+    pairs = [re.fullmatch(r"(\w+)\s*=\s*(\d+)", e) for e in entries]
+    assert all(pairs), f"enum {name}: every entry needs an explicit value, found {entries}"
+    return {p.group(1): int(p.group(2)) for p in pairs}
+
+
+def c_define(name: str) -> int:
+    found = re.search(r"#define\s+%s\s+(\d+)" % name, c_header())
+    assert found, f"#define {name} not found in {KERNELS_H}"
+    return int(found.group(1))
+
+
+def test_the_c_dtype_enum_is_the_matmul_rows_of_the_table():
+    assert c_enum("blob_dtype") == {f"BLOB_{d.name}": int(d) for d in MATMUL}
+    assert c_define("BLOB_NUM_DTYPES") == max(MATMUL) + 1  # the kernels' per-dtype tables are indexed by it
+
+
+def test_the_c_block_size_is_the_tables():
+    assert {d.spec.block for d in MATMUL if d.is_quantized} == {c_define("BLOB_QBLOCK")}
+
+
+def test_quantized_block_sizes_are_ggufs():
+    """q8_0 and q4_0 hold the numbers of GGUF's types of those names: same values per block and bytes per
+    block (scale included), only laid out in planes."""
+    gguf = pytest.importorskip("gguf")
+    for dtype in (DType.Q8_0, DType.Q4_0):
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype.name]] == (dtype.spec.block, dtype.spec.block_bytes)
+
+
+def test_bits_and_planes_are_consistent():
+    for dtype, spec in DTYPE_SPECS.items():
+        quant_plane = spec.planes[0]
+        assert spec.block * spec.bits == 8 * quant_plane.block_bytes, dtype  # the first plane holds the values
+        assert spec.label == dtype.label and DType.parse(spec.label) is dtype
+
+
+@pytest.mark.parametrize("dtype", list(DType), ids=lambda d: d.label)
+def test_layout_follows_the_planes(dtype):
+    rows, cols = 3, 70
+    lay = layout(dtype, (rows, cols))
+    blocks = -(-cols // dtype.spec.block)
+    first, *later = dtype.spec.planes
+    assert lay.row_stride % ROW_ALIGN == 0 and lay.row_stride - ROW_ALIGN < blocks * first.block_bytes <= lay.row_stride
+    sizes = [rows * lay.row_stride] + [rows * blocks * plane.block_bytes for plane in later]
+    assert all(offset % ROW_ALIGN == 0 for offset in lay.plane_offsets)
+    assert lay.nbytes == lay.plane_offsets[-1] + sizes[-1]
+
+
+def test_consumers_read_the_table():
+    assert plan.WEIGHT_DTYPES == tuple(d.label for d in DType if d.spec.weight_choice)
+    assert plan.FOUR_BIT_DTYPES == ("q4_0",)
+    assert set(model.MATRIX_DTYPES) == set(MATMUL)
+    assert KNOWN_FEATURES == {"tie": "1.0", "q8_0": "1.0", "q4_0": "1.0"}
+
+
+@pytest.mark.parametrize("dtype", MATMUL, ids=lambda d: d.label)
+def test_a_matrix_goes_to_c_as_its_dtype(dtype):
+    """The binding passes the DType's integer; the kernels read the weight as that type."""
+    x = np.random.default_rng(0).standard_normal((5, 70)).astype(np.float32)
+    if dtype.is_quantized:
+        quants, scales = quant.quantize(x, dtype)
+        weight = quant.dequantize(quants, scales, 70, dtype)
+        matrix = kernels.Matrix(type("Q", (), dict(dtype=dtype, shape=x.shape, quants=quants, scales=scales)))
+    else:
+        stored = quant.f32_to_bf16(x) if dtype is DType.BF16 else x.astype(dtype.numpy)
+        weight = quant.bf16_to_f32(stored) if dtype is DType.BF16 else stored.astype(np.float32)
+        matrix = kernels.Matrix(stored, dtype=dtype.label)
+    assert matrix.dtype == dtype.label
+    np.testing.assert_allclose(kernels.embed(matrix, [0, 4]), weight[[0, 4]], rtol=0, atol=0)
+
+
+def test_a_type_the_kernels_do_not_multiply_is_refused_by_name():
+    with pytest.raises(ValueError, match="unsupported weight dtype 'i32'; expected one of .*'q4_0'"):
+        kernels.Matrix(np.zeros((2, 2), np.int32), dtype="i32")
