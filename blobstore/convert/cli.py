@@ -14,9 +14,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "convert", help="convert a Hugging Face model folder or a GGUF file into a blob file",
         description="Convert SRC — a Hugging Face model folder (config.json, model.safetensors or shards with "
                     "model.safetensors.index.json, tokenizer files) or a .gguf file — into one blob file. "
-                    "Every problem with the source (unmapped, missing or mis-shaped tensors) is reported together "
-                    "and nothing is written. The output appears only when complete.",
-)
+                    "Before any tensor is converted, everything loading the file will need is checked: the config, the tokenizer, and every "
+                    "tensor (unmapped, missing or mis-shaped); all problems are reported together and nothing "
+                    "is written. The output appears only when complete.",
+    )
     parser.add_argument("src", metavar="SRC", help="Hugging Face model folder or .gguf file")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
     parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="q8_0",
@@ -36,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="blob alignment in bytes: a power of two, at least 64 (default 4096)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT.blob if it exists")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the mapping plan (source name -> stored name, dtype, shape) and write nothing")
+                        help="run every check of a conversion (config, tokenizer, tensors), print the mapping plan "
+                             "(source name -> stored name, dtype, shape) and write nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.set_defaults(func=run)
     return parser

@@ -8,6 +8,7 @@ it touched resident. Pickled checkpoints are refused, never loaded. GGUF files g
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -238,8 +239,13 @@ class GGUFFile:
             self.tensors[name] = ref
             self._where[name] = (data_start + offset, qtype)
         self.generation_config = None
-        # An HF-style config.json built from the metadata: from here on both sources look alike.
-        self.config = family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """An HF-style config.json built from the metadata: from here on both sources look alike.
+        Built on first use, so that an unsupported architecture is a ConfigError of the config
+        check (reported with the tokenizer's problems), not of opening the file."""
+        return family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
 
     def provenance_files(self) -> list[Path]:
         return [self.path]
