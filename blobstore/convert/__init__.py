@@ -55,14 +55,16 @@ class Summary:
 
 def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
             allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
-            quiet: bool = False, log=None) -> Summary:
-    """Convert `src` (HF model folder or .gguf file) into the blob file `out`; see
-    `blob-pack convert --help`.
+            quiet: bool = False, revision: str | None = None, offline: bool = False, gguf_file: str | None = None,
+            log=None) -> Summary:
+    """Convert `src` (HF model folder, .gguf file, or a Hub id such as "google/gemma-3-270m") into
+    the blob file `out`; see `blob-pack convert --help`.
 
     Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
     config asks for — is checked before the first tensor is converted (also for a dry run); every
-    problem found raises one ConversionError listing them all, and nothing is written. `log`
-    receives the plan (dry run) and warnings, one line per call (default: discard).
+    problem found raises one ConversionError listing them all, and nothing is written. `revision`,
+    `offline` and `gguf_file` apply to Hub ids. `log` receives the plan (dry run) and warnings, one
+    line per call (default: discard).
     """
     started = time.monotonic()
     log = log or (lambda line: None)
@@ -70,7 +72,7 @@ def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, ke
     out = Path(out)
     if not dry_run:
         _check_output(out, force)
-    source = open_source(src)
+    source = open_source(src, revision=revision, offline=offline, gguf_file=gguf_file)
     problems = Problems(str(src))
     family, config = _normalize(source, problems)
     tok = _build_tokenizer(source, config, problems)
@@ -221,6 +223,8 @@ def _metadata(source, plan: Plan, options: Options, tok) -> dict:
                 components[name] = {"tensors": count, "config": config, "required": False}
     source_info = {"format": source.kind, "name": source.path.name, "packer": f"blob-pack {__version__}",
                    "files": provenance(source.provenance_files())}
+    if source.hub:
+        source_info.update(name=source.hub["repo_id"], hub=source.hub)
     if source.kind == "safetensors":
         source_info.update(config=source.config, generation_config=source.generation_config)
     else:

@@ -52,8 +52,8 @@ class Problems:
         return [name for names in self.unmapped.values() for name in names]
 
     def fatal(self, allow_unknown: bool) -> bool:
-        return bool(self.config or self.tokenizer or self.missing or self.mismatched or self.duplicates or self.bad_dtypes or
-                    (self.unmapped_names() and not allow_unknown))
+        return bool(self.config or self.tokenizer or self.missing or self.mismatched or self.duplicates or
+                    self.bad_dtypes or (self.unmapped_names() and not allow_unknown))
 
     def raise_if_fatal(self, allow_unknown: bool, found: int):
         if self.fatal(allow_unknown):

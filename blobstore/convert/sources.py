@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .families import family_for_gguf
 from .problems import ConversionError
 
@@ -39,9 +40,27 @@ class TensorRef:
     nbytes: int       # bytes in the source
 
 
-def open_source(path) -> "SafetensorsFolder | GGUFFile":
-    """The source at `path`: a Hugging Face model folder or a .gguf file."""
-    path = Path(path)
+def open_source(path, *, revision: str | None = None, offline: bool = False,
+                gguf_file: str | None = None) -> "SafetensorsFolder | GGUFFile":
+    """The source at `path`: a Hugging Face model folder, a .gguf file, or — when no such local
+    path exists — a Hub id ("org/name") resolved through the local Hugging Face cache (hub.py).
+
+    >>> open_source("gemma-3-270m/").kind                   # doctest: +SKIP
+    'safetensors'
+    """
+    local = Path(path)
+    if not local.exists() and hub.is_repo_id(str(path)):
+        resolved, info = hub.resolve(str(path), revision=revision, offline=offline, gguf_file=gguf_file)
+        source = _open_local(resolved)
+        source.hub = info
+        return source
+    for option, value in (("--revision", revision), ("--gguf-file", gguf_file)):
+        if value is not None:
+            raise ConversionError(f"{option} applies to Hub ids (org/name), not to the local {path}")
+    return _open_local(local)
+
+
+def _open_local(path: Path) -> "SafetensorsFolder | GGUFFile":
     if path.is_dir():
         return SafetensorsFolder(path)
     if path.is_file():
@@ -80,6 +99,7 @@ class SafetensorsFolder:
     """config.json plus model.safetensors, or shards listed by model.safetensors.index.json."""
 
     kind = "safetensors"
+    hub = None  # {"repo_id", "revision", "commit"} when resolved from a Hub id
 
     def __init__(self, folder: Path):
         self.path = folder
@@ -220,6 +240,7 @@ class GGUFFile:
     """
 
     kind = "gguf"
+    hub = None  # as SafetensorsFolder.hub
 
     def __init__(self, path: Path):
         try:
