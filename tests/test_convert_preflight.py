@@ -1,9 +1,10 @@
 """The pre-flight of blob-pack convert: everything load() needs is checked before a tensor is read.
 
 Each problem class — no tokenizer, an unusable tokenizer, an unsupported rope kind, a missing, a
-misshapen and an unmapped tensor — fails the conversion (and the dry run) with one ConversionError,
-while the source's `read` is watched: a tied model's plan reads no tensor bytes at all, an
-untied one only its head and embedding (the plan compares them to spot a duplicated head).
+misshapen and an unmapped tensor; in a folder or a GGUF file — fails the conversion (and the dry
+run) with one ConversionError, while the source's `read` is watched: a tied model's plan reads no
+tensor bytes at all, an untied one only its head and embedding (the plan compares them to spot a
+duplicated head).
 """
 from __future__ import annotations
 
@@ -182,3 +183,15 @@ def test_a_gguf_vocabulary_without_a_supported_form(checkpoints, tmp_path, spm_m
     message = preflight_error(path, tmp_path / "out", dry_run=True)
     assert "GGUF vocabulary model 'gpt2' has no supported form" in message
     assert set(read) <= {"output.weight", "token_embd.weight"}  # the head compared with the embedding, nothing else
+
+
+def test_a_multi_line_problem_stays_inside_its_section():
+    from blobstore.convert.problems import Problems
+
+    problems = Problems("model/")
+    problems.tokenizer.append("tokenizer.json: 2 problems:\n  id 500 beyond the embedding\n  id 501 too")
+    assert problems.fatal(allow_unknown=True)
+    assert problems.report(allow_unknown=True, found=0) == (
+        "cannot convert model/:\n"
+        "  the tokenizer cannot be stored (blobstore.runtime.load needs one):\n"
+        "    tokenizer.json: 2 problems:\n      id 500 beyond the embedding\n      id 501 too")

@@ -58,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Run `blob-pack convert`; returns the exit status (1 with one message listing every problem).
 
-    ValueError covers ConversionError, ConfigError and the writer's errors, which all name the
-    file or tensor at fault.
+    ValueError covers ConversionError (config and tokenizer problems included) and the writer's
+    errors, which all name the file or tensor at fault.
     """
     try:
         summary = convert(args.src, args.output, dtype=args.dtype, embed_dtype=args.embed_dtype,

@@ -63,10 +63,10 @@ class Problems:
         lines = [f"cannot convert {self.source}:"]
         if self.config:
             lines.append("  the config cannot be used:")
-            lines += [f"    {problem}" for problem in self.config]
+            lines += [_indented(problem, "    ") for problem in self.config]
         if self.tokenizer:
             lines.append("  the tokenizer cannot be stored (blobstore.runtime.load needs one):")
-            lines += [f"    {problem}" for problem in self.tokenizer]
+            lines += [_indented(problem, "    ") for problem in self.tokenizer]
         if not self.tensors_checked:
             lines.append("  (tensors not checked: the config says which tensors the model needs)")
         unmapped = [] if allow_unknown else self.unmapped_names()
@@ -93,6 +93,11 @@ class Problems:
             lines.append(f"  {len(self.duplicates)} runtime tensor(s) given by more than one source tensor:")
             lines += [f"    {name}: {', '.join(sources)}" for name, sources in self.duplicates]
         return "\n".join(lines)
+
+
+def _indented(text: str, prefix: str) -> str:
+    """Every line of a (possibly multi-line) message under the section's indent."""
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 def _shape(shape) -> str:
