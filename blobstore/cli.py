@@ -1,6 +1,6 @@
 """blob-pack: write, inspect and verify blob files.
 
-    blob-pack convert SRC -o OUT.blob     a Hugging Face folder or a GGUF file → a blob file
+    blob-pack convert SRC -o OUT.blob     a Hugging Face folder or Hub id, or a GGUF file → a blob file
     blob-pack inspect FILE [--json]     what is inside: version, metadata, every tensor
     blob-pack verify FILE               check every checksum (exit 1 names the damaged blobs)
 """

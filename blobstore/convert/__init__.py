@@ -3,9 +3,10 @@
     >>> from blobstore.convert import convert
     >>> summary = convert("gemma-3-270m/", "gemma.blob", dtype="q8_0")   # doctest: +SKIP
 
-The source is planned first (names, shapes, dtypes, ties, every problem reported together),
-then streamed one tensor at a time into a BlobWriter, which writes a temporary file and renames
-it into place only when complete.
+The source is checked first — config, tokenizer, then the tensor plan (names, shapes, dtypes,
+ties) — and every problem is reported together before a single tensor is converted. It is then
+streamed one tensor at a time into a BlobWriter, which writes a temporary file and renames it
+into place only when complete.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, is_power_of_two
 from ..quant import bf16_to_f32
 from ..writer import BlobWriter
@@ -54,30 +55,29 @@ class Summary:
 
 def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
             allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
-            quiet: bool = False, log=None) -> Summary:
-    """Convert `src` (HF model folder or .gguf) into the blob file `out`; see `blob-pack convert --help`.
+            quiet: bool = False, revision: str | None = None, offline: bool = False, gguf_file: str | None = None,
+            log=None) -> Summary:
+    """Convert `src` (HF model folder, .gguf file, or a Hub id such as "google/gemma-3-270m") into
+    the blob file `out`; see `blob-pack convert --help`.
 
-    Raises ConversionError listing every problem found; nothing is written then. `log` receives
-    the plan (dry run) and warnings, one line per call (default: discard).
+    Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
+    config asks for — is checked before the first tensor is converted (also for a dry run); every
+    problem found raises one ConversionError listing them all, and nothing is written. `revision`,
+    `offline` and `gguf_file` apply to Hub ids. `log` receives the plan (dry run) and warnings, one
+    line per call (default: discard).
     """
     started = time.monotonic()
     log = log or (lambda line: None)
-    for option, value in (("dtype", dtype), ("embed_dtype", embed_dtype or dtype)):
-        if value not in WEIGHT_DTYPES:
-            raise ConversionError(f"{option}: expected one of {', '.join(WEIGHT_DTYPES)}, found {value!r}")
-    if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
-        raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
-    options = Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,
-                      allow_unknown=allow_unknown, alignment=align)
+    options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align)
     out = Path(out)
     if not dry_run:
         _check_output(out, force)
-    source = open_source(src)
-    family = family_for_hf(source.config)  # a GGUF source's config names the matching HF architecture
-    config = family.normalize(source.config, source.generation_config)
+    source = open_source(src, revision=revision, offline=offline, gguf_file=gguf_file)
     problems = Problems(str(src))
-    plan = make_plan(source, config, family.variant(source.config), options, problems)
-    problems.raise_if_fatal(options.allow_unknown, found=len(plan.entries))
+    family, config = _normalize(source, problems)
+    tok = _build_tokenizer(source, config, problems)
+    plan = make_plan(source, config, family.variant(source.config), options, problems) if config else None
+    problems.raise_if_fatal(options.allow_unknown, found=len(plan.entries) if plan else 0)
     for warning in problems.warnings:
         log(f"warning: {warning}")
     summary = _summary(out, plan, source, dry_run)
@@ -85,11 +85,65 @@ def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, ke
         for line in describe_plan(plan):
             log(line)
     else:
-        _write(out, source, family, plan, options, quiet)
+        _write(out, source, family, plan, options, quiet, tok)
         summary.bytes_out = out.stat().st_size
     summary.warnings = problems.warnings
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align) -> Options:
+    for option, value in (("dtype", dtype), ("embed_dtype", embed_dtype or dtype)):
+        if value not in WEIGHT_DTYPES:
+            raise ConversionError(f"{option}: expected one of {', '.join(WEIGHT_DTYPES)}, found {value!r}")
+    if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
+        raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
+    return Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,
+                   allow_unknown=allow_unknown, alignment=align)
+
+
+def _normalize(source, problems: Problems):
+    """(family, canonical config), or (None, None) with the reason added to `problems`."""
+    try:
+        family = family_for_hf(source.config)  # a GGUF source's config names the matching HF architecture
+        return family, family.normalize(source.config, source.generation_config)
+    except ConfigError as error:
+        problems.config.append(str(error))
+        problems.tensors_checked = False
+        return None, None
+
+
+def _build_tokenizer(source, config: ModelConfig | None, problems: Problems):
+    """The tokenizer data the file will store, built once before any tensor is read; None with
+    the reason added to `problems` when there is no loadable tokenizer."""
+    if config is None:  # its settings need the config's token ids, but a missing tokenizer is still worth saying
+        absent = _no_tokenizer(source)
+        if absent:
+            problems.tokenizer.append(absent)
+        return None
+    try:
+        tok = tokenizer.from_gguf(source.metadata, config) if source.kind == "gguf" else \
+            tokenizer.from_folder(source.path, config)
+    except ConversionError as error:
+        problems.tokenizer.append(str(error))
+        return None
+    if not tok.files:
+        problems.tokenizer.append(_no_tokenizer(source) or f"GGUF vocabulary model "
+                                  f"{source.metadata.get('tokenizer.ggml.model')!r} has no supported form "
+                                  f"(a sentencepiece model is rebuilt from 'llama' vocabularies)")
+        return None
+    return tok
+
+
+def _no_tokenizer(source) -> str | None:
+    """Why the source holds no tokenizer at all, or None when it has one."""
+    if source.kind == "gguf":
+        if "tokenizer.ggml.tokens" in source.metadata:
+            return None
+        return f"no tokenizer: {source.path.name} has no vocabulary (no tokenizer.ggml.tokens)"
+    if any((source.path / name).is_file() for name in tokenizer.TOKENIZER_FILES):
+        return None
+    return f"no tokenizer: expected {' or '.join(tokenizer.TOKENIZER_FILES)} in {source.path}"
 
 
 def describe_plan(plan: Plan) -> list[str]:
@@ -120,7 +174,7 @@ def _summary(out: Path, plan: Plan, source, dry_run: bool) -> Summary:
                    dropped={c: len(s) for c, s in plan.dropped.items()}, notes=list(plan.notes), dry_run=dry_run)
 
 
-def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool):
+def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool, tok: tokenizer.TokenizerData):
     try:
         from tqdm import tqdm
     except ImportError:
@@ -136,8 +190,6 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool)
             bar.update(source.tensors[entry.source].nbytes)
         for name, target, _ in plan.ties:
             writer.add_tie(name, target, source=None)
-        tok = tokenizer.from_gguf(source.metadata, plan.config) if source.kind == "gguf" else \
-            tokenizer.from_folder(source.path, plan.config)
         for name, data in tok.files.items():
             writer.add_file(name, data)
         writer.metadata.update(_metadata(source, plan, options, tok))
@@ -171,6 +223,8 @@ def _metadata(source, plan: Plan, options: Options, tok) -> dict:
                 components[name] = {"tensors": count, "config": config, "required": False}
     source_info = {"format": source.kind, "name": source.path.name, "packer": f"blob-pack {__version__}",
                    "files": provenance(source.provenance_files())}
+    if source.hub:
+        source_info.update(name=source.hub["repo_id"], hub=source.hub)
     if source.kind == "safetensors":
         source_info.update(config=source.config, generation_config=source.generation_config)
     else:

@@ -11,13 +11,18 @@ from .plan import WEIGHT_DTYPES
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `convert` subcommand to blob-pack's subparsers; it runs `run(args)`."""
     parser = subparsers.add_parser(
-        "convert", help="convert a Hugging Face model folder or a GGUF file into a blob file",
+        "convert", help="convert a Hugging Face model (folder or Hub id) or a GGUF file into a blob file",
         description="Convert SRC — a Hugging Face model folder (config.json, model.safetensors or shards with "
-                    "model.safetensors.index.json, tokenizer files) or a .gguf file — into one blob file. "
-                    "Every problem with the source (unmapped, missing or mis-shaped tensors) is reported together "
-                    "and nothing is written. The output appears only when complete.",
-)
-    parser.add_argument("src", metavar="SRC", help="Hugging Face model folder or .gguf file")
+                    "model.safetensors.index.json, tokenizer files), a .gguf file, or a Hugging Face Hub id "
+                    "such as google/gemma-3-270m — into one blob file. Before any tensor is converted, "
+                    "everything loading the file will need is checked: the config, the tokenizer, and every "
+                    "tensor (unmapped, missing or mis-shaped); all problems are reported together and nothing "
+                    "is written. The output appears only when complete.",
+    )
+    parser.add_argument("src", metavar="SRC",
+                        help="Hugging Face model folder, .gguf file, or Hub id (org/name) when no such local path "
+                             "exists: read from the local Hugging Face cache (HF_HUB_CACHE / HF_HOME), downloading "
+                             "what is missing unless offline; needs pip install 'blobstore-runtime[hub]'")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
     parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="q8_0",
                         help="stored type of 2-D weight matrices, default q8_0 (norms and biases stay f32)")
@@ -36,8 +41,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="blob alignment in bytes: a power of two, at least 64 (default 4096)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT.blob if it exists")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the mapping plan (source name -> stored name, dtype, shape) and write nothing")
+                        help="run every check of a conversion (config, tokenizer, tensors), print the mapping plan "
+                             "(source name -> stored name, dtype, shape) and write nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    hub = parser.add_argument_group("Hub ids (SRC given as org/name)")
+    hub.add_argument("--revision", metavar="REV", default=None,
+                     help="branch, tag or commit of the Hub repo to convert (default: main)")
+    hub.add_argument("--offline", action="store_true",
+                     help="use only the local Hugging Face cache, never the network (as HF_HUB_OFFLINE=1 does)")
+    hub.add_argument("--gguf-file", metavar="NAME", default=None,
+                     help="the .gguf file to convert from a repo of GGUF files (needed when it holds several)")
     parser.set_defaults(func=run)
     return parser
 
@@ -45,13 +58,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Run `blob-pack convert`; returns the exit status (1 with one message listing every problem).
 
-    ValueError covers ConversionError, ConfigError and the writer's errors, which all name the
-    file or tensor at fault.
+    ValueError covers ConversionError (config and tokenizer problems included) and the writer's
+    errors, which all name the file or tensor at fault.
     """
     try:
         summary = convert(args.src, args.output, dtype=args.dtype, embed_dtype=args.embed_dtype,
                           keep_f32=args.keep_f32, text_only=args.text_only, allow_unknown=args.allow_unknown,
                           align=args.align, force=args.force, dry_run=args.dry_run, quiet=args.quiet,
+                          revision=args.revision, offline=args.offline, gguf_file=args.gguf_file,
                           log=lambda line: print(line, file=sys.stdout if args.dry_run else sys.stderr))
     except (ValueError, OSError) as error:
         print(f"blob-pack convert: error: {error}", file=sys.stderr)

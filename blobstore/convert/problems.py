@@ -1,8 +1,9 @@
 """Collect every problem with a checkpoint, then report them together in one error.
 
-Users lose hours to converters that stop at the first unmapped key; this module gathers unmapped
-source tensors (grouped by their likely cause), missing required tensors and shape mismatches,
-and renders them as one message.
+Users lose hours to converters that stop at the first unmapped key, or that fail on the tokenizer
+after minutes of converting; this module gathers config and tokenizer problems, unmapped source
+tensors (grouped by their likely cause), missing required tensors and shape mismatches, and
+renders them as one message.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class ConversionError(ValueError):
 @dataclass
 class Problems:
     source: str
+    config: list = field(default_factory=list)         # why the config cannot be normalized
+    tokenizer: list = field(default_factory=list)      # why no loadable tokenizer can be stored
+    tensors_checked: bool = True                       # False when no config says which tensors are needed
     unmapped: dict = field(default_factory=lambda: {cause: [] for cause in CAUSES})
     missing: list = field(default_factory=list)        # canonical names
     mismatched: list = field(default_factory=list)     # (canonical, expected shape, found shape, source name)
@@ -48,8 +52,8 @@ class Problems:
         return [name for names in self.unmapped.values() for name in names]
 
     def fatal(self, allow_unknown: bool) -> bool:
-        return bool(self.missing or self.mismatched or self.duplicates or self.bad_dtypes or
-                    (self.unmapped_names() and not allow_unknown))
+        return bool(self.config or self.tokenizer or self.missing or self.mismatched or self.duplicates or
+                    self.bad_dtypes or (self.unmapped_names() and not allow_unknown))
 
     def raise_if_fatal(self, allow_unknown: bool, found: int):
         if self.fatal(allow_unknown):
@@ -57,6 +61,14 @@ class Problems:
 
     def report(self, allow_unknown: bool, found: int) -> str:
         lines = [f"cannot convert {self.source}:"]
+        if self.config:
+            lines.append("  the config cannot be used:")
+            lines += [_indented(problem, "    ") for problem in self.config]
+        if self.tokenizer:
+            lines.append("  the tokenizer cannot be stored (blobstore.runtime.load needs one):")
+            lines += [_indented(problem, "    ") for problem in self.tokenizer]
+        if not self.tensors_checked:
+            lines.append("  (tensors not checked: the config says which tensors the model needs)")
         unmapped = [] if allow_unknown else self.unmapped_names()
         if unmapped:
             lines.append(f"  {len(unmapped)} source tensor(s) map to no runtime tensor:")
@@ -81,6 +93,11 @@ class Problems:
             lines.append(f"  {len(self.duplicates)} runtime tensor(s) given by more than one source tensor:")
             lines += [f"    {name}: {', '.join(sources)}" for name, sources in self.duplicates]
         return "\n".join(lines)
+
+
+def _indented(text: str, prefix: str) -> str:
+    """Every line of a (possibly multi-line) message under the section's indent."""
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 def _shape(shape) -> str:

@@ -8,6 +8,7 @@ it touched resident. Pickled checkpoints are refused, never loaded. GGUF files g
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .families import family_for_gguf
 from .problems import ConversionError
 
@@ -38,9 +40,27 @@ class TensorRef:
     nbytes: int       # bytes in the source
 
 
-def open_source(path) -> "SafetensorsFolder | GGUFFile":
-    """The source at `path`: a Hugging Face model folder or a .gguf file."""
-    path = Path(path)
+def open_source(path, *, revision: str | None = None, offline: bool = False,
+                gguf_file: str | None = None) -> "SafetensorsFolder | GGUFFile":
+    """The source at `path`: a Hugging Face model folder, a .gguf file, or — when no such local
+    path exists — a Hub id ("org/name") resolved through the local Hugging Face cache (hub.py).
+
+    >>> open_source("gemma-3-270m/").kind                   # doctest: +SKIP
+    'safetensors'
+    """
+    local = Path(path)
+    if not local.exists() and hub.is_repo_id(str(path)):
+        resolved, info = hub.resolve(str(path), revision=revision, offline=offline, gguf_file=gguf_file)
+        source = _open_local(resolved)
+        source.hub = info
+        return source
+    for option, value in (("--revision", revision), ("--gguf-file", gguf_file)):
+        if value is not None:
+            raise ConversionError(f"{option} applies to Hub ids (org/name), not to the local {path}")
+    return _open_local(local)
+
+
+def _open_local(path: Path) -> "SafetensorsFolder | GGUFFile":
     if path.is_dir():
         return SafetensorsFolder(path)
     if path.is_file():
@@ -79,6 +99,7 @@ class SafetensorsFolder:
     """config.json plus model.safetensors, or shards listed by model.safetensors.index.json."""
 
     kind = "safetensors"
+    hub = None  # {"repo_id", "revision", "commit"} when resolved from a Hub id
 
     def __init__(self, folder: Path):
         self.path = folder
@@ -219,6 +240,7 @@ class GGUFFile:
     """
 
     kind = "gguf"
+    hub = None  # as SafetensorsFolder.hub
 
     def __init__(self, path: Path):
         try:
@@ -238,8 +260,13 @@ class GGUFFile:
             self.tensors[name] = ref
             self._where[name] = (data_start + offset, qtype)
         self.generation_config = None
-        # An HF-style config.json built from the metadata: from here on both sources look alike.
-        self.config = family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """An HF-style config.json built from the metadata: from here on both sources look alike.
+        Built on first use, so that an unsupported architecture is a ConfigError of the config
+        check (reported with the tokenizer's problems), not of opening the file."""
+        return family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
 
     def provenance_files(self) -> list[Path]:
         return [self.path]
