@@ -97,12 +97,24 @@ _INST = r"""
 {%- endfor -%}
 """
 
+# Phi-3 / Phi-3.5 / Phi-4-mini: a role tag line, the content, <|end|>; the checkpoints ship their
+# own template, this is the fallback for files without one.
+_PHI3 = r"""
+{%- for message in messages -%}
+  {{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|assistant|>\n' -}}
+{%- endif -%}
+"""
+
 BUILTIN_TEMPLATES = {
     "gemma": _GEMMA,
     "llama2": _INST_SETTINGS["llama2"] + _INST,
     "llama3": _LLAMA3,
     "chatml": _CHATML,
     "mistral": _INST_SETTINGS["mistral"] + _INST,
+    "phi3": _PHI3,
 }
 
 # Markers that close a turn in the templates we know; a model stops generating on them.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .families import family_for_gguf
+from .families import GGUF_ROPE_TENSORS, family_for_gguf
 from .problems import ConversionError
 
 # The float dtypes converted (label, numpy type of the stored bits); bf16 is read as raw uint16.
@@ -238,8 +238,11 @@ class GGUFFile:
             self.tensors[name] = ref
             self._where[name] = (data_start + offset, qtype)
         self.generation_config = None
-        # An HF-style config.json built from the metadata: from here on both sources look alike.
-        self.config = family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
+        # An HF-style config.json built from the metadata (and the few values of the rope scaling
+        # tensors): from here on both sources look alike.
+        rope = {n: self.read(n)[0].astype(np.float32) for n in GGUF_ROPE_TENSORS if n in self.tensors}
+        family = family_for_gguf(self.metadata)
+        self.config = family.hf_config_from_gguf(self.metadata, "output.weight" in self.tensors, rope)
 
     def provenance_files(self) -> list[Path]:
         return [self.path]
