@@ -103,7 +103,8 @@ def write_phi3_gguf(folder, path, spm_model: bytes):
 def gguf_tensors(model, rope) -> dict:
     """GGUF name → array: fused q/k/v and gate/up as they are in HF (llama.cpp does not permute phi3)."""
     weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    tensors = {"token_embd.weight": weights["model.embed_tokens.weight"], "output_norm.weight": weights["model.norm.weight"],
+    tensors = {"token_embd.weight": weights["model.embed_tokens.weight"],
+               "output_norm.weight": weights["model.norm.weight"],
                "rope_factors_long.weight": np.array(rope["long_factor"], np.float32),
                "rope_factors_short.weight": np.array(rope["short_factor"], np.float32)}
     if not model.config.tie_word_embeddings:
@@ -187,7 +188,8 @@ def test_the_stored_config(phi3):
         assert rope.rotated_dims(16) == int(16 * settings["partial_rotary_factor"])
         assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(32)))
         assert hf.tie_word_embeddings == settings["tie_word_embeddings"] == from_gguf.tie_word_embeddings
-        assert [blob.info("lm_head").tie for blob in blobs] == ["embed" if settings["tie_word_embeddings"] else None] * 2
+        head_tie = "embed" if settings["tie_word_embeddings"] else None
+        assert [blob.info("lm_head").tie for blob in blobs] == [head_tie, head_tie]
         for field in ("rope", "num_kv_heads", "head_dim", "layer_types", "sliding_window"):
             if field == "rope":  # the GGUF's attention factor is an f32 key
                 assert from_gguf.rope[0].attention_factor == pytest.approx(rope.attention_factor, rel=1e-7)

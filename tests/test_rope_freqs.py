@@ -52,7 +52,8 @@ def test_llama31_gguf_with_rope_freqs_matches_transformers(checkpoints, tmp_path
     divisors = llama_cpp_rope_freqs(hf)
     assert 1.0 < divisors.max() and divisors.min() == 1.0  # the fixture scales some frequencies, not all
     path = tmp_path / "llama31.gguf"
-    write_gguf(path, "llama", hf, tensors, spm_model, extra_keys=[("rope.freq_base", hf["rope_parameters"]["rope_theta"])],
+    write_gguf(path, "llama", hf, tensors, spm_model,
+               extra_keys=[("rope.freq_base", hf["rope_parameters"]["rope_theta"])],
                extra_tensors={"rope_freqs.weight": (divisors, T.F32)})
     convert(path, tmp_path / "llama31.blob", dtype="f32", quiet=True)
     model = load(tmp_path / "llama31.blob")

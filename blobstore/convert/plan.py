@@ -105,7 +105,8 @@ def _split(src: str, names: tuple, component: str, shape: tuple, expected: dict,
         return []
     entries, start = [], 0
     for name, part in zip(names, parts):
-        entries.append(Entry(name, src, component, part, target_dtype(name, part, options), rows=(start, start + part[0])))
+        rows = (start, start + part[0])
+        entries.append(Entry(name, src, component, part, target_dtype(name, part, options), rows=rows))
         start += part[0]
     return entries
 

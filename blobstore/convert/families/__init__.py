@@ -34,6 +34,5 @@ def family_for_gguf(metadata: dict) -> Family:
     raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; supported: {', '.join(known)}")
 
 
-__all__ = ["FAMILIES", "GGUF_ROPE_TENSORS", "Family", "Variant", "family_for_gguf", "family_for_hf", "map_component_name",
-           "map_gguf_name", "map_text_name",
-           "supported_architectures"]
+__all__ = ["FAMILIES", "GGUF_ROPE_TENSORS", "Family", "Variant", "family_for_gguf", "family_for_hf",
+           "map_component_name", "map_gguf_name", "map_text_name", "supported_architectures"]
