@@ -178,6 +178,35 @@ def test_32_greedy_tokens_match_transformers_generate(phi3, variant, route, leng
     assert ours == theirs
 
 
+def test_crossing_the_original_context_recomputes_the_cache_with_the_long_factors(phi3):
+    """After a short prefill, the step that passes the original context re-runs the sequence:
+    its logits and every later step's equal those of one full forward with the long factors."""
+    model = load(phi3("longrope")[0])
+    ids = prompt(40, seed=2)
+    full = model.forward(ids)
+    cache = model.cache
+    cache.truncate(0)
+    model.transformer.run(ids[:20], cache, start=0)
+    cache.token_ids.extend(ids[:20])
+    for position in range(20, len(ids)):
+        logits = model.transformer.run([ids[position]], cache, start=position)
+        cache.token_ids.append(ids[position])
+        if position >= ORIGINAL_CONTEXT:
+            assert np.abs(logits[0] - full[position]).max() < 1e-4, position
+    cache.truncate(30)  # keys of positions 0..29 now carry the long factors; a short call needs them redone
+    short = model.transformer.run(ids[30:32], cache, start=30, all_logits=True)
+    assert np.abs(short - model.forward(ids[:32])[30:]).max() < 1e-4
+
+
+def test_a_switch_without_the_cached_token_ids_is_refused(phi3):
+    model = load(phi3("longrope")[0])
+    cache = model.cache
+    cache.truncate(0)
+    model.transformer.run(prompt(20), cache, start=0)  # the caller did not record the ids
+    with pytest.raises(ValueError, match="the cache lists 0 token ids, not the 20 before position 20"):
+        model.transformer.run(prompt(20)[:15], cache, start=20)
+
+
 def test_the_stored_config(phi3):
     for variant, settings in VARIANTS.items():
         blobs = [blobstore.open(phi3(variant, route)[0]) for route in ("hf", "gguf")]
