@@ -19,7 +19,7 @@ FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 ACTIVATIONS = ("silu", "gelu_tanh")
-ROPE_KINDS = ("default", "linear", "llama3")
+ROPE_KINDS = ("default", "linear", "llama3", "longrope", "factors")
 
 
 class ConfigError(ValueError):
@@ -28,11 +28,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RopeParams:
-    """Rotary embedding of one layer: base `theta` and an optional frequency scaling.
+    """Rotary embedding of one layer: base `theta`, the rotated dimensions and a frequency scaling.
 
     kind "linear" divides every frequency by `factor`; kind "llama3" divides only the low
     frequencies, blending smoothly between `low_freq_factor` and `high_freq_factor` wavelengths
-    of `original_max_position_embeddings` (Llama 3.1+).
+    of `original_max_position_embeddings` (Llama 3.1+); kind "longrope" (Phi-3) divides
+    frequency i by `short_factor[i]`, or by `long_factor[i]` for a forward call reaching past
+    `original_max_position_embeddings`, and multiplies cos and sin by `attention_factor`;
+    kind "factors" divides frequency i by `factors[i]` (llama.cpp's `rope_freqs` tensor, which
+    bakes Llama 3.1 scaling into a GGUF). `rotary_dim` (None: the whole head) is how many of a
+    head's leading dimensions rotate (partial rotary, e.g. Phi-4-mini's 0.75).
     """
 
     theta: float
@@ -41,21 +46,60 @@ class RopeParams:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 1.0
     original_max_position_embeddings: int = 0
+    rotary_dim: int | None = None
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+    factors: tuple[float, ...] = ()
 
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies (head_dim // 2,) float32 for rotating pairs (i, i + head_dim/2),
-        computed in float32 exactly as transformers computes them.
+    def __post_init__(self):
+        for name in ("short_factor", "long_factor", "factors"):  # JSON gives lists; keep the record hashable
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+
+    def inv_freq(self, head_dim: int, long_context: bool = False) -> np.ndarray:
+        """Inverse frequencies (rotary_dim // 2,) float32 for rotating pairs (i, i + rotary_dim/2),
+        computed in float32 as transformers computes them (to within torch's pow, an ulp at most);
+        `long_context` picks LongRoPE's long factors (see `uses_long_factors`).
 
         >>> RopeParams(10000.0).inv_freq(4)
         array([1.  , 0.01], dtype=float32)
+        >>> RopeParams(10000.0, rotary_dim=2).inv_freq(4)
+        array([1.], dtype=float32)
         """
-        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-        inv = (np.float32(1.0) / (np.float32(self.theta) ** exponents)).astype(np.float32)
+        dim = self.rotated_dims(head_dim)
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        # torch raises the (double) base to f32 exponents nearly correctly rounded; a double power
+        # rounded to f32 agrees with it far more often than numpy's f32 power
+        base = (np.float64(self.theta) ** exponents.astype(np.float64)).astype(np.float32)
+        if self.kind == "longrope":
+            divisors = np.asarray(self.long_factor if long_context else self.short_factor, np.float32)
+            return (np.float32(1.0) / (divisors * base)).astype(np.float32)
+        inv = (np.float32(1.0) / base).astype(np.float32)
         if self.kind == "linear":
             inv = inv / np.float32(self.factor)
         elif self.kind == "llama3":
             inv = self._llama3_scaled(inv)
+        elif self.kind == "factors":
+            inv = inv / np.asarray(self.factors, np.float32)
         return inv.astype(np.float32)
+
+    def rotated_dims(self, head_dim: int) -> int:
+        """How many leading dimensions of each head rotate.
+
+        >>> RopeParams(10000.0, rotary_dim=96).rotated_dims(128)
+        96
+        """
+        return head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def uses_long_factors(self, positions_end: int) -> bool:
+        """Whether a forward call over positions below `positions_end` takes LongRoPE's long
+        factors: transformers picks them per call when its largest position + 1 exceeds the
+        original context.
+
+        >>> RopeParams(1e4, "longrope", original_max_position_embeddings=32).uses_long_factors(33)
+        True
+        """
+        return self.kind == "longrope" and positions_end > self.original_max_position_embeddings
 
     def _llama3_scaled(self, inv: np.ndarray) -> np.ndarray:
         context = self.original_max_position_embeddings
@@ -65,6 +109,15 @@ class RopeParams:
         blended = (1 - smooth) * scaled / self.factor + smooth * scaled
         medium = (wavelength >= context / self.high_freq_factor) & (wavelength <= context / self.low_freq_factor)
         return np.where(medium, blended, scaled)
+
+    def problems(self, head_dim: int) -> list[str]:
+        """What makes these settings unusable with heads of `head_dim` (empty when fine)."""
+        dim = self.rotated_dims(head_dim)
+        if not (isinstance(dim, int) and 0 < dim <= head_dim and dim % 2 == 0):
+            return [f"rotary_dim: expected an even number from 2 to head_dim ({head_dim}), found {dim!r}"]
+        lists = {"longrope": ("short_factor", "long_factor"), "factors": ("factors",)}.get(self.kind, ())
+        return [f"{name}: expected {dim // 2} values (one per rotated pair), found {len(getattr(self, name))}"
+                for name in lists if len(getattr(self, name)) != dim // 2]
 
 
 @dataclass(frozen=True)
@@ -78,7 +131,7 @@ class ModelConfig:
     """
 
     arch: str                       # the source architecture, e.g. "Gemma3ForCausalLM"
-    family: str                     # "gemma" | "llama" | "qwen": the name table used
+    family: str                     # "gemma" | "llama" | "phi3" | "qwen": the name table used
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -170,12 +223,13 @@ class ModelConfig:
         return family_for_hf(config).normalize(config, generation_config)
 
     @classmethod
-    def from_gguf(cls, metadata: dict, has_output_head: bool = True) -> "ModelConfig":
-        """Normalize GGUF metadata (key → value); a GGUF without `output.weight` has a tied head."""
+    def from_gguf(cls, metadata: dict, has_output_head: bool = True, rope_tensors: dict | None = None) -> "ModelConfig":
+        """Normalize GGUF metadata (key → value); a GGUF without `output.weight` has a tied head.
+        `rope_tensors` maps the rope scaling tensors present (`rope_freqs.weight`, ...) to their values."""
         from .convert.families import family_for_gguf
 
         family = family_for_gguf(metadata)
-        return family.normalize(family.hf_config_from_gguf(metadata, has_output_head))
+        return family.normalize(family.hf_config_from_gguf(metadata, has_output_head, rope_tensors))
 
     # ---- validation ----
 
@@ -201,6 +255,14 @@ class ModelConfig:
         bad_rope = sorted({r.kind for r in self.rope} - set(ROPE_KINDS))
         if bad_rope:
             raise ConfigError(f"rope type {bad_rope[0]!r} is not supported; supported: {', '.join(ROPE_KINDS)}")
+        problems = sorted({p for rope in self.rope for p in rope.problems(self.head_dim)})
+        if problems:
+            raise ConfigError(f"model config field rope: {'; '.join(problems)}")
+        # the runtime switches every layer's LongRoPE factors at once (transformers has one rotary embedding)
+        contexts = {r.original_max_position_embeddings for r in self.rope if r.kind == "longrope"}
+        if len(contexts) > 1:
+            raise ConfigError(f"model config field rope: longrope layers disagree on "
+                              f"original_max_position_embeddings ({sorted(contexts)})")
 
 
 def round_to_dtype(value: float, dtype: str) -> float:

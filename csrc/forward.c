@@ -15,6 +15,7 @@ typedef struct {
     float *rope;     /* (n, head_dim / 2, 2) cosines and sines of the positions' rotary angles */
     const float *rope_inv_freq;   /* the frequencies `rope` holds the angles of (NULL: none yet) */
     size_t rope_n_freq;
+    float rope_scale;             /* and the scale they carry */
     int64_t *positions;
 } activations;
 
@@ -48,6 +49,7 @@ static void carve_activations(const blob_model *m, size_t n, void *scratch, acti
     a->rope = carve(&cursor, n * m->head_dim);
     a->rope_inv_freq = NULL;
     a->rope_n_freq = 0;
+    a->rope_scale = 0.0f;
     a->positions = (int64_t *)cursor;
 }
 
@@ -146,10 +148,11 @@ static void store_kv(const blob_model *m, const blob_kv_cache *c, size_t layer, 
  * frequencies differ from the last layer's: once per call for most models, at each switch
  * between local and global layers for Gemma 3 (their cos and sin cost more than the rotation). */
 static void rotate(activations *a, const blob_layer *l, size_t n, size_t n_heads, size_t n_kv_heads, size_t hd) {
-    if (a->rope_inv_freq != l->inv_freq || a->rope_n_freq != l->n_freq) {
-        blob_rope_angles(a->positions, n, l->inv_freq, l->n_freq, a->rope);
+    if (a->rope_inv_freq != l->inv_freq || a->rope_n_freq != l->n_freq || a->rope_scale != l->rope_scale) {
+        blob_rope_angles(a->positions, n, l->inv_freq, l->n_freq, l->rope_scale, a->rope);
         a->rope_inv_freq = l->inv_freq;
         a->rope_n_freq = l->n_freq;
+        a->rope_scale = l->rope_scale;
     }
     blob_rope(a->q, n, n_heads, hd, a->rope, l->n_freq);
     blob_rope(a->k, n, n_kv_heads, hd, a->rope, l->n_freq);

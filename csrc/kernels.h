@@ -88,9 +88,11 @@ void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps
                    float *out);
 /* Rotary embedding in two steps, so that layers sharing frequencies share the angles:
  * blob_rope_angles fills COS_SIN (n, n_freq, 2) with the cosine and sine of
- * positions[i] * inv_freq[j]; blob_rope rotates X (n, n_heads, head_dim) in place by them, HF
- * half-split layout, over the first 2*n_freq dimensions of each head. */
-void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float *cos_sin);
+ * positions[i] * inv_freq[j], each times SCALE (LongRoPE's attention factor, else 1);
+ * blob_rope rotates X (n, n_heads, head_dim) in place by them, HF half-split layout, over the
+ * first 2*n_freq dimensions of each head (fewer than head_dim: partial rotary). */
+void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float scale,
+                      float *cos_sin);
 void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq);
 enum blob_activation { BLOB_ACT_SILU = 0, BLOB_ACT_GELU_TANH = 1 };
 /* out = act(gate) * up, element-wise over `count` values. */
@@ -114,7 +116,8 @@ typedef struct blob_layer {
     const float *q_norm, *k_norm;                  /* per-head RMSNorm of queries and keys */
     const float *q_bias, *k_bias, *v_bias, *o_bias;
     const float *inv_freq;                         /* rotary inverse frequencies, n_freq of them */
-    size_t n_freq;
+    size_t n_freq;                                 /* 2 * n_freq leading dimensions of a head rotate */
+    float rope_scale;                              /* multiplies cos and sin: LongRoPE's attention factor, else 1 */
     size_t window;                                 /* attention window in tokens, 0 = unlimited */
 } blob_layer;
 

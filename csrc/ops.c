@@ -10,13 +10,15 @@ void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps
     for (size_t i = 0; i < n; i++) ops->rms_norm_row(x + i * d, w, d, eps, offset, out + i * d);
 }
 
-void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float *cos_sin) {
+void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float scale,
+                      float *cos_sin) {
     for (size_t i = 0; i < n; i++) {
         for (size_t j = 0; j < n_freq; j++) {
-            /* the angle rounded to f32 first, as HF computes position * inv_freq in f32 */
+            /* the angle rounded to f32 first, as HF computes position * inv_freq in f32; HF scales
+             * its f32 cos and sin, so the scale multiplies them after rounding */
             const float angle = (float)positions[i] * inv_freq[j];
-            cos_sin[(i * n_freq + j) * 2] = (float)cos((double)angle);
-            cos_sin[(i * n_freq + j) * 2 + 1] = (float)sin((double)angle);
+            cos_sin[(i * n_freq + j) * 2] = (float)cos((double)angle) * scale;
+            cos_sin[(i * n_freq + j) * 2 + 1] = (float)sin((double)angle) * scale;
         }
     }
 }

@@ -60,7 +60,9 @@ cdef extern from "kernels.h" nogil:
         const float *v_bias
         const float *o_bias
         const float *inv_freq
-        size_t n_freq, window
+        size_t n_freq
+        float rope_scale
+        size_t window
 
     ctypedef struct blob_model:
         size_t n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn
@@ -94,7 +96,7 @@ cdef extern from "kernels.h" nogil:
     void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps,
                        float offset, float *out)
     void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq,
-                          float *cos_sin)
+                          float scale, float *cos_sin)
     void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq)
     void blob_gated_act(const float *gate, const float *up, size_t count, int act, float *out)
     void blob_softmax(float *x, size_t n, size_t d)
@@ -461,10 +463,11 @@ def rms_norm(x, w, float eps, float offset=0.0, out=None):
     return result
 
 
-def rope(x, positions, inv_freq):
+def rope(x, positions, inv_freq, float scale=1.0):
     """Rotate x (n, n_heads, head_dim) in place, HF half-split layout; returns x.
 
-    Token i is rotated by angle positions[i] * inv_freq[j] in dimensions (j, j + len(inv_freq));
+    Token i is rotated by angle positions[i] * inv_freq[j] in dimensions (j, j + len(inv_freq)),
+    with cos and sin multiplied by `scale` (LongRoPE's attention factor);
     2 * len(inv_freq) <= head_dim (partial rotary leaves the rest unchanged).
     """
     xa = _contiguous(_float_array(x, "rope: x", 3), "rope: x")
@@ -484,7 +487,7 @@ def rope(x, positions, inv_freq):
     cdef const float[::1] fv = freq
     cdef float[:, :, ::1] angles = np.empty((n, n_freq, 2), np.float32)
     with nogil:
-        blob_rope_angles(&pv[0], n, &fv[0], n_freq, &angles[0, 0, 0])
+        blob_rope_angles(&pv[0], n, &fv[0], n_freq, scale, &angles[0, 0, 0])
         blob_rope(&xv[0, 0, 0], n, n_heads, head_dim, &angles[0, 0, 0], n_freq)
     return x
 
@@ -634,7 +637,9 @@ cdef class DecoderStack:
 
     `layers` are objects with the weights as attributes: Matrix q, k, v, o, gate, up, down;
     float32 vectors attn_norm, ffn_norm, inv_freq; optional (None) post_attn_norm,
-    post_ffn_norm, q_norm, k_norm, q_bias, k_bias, v_bias, o_bias; int window.
+    post_ffn_norm, q_norm, k_norm, q_bias, k_bias, v_bias, o_bias, and inv_freq_long (LongRoPE's
+    frequencies for calls reaching past the original context: `run(..., long_rope=True)`);
+    float rope_scale (multiplies cos and sin); int window.
 
     >>> stack = DecoderStack(embed, lm_head, final_norm, layers, n_heads=4, ...)   # doctest: +SKIP
     >>> logits = stack.run(ids, cache_k, cache_v, start=0, logit_rows=1)          # doctest: +SKIP
@@ -644,6 +649,8 @@ cdef class DecoderStack:
     cdef list _keep
     cdef object _scratch           # the activations' buffer, grown to the longest chunk run
     cdef object _busy              # one run at a time: runs share the scratch buffer
+    cdef list _rope_sets           # per layer: addresses of its (short, long) inverse frequencies
+    cdef bint _long_rope           # which of the two the layer table points at
     cdef readonly size_t vocab
 
     def __cinit__(self):
@@ -661,6 +668,8 @@ cdef class DecoderStack:
         if n_kv_heads == 0 or n_heads % n_kv_heads:
             raise ValueError(f"DecoderStack: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self._keep = []
+        self._rope_sets = []
+        self._long_rope = False
         self._scratch = np.empty(0, np.uint8)
         self._busy = threading.Lock()
         cdef size_t hidden = embed.m.cols
@@ -708,6 +717,9 @@ cdef class DecoderStack:
             raise ValueError(f"{name}inv_freq: {freq.shape[0]} frequencies rotate more than head_dim {hd}")
         l.inv_freq = _vector_address(freq, freq.shape[0], name + "inv_freq", keep)
         l.n_freq = freq.shape[0]
+        cdef const float *long_freq = _vector_address(layer.inv_freq_long, l.n_freq, name + "inv_freq_long", keep, True)
+        self._rope_sets.append((<uintptr_t>l.inv_freq, <uintptr_t>(long_freq if long_freq != NULL else l.inv_freq)))
+        l.rope_scale = layer.rope_scale
         if layer.window < 0:
             raise ValueError(f"{name}window must be >= 0, found {layer.window}")
         l.window = layer.window
@@ -730,10 +742,11 @@ cdef class DecoderStack:
         c.v = <void *><uintptr_t>_address(v_cache)
         c.max_seq = k_cache.shape[1]
 
-    def run(self, ids, k_cache, v_cache, size_t start, size_t logit_rows=1):
+    def run(self, ids, k_cache, v_cache, size_t start, size_t logit_rows=1, bint long_rope=False):
         """Run `ids` at positions start.. through every layer, their keys and values going into
         the caches (n_layers, max_seq, n_kv_heads, head_dim), which must already hold positions
-        0..start-1. Returns the float32 logits (logit_rows, vocab) of the last logit_rows tokens."""
+        0..start-1. Returns the float32 logits (logit_rows, vocab) of the last logit_rows tokens.
+        `long_rope` rotates with the layers' inv_freq_long where they have one."""
         ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
         cdef size_t n = ia.shape[0]
         if logit_rows > n:
@@ -749,12 +762,20 @@ cdef class DecoderStack:
             raise RuntimeError("forward: this DecoderStack is running in another thread; "
                                "use one stack per thread")
         try:
+            self._select_rope(long_rope)
             needed = blob_forward_scratch_bytes(&self.m, n)
             if self._scratch.shape[0] < needed:
                 self._scratch = np.empty(needed, np.uint8)
             return self._run(ia, &c, start, logit_rows, logits)
         finally:
             self._busy.release()
+
+    cdef _select_rope(self, bint long_rope):
+        if long_rope == self._long_rope:
+            return
+        for i, frequencies in enumerate(self._rope_sets):
+            self.layers[i].inv_freq = <const float *><uintptr_t>frequencies[long_rope]
+        self._long_rope = long_rope
 
     cdef _run(self, ia, blob_kv_cache *c, size_t start, size_t logit_rows, logits):
         cdef const int64_t[::1] iv = ia

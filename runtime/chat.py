@@ -98,12 +98,24 @@ _INST = r"""
 {%- endfor -%}
 """
 
+# Phi-3 / Phi-3.5 / Phi-4-mini: a role tag line, the content, <|end|>; the checkpoints ship their
+# own template, this is the fallback for files without one.
+_PHI3 = r"""
+{%- for message in messages -%}
+  {{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|assistant|>\n' -}}
+{%- endif -%}
+"""
+
 BUILTIN_TEMPLATES = {
     "gemma": _GEMMA,
     "llama2": _INST_SETTINGS["llama2"] + _INST,
     "llama3": _LLAMA3,
     "chatml": _CHATML,
     "mistral": _INST_SETTINGS["mistral"] + _INST,
+    "phi3": _PHI3,
 }
 
 # Markers that close a turn in the templates we know; a model stops generating on them.
@@ -169,10 +181,12 @@ def _template_name_for_family(family: str, vocabulary: Collection[str]) -> str:
         return "chatml"
     if family.startswith("mistral"):
         return "mistral"
+    if family.startswith("phi3"):
+        return "phi3"
     if family.startswith("llama"):
         return "llama3" if "<|start_header_id|>" in vocabulary else "llama2"
     raise ChatTemplateError(f"no built-in chat template for model family {family!r}; "
-                            f"known: gemma*, llama, mistral, qwen*, or one of {sorted(BUILTIN_TEMPLATES)}")
+                            f"known: gemma*, llama, mistral, phi3, qwen*, or one of {sorted(BUILTIN_TEMPLATES)}")
 
 
 def _check_messages(messages: Sequence[Mapping]) -> None:

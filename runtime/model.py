@@ -8,11 +8,12 @@ per-token layer loop runs in C: Python is entered once per token (or per prompt 
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeParams
 from ..errors import MissingTensor
 from ..format import DType
 from . import kernels
@@ -39,6 +40,8 @@ class Layer:
     ffn_norm: np.ndarray
     inv_freq: np.ndarray       # rotary inverse frequencies of this layer (local and global layers differ)
     window: int                # attention window in tokens, 0 = unlimited
+    rope_scale: float = 1.0    # multiplies cos and sin (LongRoPE's attention factor)
+    inv_freq_long: np.ndarray | None = None  # LongRoPE: the frequencies of calls reaching past the original context
     post_attn_norm: np.ndarray | None = None
     post_ffn_norm: np.ndarray | None = None
     q_norm: np.ndarray | None = None
@@ -59,9 +62,10 @@ class Transformer:
     def __init__(self, reader, config: ModelConfig):
         check_tensors(reader, config)
         self.config = config
+        self._long_rope_in = weakref.WeakKeyDictionary()  # cache → whether its keys carry LongRoPE's long factors
         # one array per distinct rotary setting: layers that share it share its angles in the stack
-        inv_freqs = {rope: rope.inv_freq(config.head_dim) for rope in set(config.rope)}
-        layers = [self._bind_layer(reader, i, inv_freqs[config.rope[i]]) for i in range(config.num_layers)]
+        frequencies = {rope: _frequencies(rope, config.head_dim) for rope in set(config.rope)}
+        layers = [self._bind_layer(reader, i, frequencies[config.rope[i]]) for i in range(config.num_layers)]
         self.stack = kernels.DecoderStack(    # holds the bound weights from here on
             _matrix(reader, "embed"), _matrix(reader, "lm_head"), _vector(reader, "final_norm"), layers,
             n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
@@ -71,11 +75,11 @@ class Transformer:
             attn_softcap=config.attn_logit_softcap or 0.0, final_softcap=config.final_logit_softcap or 0.0,
             activation=config.activation)
 
-    def _bind_layer(self, reader, i: int, inv_freq: np.ndarray) -> Layer:
+    def _bind_layer(self, reader, i: int, rope: dict) -> Layer:
         name = f"layers.{i}.".__add__
         matrices = {part: _matrix(reader, name(part)) for part in ("q", "k", "v", "o", "gate", "up", "down")}
         vectors = {part: _vector(reader, name(part)) for part in VECTOR_PARTS if name(part) in reader}
-        return Layer(**matrices, **vectors, inv_freq=inv_freq, window=self.config.sliding_window[i])
+        return Layer(**matrices, **vectors, **rope, window=self.config.sliding_window[i])
 
     # ---- running tokens ----
 
@@ -83,17 +87,39 @@ class Transformer:
         """Process `ids` at positions start.. (their keys and values go into `cache`).
 
         Returns float32 logits (len(ids), vocab) when `all_logits`, else (1, vocab) for the last token.
+        A LongRoPE model picks its short or long factors once per call, from the call's last
+        position, as transformers does per forward, for every prefill chunk of the call. A cache
+        holds keys of one factor set: a call needing the other set recomputes the cached prefix
+        (`cache.token_ids[:start]`) with it, as transformers' Phi-3 generate drops its cache when
+        a sequence first outgrows the original context.
         """
         cache.check_room(start + len(ids))
+        long_rope = any(rope.uses_long_factors(start + len(ids)) for rope in self.config.rope)
+        if start and self._long_rope_in.get(cache, False) != long_rope:
+            if len(cache.token_ids) < start:
+                raise ValueError(f"run: the cache lists {len(cache.token_ids)} token ids, not the {start} before "
+                                 f"position {start} that must be recomputed with the other LongRoPE factors")
+            logits = self._run_chunks(cache.token_ids[:start] + list(ids), cache, 0, all_logits, long_rope)
+            return logits[start:] if all_logits else logits
+        return self._run_chunks(ids, cache, start, all_logits, long_rope)
+
+    def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool) -> np.ndarray:
         outputs = []
         for chunk_start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[chunk_start:chunk_start + PREFILL_CHUNK]
             last_chunk = chunk_start + PREFILL_CHUNK >= len(ids)
             rows = len(chunk) if all_logits else int(last_chunk)
-            logits = self.stack.run(chunk, cache.k, cache.v, start + chunk_start, logit_rows=rows)
+            logits = self.stack.run(chunk, cache.k, cache.v, start + chunk_start, logit_rows=rows, long_rope=long_rope)
             if rows:
                 outputs.append(logits)
+        self._long_rope_in[cache] = long_rope
         return np.concatenate(outputs)
+
+
+def _frequencies(rope: RopeParams, head_dim: int) -> dict:
+    """A layer's rotary fields (see Layer) for these rope settings."""
+    long = rope.inv_freq(head_dim, long_context=True) if rope.kind == "longrope" else None
+    return {"inv_freq": rope.inv_freq(head_dim), "inv_freq_long": long, "rope_scale": rope.attention_factor}
 
 
 def _matrix(reader, name: str) -> kernels.Matrix:

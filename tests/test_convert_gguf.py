@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import blobstore
-from blobstore.config import ModelConfig
+from blobstore.config import ModelConfig, RopeParams
 from blobstore.convert import ConversionError, convert
 from blobstore.convert.tokenizer import sentencepiece_from_gguf
 
@@ -224,14 +224,21 @@ def test_duplicate_pieces_are_reported(spm_model):
         sentencepiece_from_gguf(metadata)
 
 
-def test_llama3_rope_factor_tensor_is_reported(checkpoints, tmp_path, spm_model):
+def test_llama3_rope_factor_tensor_goes_into_the_rope_config(checkpoints, tmp_path, spm_model):
     path = tmp_path / "llama.gguf"
-    factors = {"rope_freqs.weight": (np.ones(8, np.float32), T.F32)}
+    divisors = np.linspace(1.0, 8.0, 8, dtype=np.float32)
     gguf_from_checkpoint(checkpoints("llama"), path, "llama", LLAMA_NORMS, llama_transform, spm_model,
-                         extra_tensors=factors)
-    with pytest.raises(ConversionError, match=r"tensors this converter knows but cannot represent \(1\):\n +"
-                                              r"rope_freqs.weight"):
-        convert(path, tmp_path / "out.blob", quiet=True)
+                         extra_tensors={"rope_freqs.weight": (divisors, T.F32)})
+    lines = []
+    convert(path, tmp_path / "dry.blob", dry_run=True, quiet=True, log=lines.append)
+    assert "rope_freqs.weight -> read into the rope config" in lines
+    convert(path, tmp_path / "out.blob", dtype="f32", quiet=True)
+    with blobstore.open(tmp_path / "out.blob") as blob:
+        cfg = ModelConfig.from_dict(blob.metadata["model"])
+        assert not any("rope_freqs" in name for name in blob.keys())
+    assert all(r.kind == "factors" and r.factors == tuple(divisors.tolist()) for r in cfg.rope)
+    plain = RopeParams(cfg.rope[0].theta).inv_freq(cfg.head_dim)
+    np.testing.assert_array_equal(cfg.rope[0].inv_freq(cfg.head_dim), plain / divisors)
 
 
 def test_truncated_gguf_is_named(checkpoints, tmp_path, spm_model):

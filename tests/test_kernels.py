@@ -318,12 +318,13 @@ def test_rms_norm(offset):
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
 
 
-def rotate_half_reference(x, positions, inv_freq):
-    """HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin over the rotated dimensions."""
+def rotate_half_reference(x, positions, inv_freq, scale=1.0):
+    """HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin over the rotated dimensions,
+    cos and sin times `scale` (LongRoPE's attention factor)."""
     rot = 2 * len(inv_freq)
     angles = positions[:, None].astype(np.float32) * inv_freq[None, :]          # f32, as HF
-    cos = np.cos(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :]
-    sin = np.sin(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :]
+    cos = np.cos(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :] * scale
+    sin = np.sin(np.concatenate([angles, angles], -1).astype(np.float64))[:, None, :] * scale
     head = x[..., :rot].astype(np.float64)
     half = rot // 2
     rotated = np.concatenate([-head[..., half:], head[..., :half]], -1)
@@ -332,15 +333,17 @@ def rotate_half_reference(x, positions, inv_freq):
     return out
 
 
-@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (10, 6)])
-def test_rope(head_dim, rotary_dim):
+@pytest.mark.parametrize("head_dim,rotary_dim,scale", [(64, 64, 1.0), (10, 6, 1.0), (16, 12, 1.1832159566)])
+def test_rope(head_dim, rotary_dim, scale):
     rng = np.random.default_rng(13)
     x = rng.standard_normal((5, 3, head_dim)).astype(np.float32)
+    untouched = x[..., rotary_dim:].copy()
     positions = np.array([0, 1, 7, 100, 4095])
     inv_freq = RopeParams(10000.0).inv_freq(rotary_dim)
-    want = rotate_half_reference(x, positions, inv_freq)
-    assert K.rope(x, positions, inv_freq) is x
+    want = rotate_half_reference(x, positions, inv_freq, scale)
+    assert K.rope(x, positions, inv_freq, scale) is x
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(x[..., rotary_dim:], untouched)  # the scale touches only rotated dimensions
 
 
 @pytest.mark.parametrize("scaling", [

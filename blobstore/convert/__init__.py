@@ -148,11 +148,12 @@ def _no_tokenizer(source) -> str | None:
 
 def describe_plan(plan: Plan) -> list[str]:
     """One line per stored tensor and tie: the dry-run output."""
-    lines = [f"{e.source} -> {e.name} [{e.component}] {e.dtype} {'x'.join(map(str, e.shape)) or 'scalar'}"
+    lines = [f"{e.source_label} -> {e.name} [{e.component}] {e.dtype} {'x'.join(map(str, e.shape)) or 'scalar'}"
              for e in plan.entries]
     lines += [f"{name} -> tie to {target} ({reason})" for name, target, reason in plan.ties]
     lines += [f"{src} -> left out (--text-only)" for srcs in plan.dropped.values() for src in srcs]
     lines += [f"{src} -> ignored (derived buffer)" for src in plan.ignored]
+    lines += [f"{src} -> read into the rope config" for src in plan.in_config]
     return lines
 
 
@@ -170,8 +171,13 @@ def _summary(out: Path, plan: Plan, source, dry_run: bool) -> Summary:
     for entry in plan.entries:
         components[entry.component] = components.get(entry.component, 0) + 1
     return Summary(str(out), tensors=len(plan.entries), ties=len(plan.ties),
-                   bytes_in=sum(source.tensors[e.source].nbytes for e in plan.entries), components=components,
+                   bytes_in=_source_bytes(source, plan), components=components,
                    dropped={c: len(s) for c, s in plan.dropped.items()}, notes=list(plan.notes), dry_run=dry_run)
+
+
+def _source_bytes(source, plan: Plan) -> int:
+    """Bytes of the source tensors the plan reads (a fused tensor once, however many parts it yields)."""
+    return sum(source.tensors[name].nbytes for name in {e.source for e in plan.entries})
 
 
 def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool, tok: tokenizer.TokenizerData):
@@ -180,14 +186,15 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
     except ImportError:
         raise ConversionError("blob-pack convert needs tqdm: pip install 'blobstore-runtime[convert]'") from None
 
-    total = sum(source.tensors[e.source].nbytes for e in plan.entries)
+    read = _read_once(source)
     with BlobWriter(out, alignment=options.alignment) as writer, \
-            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, leave=False,
-                 desc="converting") as bar:
+            tqdm(total=_source_bytes(source, plan), unit="B", unit_scale=True, unit_divisor=1024, disable=quiet,
+                 leave=False, desc="converting") as bar:
         for entry in plan.entries:
             bar.set_postfix_str(entry.name, refresh=False)
-            _add_tensor(writer, source, family, plan.config, entry)
-            bar.update(source.tensors[entry.source].nbytes)
+            _add_tensor(writer, read, source.kind, family, plan.config, entry)
+            if entry.rows is None or entry.rows[1] == source.tensors[entry.source].shape[0]:  # the source is done
+                bar.update(source.tensors[entry.source].nbytes)
         for name, target, _ in plan.ties:
             writer.add_tie(name, target, source=None)
         for name, data in tok.files.items():
@@ -195,17 +202,32 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
         writer.metadata.update(_metadata(source, plan, options, tok))
 
 
-def _add_tensor(writer: BlobWriter, source, family, config: ModelConfig, entry):
-    array, stored = source.read(entry.source)
-    if source.kind == "gguf" and entry.component == "text":
+def _read_once(source):
+    """source.read, remembering the last tensor: the parts of a fused tensor (consecutive entries)
+    share one read."""
+    last = {}
+
+    def read(name: str):
+        if name not in last:
+            last.clear()
+            last[name] = source.read(name)
+        return last[name]
+    return read
+
+
+def _add_tensor(writer: BlobWriter, read, source_kind: str, family, config: ModelConfig, entry):
+    array, stored = read(entry.source)
+    if entry.rows is not None:
+        array = array[entry.rows[0]:entry.rows[1]]
+    if source_kind == "gguf" and entry.component == "text":
         array = family.gguf_sanitize(entry.name, array, config)
     if stored == "bf16":
         if entry.dtype == "bf16":  # the raw bits go in untouched
             writer.add(entry.name, memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)), dtype="bf16",
-                       shape=entry.shape, component=entry.component, source=entry.source)
+                       shape=entry.shape, component=entry.component, source=entry.source_label)
             return
         array = bf16_to_f32(array)
-    writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source)
+    writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source_label)
 
 
 def _metadata(source, plan: Plan, options: Options, tok) -> dict:

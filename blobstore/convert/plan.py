@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..format import DType
-from .families import map_component_name, map_gguf_name, map_text_name
+from .families import GGUF_ROPE_TENSORS, map_component_name, map_gguf_name, map_text_name
 from .problems import Problems, classify
 
 FLOAT_SOURCE_DTYPES = ("f32", "f16", "bf16")
@@ -27,8 +27,6 @@ WEIGHT_DTYPES = tuple(d.label for d in DType if d.spec.weight_choice)  # choices
 FOUR_BIT_DTYPES = tuple(label for label in WEIGHT_DTYPES if DType.parse(label).spec.bits <= 4)
 FOUR_BIT_EMBED_DTYPE = "q8_0"
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a derived buffer older checkpoints saved
-# Known, but not representable: llama.cpp's Llama 3.1 rope factors (read from config.json instead).
-UNSUPPORTED = {"rope_freqs.weight"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,16 @@ class Entry:
     component: str     # "text" | "vision" | "projector" | "extra"
     shape: tuple
     dtype: str         # stored dtype
+    rows: tuple | None = None  # (start, stop): the rows of a fused source tensor this one is, else None
+
+    @property
+    def source_label(self) -> str:
+        """The source tensor, with the row slice when this entry is one part of a fused tensor.
+
+        >>> Entry("layers.0.k", "qkv_proj.weight", "text", (8, 16), "f32", rows=(16, 24)).source_label
+        'qkv_proj.weight[16:24]'
+        """
+        return self.source if self.rows is None else f"{self.source}[{self.rows[0]}:{self.rows[1]}]"
 
 
 @dataclass
@@ -59,24 +67,49 @@ class Plan:
     ties: list = field(default_factory=list)        # (name, target, reason)
     dropped: dict = field(default_factory=dict)     # component → source names left out by --text-only
     ignored: list = field(default_factory=list)
+    in_config: list = field(default_factory=list)   # source tensors read into the config (GGUF rope factors)
     notes: list = field(default_factory=list)       # things the summary should say
 
 
 def make_plan(source, config: ModelConfig, variant, options: Options, problems: Problems) -> Plan:
+    """Every stored tensor (a fused source tensor yields one entry per part, its rows stacked in
+    the name table's order), tie and left-out tensor; problems go to `problems`."""
     plan = Plan(config)
     mapped = _map_names(source, variant, options, plan, problems)
     expected = config.expected_tensors()
-    for name, (src, component) in mapped.items():
+    for src, (names, component) in mapped.items():
         ref = source.tensors[src]
-        if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
-            problems.mismatched.append((name, expected[name], ref.shape, src))
+        if len(names) > 1:
+            entries = _split(src, names, component, ref.shape, expected, options, problems)
+        else:
+            name = names[0]
+            if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
+                problems.mismatched.append((name, expected[name], ref.shape, src))
+            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options))]
         if ref.dtype not in FLOAT_SOURCE_DTYPES and source.kind == "safetensors":
-            problems.bad_dtypes.append((name, ref.dtype, src))
+            problems.bad_dtypes.append((" + ".join(names), ref.dtype, src))
             continue
-        plan.entries.append(Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options)))
-    problems.missing += [n for n in expected if n not in mapped and n != "lm_head"]
+        plan.entries += entries
+    stored = {name for names, _ in mapped.values() for name in names}
+    problems.missing += [n for n in expected if n not in stored and n != "lm_head"]
     _plan_head(source, plan, expected, problems)
     return plan
+
+
+def _split(src: str, names: tuple, component: str, shape: tuple, expected: dict, options: Options,
+           problems: Problems) -> list:
+    """The entries of a fused source tensor: row slices sized by the config (q, k, v or gate, up)."""
+    parts = [expected[n] for n in names]
+    stacked = (sum(p[0] for p in parts), *parts[0][1:])
+    if shape != stacked:
+        problems.mismatched.append((" + ".join(names), stacked, shape, src))
+        return []
+    entries, start = [], 0
+    for name, part in zip(names, parts):
+        rows = (start, start + part[0])
+        entries.append(Entry(name, src, component, part, target_dtype(name, part, options), rows=rows))
+        start += part[0]
+    return entries
 
 
 def target_dtype(name: str, shape: tuple, options: Options) -> str:
@@ -98,37 +131,45 @@ def resolved_embed_dtype(options: Options) -> str:
 
 
 def _map_names(source, variant, options: Options, plan: Plan, problems: Problems) -> dict:
-    """stored name → (source name, component); unmapped names go to `problems` with their cause."""
-    text_name = map_gguf_name if source.kind == "gguf" else lambda n: map_text_name(n, variant.layer_names)
+    """source name → (stored names, component); unmapped names go to `problems` with their cause."""
+    if source.kind == "gguf":
+        text_name = lambda n: map_gguf_name(n, variant.gguf_layer_names)  # noqa: E731
+    else:
+        text_name = lambda n: map_text_name(n, variant.layer_names)  # noqa: E731
     expected = plan.config.expected_tensors()
     mapped, sources_of = {}, {}
     for src in source.tensors:
         if IGNORED.search(src):
             plan.ignored.append(src)
             continue
+        if source.kind == "gguf" and src in GGUF_ROPE_TENSORS:
+            plan.in_config.append(src)
+            continue
         target = _map_one(src, text_name, variant)
         if target and target[0] != "text" and options.text_only:
             plan.dropped.setdefault(target[0], []).append(src)
             continue
-        if target is None or (target[0] == "text" and target[1] not in expected):
-            cause = "config" if target else "unsupported" if src in UNSUPPORTED else classify(src, text_name)
+        if target is None or (target[0] == "text" and not set(target[1]) <= expected.keys()):
             if options.allow_unknown:
-                target = ("extra", f"extra.{src}")
+                target = ("extra", (f"extra.{src}",))
                 plan.notes.append(f"kept unmapped {src} as extra.{src}")
             else:
-                problems.add_unmapped(src, cause)
+                problems.add_unmapped(src, "config" if target else classify(src, text_name))
                 continue
-        sources_of.setdefault(target[1], []).append(src)
-        mapped[target[1]] = (src, target[0])
+        for name in target[1]:
+            sources_of.setdefault(name, []).append(src)
+        mapped[src] = (target[1], target[0])
     problems.duplicates += [(name, srcs) for name, srcs in sources_of.items() if len(srcs) > 1]
     return mapped
 
 
-def _map_one(src: str, text_name, variant) -> tuple[str, str] | None:
+def _map_one(src: str, text_name, variant) -> tuple[str, tuple] | None:
+    """(component, stored names) of a source tensor: one name, or several for a fused tensor."""
     name = text_name(src)
     if name:
-        return "text", name
-    return map_component_name(src) if variant.multimodal else None
+        return "text", name if isinstance(name, tuple) else (name,)
+    component = map_component_name(src) if variant.multimodal else None
+    return (component[0], (component[1],)) if component else None
 
 
 def _plan_head(source, plan: Plan, expected: dict, problems: Problems):

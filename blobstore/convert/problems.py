@@ -19,7 +19,6 @@ CAUSES = {
               "or 'language_model.model.')",
     "config": "known tensor names that this config does not use (a layer index beyond num_hidden_layers, or a "
               "bias / norm the config does not enable)",
-    "unsupported": "tensors this converter knows but cannot represent",
     "unknown": "names this architecture does not have",
 }
 VISION_NAME = re.compile(r"(^|\.)(vision_tower|vision_model|multi_modal_projector|visual|vision_encoder|"

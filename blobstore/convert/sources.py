@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import hub
-from .families import family_for_gguf
+from .families import GGUF_ROPE_TENSORS, family_for_gguf
 from .problems import ConversionError
 
 # The float dtypes converted (label, numpy type of the stored bits); bf16 is read as raw uint16.
@@ -263,10 +263,13 @@ class GGUFFile:
 
     @functools.cached_property
     def config(self) -> dict:
-        """An HF-style config.json built from the metadata: from here on both sources look alike.
-        Built on first use, so that an unsupported architecture is a ConfigError of the config
-        check (reported with the tokenizer's problems), not of opening the file."""
-        return family_for_gguf(self.metadata).hf_config_from_gguf(self.metadata, "output.weight" in self.tensors)
+        """An HF-style config.json built from the metadata (and the few values of the rope scaling
+        tensors): from here on both sources look alike. Built on first use, so that an unsupported
+        architecture is a ConfigError of the config check (reported with the tokenizer's
+        problems), not of opening the file."""
+        rope = {n: self.read(n)[0].astype(np.float32) for n in GGUF_ROPE_TENSORS if n in self.tensors}
+        family = family_for_gguf(self.metadata)
+        return family.hf_config_from_gguf(self.metadata, "output.weight" in self.tensors, rope)
 
     def provenance_files(self) -> list[Path]:
         return [self.path]

@@ -10,7 +10,9 @@
  * - RMSNorm rows bit-identical to scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 threads bit-identical;
- * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads.
+ * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
+ * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
+ *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
  * Exit status 0 when everything passed.
  */
 #include <stdio.h>
@@ -420,6 +422,34 @@ static void check_pool(void) {
     blob_threads_set(1);
 }
 
+/* blob_rope_angles + blob_rope over heads of 10 dimensions of which 6 rotate (partial rotary),
+ * scale 1 and LongRoPE's 1.18: the rotated pairs (j, j + 3) match a double-precision rotation by
+ * the scaled cos and sin, the last 4 dimensions stay as they were. */
+static void check_rope(void) {
+    enum { N = 3, HEADS = 2, HD = 10, NF = 3 };
+    const int64_t positions[N] = {0, 5, 4095};
+    const float inv_freq[NF] = {1.0f, 0.0464159f, 0.00215443f};
+    const float scales[] = {1.0f, 1.1832159f};
+    for (size_t si = 0; si < sizeof scales / sizeof *scales; si++) {
+        float x[N * HEADS * HD], before[N * HEADS * HD], cos_sin[N * NF * 2];
+        for (size_t e = 0; e < N * HEADS * HD; e++) before[e] = x[e] = next_float();
+        blob_rope_angles(positions, N, inv_freq, NF, scales[si], cos_sin);
+        blob_rope(x, N, HEADS, HD, cos_sin, NF);
+        for (size_t i = 0; i < N; i++) {
+            for (size_t h = 0; h < HEADS; h++) {
+                const float *in = before + (i * HEADS + h) * HD, *out = x + (i * HEADS + h) * HD;
+                for (size_t j = 0; j < NF; j++) {
+                    const double angle = (double)((float)positions[i] * inv_freq[j]);
+                    const double c = cos(angle) * scales[si], s = sin(angle) * scales[si];
+                    expect_close("rope rotated first half", "rope", out[j], in[j] * c - in[j + NF] * s, 1e-5);
+                    expect_close("rope rotated second half", "rope", out[j + NF], in[j + NF] * c + in[j] * s, 1e-5);
+                }
+                for (size_t d = 2 * NF; d < HD; d++) expect_close("rope pass-through dims", "rope", out[d], in[d], 0.0);
+            }
+        }
+    }
+}
+
 int main(void) {
     uint32_t f = blob_cpu_features();
     const struct { const char *name; const blob_isa_ops *ops; int usable; } paths[] = {
@@ -458,6 +488,9 @@ int main(void) {
     int before = failures;
     check_pool();
     printf("pool               %s\n", failures == before ? "ok" : "FAILED");
+    before = failures;
+    check_rope();
+    printf("rope               %s\n", failures == before ? "ok" : "FAILED");
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from ...config import ConfigError
-from .base import Family, Variant, architecture_of, map_component_name, map_gguf_name, map_text_name
+from .base import GGUF_ROPE_TENSORS, Family, Variant, architecture_of, map_component_name, map_gguf_name, map_text_name
 from .gemma import GEMMA
 from .llama import LLAMA
+from .phi3 import PHI3
 from .qwen import QWEN
 
-FAMILIES = (GEMMA, LLAMA, QWEN)
+FAMILIES = (GEMMA, LLAMA, PHI3, QWEN)
 
 
 def supported_architectures() -> list[str]:
@@ -33,6 +34,5 @@ def family_for_gguf(metadata: dict) -> Family:
     raise ConfigError(f"GGUF general.architecture {arch!r} is not supported; supported: {', '.join(known)}")
 
 
-__all__ = ["FAMILIES", "Family", "Variant", "family_for_gguf", "family_for_hf", "map_component_name",
-           "map_gguf_name", "map_text_name",
-           "supported_architectures"]
+__all__ = ["FAMILIES", "GGUF_ROPE_TENSORS", "Family", "Variant", "family_for_gguf", "family_for_hf",
+           "map_component_name", "map_gguf_name", "map_text_name", "supported_architectures"]

@@ -27,7 +27,8 @@ GLOBAL_NAMES = {"embed_tokens.weight": "embed", "norm.weight": "final_norm"}
 GLOBAL_NAME = re.compile(rf"^{TEXT_PREFIX}(embed_tokens\.weight|norm\.weight)$")
 HEAD_NAME = re.compile(r"^(?:language_model\.)?lm_head(?:\.weight)?$")
 
-# Per-layer names every family shares (HF suffix after "layers.N." → canonical part).
+# Per-layer names every family shares (HF suffix after "layers.N." → canonical part). A family's
+# table may map a fused tensor to a tuple of parts, stacked along its rows in that order.
 COMMON_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
     "self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k",
@@ -57,6 +58,8 @@ GGUF_LAYER_NAMES = {
     "post_ffw_norm.weight": "post_ffn_norm", "ffn_gate.weight": "gate", "ffn_up.weight": "up",
     "ffn_down.weight": "down",
 }
+# Tensors that hold rope scaling, read into the config rather than stored.
+GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
 # Multimodal components and where their tensors live in HF checkpoints.
 COMPONENT_NAMES = {
@@ -85,6 +88,8 @@ class Variant:
     local_theta_key: str | None = None    # transformers-4 key of the sliding layers' rope base
     legacy_scaled_types: tuple = LAYER_TYPES  # layer types a transformers-4 rope_scaling applies to
     legacy_activation: dict = field(default_factory=dict)  # extra activation spellings of this family
+    rope_type_aliases: dict = field(default_factory=dict)  # older rope type names this family's class renames
+    gguf_layer_names: dict = field(default_factory=lambda: GGUF_LAYER_NAMES)  # GGUF suffix after "blk.N." → part(s)
     multimodal: bool = False              # text config nested under text_config; vision tower expected
 
 
@@ -105,38 +110,44 @@ class Family:
     def variant(self, config: dict) -> Variant:
         return self.variants[architecture_of(config)]
 
-    def hf_config_from_gguf(self, meta: dict, has_output_head: bool) -> dict:
+    def hf_config_from_gguf(self, meta: dict, has_output_head: bool, rope_tensors: dict | None = None) -> dict:
+        """An HF-style config dict; `rope_tensors` maps the file's GGUF_ROPE_TENSORS to their values."""
         hf_arch = self.gguf_arches[meta["general.architecture"]]
-        return self.gguf_config(meta, hf_arch, gguf_common_config(meta, hf_arch, has_output_head))
+        return self.gguf_config(meta, hf_arch, gguf_common_config(meta, hf_arch, has_output_head, rope_tensors or {}))
 
 
-def map_text_name(name: str, layer_names: dict) -> str | None:
-    """Canonical name of an HF text tensor name, or None: exact, anchored matches only.
+def map_text_name(name: str, layer_names: dict) -> str | tuple[str, ...] | None:
+    """Canonical name of an HF text tensor name — a tuple of names for a fused tensor — or None:
+    exact, anchored matches only.
 
     >>> map_text_name("model.layers.3.mlp.up_proj.weight", PLAIN_BLOCK_NAMES)
     'layers.3.up'
     """
     match = LAYER_NAME.match(name)
     if match:
-        part = layer_names.get(match.group(2))
-        return f"layers.{int(match.group(1))}.{part}" if part else None
+        return _layer_names(int(match.group(1)), layer_names.get(match.group(2)))
     match = GLOBAL_NAME.match(name)
     if match:
         return GLOBAL_NAMES[match.group(1)]
     return "lm_head" if HEAD_NAME.match(name) else None
 
 
-def map_gguf_name(name: str) -> str | None:
-    """Canonical name of a GGUF tensor name, or None.
+def map_gguf_name(name: str, layer_names: dict = GGUF_LAYER_NAMES) -> str | tuple[str, ...] | None:
+    """Canonical name of a GGUF tensor name (a tuple of names for a fused tensor), or None.
 
     >>> map_gguf_name("blk.2.attn_output.weight")
     'layers.2.o'
     """
     match = GGUF_LAYER_NAME.match(name)
     if match:
-        part = GGUF_LAYER_NAMES.get(match.group(2))
-        return f"layers.{int(match.group(1))}.{part}" if part else None
+        return _layer_names(int(match.group(1)), layer_names.get(match.group(2)))
     return GGUF_GLOBAL_NAMES.get(name)
+
+
+def _layer_names(index: int, part) -> str | tuple[str, ...] | None:
+    if isinstance(part, tuple):
+        return tuple(f"layers.{index}.{p}" for p in part)
+    return f"layers.{index}.{part}" if part else None
 
 
 def map_component_name(name: str) -> tuple[str, str] | None:
@@ -189,7 +200,7 @@ def normalize(config: dict, arch: str, family: str, variant: Variant, generation
         activation=_activation(cfg, variant),
         layer_types=tuple(layer_types),
         sliding_window=tuple(int(window) if t == SLIDING_ATTENTION else 0 for t in layer_types),
-        rope=_rope_per_layer(cfg, layer_types, variant),
+        rope=_rope_per_layer(cfg, layer_types, variant, head_dim),
         attn_scale=float(cfg["query_pre_attn_scalar"] if variant.uses_query_pre_attn_scalar else head_dim) ** -0.5,
         attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping")),
         final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")),
@@ -260,51 +271,88 @@ def _layer_types(cfg: dict, num_layers: int, variant: Variant) -> list[str]:
     return list(types)
 
 
-def _rope_per_layer(cfg: dict, layer_types: list[str], variant: Variant) -> tuple[RopeParams, ...]:
+def _rope_per_layer(cfg: dict, layer_types: list[str], variant: Variant, head_dim: int) -> tuple[RopeParams, ...]:
     params = cfg.get("rope_parameters")
     if params and set(params) & set(LAYER_TYPES):  # transformers 5, one dict per attention type
-        by_type = {t: _rope(params.get(t) or {}, variant.default_theta[t], cfg, f"rope_parameters.{t}")
-                   for t in set(layer_types)}
+        found = {t: (params.get(t) or {}, f"rope_parameters.{t}") for t in set(layer_types)}
     elif params:  # transformers 5, one dict for all layers
-        by_type = {t: _rope(params, variant.default_theta[t], cfg, "rope_parameters") for t in set(layer_types)}
+        found = {t: (params, "rope_parameters") for t in set(layer_types)}
     else:  # transformers 4: rope_theta (+ a local base) and rope_scaling
-        by_type = {t: _legacy_rope(cfg, t, variant) for t in set(layer_types)}
+        found = {t: _legacy_rope(cfg, t, variant) for t in set(layer_types)}
+    by_type = {t: _rope(p, variant.default_theta[t], cfg, where, variant, head_dim) for t, (p, where) in found.items()}
     return tuple(by_type[t] for t in layer_types)
 
 
-def _legacy_rope(cfg: dict, layer_type: str, variant: Variant) -> RopeParams:
+def _legacy_rope(cfg: dict, layer_type: str, variant: Variant) -> tuple[dict, str]:
     theta = cfg.get("rope_theta")
     if layer_type == SLIDING_ATTENTION and variant.local_theta_key:
         theta = cfg.get(variant.local_theta_key)
     scaling = cfg.get("rope_scaling") if layer_type in variant.legacy_scaled_types else None
-    params = {**(scaling or {}), "rope_theta": theta if theta is not None else variant.default_theta[layer_type]}
-    return _rope(params, variant.default_theta[layer_type], cfg, "rope_scaling")
+    return {**(scaling or {}), "rope_theta": theta if theta is not None else variant.default_theta[layer_type]}, \
+        "rope_scaling"
 
 
-def _rope(params: dict, default_theta: float, cfg: dict, where: str) -> RopeParams:
+def _rope(params: dict, default_theta: float, cfg: dict, where: str, variant: Variant, head_dim: int) -> RopeParams:
     kind = params.get("rope_type") or params.get("type") or "default"
+    kind = variant.rope_type_aliases.get(kind, kind)
     theta = float(params.get("rope_theta") or default_theta)
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"config.json field {where}.partial_rotary_factor: only 1.0 is supported, "
-                          f"found {params['partial_rotary_factor']}")
+    rotary_dim = _rotary_dim(params, cfg, head_dim)
     if kind == "default":
-        return RopeParams(theta)
+        return RopeParams(theta, rotary_dim=rotary_dim)
     if kind == "linear":
-        return RopeParams(theta, "linear", factor=float(params["factor"]))
+        return RopeParams(theta, "linear", factor=float(params["factor"]), rotary_dim=rotary_dim)
     if kind == "llama3":
         return RopeParams(theta, "llama3", factor=float(params["factor"]),
                           low_freq_factor=float(params["low_freq_factor"]),
                           high_freq_factor=float(params["high_freq_factor"]),
-                          original_max_position_embeddings=int(params.get("original_max_position_embeddings")
-                                                               or cfg["max_position_embeddings"]))
+                          original_max_position_embeddings=_original_context(params, cfg), rotary_dim=rotary_dim)
+    if kind == "longrope":
+        return _longrope(params, cfg, theta, rotary_dim)
+    if kind == "factors":  # only from a GGUF's rope_freqs tensor (see gguf_common_config)
+        return RopeParams(theta, "factors", factors=params["factors"], rotary_dim=rotary_dim)
     raise ConfigError(f"config.json field {where}: rope type {kind!r} is not supported; "
-                      f"supported: default, linear, llama3")
+                      f"supported: default, linear, llama3, longrope")
+
+
+def _rotary_dim(params: dict, cfg: dict, head_dim: int) -> int | None:
+    """The rotated dimensions of a head as transformers takes them (int(head_dim * partial_rotary_factor)),
+    or an explicit count (a GGUF's rope.dimension_count); None when the whole head rotates."""
+    if cfg.get("rotary_dim") is not None:
+        dims = _int(cfg, "rotary_dim")
+    else:
+        dims = int(head_dim * float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))))
+    return None if dims == head_dim else dims
+
+
+def _original_context(params: dict, cfg: dict) -> int:
+    """The pre-training context of a scaled rope: a top-level config field wins (Phi-3 keeps it
+    there), as in transformers' standardize_rope_params, then the rope dict's, then the context."""
+    return int(cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+               or cfg["max_position_embeddings"])
+
+
+def _longrope(params: dict, cfg: dict, theta: float, rotary_dim: int | None) -> RopeParams:
+    """LongRoPE as transformers' _compute_longrope_parameters reads it: the attention factor
+    defaults to sqrt(1 + ln(factor) / ln(original context)), factor = context / original context."""
+    original = _original_context(params, cfg)
+    factor = params.get("factor") or cfg["max_position_embeddings"] / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeParams(theta, "longrope", original_max_position_embeddings=original, rotary_dim=rotary_dim,
+                      short_factor=params["short_factor"], long_factor=params["long_factor"],
+                      attention_factor=float(attention))
 
 
 # ---- layer patterns (used when a config has no layer_types) ----
 
 def all_full(cfg: dict, num_layers: int) -> list[str]:
     return [FULL_ATTENTION] * num_layers
+
+
+def all_windowed(cfg: dict, num_layers: int) -> list[str]:
+    """The sliding window, when the config sets one, applies to every layer (Mistral, Phi-3)."""
+    return [SLIDING_ATTENTION] * num_layers if cfg.get("sliding_window") else all_full(cfg, num_layers)
 
 
 def every_nth_full(pattern_key: str, default_every: int):
@@ -317,25 +365,24 @@ def every_nth_full(pattern_key: str, default_every: int):
 
 # ---- GGUF metadata → an HF-style config dict ----
 
-def gguf_common_config(meta: dict, hf_arch: str, has_output_head: bool) -> dict:
-    """The GGUF keys every architecture shares, under their config.json names (absent keys left out)."""
+def gguf_common_config(meta: dict, hf_arch: str, has_output_head: bool, rope_tensors: dict) -> dict:
+    """The GGUF keys every architecture shares, under their config.json names (absent keys left out);
+    `rope_tensors` holds the file's GGUF_ROPE_TENSORS, which carry rope scaling as data."""
     arch = meta["general.architecture"]
     key = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
     head_count_kv = key("attention.head_count_kv")
     if isinstance(head_count_kv, list):
         raise ConfigError(f"GGUF field {arch}.attention.head_count_kv: per-layer KV head counts are not supported")
-    rope_dims, head_dim = key("rope.dimension_count"), key("attention.key_length")
-    if rope_dims is not None and head_dim is not None and rope_dims != head_dim:
-        raise ConfigError(f"GGUF field {arch}.rope.dimension_count: partial rotary embeddings are not supported "
-                          f"(rotating {rope_dims} of {head_dim} dimensions)")
     tokens = meta.get("tokenizer.ggml.tokens")
     config = {
         "architectures": [hf_arch],
         "vocab_size": key("vocab_size") or (len(tokens) if tokens else None),
         "hidden_size": key("embedding_length"), "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": key("block_count"), "num_attention_heads": key("attention.head_count"),
-        "num_key_value_heads": head_count_kv, "head_dim": head_dim,
+        "num_key_value_heads": head_count_kv, "head_dim": key("attention.key_length"),
+        "rotary_dim": key("rope.dimension_count"),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon"), "max_position_embeddings": key("context_length"),
+        "original_max_position_embeddings": key("rope.scaling.original_context_length"),
         "rope_theta": key("rope.freq_base"), "sliding_window": key("attention.sliding_window"),
         "attn_logit_softcapping": key("attn_logit_softcapping"),
         "final_logit_softcapping": key("final_logit_softcapping"),
@@ -343,9 +390,34 @@ def gguf_common_config(meta: dict, hf_arch: str, has_output_head: bool) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         "dtype": "float32",  # GGUF weights are dequantized to float32
+        "rope_scaling": _gguf_rope_scaling(arch, key, rope_tensors),
     }
-    scaling = key("rope.scaling.type")
-    if scaling not in (None, "none"):
-        config["rope_scaling"] = {"rope_type": scaling, "factor": key("rope.scaling.factor"),
-                                  "original_max_position_embeddings": key("rope.scaling.original_context_length")}
     return {k: v for k, v in config.items() if v is not None}
+
+
+def _gguf_rope_scaling(arch: str, key, rope_tensors: dict) -> dict | None:
+    """rope_scaling from llama.cpp's keys and tensors: LongRoPE factor pairs (Phi-3), per-frequency
+    divisors (rope_freqs: Llama 3.1 scaling baked in by llama.cpp's converter) or linear scaling."""
+    scaling = key("rope.scaling.type") or "none"
+    if scaling not in ("none", "linear"):
+        raise ConfigError(f"GGUF field {arch}.rope.scaling.type: {scaling!r} is not supported; "
+                          f"supported: none, linear (and the rope factor tensors {', '.join(GGUF_ROPE_TENSORS)})")
+    long, short = rope_tensors.get("rope_factors_long.weight"), rope_tensors.get("rope_factors_short.weight")
+    freqs = rope_tensors.get("rope_freqs.weight")
+    given = [what for what, present in (("rope_factors_long/short tensors", long is not None or short is not None),
+                                         ("a rope_freqs tensor", freqs is not None),
+                                         ("rope.scaling.type linear", scaling == "linear")) if present]
+    if len(given) > 1:
+        raise ConfigError(f"GGUF {arch}: two rope scalings at once ({' and '.join(given)})")
+    if (long is None) != (short is None):
+        raise ConfigError(f"GGUF {arch}: rope_factors_long.weight and rope_factors_short.weight come together; "
+                          f"found only one")
+    if long is not None:
+        attention = key("rope.scaling.attn_factor")
+        return {"rope_type": "longrope", "long_factor": long.tolist(), "short_factor": short.tolist(),
+                "attention_factor": 1.0 if attention is None else attention}  # llama.cpp's default when absent
+    if freqs is not None:
+        return {"rope_type": "factors", "factors": freqs.tolist()}
+    if scaling == "linear":
+        return {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    return None

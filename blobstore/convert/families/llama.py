@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...config import SLIDING_ATTENTION
-from .base import PLAIN_BLOCK_NAMES, Family, Variant, all_full
+from .base import PLAIN_BLOCK_NAMES, Family, Variant, all_full, all_windowed
 
 _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
               num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
@@ -15,11 +14,6 @@ _LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_h
               tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                 sliding_window=4096)
-
-
-def _mistral_layers(cfg: dict, num_layers: int) -> list[str]:
-    """Mistral applies its sliding window (when set) to every layer."""
-    return [SLIDING_ATTENTION] * num_layers if cfg.get("sliding_window") else all_full(cfg, num_layers)
 
 
 def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -45,7 +39,7 @@ LLAMA = Family(
     name="llama",
     variants={
         "LlamaForCausalLM": Variant(_LLAMA, PLAIN_BLOCK_NAMES, all_full),
-        "MistralForCausalLM": Variant(_MISTRAL, PLAIN_BLOCK_NAMES, _mistral_layers),
+        "MistralForCausalLM": Variant(_MISTRAL, PLAIN_BLOCK_NAMES, all_windowed),
     },
     gguf_arches={"llama": "LlamaForCausalLM"},
     gguf_sanitize=_gguf_sanitize,
