@@ -30,6 +30,7 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.dtype = dtype
         self.token_ids: list[int] = []  # the tokens whose keys and values are at positions 0..length-1
+        self.long_rope = False  # its keys were rotated with LongRoPE's long factors (Transformer.run)
 
     @property
     def length(self) -> int:

@@ -8,7 +8,6 @@ per-token layer loop runs in C: Python is entered once per token (or per prompt 
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +61,6 @@ class Transformer:
     def __init__(self, reader, config: ModelConfig):
         check_tensors(reader, config)
         self.config = config
-        self._long_rope_in = weakref.WeakKeyDictionary()  # cache → whether its keys carry LongRoPE's long factors
         # one array per distinct rotary setting: layers that share it share its angles in the stack
         frequencies = {rope: _frequencies(rope, config.head_dim) for rope in set(config.rope)}
         layers = [self._bind_layer(reader, i, frequencies[config.rope[i]]) for i in range(config.num_layers)]
@@ -95,7 +93,7 @@ class Transformer:
         """
         cache.check_room(start + len(ids))
         long_rope = any(rope.uses_long_factors(start + len(ids)) for rope in self.config.rope)
-        if start and self._long_rope_in.get(cache, False) != long_rope:
+        if start and cache.long_rope != long_rope:
             if len(cache.token_ids) < start:
                 raise ValueError(f"run: the cache lists {len(cache.token_ids)} token ids, not the {start} before "
                                  f"position {start} that must be recomputed with the other LongRoPE factors")
@@ -112,7 +110,7 @@ class Transformer:
             logits = self.stack.run(chunk, cache.k, cache.v, start + chunk_start, logit_rows=rows, long_rope=long_rope)
             if rows:
                 outputs.append(logits)
-        self._long_rope_in[cache] = long_rope
+        cache.long_rope = long_rope
         return np.concatenate(outputs)
 
 
