@@ -13,8 +13,10 @@ import dataclasses
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from blobstore import cli
 from blobstore.config import ModelConfig
 from blobstore.convert import ConversionError, convert
 from blobstore.convert import tokenizer as tokenizer_data
@@ -202,6 +204,55 @@ def test_ids_equal_transformers_loading_the_same_gguf(family, pre):
 
 
 @pytest.mark.parametrize("pre", sorted(FAMILIES))
+def test_any_text_gets_the_ids_of_the_original_and_of_transformers(family, pre):
+    trained, path = family(pre)
+    ours = runtime_tokenizer(rebuilt(path))
+    reference = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    awkward = list(" \n\t\r'0123456789aZé日😀ğ,/<|>") + CONTROL_TOKENS + USER_TOKENS
+    pieces = st.sampled_from(awkward) | st.characters(codec="utf-8")
+
+    @settings(max_examples=150, deadline=None)
+    @given(text=st.lists(pieces, max_size=30).map("".join))
+    def check(text):
+        ids = ours.encode(text)
+        assert ids == [ours.bos_id] + trained.encode(text, add_special_tokens=False).ids
+        if pre in TRANSFORMERS_SPLITS_ALIKE:
+            assert ids == reference(text)["input_ids"]
+    check()
+
+
+# llama.cpp's regex lists for the two values whose splitting follows it (llama-vocab.cpp), each
+# regex cutting the pieces the previous ones left.
+LLAMA_CPP_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA_CPP_SPLITS = {"smollm": [r"\p{N}", LLAMA_CPP_GPT2],
+                    "default": [r"[\p{P}\$\+<=>\^~\|]+", LLAMA_CPP_GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]}
+
+
+def split_in_turn(text: str, regexes) -> list:
+    """Words as llama.cpp cuts them: every match and every stretch between matches, regex by regex."""
+    regex = pytest.importorskip("regex")
+    words = [text] if text else []
+    for pattern in regexes:
+        cut = []
+        for word in words:
+            start = 0
+            for match in regex.finditer(pattern, word):
+                cut += [piece for piece in (word[start:match.start()], match.group()) if piece]
+                start = match.end()
+            cut += [word[start:]] if start < len(word) else []
+        words = cut
+    return words
+
+
+@pytest.mark.parametrize("pre", sorted(LLAMA_CPP_SPLITS))
+def test_words_are_cut_as_llama_cpp_cuts_them(family, pre):
+    pre_tokenizer = Tokenizer.from_str(rebuilt(family(pre)[1]).files["tokenizer.json"].decode()).pre_tokenizer
+    for text in TEXT_ONLY:
+        words = [text[start:end] for _, (start, end) in pre_tokenizer.pre_tokenize_str(text)]
+        assert words == split_in_turn(text, LLAMA_CPP_SPLITS[pre]), text
+
+
+@pytest.mark.parametrize("pre", sorted(FAMILIES))
 def test_decode_round_trips_and_streams_byte_split_characters(family, pre):
     ours = runtime_tokenizer(rebuilt(family(pre)[1]))
     for text in TEXT_ONLY:
@@ -247,8 +298,9 @@ def test_gpt2_vocabulary_model_converts_loads_and_generates(checkpoints, tmp_pat
     gguf_from_checkpoint(checkpoints("llama"), path, "llama", LLAMA_NORMS, llama_transform, None,
                          vocabulary=bpe_vocabulary(trained, "llama-bpe", padded_to=400))
     out = tmp_path / "model.blob"
-    convert(path, out, dtype="q8_0", quiet=True)
+    assert cli.main(["convert", str(path), "-o", str(out), "--dtype", "q8_0", "--quiet"]) == 0
     model = load(out)
+    assert model.reader.metadata["tokenizer"]["kind"] == "tokenizers"
     result = model.generate("The quick brown fox", max_new_tokens=8, temperature=0, ignore_eos=True)
     assert len(result.token_ids) == 8 and result.finish_reason == "length"
     reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
