@@ -13,6 +13,7 @@ import re
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import sentencepiece
+import tokenizers
 
 _REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for the bytes of an unfinished UTF-8 character
 
@@ -39,7 +40,7 @@ class Tokenizer(abc.ABC):
     @staticmethod
     def from_json(tokenizer_json: Union[str, bytes], *, bos_token: Union[str, int, None] = None,
                   eos_token: Union[str, int, None] = None, add_bos: Optional[bool] = None) -> "JsonTokenizer":
-        """A tokenizer from the text of a Hugging Face tokenizer.json (needs `tokenizers`).
+        """A tokenizer from the text of a Hugging Face tokenizer.json.
         `bos_token`/`eos_token` are the strings from tokenizer_config.json, or their ids.
 
         >>> tok = Tokenizer.from_json(reader.file_bytes("tokenizer.json"), eos_token="<|im_end|>")  # doctest: +SKIP
@@ -163,11 +164,6 @@ class JsonTokenizer(Tokenizer):
 
     def __init__(self, tokenizer_json: Union[str, bytes], *, bos_token: Union[str, int, None] = None,
                  eos_token: Union[str, int, None] = None, add_bos: Optional[bool] = None):
-        try:
-            import tokenizers
-        except ImportError:
-            raise ImportError("this model's tokenizer is a tokenizer.json, which needs the 'tokenizers' "
-                              "package: pip install 'blobstore-runtime[tokenizers]'") from None
         text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
         try:
             self._tok = tokenizers.Tokenizer.from_str(text)

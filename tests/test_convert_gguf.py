@@ -12,7 +12,9 @@ import pytest
 import blobstore
 from blobstore.config import ModelConfig, RopeParams
 from blobstore.convert import ConversionError, convert
+from blobstore.convert.token_types import CONTROL, UNKNOWN
 from blobstore.convert.tokenizer import sentencepiece_from_gguf
+from blobstore.runtime import load
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")
@@ -66,7 +68,9 @@ def llama_cpp_vocabulary(sp) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_gguf(path, arch: str, hf_config, tensors: dict, spm_model: bytes, extra_keys=(), extra_tensors=None):
+def write_gguf(path, arch: str, hf_config, tensors: dict, spm_model: bytes, extra_keys=(), extra_tensors=None,
+               vocabulary=None):
+    """`vocabulary(writer)` writes the tokenizer keys; by default those of `spm_model` (sentencepiece_vocabulary)."""
     writer = gguf.GGUFWriter(str(path), arch)
     c = hf_config
     writer.add_uint32(f"{arch}.context_length", c["max_position_embeddings"])
@@ -81,18 +85,7 @@ def write_gguf(path, arch: str, hf_config, tensors: dict, spm_model: bytes, extr
     for key, value in extra_keys:
         (writer.add_float32 if isinstance(value, float) else writer.add_string if isinstance(value, str)
          else writer.add_uint32)(f"{arch}.{key}", value)
-    sp = spm.SentencePieceProcessor(model_proto=spm_model)
-    tokens, scores, types = llama_cpp_vocabulary(sp)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
-    writer.add_add_space_prefix(False)
-    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    (vocabulary or sentencepiece_vocabulary(spm_model))(writer)
     for name, (array, qtype) in {**tensors, **(extra_tensors or {})}.items():
         data = gguf.quants.quantize(array, qtype) if qtype not in (T.F32, T.F16) else array.astype(
             np.float32 if qtype == T.F32 else np.float16)
@@ -103,6 +96,29 @@ def write_gguf(path, arch: str, hf_config, tensors: dict, spm_model: bytes, extr
     writer.close()
 
 
+def sentencepiece_vocabulary(spm_model: bytes, current_converter: bool = False, unknown: bool = True):
+    """A function writing `spm_model` into a GGUFWriter as llama.cpp's converter does. The older one
+    typed <unk> CONTROL and named it in tokenizer.ggml.unknown_token_id; the current one types it
+    UNKNOWN and names no unknown id. `unknown=False` leaves <unk> findable by neither."""
+    def write(writer):
+        sp = spm.SentencePieceProcessor(model_proto=spm_model)
+        tokens, scores, types = llama_cpp_vocabulary(sp)
+        if current_converter:
+            types[sp.unk_id()] = UNKNOWN if unknown else CONTROL
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(2)
+        writer.add_eos_token_id(1)
+        if not current_converter:
+            writer.add_unk_token_id(3)
+        writer.add_pad_token_id(0)
+        writer.add_add_space_prefix(False)
+        writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    return write
+
+
 def ggml_type_for(name: str, array: np.ndarray):
     """Norms F32, attention F16, the rest Q8_0: a mix like a real quantized file."""
     if array.ndim == 1:
@@ -110,7 +126,8 @@ def ggml_type_for(name: str, array: np.ndarray):
     return T.F16 if ".attn_" in name else T.Q8_0
 
 
-def gguf_from_checkpoint(folder, path, arch, norms, transform, spm_model, extra_keys=(), extra_tensors=None):
+def gguf_from_checkpoint(folder, path, arch, norms, transform, spm_model, extra_keys=(), extra_tensors=None,
+                         vocabulary=None):
     import json
 
     hf = json.loads((folder / "config.json").read_text())
@@ -120,7 +137,7 @@ def gguf_from_checkpoint(folder, path, arch, norms, transform, spm_model, extra_
         name = gguf_name(hf_name, norms)
         stored = transform(name, array, hf)
         tensors[name] = (stored, ggml_type_for(name, stored))
-    write_gguf(path, arch, hf, tensors, spm_model, extra_keys, extra_tensors)
+    write_gguf(path, arch, hf, tensors, spm_model, extra_keys, extra_tensors, vocabulary)
     return source, tensors, hf
 
 
@@ -216,6 +233,32 @@ def test_rebuilt_vocabulary_matches_the_original_sentencepiece_model(spm_model):
     for text in SAMPLES:
         assert rebuilt.encode(text) == original.encode(text)
         assert rebuilt.decode(rebuilt.encode(text)) == text
+
+
+def test_sentencepiece_vocabulary_naming_unk_only_by_its_type_converts_and_runs(checkpoints, tmp_path, spm_model):
+    path = tmp_path / "llama.gguf"  # as llama.cpp's current converter writes a Llama-style vocabulary
+    gguf_from_checkpoint(checkpoints("llama"), path, "llama", LLAMA_NORMS, llama_transform, spm_model,
+                         vocabulary=sentencepiece_vocabulary(spm_model, current_converter=True))
+    out = tmp_path / "llama.blob"
+    convert(path, out, quiet=True)
+    model = load(out)
+    original = spm.SentencePieceProcessor(model_proto=spm_model)
+    rebuilt = spm.SentencePieceProcessor(model_proto=model.reader.file_bytes("tokenizer.model"))
+    assert rebuilt.unk_id() == original.unk_id() == 3 and rebuilt.id_to_piece(3) == "<unk>"
+    for text in SAMPLES:
+        assert model.tokenizer.encode(text, add_bos=False) == original.encode(text), text
+    result = model.generate("Hello there", max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert len(result.token_ids) == 4 and result.text == model.tokenizer.decode(result.token_ids)
+
+
+def test_sentencepiece_vocabulary_without_any_unk_is_refused(checkpoints, tmp_path, spm_model):
+    path = tmp_path / "llama.gguf"
+    gguf_from_checkpoint(checkpoints("llama"), path, "llama", LLAMA_NORMS, llama_transform, spm_model,
+                         vocabulary=sentencepiece_vocabulary(spm_model, current_converter=True, unknown=False))
+    with pytest.raises(ConversionError, match=r"no <unk>: neither a tokenizer.ggml.unknown_token_id nor a token of "
+                                              r"type UNKNOWN \(2\) in tokenizer.ggml.token_type"):
+        convert(path, tmp_path / "llama.blob", quiet=True)
+    assert not (tmp_path / "llama.blob").exists()
 
 
 def test_duplicate_pieces_are_reported(spm_model):

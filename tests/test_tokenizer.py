@@ -1,7 +1,6 @@
 """Tokenizers built at test time (no network): a byte-fallback SentencePiece model and an
 in-memory byte-level BPE tokenizer.json. Streaming must reproduce the full decode exactly."""
 import io
-import sys
 
 import pytest
 import sentencepiece
@@ -173,12 +172,6 @@ def test_json_tokenizer_adds_bos_only_when_its_post_processor_does():
     assert Tokenizer.from_json(plain, eos_token="<|eot_id|>").bos_id is None
     with pytest.raises(ValueError, match="no BOS token"):
         Tokenizer.from_json(plain).encode("Hello", add_bos=True)
-
-
-def test_json_tokenizer_without_the_package_names_the_extra(json_text, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(ImportError, match=r"blobstore-runtime\[tokenizers\]"):
-        Tokenizer.from_json(json_text)
 
 
 def test_bad_inputs_give_clear_errors(tok, json_text):

@@ -127,23 +127,14 @@ def _build_tokenizer(source, config: ModelConfig | None, problems: Problems):
     except ConversionError as error:
         problems.tokenizer.append(str(error))
         return None
-    if not tok.files:
-        problems.tokenizer.append(_no_tokenizer(source) or f"GGUF vocabulary model "
-                                  f"{source.metadata.get('tokenizer.ggml.model')!r} has no supported form "
-                                  f"(a sentencepiece model is rebuilt from 'llama' vocabularies)")
-        return None
     return tok
 
 
 def _no_tokenizer(source) -> str | None:
     """Why the source holds no tokenizer at all, or None when it has one."""
     if source.kind == "gguf":
-        if "tokenizer.ggml.tokens" in source.metadata:
-            return None
-        return f"no tokenizer: {source.path.name} has no vocabulary (no tokenizer.ggml.tokens)"
-    if any((source.path / name).is_file() for name in tokenizer.TOKENIZER_FILES):
-        return None
-    return f"no tokenizer: expected {' or '.join(tokenizer.TOKENIZER_FILES)} in {source.path}"
+        return tokenizer.missing_from_gguf(source.metadata)
+    return tokenizer.missing_from_folder(source.path)
 
 
 def describe_plan(plan: Plan) -> list[str]:
