@@ -213,8 +213,10 @@ def test_blob_pack_reads_the_cache_from_the_environment(checkpoints, tmp_path):
     cache_repo(home / "hub", "org/tiny", MAIN, folder_files(checkpoints("qwen2")), refs=["main"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    # cwd away from the checkout: `python -m` puts the cwd first on sys.path, and the source tree's
+    # blobstore/ (no compiled extension) would shadow the installed package
     done = subprocess.run([sys.executable, "-m", "blobstore", "convert", "org/tiny", "-o", str(tmp_path / "t.blob")],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with blobstore.open(tmp_path / "t.blob") as blob:
         assert blob.metadata["source"]["hub"]["commit"] == MAIN
