@@ -185,8 +185,8 @@ def _crumbs(quants: np.ndarray) -> np.ndarray:
 
 def _k_nibbles(quants: np.ndarray, group: int) -> np.ndarray:
     """(n, 128) bytes → (n, 256) 4-bit values, per `group` bytes: low nibbles first, then high nibbles."""
-    n = quants.shape[0]
-    return np.stack([quants.reshape(n, -1, group) & 0x0F, quants.reshape(n, -1, group) >> 4], axis=2).reshape(n, 256)
+    grouped = quants.reshape(quants.shape[0], 128 // group, group)
+    return np.stack([grouped & 0x0F, grouped >> 4], axis=2).reshape(quants.shape[0], 256)
 
 
 def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
