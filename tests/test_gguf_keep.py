@@ -281,3 +281,27 @@ def test_keep_on_a_hugging_face_folder_stores_its_float_type_unchanged(checkpoin
         for info in matrices:
             bits, label = source.read(info.source)
             assert label == stored and np.array_equal(np.asarray(blob[info.name]), bits), info.name
+
+
+def test_a_gemma_gguf_keeps_its_matrices_and_takes_the_plus_one_off_its_f32_norms(checkpoints, tmp_path, spm_model):
+    from test_convert_gguf import GEMMA_NORMS, gemma_transform, gguf_from_checkpoint
+
+    path = tmp_path / "gemma3.gguf"
+    keys = [("rope.freq_base", 1e6), ("attention.sliding_window", 8), ("attention.sliding_window_pattern", 3)]
+    _, tensors, _ = gguf_from_checkpoint(checkpoints("gemma3"), path, "gemma3", GEMMA_NORMS, gemma_transform,
+                                         spm_model, extra_keys=keys)
+    convert(path, tmp_path / "out.blob", quiet=True, strict=True)
+    reader = gguf.GGUFReader(path)
+    with blobstore.open(tmp_path / "out.blob") as blob:
+        for t in reader.tensors:
+            info = next(i for i in blob.infos() if i.source == t.name and i.tie is None)
+            values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(info.shape)
+            if info.name.endswith("norm"):  # llama.cpp stored 1 + w
+                assert info.dtype is DType.F32 and tensors[t.name][1] == T.F32
+                assert blob.float32(info.name).tobytes() == (values - np.float32(1)).tobytes(), info.name
+                continue
+            assert info.dtype.spec.ggml_type == t.tensor_type, info.name  # Q8_0 and F16 kept as they are
+            assert blob.float32(info.name).tobytes() == values.tobytes(), info.name
+            if info.dtype.is_quantized:
+                assert np.array_equal(quant.ggml_from_planes(info.dtype, blob[info.name].planes),
+                                      np.asarray(t.data).reshape(info.shape[0], -1)), info.name
