@@ -35,13 +35,37 @@ def c_define(name: str) -> int:
     return int(found.group(1))
 
 
+def c_table(name: str) -> list[list[int]]:
+    """The brace initializer #define'd as `name`: one list of integers per inner brace (or one for a flat list)."""
+    header = c_header().replace("\\\n", " ")
+    found = re.search(r"#define\s+%s\s+(\{.*)" % name, header)
+    assert found, f"#define {name} not found in {KERNELS_H}"
+    inner = re.findall(r"\{([^{}]*)\}", found.group(1).split("\n")[0])
+    return [[int(v) for v in group.split(",") if v.strip()] for group in inner]
+
+
 def test_the_c_dtype_enum_is_the_matmul_rows_of_the_table():
     assert c_enum("blob_dtype") == {f"BLOB_{d.name}": int(d) for d in MATMUL}
     assert c_define("BLOB_NUM_DTYPES") == max(MATMUL) + 1  # the kernels' per-dtype tables are indexed by it
 
 
-def test_the_c_block_size_is_the_tables():
-    assert {d.spec.block for d in MATMUL if d.is_quantized} == {c_define("BLOB_QBLOCK")}
+def test_the_c_block_and_plane_tables_are_the_tables():
+    """kernels.h's per-dtype tables, indexed by the enum value: values per block and bytes per block of each
+    plane for every dtype the kernels multiply, zeros for the stored types they do not (u8 .. i64)."""
+    count = c_define("BLOB_NUM_DTYPES")
+    expected_blocks = [DType(i).spec.block if DType(i).spec.matmul else 0 for i in range(count)]
+    expected_planes = [[p.block_bytes for p in DType(i).spec.planes] if DType(i).spec.matmul else [0]
+                       for i in range(count)]
+    assert c_table("BLOB_DTYPE_BLOCKS") == [expected_blocks]
+    assert c_table("BLOB_DTYPE_PLANE_BYTES") == expected_planes
+    assert c_define("BLOB_MAX_PLANES") == max(len(d.spec.planes) for d in MATMUL)
+
+
+def test_the_c_block_sizes_are_the_tables():
+    """BLOB_QBLOCK is the 32-value block of q8_0 .. q5_1 and of the activations; BLOB_KBLOCK the k-quants'."""
+    quantized = {d.spec.block for d in MATMUL if d.is_quantized}
+    assert quantized == {c_define("BLOB_QBLOCK"), c_define("BLOB_KBLOCK")}
+    assert DType.Q8_0.spec.block == c_define("BLOB_QBLOCK") and DType.Q4_K.spec.block == c_define("BLOB_KBLOCK")
 
 
 def test_quantized_block_sizes_are_ggufs():

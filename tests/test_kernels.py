@@ -431,7 +431,7 @@ def test_matrix_validation():
         K.Matrix(np.zeros((4, 6), np.float32)[:, ::2])
     q, s = quant.quantize(np.ones((2, 40), np.float32), "q8_0")
     bad = types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(2, 40), quants=q, scales=s[:, :1])
-    with pytest.raises(ValueError, match=r"scale plane must be a packed float16 \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"scales plane must be a packed float16 \(2, 2\)"):
         K.Matrix(bad, name="blk.0.q")
 
 

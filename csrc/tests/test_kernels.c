@@ -90,15 +90,16 @@ static test_weight make_weight(int dtype, size_t rows, size_t cols) {
             for (size_t k = cols; k < nb * 32; k++) row[(k / 32) * 16 + k % 16] |= (uint8_t)(8 << ((k % 32) < 16 ? 0 : 4));
     }
     w.m.dtype = dtype;
-    w.m.data = w.plane;
+    memset(w.m.plane, 0, sizeof w.m.plane);
+    w.m.plane[0] = w.plane;
+    w.m.plane[1] = (dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0) ? w.scales : NULL;
     w.m.row_stride_bytes = stride;
-    w.m.scales = (dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0) ? w.scales : NULL;
     w.m.rows = rows;
     w.m.cols = cols;
     for (size_t r = 0; r < rows; r++) {
         const uint8_t *row = w.plane + r * stride;
         for (size_t k = 0; k < cols; k++)
-            w.abs_values[r * cols + k] = w.m.scales
+            w.abs_values[r * cols + k] = w.m.plane[1]
                 ? fabsf((float)blob_weight_level(row, k, dtype) * blob_f16_to_f32(w.scales[r * nb + k / 32]))
                 : fabsf(blob_weight_f32(row, k, dtype));
     }
@@ -117,6 +118,7 @@ typedef struct {
     int bits;
     void *q;              /* n rows of q_stride levels, int8 or int16 per bits */
     float *d, *sums;
+    int32_t *half_sums;   /* int16 levels: the sum of each 16 */
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -128,9 +130,11 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.q = calloc(n, qa.q_stride * (size_t)(bits / 8));
     qa.d = (float *)calloc(n * qa.nblocks, sizeof(float));
     qa.sums = (float *)calloc(n * qa.nblocks, sizeof(float));
+    qa.half_sums = (int32_t *)calloc(2 * n * qa.nblocks, sizeof(int32_t));
     for (size_t t = 0; t < n; t++) {
         if (bits == 16) {
             ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
+            blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
         } else {
             ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
@@ -145,7 +149,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int bits = blob_act_bits(w->m.dtype);
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums};
     blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
     size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
@@ -154,9 +158,10 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     free(qa.q);
     free(qa.d);
     free(qa.sums);
+    free(qa.half_sums);
 }
 
-static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
+static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0", [BLOB_Q4_1] = "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
 
 static void check_quantize(const blob_isa_ops *ops, const char *path) {
     /* 257 and up: groups of eight blocks (the x86 path's scale vectors) and a remainder */
@@ -173,7 +178,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
                 fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
-            free(mine.q), free(mine.d), free(mine.sums), free(ref.q), free(ref.d), free(ref.sums);
+            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums);
         }
         free(x);
     }
@@ -182,7 +187,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
     const size_t token_counts[] = {1, 2, 3, 5};
-    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+    for (int dtype = 0; dtype <= BLOB_Q4_0; dtype++) {
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             size_t rows = shapes[s][0], cols = shapes[s][1];
             test_weight w = make_weight(dtype, rows, cols);
@@ -353,7 +358,7 @@ static void check_api(int isa) {
     float x[5 * 300], q[6 * 8 * 40];
     for (size_t i = 0; i < 5 * 300; i++) x[i] = next_float();
     for (size_t i = 0; i < 6 * 8 * 40; i++) q[i] = next_float();
-    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+    for (int dtype = 0; dtype <= BLOB_Q4_0; dtype++) {
         test_weight w = make_weight(dtype, 67, 300);
         for (size_t n = 1; n <= 5; n += 4) {
             float y[5 * 67], y2[5 * 67], ref[5 * 67];
