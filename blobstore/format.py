@@ -165,11 +165,12 @@ def _ggml_type(label: str, block: int, bits: int, ggml_type: int, ggml_fields: s
                **per_block: int) -> DTypeSpec:
     """A type holding ggml's numbers: each field of ggml's block struct is one plane, in our plane order
     (quants, high, sub_scales, scales, mins); `ggml_fields` lists them in the struct's order.
-    Added in format 1.1; the kernels and quantizers switch `matmul` / `weight_choice` on."""
+    Added in format 1.1; the C kernels multiply every one of them (`matmul`), the quantizers switch
+    `weight_choice` on."""
     element = {**_PLANE_ELEMENTS, **dict(elements)}
     planes = tuple(Plane(name, element[name], count) for name, count in per_block.items())
-    return DTypeSpec(label, block, planes, bits, feature_since="1.1", whole_blocks=True, ggml_type=ggml_type,
-                     ggml_fields=tuple(ggml_fields.split()))
+    return DTypeSpec(label, block, planes, bits, matmul=True, feature_since="1.1", whole_blocks=True,
+                     ggml_type=ggml_type, ggml_fields=tuple(ggml_fields.split()))
 
 
 DTYPE_SPECS: dict[DType, DTypeSpec] = {

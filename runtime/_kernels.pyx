@@ -195,8 +195,6 @@ _configure_from_environment()
 # Weights go to C as their DType's integer (csrc/kernels.h's enum blob_dtype has the same values).
 _MATMUL_DTYPES = [d for d in DType if d.spec.matmul]
 _PLAIN_WEIGHTS = {d.numpy: d for d in _MATMUL_DTYPES if not d.is_quantized}   # bf16 as uint16 bits
-# q8_0 and q4_0 zero-pad a row's last block; the types of GGUF's numbers hold whole blocks only.
-_PARTIAL_BLOCK_DTYPES = (DType.Q8_0, DType.Q4_0)
 assert BLOB_MAX_PLANES == 5 and max(len(d.spec.planes) for d in DType) <= BLOB_MAX_PLANES
 
 
@@ -233,7 +231,7 @@ cdef class Matrix:
 
     def __init__(self, weight, dtype=None, name="weight"):
         self.name = name
-        if hasattr(weight, "planes") or hasattr(weight, "scales"):
+        if hasattr(weight, "planes"):
             self._bind_quantized(weight)
         else:
             self._bind_plain(np.asarray(weight), dtype)
@@ -273,11 +271,11 @@ cdef class Matrix:
         rows, cols, nblocks, row_bytes = lay.rows, lay.cols, lay.blocks, lay.row_stride
         if rows == 0 or cols == 0:
             raise ValueError(f"{self.name}: empty weight of shape {shape}")
-        if kind not in _PARTIAL_BLOCK_DTYPES and cols % kind.spec.block:
+        if kind.spec.whole_blocks and cols % kind.spec.block:
             raise ValueError(f"{self.name}: {kind.label} rows must be whole blocks of {kind.spec.block} values; "
                              f"found {cols} columns")
         specs = kind.spec.planes
-        planes = tuple(np.asarray(p) for p in getattr(tensor, "planes", None) or (tensor.quants, tensor.scales))
+        planes = tuple(np.asarray(p) for p in tensor.planes)
         if len(planes) != len(specs):
             raise ValueError(f"{self.name}: {kind.label} has {len(specs)} planes "
                              f"({', '.join(p.name for p in specs)}), found {len(planes)}")

@@ -9,7 +9,9 @@ import pytest
 from blobstore import quant
 from blobstore.convert import plan
 from blobstore.format import DTYPE_SPECS, KNOWN_FEATURES, ROW_ALIGN, DType, layout
+from blobstore.reader import QuantizedTensor
 from blobstore.runtime import kernels, model
+from kquant_blocks import random_planes
 
 KERNELS_H = Path(__file__).resolve().parents[1] / "csrc" / "kernels.h"
 MATMUL = [d for d in DType if d.spec.matmul]
@@ -106,18 +108,34 @@ def test_consumers_read_the_table():
 
 @pytest.mark.parametrize("dtype", MATMUL, ids=lambda d: d.label)
 def test_a_matrix_goes_to_c_as_its_dtype(dtype):
-    """The binding passes the DType's integer; the kernels read the weight as that type."""
-    x = np.random.default_rng(0).standard_normal((5, 70)).astype(np.float32)
+    """The binding passes the DType's integer and planes; the kernels read the weight as that type
+    (blob_embed's dequantization equals numpy's bit for bit)."""
+    rng = np.random.default_rng(0)
+    cols = 512 if dtype.spec.whole_blocks else 70
+    if dtype.spec.whole_blocks:
+        planes = random_planes(dtype, 5, cols // dtype.spec.block, rng)
+        weight = quant.dequantize(planes, cols, dtype)
+    elif dtype.is_quantized:
+        planes = quant.quantize(rng.standard_normal((5, cols)).astype(np.float32), dtype)
+        weight = quant.dequantize(planes, cols, dtype)
     if dtype.is_quantized:
-        quants, scales = quant.quantize(x, dtype)
-        weight = quant.dequantize((quants, scales), 70, dtype)
-        matrix = kernels.Matrix(type("Q", (), dict(dtype=dtype, shape=x.shape, quants=quants, scales=scales)))
+        matrix = kernels.Matrix(QuantizedTensor(dtype, (5, cols), padded_first_plane(dtype, planes, cols)))
     else:
+        x = rng.standard_normal((5, cols)).astype(np.float32)
         stored = quant.f32_to_bf16(x) if dtype is DType.BF16 else x.astype(dtype.numpy)
         weight = quant.bf16_to_f32(stored) if dtype is DType.BF16 else stored.astype(np.float32)
         matrix = kernels.Matrix(stored, dtype=dtype.label)
     assert matrix.dtype == dtype.label
-    np.testing.assert_allclose(kernels.embed(matrix, [0, 4]), weight[[0, 4]], rtol=0, atol=0)
+    np.testing.assert_array_equal(kernels.embed(matrix, [0, 4, 3]), weight[[0, 4, 3]])
+
+
+def padded_first_plane(dtype, planes, cols):
+    """The planes as the reader hands them out: the first one's rows padded to the row stride."""
+    first, *later = planes
+    stride = layout(dtype, (first.shape[0], cols)).row_stride // first.itemsize
+    padded = np.zeros((first.shape[0], stride), first.dtype)
+    padded[:, :first.shape[1]] = first
+    return (padded, *later)
 
 
 def test_a_type_the_kernels_do_not_multiply_is_refused_by_name():

@@ -26,10 +26,14 @@ import pytest
 import blobstore
 from blobstore import quant
 from blobstore.config import RopeParams
+from blobstore.format import layout
 from blobstore.runtime import kernels as K
+from kquant_blocks import random_planes
 
 ISAS = K.available_isas()
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+# GGUF's block types: rows of whole blocks, so shapes are given in blocks
+BLOCK_DTYPES = [d.label for d in blobstore.DType if d.spec.whole_blocks and d.spec.matmul]
 SHAPES = [(1, 1), (5, 31), (7, 33), (13, 100), (64, 256), (37, 1000), (9, 4097)]
 
 
@@ -56,15 +60,18 @@ def threads():
 
 # ---- weights as the reader hands them out: rows padded to 64 bytes, read-only views ----
 
-def padded_rows(values: np.ndarray) -> np.ndarray:
+def padded_rows(values: np.ndarray, width: int | None = None) -> np.ndarray:
     """A read-only (rows, cols) view over a buffer whose rows start every 64 bytes, the padding
-    filled with NaN-like garbage (the kernels must never read past `cols`)."""
+    filled with NaN-like garbage (the kernels must never read past `cols`). With `width` (bytes),
+    the view spans the padding too, as the reader's first plane of a quantized tensor does."""
     rows, cols = values.shape
     stride = -(-cols * values.itemsize // 64) * 64
     buffer = np.full(rows * stride + 64, 0xFF, np.uint8)
     offset = (-buffer.ctypes.data) % 64
     view = np.ndarray((rows, cols), values.dtype, buffer, offset, (stride, values.itemsize))
     view[...] = values
+    if width is not None:
+        view = np.ndarray((rows, width // values.itemsize), values.dtype, buffer, offset, (stride, values.itemsize))
     view.flags.writeable = False
     return view
 
@@ -80,14 +87,20 @@ def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.nda
     if dtype == "bf16":
         bits = quant.f32_to_bf16(w)
         return K.Matrix(padded_rows(bits), dtype="bf16"), quant.bf16_to_f32(bits)
-    quants, scales = quant.quantize(w, dtype)
-    quants.flags.writeable = scales.flags.writeable = False
-    tensor = types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), quants=quants,
-                                   scales=scales)
-    return K.Matrix(tensor), quant.dequantize((quants, scales), cols, dtype)
+    kind = blobstore.DType.parse(dtype)
+    if kind.spec.whole_blocks:
+        planes = random_planes(kind, rows, cols // kind.spec.block, rng)
+        planes = (padded_rows(planes[0], width=layout(kind, (rows, cols)).row_stride), *planes[1:])
+    else:
+        planes = quant.quantize(w, dtype)
+    for plane in planes:
+        plane.flags.writeable = False
+    tensor = types.SimpleNamespace(dtype=kind, shape=(rows, cols), planes=planes)
+    return K.Matrix(tensor), quant.dequantize(planes, cols, dtype)
 
 
-ACT_QMAX = {"q8_0": 32639, "q4_0": 127}   # largest activation level: int16 for q8_0, int8 for q4_0
+# the largest activation level: int8 for q4_0, int16 for every other quantized type
+ACT_QMAX = {**{name: 32639 for name in DTYPES + BLOCK_DTYPES}, "q4_0": 127}
 
 
 def quantize_activations(x: np.ndarray, dtype: str):
@@ -169,6 +182,87 @@ def test_matvec_equals_prefill_rows_bitwise(isa, dtype, shape):
         else:   # two f32 summation orders differ by a few ulp of the sum of |terms|
             magnitude = np.abs(w.astype(np.float64)) @ np.abs(x[t].astype(np.float64))
             assert np.all(np.abs(K.matmul(m, x[t]) - prefill[t]) <= 4 * np.finfo(np.float32).eps * magnitude)
+
+# ---- GGUF's block types (q4_1 .. q6_k): rows of whole blocks of 32 or 256 ----
+
+def block_weight(dtype: str, rows: int, nblocks: int, rng):
+    kind = blobstore.DType.parse(dtype)
+    return make_weight(dtype, rows, nblocks * kind.spec.block, rng)
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+@pytest.mark.parametrize("rows,nblocks,n", [(1, 1, 1), (5, 2, 1), (13, 3, 1), (7, 1, 2), (13, 3, 5), (37, 2, 17)])
+def test_block_types_against_numpy(isa, dtype, rows, nblocks, n):
+    """Products of random planes (every byte random, the float16 scales and mins at their edges too:
+    zeros, subnormals, 65504) with activations quantized as the kernels do, against numpy's
+    dequantization (gguf's values): rows not a multiple of the tile height, several blocks or
+    super-blocks, decode and prefill."""
+    rng = np.random.default_rng(stable_seed(dtype, rows, nblocks, n))
+    m, w = block_weight(dtype, rows, nblocks, rng)
+    x = rng.standard_normal((n, w.shape[1])).astype(np.float32)
+    check_matmul(dtype, w, x, K.matmul(m, x).astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+def test_block_types_decode_equals_prefill_and_threads(isa, threads, dtype):
+    """Each token's row of a prefill equals its decode matvec bit for bit, at 1, 2 and 3 threads alike."""
+    rng = np.random.default_rng(stable_seed(dtype, "decode"))
+    m, w = block_weight(dtype, 41, 3, rng)
+    x = rng.standard_normal((6, w.shape[1])).astype(np.float32)
+    results = []
+    for count in (1, 2, 3):
+        K.set_threads(count)
+        results.append(K.matmul(m, x))
+        for t in range(len(x)):
+            np.testing.assert_array_equal(K.matmul(m, x[t]), results[-1][t])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+def test_block_types_every_path_against_scalar(dtype):
+    """Every path against the scalar reference tile: the same integer sums, float scaling in its own
+    order (within 1e-5 of the sum of |terms|)."""
+    rng = np.random.default_rng(stable_seed(dtype, "paths"))
+    m, w = block_weight(dtype, 19, 2, rng)
+    x = rng.standard_normal((5, w.shape[1])).astype(np.float32)
+    slack = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    previous = K.get_isa()
+    try:
+        K.set_isa("scalar")
+        reference = [K.matmul(m, x), K.matmul(m, x[0])]
+        for name in ISAS:
+            K.set_isa(name)
+            np.testing.assert_array_less(np.abs(K.matmul(m, x) - reference[0]), 1e-5 * slack + 1e-6)
+            np.testing.assert_array_less(np.abs(K.matmul(m, x[0]) - reference[1]), 1e-5 * slack[0] + 1e-6)
+    finally:
+        K.set_isa(previous)
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+def test_block_types_embed_rows(dtype):
+    """blob_embed dequantizes rows exactly as numpy (and so gguf) does."""
+    m, w = block_weight(dtype, 9, 2, np.random.default_rng(stable_seed(dtype, "embed")))
+    np.testing.assert_array_equal(K.embed(m, [8, 0, 3, 3]), w[[8, 0, 3, 3]])
+
+
+def test_block_type_planes_are_checked():
+    rng = np.random.default_rng(3)
+    kind = blobstore.DType.Q4_K
+    planes = random_planes(kind, 2, 1, rng)
+    padded = (padded_rows(planes[0], width=128), *planes[1:])
+    tensor = types.SimpleNamespace(dtype=kind, shape=(2, 256), planes=padded)
+    assert K.Matrix(tensor).shape == (2, 256)
+    with pytest.raises(ValueError, match=r"q4_k has 4 planes \(quants, sub_scales, scales, mins\), found 3"):
+        K.Matrix(types.SimpleNamespace(dtype=kind, shape=(2, 256), planes=padded[:3]), name="w")
+    with pytest.raises(ValueError, match=r"w: sub_scales plane must be a packed uint8 \(2, 12\) array; found uint8 \(2, 11\)"):
+        K.Matrix(types.SimpleNamespace(dtype=kind, shape=(2, 256), planes=(padded[0], padded[1][:, :11], *padded[2:])),
+                 name="w")
+    with pytest.raises(ValueError, match=r"w: quants plane must be \(2, >= 128\) bytes"):
+        K.Matrix(types.SimpleNamespace(dtype=kind, shape=(2, 256), planes=(planes[0][:, :100], *planes[1:])), name="w")
+    with pytest.raises(ValueError, match="q4_k rows must be whole blocks of 256 values; found 200 columns"):
+        K.Matrix(types.SimpleNamespace(dtype=kind, shape=(2, 200), planes=padded), name="w")
+
 
 def test_matmul_strided_activations_and_out(isa):
     rng = np.random.default_rng(5)
@@ -430,7 +524,7 @@ def test_matrix_validation():
     with pytest.raises(ValueError, match="rows must be contiguous"):
         K.Matrix(np.zeros((4, 6), np.float32)[:, ::2])
     q, s = quant.quantize(np.ones((2, 40), np.float32), "q8_0")
-    bad = types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(2, 40), quants=q, scales=s[:, :1])
+    bad = types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(2, 40), planes=(q, s[:, :1]))
     with pytest.raises(ValueError, match=r"scales plane must be a packed float16 \(2, 2\)"):
         K.Matrix(bad, name="blk.0.q")
 
