@@ -647,3 +647,34 @@ def test_a_model_in_a_block_type_matches_its_f32_dequantization(wide_llama, tmp_
     scale = np.abs(theirs).max()
     assert np.abs(ours - theirs).max() <= 2e-3 * scale, f"max |difference| {np.abs(ours - theirs).max()} of {scale}"
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.95
+
+
+@pytest.mark.real_model
+def test_the_real_gemma3_q4_k_m_tensors(gemma3_270m_gguf):
+    """The real Gemma 3 270M Q4_K_M file's q5_0, q4_k and q6_k matrices of its first and last layer, bound from
+    their GGUF bytes: rows dequantize as gguf does, bit for bit, and products match on every path."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(gemma3_270m_gguf)
+    wanted = {blobstore.DType.Q5_0, blobstore.DType.Q4_K, blobstore.DType.Q6_K}
+    last = max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    tensors = [t for t in reader.tensors if t.name.split(".")[:2] in (["blk", "0"], ["blk", str(last)])
+               and t.tensor_type.name in {d.name for d in wanted}]
+    assert {t.tensor_type.name for t in tensors} == {d.name for d in wanted}
+    rng, previous = np.random.default_rng(11), K.get_isa()
+    for t in tensors:
+        kind = blobstore.DType[t.tensor_type.name]
+        raw = np.asarray(t.data)
+        rows, cols = raw.shape[0], int(t.shape[0])
+        planes = quant.planes_from_ggml(kind, raw)
+        planes = (padded_rows(planes[0], width=layout(kind, (rows, cols)).row_stride), *planes[1:])
+        m = K.Matrix(types.SimpleNamespace(dtype=kind, shape=(rows, cols), planes=planes), name=t.name)
+        w = gguf.quants.dequantize(raw, t.tensor_type).reshape(rows, cols)
+        np.testing.assert_array_equal(K.embed(m, [0, rows - 1]), w[[0, rows - 1]])
+        x = rng.standard_normal((5, cols)).astype(np.float32)
+        try:
+            for name in ISAS:
+                K.set_isa(name)
+                check_matmul(kind.label, w, x, K.matmul(m, x).astype(np.float64))
+                check_matmul(kind.label, w, x[:1], K.matmul(m, x[0])[None].astype(np.float64))
+        finally:
+            K.set_isa(previous)
