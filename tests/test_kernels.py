@@ -678,3 +678,45 @@ def test_the_real_gemma3_q4_k_m_tensors(gemma3_270m_gguf):
                 check_matmul(kind.label, w, x[:1], K.matmul(m, x[0])[None].astype(np.float64))
         finally:
             K.set_isa(previous)
+
+
+@pytest.mark.real_model
+def test_the_real_gemma3_q4_k_m_runs_with_its_own_numbers(gemma3_270m_gguf, tmp_path):
+    """The real Q4_K_M file converted at f32, then every matrix put back as the file's own planes (q8_0, q5_0,
+    q4_k, q6_k; checked equal to the f32 values first): the runtime's logits over a few hundred tokens of
+    prose agree with the f32 dequantization's, the int16 activations being the only difference (measured
+    here: top-1 100 %, mean KL divergence 4e-8; llama.cpp on this file: 93.8 % and 0.027, issue 14)."""
+    gguf = pytest.importorskip("gguf")
+    from blobstore.convert import convert
+    from blobstore.runtime import load
+    from test_runtime_real import TEXT
+    sources = {t.name: t for t in gguf.GGUFReader(gemma3_270m_gguf).tensors}
+    convert(gemma3_270m_gguf, tmp_path / "f32.blob", dtype="f32", quiet=True)
+    kept = set()
+    with blobstore.open(tmp_path / "f32.blob") as r, blobstore.BlobWriter(tmp_path / "own.blob") as w:
+        w.metadata.update(r.metadata)
+        for info in r.infos():
+            source = sources.get(info.source)
+            if info.tie:
+                w.add_tie(info.name, info.tie, component=info.component)
+            elif source is not None and source.tensor_type.name != "F32" and len(info.shape) == 2:
+                kind, raw = blobstore.DType[source.tensor_type.name], np.asarray(source.data)
+                values = gguf.quants.dequantize(raw, source.tensor_type).reshape(info.shape)
+                np.testing.assert_array_equal(values, r.float32(info.name))
+                w.add_quantized(info.name, quant.planes_from_ggml(kind, raw), dtype=kind, shape=info.shape,
+                                component=info.component)
+                kept.add(kind.label)
+            else:
+                w.add(info.name, np.array(r[info.name]), dtype=info.dtype.label, component=info.component)
+    assert kept == {"q8_0", "q5_0", "q4_k", "q6_k"}
+    reference, own = load(tmp_path / "f32.blob"), load(tmp_path / "own.blob")
+    ids = reference.tokenizer.encode(TEXT)
+    assert len(ids) >= 200
+    expected, found = reference.forward(ids).astype(np.float64), own.forward(ids).astype(np.float64)
+    log_p = expected - expected.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    log_q = found - found.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
+    assert (expected.argmax(axis=1) == found.argmax(axis=1)).mean() >= 0.99
+    assert kl.mean() <= 1e-4, f"mean KL divergence {kl.mean()}"
