@@ -22,7 +22,8 @@ typedef struct {
  * of cache rows and the heads its tokens, the matmul tiles' work. */
 static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_bytes, size_t count,
                        const blob_attention *a, const float *q, size_t heads, float *scores, size_t stride) {
-    const blob_matrix keys = {a->kv_dtype, k, row_bytes, NULL, count, a->head_dim};
+    const blob_matrix keys = {.dtype = a->kv_dtype, .plane = {k}, .row_stride_bytes = row_bytes, .rows = count,
+                              .cols = a->head_dim};
     blob_acts queries;
     memset(&queries, 0, sizeof queries);
     queries.x = q;

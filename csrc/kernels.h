@@ -12,11 +12,28 @@
 #include <stdint.h>
 
 /* Weight dtypes the kernels read: the blobstore.DType values whose DTypeSpec says `matmul`
- * (blobstore/format.py holds every dtype fact; tests/test_dtype_table.py checks these three
- * definitions against it), passed from Python as those integers. */
-enum blob_dtype { BLOB_F32 = 0, BLOB_F16 = 1, BLOB_BF16 = 2, BLOB_Q8_0 = 3, BLOB_Q4_0 = 4 };
-#define BLOB_NUM_DTYPES 5
-#define BLOB_QBLOCK 32 /* values per q8_0 / q4_0 block: DType.Q8_0.spec.block */
+ * (blobstore/format.py holds every dtype fact; tests/test_dtype_table.py checks the enum, the
+ * count and the two per-dtype tables below against it), passed from Python as those integers.
+ * The values 5..8 (u8, i8, i32, i64) are stored types the kernels do not multiply: per-dtype
+ * tables are indexed by the enum value and hold NULL / 0 there. */
+enum blob_dtype {
+    BLOB_F32 = 0, BLOB_F16 = 1, BLOB_BF16 = 2, BLOB_Q8_0 = 3, BLOB_Q4_0 = 4,
+    BLOB_Q4_1 = 9, BLOB_Q5_0 = 10, BLOB_Q5_1 = 11,
+    BLOB_Q2_K = 12, BLOB_Q3_K = 13, BLOB_Q4_K = 14, BLOB_Q5_K = 15, BLOB_Q6_K = 16
+};
+#define BLOB_NUM_DTYPES 17     /* highest matmul dtype + 1 */
+#define BLOB_MAX_PLANES 5      /* q5_k: quants, high, sub_scales, scales, mins */
+#define BLOB_QBLOCK 32         /* values per activation block, and per block of q8_0 .. q5_1 */
+#define BLOB_KBLOCK 256        /* values per k-quant super-block (q2_k .. q6_k) */
+
+/* Per dtype, by enum value (0 where the kernels do not multiply): values per block, and bytes
+ * per block of each plane in DTypeSpec.planes order (the first plane's are the bytes a row holds
+ * per block before its 64-byte padding). */
+#define BLOB_DTYPE_BLOCKS {1, 1, 1, 32, 32, 0, 0, 0, 0, 32, 32, 32, 256, 256, 256, 256, 256}
+#define BLOB_DTYPE_PLANE_BYTES                                                                  \
+    {{4}, {2}, {2}, {32, 2}, {16, 2}, {0}, {0}, {0}, {0},                                       \
+     {16, 2, 2}, {16, 4, 2}, {16, 4, 2, 2},                                                     \
+     {64, 16, 2, 2}, {64, 32, 12, 2}, {128, 12, 2, 2}, {128, 32, 12, 2, 2}, {128, 64, 16, 2}}
 
 /* Instruction-set paths; a path is usable when the CPU has every feature it needs. */
 enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2 };
@@ -25,17 +42,18 @@ enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2 };
 /* Status codes returned by the kernels. */
 enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };
 
-/* A weight matrix W (rows, cols) in the blob file's planar layout, read in place.
- * Plain dtypes: row r at data + r*row_stride_bytes.
- * q8_0 / q4_0: the quant plane (row r at data + r*row_stride_bytes, ceil(cols/32) blocks of
- * 32 int8 or 16 packed-nibble bytes, zero past `cols`; each row padded to a multiple of 64
- * bytes, as the file stores it, and the kernels may read that padding) and the scale plane
- * `scales` (rows, ceil(cols/32)) float16 bits, packed. */
+/* A weight matrix W (rows, cols) in the blob file's planar layout, read in place: the planes
+ * of its dtype in DTypeSpec.planes order (docs/FORMAT.md), plane[i] NULL past the last.
+ * plane[0]: row r at plane[0] + r*row_stride_bytes. Plain dtypes: the values. Quantized: the
+ * first plane's bytes of the row's blocks (q8_0 / q4_0: ceil(cols/32) blocks, zero past
+ * `cols`; the other types hold whole blocks), each row padded to a multiple of 64 bytes, as the
+ * file stores it, and the kernels may read that padding.
+ * plane[i > 0]: packed (rows, nblocks * BLOB_DTYPE_PLANE_BYTES[dtype][i]) bytes; q8_0 / q4_0
+ * have one, the block scales as float16 bits (rows, ceil(cols/32)). */
 typedef struct blob_matrix {
     int dtype;
-    const void *data;
+    const void *plane[BLOB_MAX_PLANES];
     size_t row_stride_bytes;
-    const uint16_t *scales;
     size_t rows, cols;
 } blob_matrix;
 

@@ -41,6 +41,27 @@
 static inline size_t blob_min(size_t a, size_t b) { return a < b ? a : b; }
 static inline size_t blob_div_up(size_t a, size_t b) { return (a + b - 1) / b; }
 
+/* Values per block of a dtype, 0 for one the kernels do not multiply (kernels.h's table). */
+static inline size_t blob_dtype_block(int dtype) {
+    static const unsigned short blocks[BLOB_NUM_DTYPES] = BLOB_DTYPE_BLOCKS;
+    return dtype >= 0 && dtype < BLOB_NUM_DTYPES ? blocks[dtype] : 0;
+}
+
+/* Bytes per block of plane p of a dtype (kernels.h's table; 0 past its last plane). */
+static inline size_t blob_plane_bytes(int dtype, int p) {
+    static const unsigned char bytes[BLOB_NUM_DTYPES][BLOB_MAX_PLANES] = BLOB_DTYPE_PLANE_BYTES;
+    return bytes[dtype][p];
+}
+
+/* Where row r of each plane of W starts: plane 0 by its padded row stride, the later planes
+ * packed, nblocks * blob_plane_bytes apart. */
+static inline void blob_row_planes(const blob_matrix *w, size_t r, const uint8_t **planes) {
+    const size_t nblocks = blob_div_up(w->cols, blob_dtype_block(w->dtype));
+    planes[0] = (const uint8_t *)w->plane[0] + r * w->row_stride_bytes;
+    for (int p = 1; p < BLOB_MAX_PLANES; p++)
+        planes[p] = w->plane[p] ? (const uint8_t *)w->plane[p] + r * nblocks * blob_plane_bytes(w->dtype, p) : NULL;
+}
+
 /* Bytes per element of a KV cache dtype (f32 or f16). */
 static inline size_t blob_cache_elem_size(int dtype) { return dtype == BLOB_F16 ? 2 : 4; }
 
@@ -77,6 +98,142 @@ static inline uint16_t blob_f32_to_f16(float f) {
     uint32_t mant_odd = (a >> 13) & 1;
     a += 0xc8000fffu + mant_odd;                                /* rebias exponent, round */
     return sign | (uint16_t)(a >> 13);
+}
+
+/* The little-endian float16 at p (planes are packed bytes, so no alignment is assumed). */
+static inline float blob_f16_at(const uint8_t *p) { return blob_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
+
+/* ---- q4_1 .. q6_k: GGUF's block formats, one ggml struct field per plane ---- */
+
+/* One 32-value block of a q4_1 .. q6_k row as integers: value i = (d * sc[i/16]) * q[i] +
+ * m * mn[i/16], as ggml dequantizes it (types without mins: m = mn = 0). Against activation
+ * levels x with scale dx, the block's dot product is then
+ *     dx * (d * (sc[0] S0 + sc[1] S1) + m * (mn[0] X0 + mn[1] X1))
+ * with S_h the exact sum of q x over half h and X_h the sum of its x (blob_half_sums): the
+ * k-quants' sub-blocks of 16 (q2_k, q3_k, q6_k) share the 32-block's activation scale. */
+typedef struct blob_block32 {
+    int8_t q[32];        /* levels: q4_1 0..15, q5_0 -16..15, q5_1 0..31, q2_k 0..3, q3_k -4..3,
+                            q4_k 0..15, q5_k 0..31, q6_k -32..31 */
+    int32_t sc[2], mn[2];
+    float d, m;
+} blob_block32;
+
+/* Bits of `nbytes` little-endian bytes as one byte each (bit j -> out[j], 0 or 1): each byte
+ * broadcast to eight, bit k kept in byte k, and a nonzero byte carried into its top bit. Plain
+ * shifts by the bit index would not vectorize (SSE2 has no per-lane variable shift). */
+static inline void blob_spread_bits(const uint8_t *bits, int nbytes, uint8_t *out) {
+    for (int i = 0; i < nbytes; i++) {
+        const uint64_t selected = (bits[i] * 0x0101010101010101ull) & 0x8040201008040201ull;
+        const uint64_t ones = ((selected + 0x7f7f7f7f7f7f7f7full) & 0x8080808080808080ull) >> 7;
+        memcpy(out + 8 * i, &ones, 8);   /* little-endian: byte k of `ones` is bit k */
+    }
+}
+
+/* Sub-block j's 6-bit scale and min of q4_k / q5_k, packed in 12 bytes: j < 4 in the low six
+ * bits of bytes j and j + 4; j >= 4 in byte j + 4's nibbles plus the top two bits of bytes
+ * j - 4 (scale) and j (min). */
+static inline void blob_k4_scale_min(const uint8_t *packed, int j, int32_t *sc, int32_t *mn) {
+    if (j < 4) {
+        *sc = packed[j] & 63;
+        *mn = packed[j + 4] & 63;
+    } else {
+        *sc = (packed[j + 4] & 15) | ((packed[j - 4] >> 6) << 4);
+        *mn = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+    }
+}
+
+/* Sub-block i's (0..15) 6-bit scale of q3_k, minus its bias 32: the low four bits in byte i
+ * (i < 8) or the high nibble of byte i - 8, the top two in byte 8 + i % 4 at bit 2 * (i / 4). */
+static inline int32_t blob_k3_scale(const uint8_t *packed, int i) {
+    const int low = i < 8 ? packed[i] & 15 : packed[i - 8] >> 4;
+    const int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (low | high << 4) - 32;
+}
+
+/* Block b of a row whose planes start at p[0..] (blob_row_planes), decoded. For the k-quants
+ * b = 8 * super-block + j, j the 32-value block in the super-block. */
+BLOB_INLINE void blob_decode_block32(int dtype, const uint8_t *const *p, size_t b, blob_block32 *out) {
+    const size_t sb = b / 8;
+    const int j = (int)(b % 8);
+    out->sc[0] = out->sc[1] = 1;
+    out->mn[0] = out->mn[1] = 0;
+    out->d = out->m = 0.0f;
+    switch (dtype) {
+    case BLOB_Q4_1: case BLOB_Q5_0: case BLOB_Q5_1: {
+        /* byte i: value i in the low nibble, value i + 16 in the high one; 5th bits in `high` */
+        const uint8_t *qs = p[0] + 16 * b;
+        uint8_t high[32] = {0};
+        if (dtype != BLOB_Q4_1) blob_spread_bits(p[1] + 4 * b, 4, high);
+        const int offset = dtype == BLOB_Q5_0 ? 16 : 0;
+        for (int i = 0; i < 16; i++) {
+            out->q[i] = (int8_t)((int)((qs[i] & 15) | high[i] << 4) - offset);
+            out->q[i + 16] = (int8_t)((int)((qs[i] >> 4) | high[i + 16] << 4) - offset);
+        }
+        const int scale_plane = dtype == BLOB_Q4_1 ? 1 : 2;
+        out->d = blob_f16_at(p[scale_plane] + 2 * b);
+        if (dtype != BLOB_Q5_0) {
+            out->m = blob_f16_at(p[scale_plane + 1] + 2 * b);
+            out->mn[0] = out->mn[1] = 1;
+        }
+        break;
+    }
+    case BLOB_Q2_K: {
+        /* blocks 4n .. 4n+3 are bit pairs 0..3 of bytes 32n .. 32n+31; sub-scale byte: scale in
+         * the low nibble, min in the high one */
+        const uint8_t *qs = p[0] + 64 * sb + 32 * (j / 4), *sub = p[1] + 16 * sb + 2 * j;
+        for (int l = 0; l < 32; l++) out->q[l] = (int8_t)((qs[l] >> (2 * (j % 4))) & 3);
+        for (int h = 0; h < 2; h++) {
+            out->sc[h] = sub[h] & 15;
+            out->mn[h] = sub[h] >> 4;
+        }
+        out->d = blob_f16_at(p[2] + 2 * sb);
+        out->m = -blob_f16_at(p[3] + 2 * sb);
+        break;
+    }
+    case BLOB_Q3_K: {
+        /* low bit pairs as q2_k's; bit j of high byte l set adds 4 (ggml subtracts 4 when clear) */
+        const uint8_t *qs = p[0] + 64 * sb + 32 * (j / 4), *hm = p[1] + 32 * sb;
+        for (int l = 0; l < 32; l++)
+            out->q[l] = (int8_t)(((qs[l] >> (2 * (j % 4))) & 3) - (((hm[l] >> j) & 1) ? 0 : 4));
+        for (int h = 0; h < 2; h++) out->sc[h] = blob_k3_scale(p[2] + 12 * sb, 2 * j + h);
+        out->d = blob_f16_at(p[3] + 2 * sb);
+        break;
+    }
+    case BLOB_Q4_K: case BLOB_Q5_K: {
+        /* blocks 2c and 2c+1: low and high nibbles of bytes 32c .. 32c+31; q5_k's 5th bit of
+         * value l of block j is bit j of high byte l */
+        const int five = dtype == BLOB_Q5_K;
+        const uint8_t *qs = p[0] + 128 * sb + 32 * (j / 2), *qh = five ? p[1] + 32 * sb : NULL;
+        for (int l = 0; l < 32; l++)
+            out->q[l] = (int8_t)(((qs[l] >> (4 * (j % 2))) & 15) + (five ? ((qh[l] >> j) & 1) << 4 : 0));
+        blob_k4_scale_min(p[1 + five] + 12 * sb, j, &out->sc[0], &out->mn[0]);
+        out->sc[1] = out->sc[0];
+        out->mn[1] = out->mn[0];
+        out->d = blob_f16_at(p[2 + five] + 2 * sb);
+        out->m = -blob_f16_at(p[3 + five] + 2 * sb);
+        break;
+    }
+    case BLOB_Q6_K: {
+        /* half n = j / 4 of the super-block, quarter k = j % 4: low nibbles from bytes
+         * 64n + 32(k & 1) + l (high nibble when k >= 2), top bit pair k of byte 32n + l */
+        const int n = j / 4, k = j % 4;
+        const uint8_t *ql = p[0] + 128 * sb + 64 * n + 32 * (k & 1), *qh = p[1] + 64 * sb + 32 * n;
+        for (int l = 0; l < 32; l++)
+            out->q[l] = (int8_t)((((ql[l] >> (4 * (k >> 1))) & 15) | (((qh[l] >> (2 * k)) & 3) << 4)) - 32);
+        for (int h = 0; h < 2; h++) out->sc[h] = (int8_t)p[2][16 * sb + 2 * j + h];
+        out->d = blob_f16_at(p[3] + 2 * sb);
+        break;
+    }
+    default: memset(out->q, 0, sizeof out->q); break;   /* not a q4_1 .. q6_k type: zeros */
+    }
+}
+
+/* Value i of a decoded block as f32, with ggml's operations: (d * sc) * q, plus m * mn. Two
+ * statements, so that no compiler contracts them into one fused multiply-add. */
+static inline float blob_block32_value(const blob_block32 *blk, int i) {
+    const float scaled = blk->d * (float)blk->sc[i / 16] * (float)blk->q[i];
+    const float offset = blk->m * (float)blk->mn[i / 16];
+    return scaled + offset;
 }
 
 /* One weight of a plain-dtype row, as f32. */
@@ -149,7 +306,14 @@ static inline float blob_inv_rms(double lanes[8], const float *x, size_t k, size
  * matches), and int8 x int16 products still sum exactly in int32. q4_0's weights dominate its
  * error (same model: KL 0.565 with int8 activations, 0.555 with f32), so it keeps int8
  * activations and one byte dot product per block (VPMADDUBSW, VPDPBUSD, SDOT). */
-static inline int blob_act_bits(int dtype) { return dtype == BLOB_Q8_0 ? 16 : 8; }
+static inline int blob_act_bits(int dtype) { return dtype == BLOB_Q4_0 ? 8 : 16; }
+
+/* The types of GGUF's numbers (q4_1 .. q6_k), multiplied through blob_block32 below with int16
+ * activations, whose block sums (blob_half_sums) their mins need. */
+static inline int blob_is_block32_type(int dtype) { return dtype >= BLOB_Q4_1 && dtype <= BLOB_Q6_K; }
+static inline int blob_has_mins(int dtype) {
+    return dtype == BLOB_Q4_1 || dtype == BLOB_Q5_1 || dtype == BLOB_Q2_K || dtype == BLOB_Q4_K || dtype == BLOB_Q5_K;
+}
 
 /* The largest activation level of a width: a block's scale is amax / this. int16 levels stop
  * at 127 * 257 = 32639 so that each splits into two signed bytes, hi = round(x / 256) and
@@ -169,6 +333,7 @@ typedef struct blob_acts {
     const float *d;
     size_t q_stride, nblocks;
     const float *sums;
+    const int32_t *half_sums;   /* q4_1 .. q6_k: the level sum of each 16 values, (n, 2*nblocks) */
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -178,6 +343,15 @@ static inline void blob_level_sums(const int8_t *q, size_t nblocks, float *sums)
         int total = 0;
         for (int k = 0; k < BLOB_QBLOCK; k++) total += q[b * BLOB_QBLOCK + k];
         sums[b] = (float)total;
+    }
+}
+
+/* The level sum of each half (16 levels) of `nblocks` blocks of int16 levels: exact in int32. */
+static inline void blob_half_sums(const int16_t *q, size_t nblocks, int32_t *sums) {
+    for (size_t h = 0; h < 2 * nblocks; h++) {
+        int32_t total = 0;
+        for (int k = 0; k < BLOB_QBLOCK / 2; k++) total += q[h * (BLOB_QBLOCK / 2) + k];
+        sums[h] = total;
     }
 }
 
@@ -222,7 +396,7 @@ typedef struct blob_isa_ops {
 BLOB_INLINE void blob_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int R,
                                 const uint8_t **rows) {
     for (int r = 0; r < R; r++)
-        rows[r] = (const uint8_t *)w->data + (r0 + blob_min((size_t)r, nr - 1)) * w->row_stride_bytes;
+        rows[r] = (const uint8_t *)w->plane[0] + (r0 + blob_min((size_t)r, nr - 1)) * w->row_stride_bytes;
 }
 
 /* The T token indices of a tile, repeating the last token likewise. */
@@ -230,9 +404,12 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
 
-/* A path's fifteen tile functions, one per (dtype, tile shape), each calling the path's generic
- * float_tile or quant_tile with constants the compiler specializes on; `attr` is the path's
- * target attribute. BLOB_TILE_TABLE lists them in blob_isa_ops order. */
+/* A path's tile functions, one per (dtype, tile shape): mv_<type>, mm_<type> and mv1_<type>
+ * (matvec, matmul, matvec_row). BLOB_DEFINE_TILES defines those of the five original types,
+ * each calling the path's generic float_tile or quant_tile with constants the compiler
+ * specializes on; `attr` is the path's target attribute. A path defines the q4_1 .. q6_k ones
+ * with its own tiles, or with BLOB_SCALAR_TILES(type), which forwards to the scalar
+ * reference. BLOB_TILE_TABLE lists them all in blob_isa_ops order. */
 #define BLOB_TILE_FN(attr, name, body, dtype, R, T)                                            \
     static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
                           size_t t0, size_t nt, float *y, size_t ys) {                         \
@@ -263,9 +440,44 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     BLOB_ROWS_FN(attr, mv1_bf16, float_tile, BLOB_BF16)                                        \
     BLOB_ROWS_FN(attr, mv1_q8_0, quant_tile, BLOB_Q8_0)                                        \
     BLOB_ROWS_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0)
+
+/* The scalar reference tile of a q4_1 .. q6_k type (kernels_scalar.c): any nr rows and
+ * nt <= BLOB_TILE_MAX_TOKENS tokens, so it serves as every path's matvec, matmul and
+ * matvec_row tile of the type until the path has its own. */
+#define BLOB_DECLARE_SCALAR_TILE(type)                                                         \
+    void blob_scalar_tile_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, \
+                                 size_t t0, size_t nt, float *y, size_t ys);
+BLOB_DECLARE_SCALAR_TILE(q4_1)
+BLOB_DECLARE_SCALAR_TILE(q5_0)
+BLOB_DECLARE_SCALAR_TILE(q5_1)
+BLOB_DECLARE_SCALAR_TILE(q2_k)
+BLOB_DECLARE_SCALAR_TILE(q3_k)
+BLOB_DECLARE_SCALAR_TILE(q4_k)
+BLOB_DECLARE_SCALAR_TILE(q5_k)
+BLOB_DECLARE_SCALAR_TILE(q6_k)
+#define BLOB_SCALAR_TILES(type)                                                                \
+    static void mv_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
+                          size_t t0, size_t nt, float *y, size_t ys) {                         \
+        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
+    }                                                                                          \
+    static void mm_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
+                          size_t t0, size_t nt, float *y, size_t ys) {                         \
+        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
+    }                                                                                          \
+    static void mv1_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,     \
+                           size_t t0, size_t nt, float *y, size_t ys) {                        \
+        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
+    }
+
+/* One tile array of blob_isa_ops, indexed by dtype (NULL for u8 .. i64). */
+#define BLOB_DTYPE_TILES(shape)                                                                \
+    {[BLOB_F32] = shape##_f32, [BLOB_F16] = shape##_f16, [BLOB_BF16] = shape##_bf16,           \
+     [BLOB_Q8_0] = shape##_q8_0, [BLOB_Q4_0] = shape##_q4_0, [BLOB_Q4_1] = shape##_q4_1,       \
+     [BLOB_Q5_0] = shape##_q5_0, [BLOB_Q5_1] = shape##_q5_1, [BLOB_Q2_K] = shape##_q2_k,       \
+     [BLOB_Q3_K] = shape##_q3_k, [BLOB_Q4_K] = shape##_q4_k, [BLOB_Q5_K] = shape##_q5_k,       \
+     [BLOB_Q6_K] = shape##_q6_k}
 #define BLOB_TILE_TABLE(mv_rows, mm_rows, mm_tokens)                                           \
-    {mv_f32, mv_f16, mv_bf16, mv_q8_0, mv_q4_0}, {mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0},  \
-        {mv1_f32, mv1_f16, mv1_bf16, mv1_q8_0, mv1_q4_0}, mv_rows, mm_rows, mm_tokens
+    BLOB_DTYPE_TILES(mv), BLOB_DTYPE_TILES(mm), BLOB_DTYPE_TILES(mv1), mv_rows, mm_rows, mm_tokens
 
 extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)

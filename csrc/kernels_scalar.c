@@ -101,7 +101,7 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
         for (int r = 0; r < R; r++) {
             wl[r] = block_levels(rows[r], b, dtype, unpacked[r]);
             size_t row_index = r0 + blob_min((size_t)r, nr - 1);
-            dw[r] = blob_f16_to_f32(w->scales[row_index * nb + b]);
+            dw[r] = blob_f16_to_f32(((const uint16_t *)w->plane[1])[row_index * nb + b]);
         }
         BLOB_UNROLL
         for (int t = 0; t < T; t++) {
@@ -117,6 +117,69 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
 }
 
 BLOB_DEFINE_TILES(, MV_ROWS, MM_ROWS, MM_TOKENS)
+
+/* The exact dot of 16 weight levels with 16 activation levels: |w| <= 32, |x| <= 32639. */
+BLOB_INLINE int32_t dot_half(const int8_t *w, const int16_t *x) {
+    int32_t s = 0;
+    for (int i = 0; i < BLOB_QBLOCK / 2; i++) s += (int32_t)w[i] * (int32_t)x[i];
+    return s;
+}
+
+/* One 32-value block's contribution to an output (blob_block32): the integer sums exact (the
+ * sub-scaled level sum in int64, as q6_k's two halves reach 2 x 2^31), then scaled in floats. */
+BLOB_INLINE float block32_dot(const blob_block32 *w, const int16_t *x, const int32_t *x_half_sums, float dx,
+                              int dtype) {
+    const int64_t levels = (int64_t)w->sc[0] * dot_half(w->q, x) + (int64_t)w->sc[1] * dot_half(w->q + 16, x + 16);
+    float sum = (w->d * dx) * (float)levels;
+    if (blob_has_mins(dtype)) {
+        const int32_t mins = w->mn[0] * x_half_sums[0] + w->mn[1] * x_half_sums[1];
+        sum += (w->m * dx) * (float)mins;
+    }
+    return sum;
+}
+
+/* Y for rows r0 .. r0+nr-1 (any nr, in groups of BLOB_TILE_MAX_ROWS) and tokens t0 .. t0+nt-1
+ * of a q4_1 .. q6_k matrix: each block of a row decoded once and dotted with every token. Each
+ * output sums its blocks in order, so its value does not depend on the tile shape: decode and
+ * prefill agree bit for bit. */
+BLOB_INLINE void block32_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                              size_t nt, float *y, size_t ys, int dtype) {
+    const size_t nb = a->nblocks;
+    for (size_t g = r0; g < r0 + nr; g += BLOB_TILE_MAX_ROWS) {
+        const size_t R = blob_min(BLOB_TILE_MAX_ROWS, r0 + nr - g);
+        const uint8_t *planes[BLOB_TILE_MAX_ROWS][BLOB_MAX_PLANES];
+        float acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS] = {{0}};
+        for (size_t r = 0; r < R; r++) blob_row_planes(w, g + r, planes[r]);
+        for (size_t b = 0; b < nb; b++) {
+            blob_block32 blocks[BLOB_TILE_MAX_ROWS];
+            for (size_t r = 0; r < R; r++) blob_decode_block32(dtype, planes[r], b, &blocks[r]);
+            for (size_t t = 0; t < nt; t++) {
+                const size_t token = t0 + t;
+                const int16_t *x = a->q16 + token * a->q_stride + BLOB_QBLOCK * b;
+                const int32_t *half_sums = a->half_sums + token * 2 * nb + 2 * b;
+                const float dx = a->d[token * nb + b];
+                for (size_t r = 0; r < R; r++) acc[r][t] += block32_dot(&blocks[r], x, half_sums, dx, dtype);
+            }
+        }
+        for (size_t r = 0; r < R; r++)
+            for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + g + r] = acc[r][t];
+    }
+}
+
+#define SCALAR_TILE(type, dtype)                                                                \
+    void blob_scalar_tile_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, \
+                                 size_t t0, size_t nt, float *y, size_t ys) {                  \
+        block32_tile(w, r0, nr, a, t0, nt, y, ys, dtype);                                      \
+    }                                                                                          \
+    BLOB_SCALAR_TILES(type)
+SCALAR_TILE(q4_1, BLOB_Q4_1)
+SCALAR_TILE(q5_0, BLOB_Q5_0)
+SCALAR_TILE(q5_1, BLOB_Q5_1)
+SCALAR_TILE(q2_k, BLOB_Q2_K)
+SCALAR_TILE(q3_k, BLOB_Q3_K)
+SCALAR_TILE(q4_k, BLOB_Q4_K)
+SCALAR_TILE(q5_k, BLOB_Q5_K)
+SCALAR_TILE(q6_k, BLOB_Q6_K)
 
 /* Activations to blocks of `bits`-bit levels: d = amax / QMAX (blob_act_qmax), q =
  * round-to-nearest-even(x * (1/d)). Every path computes exactly this, so the quantized

@@ -18,7 +18,14 @@
 #define MATMUL_CHUNK_ROWS 16           /* rows per work item at many tokens */
 #define ACT_TILE_BYTES (4u << 20)      /* activations of one token tile: stay in the last-level cache */
 
-static int is_quantized(int dtype) { return dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0; }
+static int is_quantized(int dtype) { return blob_dtype_block(dtype) > 1; }
+
+/* A matrix the kernels can multiply: a dtype with tiles, and for the types of GGUF's numbers
+ * whole blocks per row (their formats have no partial block). */
+static int is_valid(const blob_matrix *w) {
+    const size_t block = blob_dtype_block(w->dtype);
+    return block > 0 && (!blob_is_block32_type(w->dtype) || w->cols % block == 0);
+}
 /* A matvec tile of several rows reads them as interleaved streams one row_stride apart, which
  * the hardware prefetchers follow worse than one stream read in order (AMD Zen 3, 262144 x 640
  * q8_0: 6 GB/s with 4-row tiles, 18-20 with 1-row tiles; Zen 4, 2 threads, the 1.1B llama's
@@ -75,6 +82,7 @@ typedef struct {
     int bits;                       /* level width, blob_act_bits */
     uint8_t *q;
     float *d, *sums;
+    int32_t *half_sums;
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
@@ -89,6 +97,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
         float *d = j->d + t * j->nblocks;
         if (j->bits == 16) {
             j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
+            if (j->half_sums) blob_half_sums((const int16_t *)q, j->nblocks, j->half_sums + t * 2 * j->nblocks);
         } else {
             j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
             blob_level_sums((const int8_t *)q, j->nblocks, j->sums + t * j->nblocks);
@@ -99,15 +108,17 @@ static void quantize_task(void *ctx, int ith, int nth) {
 
 /* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
  * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32 and, for
- * int8 levels, their block sums (n, nblocks) f32. */
+ * int8 levels, their block sums (n, nblocks) f32; for q4_1 .. q6_k in that place the sums of
+ * each half block (n, 2 * nblocks) int32. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + 2 * n * nblocks * sizeof(float));
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + 3 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
     float *d = (float *)(space + n * q_stride_bytes);
-    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks,
+    int32_t *half_sums = blob_is_block32_type(dtype) ? (int32_t *)(d + n * nblocks) : NULL;
+    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
                         q_stride_bytes, nblocks, 0};
     if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
@@ -115,6 +126,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     acts->q16 = bits == 16 ? (const int16_t *)space : NULL;
     acts->d = job.d;
     acts->sums = bits == 8 ? job.sums : NULL;
+    acts->half_sums = half_sums;
     acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;
@@ -147,8 +159,7 @@ int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t
                       const float *x, size_t x_stride, size_t n) {
     if (count == 0 || count > BLOB_MAX_GROUP) return BLOB_EINVAL;
     for (size_t i = 0; i < count; i++)
-        if (w[i]->dtype < 0 || w[i]->dtype >= BLOB_NUM_DTYPES || w[i]->dtype != w[0]->dtype ||
-            w[i]->cols != w[0]->cols)
+        if (!is_valid(w[i]) || w[i]->dtype != w[0]->dtype || w[i]->cols != w[0]->cols)
             return BLOB_EINVAL;
     if (n == 0) return BLOB_OK;
     const blob_isa_ops *ops = blob_ops();

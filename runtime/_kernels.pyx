@@ -27,15 +27,14 @@ cdef extern from "cpu.h" nogil:
 
 
 cdef extern from "kernels.h" nogil:
-    int BLOB_F32, BLOB_F16
+    int BLOB_F32, BLOB_F16, BLOB_MAX_PLANES
     int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS
     int BLOB_ACT_SILU, BLOB_ACT_GELU_TANH
 
     ctypedef struct blob_matrix:
         int dtype
-        const void *data
+        const void *plane[5]     # BLOB_MAX_PLANES, checked at import
         size_t row_stride_bytes
-        const uint16_t *scales
         size_t rows, cols
 
     ctypedef struct blob_attention:
@@ -196,6 +195,7 @@ _configure_from_environment()
 # Weights go to C as their DType's integer (csrc/kernels.h's enum blob_dtype has the same values).
 _MATMUL_DTYPES = [d for d in DType if d.spec.matmul]
 _PLAIN_WEIGHTS = {d.numpy: d for d in _MATMUL_DTYPES if not d.is_quantized}   # bf16 as uint16 bits
+assert BLOB_MAX_PLANES == 5 and max(len(d.spec.planes) for d in DType) <= BLOB_MAX_PLANES
 
 
 def _address(array):
@@ -218,8 +218,8 @@ cdef class Matrix:
 
     `weight` is a 2-D numpy array (float32 'f32', float16 'f16', or bfloat16 bits as uint16
     'bf16'; rows may be strided, as the reader's views are over their row padding) or a
-    quantized tensor with `.dtype`, `.shape`, `.quants` and `.scales` (the reader's
-    QuantizedTensor). `dtype` names the type when the array's own dtype does not (bf16).
+    quantized tensor with `.dtype`, `.shape` and `.planes` in DTypeSpec.planes order (the
+    reader's QuantizedTensor). `dtype` names the type when the array's own dtype does not (bf16).
 
     >>> w = Matrix(reader["blk.0.attn_q.weight"])        # doctest: +SKIP
     >>> y = matmul(w, x)                                 # doctest: +SKIP
@@ -231,7 +231,7 @@ cdef class Matrix:
 
     def __init__(self, weight, dtype=None, name="weight"):
         self.name = name
-        if hasattr(weight, "quants") and hasattr(weight, "scales"):
+        if hasattr(weight, "planes"):
             self._bind_quantized(weight)
         else:
             self._bind_plain(np.asarray(weight), dtype)
@@ -254,9 +254,8 @@ cdef class Matrix:
                              f"{array.strides} for shape {array.shape} of {item}-byte elements")
         self.dtype = kind.label
         self.m.dtype = kind
-        self.m.data = <const void *><uintptr_t>_address(array)
+        self.m.plane[0] = <const void *><uintptr_t>_address(array)
         self.m.row_stride_bytes = array.strides[0]
-        self.m.scales = NULL
         self.m.rows, self.m.cols = rows, cols
         self._keep = array
 
@@ -268,29 +267,38 @@ cdef class Matrix:
         shape = tuple(tensor.shape)
         if len(shape) < 2:
             raise ValueError(f"{self.name}: expected a weight of at least 2 dimensions, found shape {shape}")
-        lay = layout(kind, shape)   # the quant rows are padded as in the file
+        lay = layout(kind, shape)   # the first plane's rows are padded as in the file
         rows, cols, nblocks, row_bytes = lay.rows, lay.cols, lay.blocks, lay.row_stride
-        quant_plane, scale_plane = kind.spec.planes
-        quants, scales = np.asarray(tensor.quants), np.asarray(tensor.scales)
         if rows == 0 or cols == 0:
             raise ValueError(f"{self.name}: empty weight of shape {shape}")
-        if quants.ndim != 2 or quants.shape[0] != rows or quants.shape[1] < row_bytes \
-                or quants.itemsize != quant_plane.numpy.itemsize or quants.strides[1] != quants.itemsize \
-                or quants.strides[0] < quants.shape[1]:
-            raise ValueError(f"{self.name}: quant plane must be ({rows}, >= {row_bytes}) bytes with contiguous "
-                             f"rows (the file's 64-byte row padding included); found shape {quants.shape}, "
-                             f"dtype {quants.dtype}, strides {quants.strides}")
-        if scales.dtype != scale_plane.numpy or scales.shape != (rows, nblocks) or not scales.flags.c_contiguous:
-            raise ValueError(f"{self.name}: scale plane must be a packed {scale_plane.numpy} ({rows}, {nblocks}) array; "
-                             f"found {scales.dtype} {scales.shape}"
-                             f"{'' if scales.flags.c_contiguous else ' (not contiguous)'}")
+        if kind.spec.whole_blocks and cols % kind.spec.block:
+            raise ValueError(f"{self.name}: {kind.label} rows must be whole blocks of {kind.spec.block} values; "
+                             f"found {cols} columns")
+        specs = kind.spec.planes
+        planes = tuple(np.asarray(p) for p in tensor.planes)
+        if len(planes) != len(specs):
+            raise ValueError(f"{self.name}: {kind.label} has {len(specs)} planes "
+                             f"({', '.join(p.name for p in specs)}), found {len(planes)}")
+        first = planes[0]
+        if first.ndim != 2 or first.shape[0] != rows or first.itemsize != specs[0].numpy.itemsize \
+                or first.shape[1] * first.itemsize < row_bytes or first.strides[1] != first.itemsize \
+                or first.strides[0] < first.shape[1] * first.itemsize:
+            raise ValueError(f"{self.name}: {specs[0].name} plane must be ({rows}, >= {row_bytes}) bytes with "
+                             f"contiguous rows (the file's 64-byte row padding included); found shape "
+                             f"{first.shape}, dtype {first.dtype}, strides {first.strides}")
+        for plane, spec in zip(planes[1:], specs[1:]):
+            expected = (rows, nblocks * spec.per_block)
+            if plane.dtype != spec.numpy or plane.shape != expected or not plane.flags.c_contiguous:
+                raise ValueError(f"{self.name}: {spec.name} plane must be a packed {spec.numpy} {expected} array; "
+                                 f"found {plane.dtype} {plane.shape}"
+                                 f"{'' if plane.flags.c_contiguous else ' (not contiguous)'}")
         self.dtype = kind.label
         self.m.dtype = kind
-        self.m.data = <const void *><uintptr_t>_address(quants)
-        self.m.row_stride_bytes = quants.strides[0]
-        self.m.scales = <const uint16_t *><uintptr_t>_address(scales)
+        for i, plane in enumerate(planes):
+            self.m.plane[i] = <const void *><uintptr_t>_address(plane)
+        self.m.row_stride_bytes = first.strides[0]
         self.m.rows, self.m.cols = rows, cols
-        self._keep = (quants, scales)
+        self._keep = planes
 
     @property
     def rows(self):

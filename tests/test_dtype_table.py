@@ -9,7 +9,9 @@ import pytest
 from blobstore import quant
 from blobstore.convert import plan
 from blobstore.format import DTYPE_SPECS, KNOWN_FEATURES, ROW_ALIGN, DType, layout
+from blobstore.reader import QuantizedTensor
 from blobstore.runtime import kernels, model
+from kquant_blocks import random_planes
 
 KERNELS_H = Path(__file__).resolve().parents[1] / "csrc" / "kernels.h"
 MATMUL = [d for d in DType if d.spec.matmul]
@@ -35,13 +37,37 @@ def c_define(name: str) -> int:
     return int(found.group(1))
 
 
+def c_table(name: str) -> list[list[int]]:
+    """The brace initializer #define'd as `name`: one list of integers per inner brace (or one for a flat list)."""
+    header = c_header().replace("\\\n", " ")
+    found = re.search(r"#define\s+%s\s+(\{.*)" % name, header)
+    assert found, f"#define {name} not found in {KERNELS_H}"
+    inner = re.findall(r"\{([^{}]*)\}", found.group(1).split("\n")[0])
+    return [[int(v) for v in group.split(",") if v.strip()] for group in inner]
+
+
 def test_the_c_dtype_enum_is_the_matmul_rows_of_the_table():
     assert c_enum("blob_dtype") == {f"BLOB_{d.name}": int(d) for d in MATMUL}
     assert c_define("BLOB_NUM_DTYPES") == max(MATMUL) + 1  # the kernels' per-dtype tables are indexed by it
 
 
-def test_the_c_block_size_is_the_tables():
-    assert {d.spec.block for d in MATMUL if d.is_quantized} == {c_define("BLOB_QBLOCK")}
+def test_the_c_block_and_plane_tables_are_the_tables():
+    """kernels.h's per-dtype tables, indexed by the enum value: values per block and bytes per block of each
+    plane for every dtype the kernels multiply, zeros for the stored types they do not (u8 .. i64)."""
+    count = c_define("BLOB_NUM_DTYPES")
+    expected_blocks = [DType(i).spec.block if DType(i).spec.matmul else 0 for i in range(count)]
+    expected_planes = [[p.block_bytes for p in DType(i).spec.planes] if DType(i).spec.matmul else [0]
+                       for i in range(count)]
+    assert c_table("BLOB_DTYPE_BLOCKS") == [expected_blocks]
+    assert c_table("BLOB_DTYPE_PLANE_BYTES") == expected_planes
+    assert c_define("BLOB_MAX_PLANES") == max(len(d.spec.planes) for d in MATMUL)
+
+
+def test_the_c_block_sizes_are_the_tables():
+    """BLOB_QBLOCK is the 32-value block of q8_0 .. q5_1 and of the activations; BLOB_KBLOCK the k-quants'."""
+    quantized = {d.spec.block for d in MATMUL if d.is_quantized}
+    assert quantized == {c_define("BLOB_QBLOCK"), c_define("BLOB_KBLOCK")}
+    assert DType.Q8_0.spec.block == c_define("BLOB_QBLOCK") and DType.Q4_K.spec.block == c_define("BLOB_KBLOCK")
 
 
 def test_quantized_block_sizes_are_ggufs():
@@ -82,18 +108,34 @@ def test_consumers_read_the_table():
 
 @pytest.mark.parametrize("dtype", MATMUL, ids=lambda d: d.label)
 def test_a_matrix_goes_to_c_as_its_dtype(dtype):
-    """The binding passes the DType's integer; the kernels read the weight as that type."""
-    x = np.random.default_rng(0).standard_normal((5, 70)).astype(np.float32)
+    """The binding passes the DType's integer and planes; the kernels read the weight as that type
+    (blob_embed's dequantization equals numpy's bit for bit)."""
+    rng = np.random.default_rng(0)
+    cols = 512 if dtype.spec.whole_blocks else 70
+    if dtype.spec.whole_blocks:
+        planes = random_planes(dtype, 5, cols // dtype.spec.block, rng)
+        weight = quant.dequantize(planes, cols, dtype)
+    elif dtype.is_quantized:
+        planes = quant.quantize(rng.standard_normal((5, cols)).astype(np.float32), dtype)
+        weight = quant.dequantize(planes, cols, dtype)
     if dtype.is_quantized:
-        quants, scales = quant.quantize(x, dtype)
-        weight = quant.dequantize((quants, scales), 70, dtype)
-        matrix = kernels.Matrix(type("Q", (), dict(dtype=dtype, shape=x.shape, quants=quants, scales=scales)))
+        matrix = kernels.Matrix(QuantizedTensor(dtype, (5, cols), padded_first_plane(dtype, planes, cols)))
     else:
+        x = rng.standard_normal((5, cols)).astype(np.float32)
         stored = quant.f32_to_bf16(x) if dtype is DType.BF16 else x.astype(dtype.numpy)
         weight = quant.bf16_to_f32(stored) if dtype is DType.BF16 else stored.astype(np.float32)
         matrix = kernels.Matrix(stored, dtype=dtype.label)
     assert matrix.dtype == dtype.label
-    np.testing.assert_allclose(kernels.embed(matrix, [0, 4]), weight[[0, 4]], rtol=0, atol=0)
+    np.testing.assert_array_equal(kernels.embed(matrix, [0, 4, 3]), weight[[0, 4, 3]])
+
+
+def padded_first_plane(dtype, planes, cols):
+    """The planes as the reader hands them out: the first one's rows padded to the row stride."""
+    first, *later = planes
+    stride = layout(dtype, (first.shape[0], cols)).row_stride // first.itemsize
+    padded = np.zeros((first.shape[0], stride), first.dtype)
+    padded[:, :first.shape[1]] = first
+    return (padded, *later)
 
 
 def test_a_type_the_kernels_do_not_multiply_is_refused_by_name():
