@@ -22,7 +22,7 @@ from ..quant import bf16_to_f32
 from ..writer import BlobWriter
 from . import tokenizer
 from .families import family_for_hf
-from .plan import WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype
+from .plan import DTYPE_CHOICES, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype
 from .problems import ConversionError, Problems
 from .sources import open_source, provenance
 
@@ -93,9 +93,9 @@ def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, ke
 
 
 def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align) -> Options:
-    for option, value in (("dtype", dtype), ("embed_dtype", embed_dtype or dtype)):
-        if value not in WEIGHT_DTYPES:
-            raise ConversionError(f"{option}: expected one of {', '.join(WEIGHT_DTYPES)}, found {value!r}")
+    for option, value, choices in (("dtype", dtype, DTYPE_CHOICES), ("embed_dtype", embed_dtype, WEIGHT_DTYPES)):
+        if value is not None and value not in choices:
+            raise ConversionError(f"{option}: expected one of {', '.join(choices)}, found {value!r}")
     if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
         raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
     return Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,

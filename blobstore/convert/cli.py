@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import convert
-from .plan import WEIGHT_DTYPES
+from .plan import DTYPE_CHOICES, WEIGHT_DTYPES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,8 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "exists: read from the local Hugging Face cache (HF_HUB_CACHE / HF_HOME), downloading "
                              "what is missing unless offline; needs pip install 'blobstore-runtime[hub]'")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
-    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="q8_0",
-                        help="stored type of 2-D weight matrices, default q8_0 (norms and biases stay f32)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="q8_0",
+                        help="stored type of 2-D weight matrices, default q8_0 (norms and biases stay f32); "
+                             "q4_k_m / q5_k_m: llama.cpp-style mixes, q4_k / q5_k with the most sensitive matrices "
+                             "in q6_k (docs/CONVERT.md)")
     parser.add_argument("--keep-f32", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="keep stored tensors whose name matches any of these shell patterns in f32, "
                              "e.g. 'layers.0.*' 'lm_head'")

@@ -1,0 +1,72 @@
+"""Quantization quality of whole models: a blob whose weight matrices went through a stored type
+(quantized, then dequantized back to f32) and the KL divergence / top-1 agreement of its
+next-token distributions with the f32 model's. Shared by tests/test_kquant_mixes.py and
+bench/quant_quality.py (which writes the table of docs/CONVERT.md).
+
+Weights only: the copy runs the runtime's f32 forward pass, so activations are not quantized.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import blobstore
+from blobstore import kquant, quant
+from blobstore.convert.plan import Options, target_dtype
+from blobstore.format import DType
+from blobstore.writer import BlobWriter
+
+gguf = None  # imported on first use: only the new types need it here
+
+
+def round_trip(values: np.ndarray, label: str) -> np.ndarray:
+    """values (rows, cols) float32 → the float32 values a tensor stored as `label` holds."""
+    if label in ("f32",):
+        return values
+    if label == "f16":
+        return values.astype(np.float16).astype(np.float32)
+    if label in ("q8_0", "q4_0"):
+        q, s = quant.quantize(values, label)
+        return quant.dequantize(q, s, values.shape[1], label)
+    global gguf
+    import gguf as gguf_module
+    gguf = gguf_module
+    raw = kquant.quantize_ggml(values, label)
+    return gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, label.upper())).astype(np.float32)
+
+
+def converter_choice(dtype: str, num_layers: int, embed_dtype: str | None = None):
+    """name, shape → the type `blob-pack convert --dtype dtype` stores that tensor in."""
+    options = Options(dtype=dtype, embed_dtype=embed_dtype)
+    return lambda name, shape: target_dtype(name, shape, options, num_layers)
+
+
+def weights_through(src, out, dtype_of) -> dict:
+    """Copy the f32 blob `src` to `out` with every matrix rounded through the type
+    `dtype_of(name, shape)` names (and kept in f32). Returns name → type used."""
+    used = {}
+    with blobstore.open(src) as blob, BlobWriter(out) as writer:
+        writer.metadata.update(blob.metadata)
+        for info in blob.infos():
+            if info.tie:
+                writer.add_tie(info.name, info.tie, component=info.component, source=info.source)
+            elif info.dtype is DType.U8:
+                writer.add_file(info.name, blob.file_bytes(info.name), component=info.component)
+            else:
+                values = blob.float32(info.name)
+                label = dtype_of(info.name, info.shape)
+                used[info.name] = label
+                if values.ndim == 2:
+                    values = round_trip(values, label)
+                writer.add(info.name, np.ascontiguousarray(values, np.float32), component=info.component,
+                           source=info.source)
+    return used
+
+
+def divergence(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(mean KL(reference ‖ logits) over positions, top-1 agreement) of two (positions, vocab) logit arrays."""
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    p_log, q_log = log_softmax(reference), log_softmax(logits)
+    kld = (np.exp(p_log) * (p_log - q_log)).sum(axis=1).mean()
+    return float(kld), float((reference.argmax(axis=1) == logits.argmax(axis=1)).mean())
