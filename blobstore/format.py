@@ -16,7 +16,7 @@ import numpy as np
 MAGIC = b"BLOBST\x00\x1a"  # the NUL and 0x1A catch files mangled by text-mode transfers
 FORMAT_NAME = "blobstore"  # the manifest's format.name
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # the newest minor version this code reads and writes; a file says the oldest that reads it
 
 HEADER_SIZE = 64
 ROW_ALIGN = 64             # every row of every tensor starts on a 64-byte boundary
@@ -55,6 +55,14 @@ class DType(enum.IntEnum):
     I8 = 6
     I32 = 7
     I64 = 8
+    Q4_1 = 9
+    Q5_0 = 10
+    Q5_1 = 11
+    Q2_K = 12
+    Q3_K = 13
+    Q4_K = 14
+    Q5_K = 15
+    Q6_K = 16
 
     @classmethod
     def parse(cls, value: "DType | str | int") -> "DType":
@@ -88,7 +96,7 @@ class DType(enum.IntEnum):
 
     @property
     def is_quantized(self) -> bool:
-        """Stored in blocks of several values over more than one plane (q8_0, q4_0)."""
+        """Stored in blocks of several values over more than one plane (q8_0, q4_0, q4_k, ...)."""
         return len(self.spec.planes) > 1
 
     @property
@@ -124,11 +132,14 @@ class DTypeSpec:
 
     label: str                   # its name in manifests and on the command line
     block: int                   # values per block (1 for plain types)
-    planes: tuple[Plane, ...]    # plain types: one plane of values; quantized: quants, then scales
-    bits: int                    # bits of one stored value, scales not counted (q4_0: 4)
+    planes: tuple[Plane, ...]    # plain types: one plane of values; quantized: quants, [high], ..., scales, [mins]
+    bits: int                    # bits of one stored value, scales not counted (q4_0: 4, q5_k: 4 + 1 high bit)
     matmul: bool = False         # the C kernels multiply weight matrices of it (csrc/kernels.h)
     weight_choice: bool = False  # blob-pack convert offers it for --dtype / --embed-dtype
     feature_since: str | None = None  # a file using it lists it in features_required, with this version
+    whole_blocks: bool = False   # a row must be a whole number of blocks (q8_0/q4_0 zero-pad the last one)
+    ggml_type: int | None = None  # the GGML/GGUF type number holding the same values (GGMLQuantizationType)
+    ggml_fields: tuple[str, ...] = ()  # ggml's block struct: which plane each field is, in struct order
 
     @property
     def block_bytes(self) -> int:
@@ -140,26 +151,63 @@ def _plain(label: str, element: str, bits: int, **roles) -> DTypeSpec:
     return DTypeSpec(label, 1, (Plane("values", element, 1),), bits, **roles)
 
 
-def _blockwise(label: str, quant_element: str, quants_per_block: int, bits: int, since: str) -> DTypeSpec:
-    """A type of 32-value blocks: a plane of quants, then one float16 scale per block."""
+def _blockwise(label: str, quant_element: str, quants_per_block: int, bits: int, ggml_type: int) -> DTypeSpec:
+    """A type of 32-value blocks: a plane of quants, then one float16 scale per block (ggml: scale first)."""
     return DTypeSpec(label, 32, (Plane("quants", quant_element, quants_per_block), Plane("scales", "<f2", 1)), bits,
-                     matmul=True, weight_choice=True, feature_since=since)
+                     matmul=True, weight_choice=True, feature_since="1.0", ggml_type=ggml_type,
+                     ggml_fields=("scales", "quants"))
+
+
+_PLANE_ELEMENTS = {"quants": "u1", "high": "u1", "sub_scales": "u1", "scales": "<f2", "mins": "<f2"}
+
+
+def _ggml_type(label: str, block: int, bits: int, ggml_type: int, ggml_fields: str, *, elements=(),
+               **per_block: int) -> DTypeSpec:
+    """A type holding ggml's numbers: each field of ggml's block struct is one plane, in our plane order
+    (quants, high, sub_scales, scales, mins); `ggml_fields` lists them in the struct's order.
+    Added in format 1.1; the kernels and quantizers switch `matmul` / `weight_choice` on."""
+    element = {**_PLANE_ELEMENTS, **dict(elements)}
+    planes = tuple(Plane(name, element[name], count) for name, count in per_block.items())
+    return DTypeSpec(label, block, planes, bits, feature_since="1.1", whole_blocks=True, ggml_type=ggml_type,
+                     ggml_fields=tuple(ggml_fields.split()))
 
 
 DTYPE_SPECS: dict[DType, DTypeSpec] = {
     DType.F32: _plain("f32", "<f4", 32, matmul=True, weight_choice=True),
     DType.F16: _plain("f16", "<f2", 16, matmul=True, weight_choice=True),
     DType.BF16: _plain("bf16", "<u2", 16, matmul=True, weight_choice=True),  # raw bfloat16 bits
-    DType.Q8_0: _blockwise("q8_0", "i1", 32, 8, "1.0"),
-    DType.Q4_0: _blockwise("q4_0", "u1", 16, 4, "1.0"),  # two 4-bit values per byte
+    DType.Q8_0: _blockwise("q8_0", "i1", 32, 8, ggml_type=8),
+    DType.Q4_0: _blockwise("q4_0", "u1", 16, 4, ggml_type=2),  # two 4-bit values per byte
     DType.U8: _plain("u8", "u1", 8),
     DType.I8: _plain("i8", "i1", 8),
     DType.I32: _plain("i32", "<i4", 32),
     DType.I64: _plain("i64", "<i8", 64),
+    DType.Q4_1: _ggml_type("q4_1", 32, 4, 3, "scales mins quants", quants=16, scales=1, mins=1),
+    DType.Q5_0: _ggml_type("q5_0", 32, 5, 6, "scales high quants", quants=16, high=4, scales=1),
+    DType.Q5_1: _ggml_type("q5_1", 32, 5, 7, "scales mins high quants", quants=16, high=4, scales=1, mins=1),
+    DType.Q2_K: _ggml_type("q2_k", 256, 2, 10, "sub_scales quants scales mins",
+                           quants=64, sub_scales=16, scales=1, mins=1),
+    DType.Q3_K: _ggml_type("q3_k", 256, 3, 11, "high quants sub_scales scales", quants=64, high=32, sub_scales=12, scales=1),
+    DType.Q4_K: _ggml_type("q4_k", 256, 4, 12, "scales mins sub_scales quants", quants=128, sub_scales=12, scales=1, mins=1),
+    DType.Q5_K: _ggml_type("q5_k", 256, 5, 13, "scales mins sub_scales high quants",
+                           quants=128, high=32, sub_scales=12, scales=1, mins=1),
+    DType.Q6_K: _ggml_type("q6_k", 256, 6, 14, "quants high sub_scales scales",
+                           quants=128, high=64, sub_scales=16, scales=1, elements={"sub_scales": "i1"}),
 }
 assert set(DTYPE_SPECS) == set(DType) and all(s.label == d.name.lower() for d, s in DTYPE_SPECS.items())
 
 KNOWN_FEATURES = {TIE_FEATURE: "1.0", **{s.label: s.feature_since for s in DTYPE_SPECS.values() if s.feature_since}}
+assert all(int(since.split(".")[1]) <= MINOR for since in KNOWN_FEATURES.values())
+
+
+def file_minor(features) -> int:
+    """The minor version a file requiring `features` declares: the newest one among them, so a file of
+    format-1.0 features stays readable as 1.0.
+
+    >>> file_minor(["tie", "q8_0"]), file_minor(["q4_k"])
+    (0, 1)
+    """
+    return max((int(KNOWN_FEATURES[f].split(".")[1]) for f in features), default=0)
 
 
 def dtype_names() -> list[str]:

@@ -61,17 +61,21 @@ def _q4_0_blocks(blocks: np.ndarray):
 _BLOCK_QUANTIZERS = {DType.Q8_0: _q8_0_blocks, DType.Q4_0: _q4_0_blocks}
 
 
-def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize a 2-D float array row by row into (quants plane, scales plane).
+def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
+    """Quantize a 2-D float array row by row into the type's planes.
 
-    Returns quants of shape (rows, row_stride) (int8 for q8_0, uint8 nibble pairs for q4_0,
-    zero past the last block) and scales of shape (rows, blocks) float16.
+    Returns the planes in DTypeSpec order: the first of shape (rows, row_stride) of its element
+    (int8 for q8_0, uint8 nibble pairs for q4_0; zero past the last block), every later one
+    (rows, blocks * per_block) (q8_0/q4_0: the float16 scales).
 
     >>> q, s = quantize(np.ones((2, 40), np.float32), "q8_0")
     >>> q.shape, s.shape, int(q[0, 0]), float(s[0, 0] * 127)
     ((2, 64), (2, 2), 127, 1.0)
     """
     dtype = DType.parse(dtype)
+    if dtype not in _BLOCK_QUANTIZERS:
+        raise ValueError(f"blobstore has no quantizer from floats to {dtype.label}; expected one of "
+                         f"{[d.label for d in _BLOCK_QUANTIZERS]}")
     rows, cols = x.shape
     lay = layout(dtype, (rows, cols))
     quant_plane, scale_plane = dtype.spec.planes
@@ -91,20 +95,166 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
     return quants, scales
 
 
-def dequantize(quants: np.ndarray, scales: np.ndarray, cols: int, dtype) -> np.ndarray:
-    """Inverse of `quantize`: float32 array (rows, cols).
+# ---- ggml's block bytes <-> our planes ----
+
+def _field_offsets(spec) -> dict[str, int]:
+    """Byte offset of each plane's field inside one ggml block struct."""
+    sizes = {plane.name: plane.block_bytes for plane in spec.planes}
+    offsets, at = {}, 0
+    for name in spec.ggml_fields:
+        offsets[name], at = at, at + sizes[name]
+    return offsets
+
+
+def _ggml_spec(dtype):
+    dtype = DType.parse(dtype)
+    if not dtype.spec.ggml_fields:
+        raise ValueError(f"{dtype.label} is not a ggml block type; expected one of "
+                         f"{[d.label for d in DType if d.spec.ggml_fields]}")
+    return dtype, dtype.spec
+
+
+def planes_from_ggml(dtype, blocks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """ggml block bytes (rows, nblocks * block_bytes) uint8 → the type's planes, each
+    (rows, nblocks * per_block) of its element type (the first one not padded; the writer pads it).
+
+    >>> raw = np.zeros((1, 34), np.uint8); raw[0, :2] = [0, 60]; raw[0, 2] = 3   # q8_0: scale 1.0, one 3
+    >>> quants, scales = planes_from_ggml("q8_0", raw)
+    >>> int(quants[0, 0]), float(scales[0, 0])
+    (3, 1.0)
+    """
+    dtype, spec = _ggml_spec(dtype)
+    blocks = np.asarray(blocks)
+    if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % spec.block_bytes:
+        raise ValueError(f"{dtype.label}: ggml blocks must be uint8 (rows, nblocks * {spec.block_bytes}), "
+                         f"found {blocks.dtype} {blocks.shape}")
+    rows, nblocks = blocks.shape[0], blocks.shape[1] // spec.block_bytes
+    per_block = blocks.reshape(rows, nblocks, spec.block_bytes)
+    offsets = _field_offsets(spec)
+    return tuple(np.ascontiguousarray(per_block[:, :, offsets[p.name]:offsets[p.name] + p.block_bytes])
+                 .view(p.numpy).reshape(rows, nblocks * p.per_block) for p in spec.planes)
+
+
+def ggml_from_planes(dtype, planes) -> np.ndarray:
+    """The type's planes (the first may carry its row padding) → ggml block bytes (rows, nblocks * block_bytes).
+
+    >>> raw = np.arange(2 * 144, dtype=np.uint8).reshape(1, 288)
+    >>> bool((ggml_from_planes("q4_k", planes_from_ggml("q4_k", raw)) == raw).all())
+    True
+    """
+    dtype, spec = _ggml_spec(dtype)
+    fields = _block_fields(spec, planes)
+    rows, nblocks = planes[-1].shape[0], planes[-1].shape[1] // spec.planes[-1].per_block
+    out = np.empty((rows * nblocks, spec.block_bytes), np.uint8)
+    offsets = _field_offsets(spec)
+    for plane in spec.planes:
+        out[:, offsets[plane.name]:offsets[plane.name] + plane.block_bytes] = fields[plane.name].view(np.uint8)
+    return out.reshape(rows, nblocks * spec.block_bytes)
+
+
+def _block_fields(spec, planes) -> dict[str, np.ndarray]:
+    """Each plane as (rows * nblocks, per_block) of its element, keyed by plane name; the first plane's
+    row padding is cut off (the last plane is never padded, so it gives the block count)."""
+    if len(planes) != len(spec.planes):
+        raise ValueError(f"{spec.label} has {len(spec.planes)} planes "
+                         f"({', '.join(p.name for p in spec.planes)}), got {len(planes)}")
+    rows, nblocks = planes[-1].shape[0], planes[-1].shape[1] // spec.planes[-1].per_block
+    return {p.name: np.ascontiguousarray(np.asarray(a)[:, :nblocks * p.per_block]).view(p.numpy)
+            .reshape(rows * nblocks, p.per_block) for p, a in zip(spec.planes, planes)}
+
+
+# ---- planes → float32 (the values ggml's dequantization gives, in its float32 operation order) ----
+
+def _nibbles(quants: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes → (n, 32) values: byte j holds value j (low nibble) and value j + 16 (high nibble)."""
+    return np.concatenate([quants & 0x0F, quants >> 4], axis=1)
+
+
+def _bits(high: np.ndarray) -> np.ndarray:
+    """(n, 32) bytes → (n, 256) bits: value 32b + l is bit b of byte l (q3_k's and q5_k's high-bit planes)."""
+    n = high.shape[0]
+    return ((high[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(n, 256)
+
+
+def _crumbs(quants: np.ndarray) -> np.ndarray:
+    """(n, 64) bytes → (n, 256) 2-bit values: value 128h + 32s + l is bits 2s..2s+1 of byte 32h + l."""
+    n = quants.shape[0]
+    shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
+    return ((quants.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 256)
+
+
+def _k_nibbles(quants: np.ndarray, group: int) -> np.ndarray:
+    """(n, 128) bytes → (n, 256) 4-bit values, per `group` bytes: low nibbles first, then high nibbles."""
+    n = quants.shape[0]
+    return np.stack([quants.reshape(n, -1, group) & 0x0F, quants.reshape(n, -1, group) >> 4], axis=2).reshape(n, 256)
+
+
+def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q4_k/q5_k's 12 bytes → eight 6-bit scales and eight 6-bit mins (docs/FORMAT.md §4.4)."""
+    low, mid, top = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([low & 0x3F, (top & 0x0F) | ((low >> 2) & 0x30)], axis=1)
+    mins = np.concatenate([mid & 0x3F, (top >> 4) | ((mid >> 2) & 0x30)], axis=1)
+    return scales, mins
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """q3_k's 12 bytes → sixteen signed 6-bit scales (docs/FORMAT.md §4.4): low 4 bits from bytes 0-7
+    (sub-blocks 0-7 low nibbles, 8-15 high nibbles), high 2 bits from bytes 8-11 (2 bits per 4 sub-blocks)."""
+    n = packed.shape[0]
+    low = np.concatenate([packed[:, :8] & 0x0F, packed[:, :8] >> 4], axis=1)
+    high = (packed[:, None, 8:12] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]).reshape(n, 16) & 3
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def _f32(x) -> np.ndarray:
+    return x.astype(np.float32)
+
+
+def _dequantize_blocks(dtype: DType, f: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, block) float32 values of n blocks given as fields."""
+    d = _f32(f["scales"])  # (n, 1)
+    if dtype is DType.Q8_0:
+        return _f32(f["quants"]) * d
+    if dtype is DType.Q4_0:
+        return _f32(_nibbles(f["quants"]).astype(np.int8) - np.int8(8)) * d
+    if dtype is DType.Q4_1:
+        return d * _f32(_nibbles(f["quants"])) + _f32(f["mins"])
+    if dtype in (DType.Q5_0, DType.Q5_1):
+        q = _nibbles(f["quants"]) | (np.unpackbits(f["high"], axis=1, bitorder="little") << 4)
+        return d * _f32(q.astype(np.int8) - np.int8(16)) if dtype is DType.Q5_0 else d * _f32(q) + _f32(f["mins"])
+    n = d.shape[0]
+    if dtype is DType.Q2_K:
+        sub = f["sub_scales"]
+        scale, low = (d * _f32(sub & 0x0F))[..., None], (_f32(f["mins"]) * _f32(sub >> 4))[..., None]
+        return (scale * _f32(_crumbs(f["quants"]).reshape(n, 16, 16)) - low).reshape(n, 256)
+    if dtype is DType.Q3_K:
+        q = _crumbs(f["quants"]).astype(np.int8) - ((_bits(f["high"]) ^ 1) << 2).astype(np.int8)
+        return ((d * _f32(_q3_k_scales(f["sub_scales"])))[..., None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
+    if dtype in (DType.Q4_K, DType.Q5_K):
+        scales, mins = _scale_min_k4(f["sub_scales"])
+        q = _k_nibbles(f["quants"], 32)
+        if dtype is DType.Q5_K:
+            q = q | (_bits(f["high"]) << 4)
+        scale, low = (d * _f32(scales))[..., None], (_f32(f["mins"]) * _f32(mins))[..., None]
+        return (scale * _f32(q).reshape(n, 8, 32) - low).reshape(n, 256)
+    if dtype is DType.Q6_K:
+        ql = _k_nibbles(f["quants"], 64).reshape(n, 8, 32)
+        qh = _crumbs(f["high"]).reshape(n, 8, 32)
+        q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
+        return ((d * _f32(f["sub_scales"]))[..., None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
+    raise ValueError(f"{dtype.label} is not a quantized type")
+
+
+def dequantize(planes, cols: int, dtype) -> np.ndarray:
+    """The planes of a quantized tensor (as `quantize`, `planes_from_ggml` or the reader give them)
+    → float32 array (rows, cols): for every ggml type, bit for bit the values ggml computes.
 
     >>> q, s = quantize(np.arange(8, dtype=np.float32).reshape(1, 8), "q8_0")
-    >>> dequantize(q, s, 8, "q8_0").round(1)
+    >>> dequantize((q, s), 8, "q8_0").round(1)
     array([[0., 1., 2., 3., 4., 5., 6., 7.]], dtype=float32)
     """
     dtype = DType.parse(dtype)
-    rows, blocks = scales.shape
-    per_block = dtype.spec.planes[0].per_block
-    levels = quants[:, :blocks * per_block].reshape(rows, blocks, per_block)
-    if dtype is DType.Q8_0:
-        values = levels.astype(np.float32)
-    else:
-        values = np.concatenate([levels & 0x0F, levels >> 4], axis=2).astype(np.float32) - 8
-    values *= scales.astype(np.float32)[..., None]
-    return values.reshape(rows, blocks * dtype.spec.block)[:, :cols]
+    spec = dtype.spec
+    rows, nblocks = planes[-1].shape[0], planes[-1].shape[1] // spec.planes[-1].per_block
+    values = _dequantize_blocks(dtype, _block_fields(spec, planes))
+    return values.reshape(rows, nblocks * spec.block)[:, :cols]

@@ -45,17 +45,34 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """Zero-copy views of a q8_0 / q4_0 tensor's two planes."""
+    """Zero-copy views of a quantized tensor's planes, in the order of its DTypeSpec.planes: the first
+    (rows, row_stride / itemsize) with its row padding, every later one (rows, blocks * per_block)."""
 
     dtype: DType
     shape: tuple[int, ...]
-    quants: np.ndarray   # (rows, row_stride) int8 (q8_0) or uint8 nibble pairs (q4_0)
-    scales: np.ndarray   # (rows, blocks) float16
+    planes: tuple[np.ndarray, ...]
+
+    @property
+    def quants(self) -> np.ndarray:
+        """The first plane: int8 (q8_0) or uint8 packed levels, rows padded to 64 bytes."""
+        return self.planes[0]
+
+    @property
+    def scales(self) -> np.ndarray:
+        """The float16 block (or super-block) scales, (rows, blocks)."""
+        return self.plane("scales")
+
+    def plane(self, name: str) -> np.ndarray:
+        """The plane called `name` ('quants', 'high', 'sub_scales', 'scales', 'mins')."""
+        names = [p.name for p in self.dtype.spec.planes]
+        if name not in names:
+            raise KeyError(f"{self.dtype.label} has no plane {name!r}; its planes are {names}")
+        return self.planes[names.index(name)]
 
     def dequantize(self) -> np.ndarray:
         """A float32 copy of the tensor's values, of shape `shape`."""
         cols = self.shape[-1] if self.shape else 1
-        return quant.dequantize(self.quants, self.scales, cols, self.dtype).reshape(self.shape)
+        return quant.dequantize(self.planes, cols, self.dtype).reshape(self.shape)
 
 
 def open(path, verify: str = "header") -> "BlobReader":  # noqa: A001 - the public name is blobstore.open
@@ -131,12 +148,11 @@ class BlobReader:
             raise ValueError(f"{self.path}: the reader is closed")
         lay = layout(info.dtype, info.shape)
         if info.dtype.is_quantized:
-            quant_plane, scale_plane = info.dtype.spec.planes
-            quants = np.ndarray((lay.rows, lay.row_stride // quant_plane.numpy.itemsize), quant_plane.numpy,
-                                self._bytes, info.offset)
-            scales = np.ndarray((lay.rows, lay.blocks * scale_plane.per_block), scale_plane.numpy, self._bytes,
-                                info.offset + lay.scales_offset)
-            return QuantizedTensor(info.dtype, info.shape, quants, scales)
+            first, *later = info.dtype.spec.planes
+            planes = [np.ndarray((lay.rows, lay.row_stride // first.numpy.itemsize), first.numpy, self._bytes, info.offset)]
+            planes += [np.ndarray((lay.rows, lay.blocks * plane.per_block), plane.numpy, self._bytes, info.offset + at)
+                       for plane, at in zip(later, lay.plane_offsets[1:])]
+            return QuantizedTensor(info.dtype, info.shape, tuple(planes))
         return np.ndarray(info.shape, info.dtype.numpy, self._bytes, info.offset,
                           _strides(info.shape, info.dtype.numpy.itemsize, lay.row_stride))
 
@@ -417,6 +433,8 @@ def _data_info(record, name, h: Header, path) -> TensorInfo:
         if not _is_int(record[field]) or record[field] < 0:
             bad(field, "a non-negative integer", record[field])
     lay = layout(dtype, shape)  # exact integers: nothing here can overflow
+    if dtype.spec.whole_blocks and lay.cols % dtype.spec.block:
+        bad("shape", f"rows of whole {dtype.spec.block}-value blocks for {dtype.label}", list(shape))
     expected_layout = "planar" if dtype.is_quantized else "rows"
     if record["layout"] != expected_layout:
         bad("layout", repr(expected_layout), record["layout"])

@@ -17,8 +17,8 @@ from . import quant
 from ._native import crc32c
 from .format import (
     DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN, MAX_ALIGNMENT,
-    MAX_MANIFEST_SIZE, MIN_ALIGNMENT, MINOR, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header, data_start, dtype_of_numpy,
-    is_power_of_two, layout, padded_file_size, padding,
+    MAX_MANIFEST_SIZE, MIN_ALIGNMENT, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header, data_start, dtype_of_numpy,
+    file_minor, is_power_of_two, layout, padded_file_size, padding,
 )
 
 CHUNK_BYTES = 8 << 20  # rows are converted and written in chunks of about this size
@@ -71,6 +71,25 @@ class BlobWriter:
         else:
             target, array = self._raw_array(name, data, dtype, shape)
             self._write_tensor(name, array, target, component, source, stored=True)
+
+    def add_quantized(self, name: str, planes, *, dtype, shape, component: str = "text", source: str | None = None):
+        """Add a tensor already quantized: its planes in DTypeSpec order (as `quant.planes_from_ggml` gives
+        them), the first (rows, blocks * per_block) or already padded to the row stride, each later one
+        (rows, blocks * per_block). The bytes are stored unchanged.
+
+        >>> planes = quant.planes_from_ggml("q4_k", ggml_bytes)           # doctest: +SKIP
+        >>> w.add_quantized("w", planes, dtype="q4_k", shape=(rows, cols))  # doctest: +SKIP
+        """
+        self._check_open()
+        self._check_new_name(name)
+        target = DType.parse(dtype)
+        if not target.is_quantized:
+            raise ValueError(f"tensor {name!r}: {target.label} is not a quantized type; use add()")
+        shape = tuple(int(d) for d in shape)
+        lay = layout(target, shape)
+        planes = [np.asarray(p) for p in planes]
+        _check_planes(name, target, lay, planes)
+        self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
 
     def add_tie(self, name: str, target: str, *, component: str = "text", source: str | None = None):
         """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
@@ -141,14 +160,21 @@ class BlobWriter:
         """Write one blob; `stored` says the array already holds the stored element type."""
         shape = tuple(int(d) for d in array.shape)
         lay = layout(target, shape)
+        rows = array.reshape(lay.rows, lay.cols)
+        if target.is_quantized:
+            self._write_blob(name, target, shape, lay, component, source, lambda: self._write_quantized(rows, target, lay))
+        else:
+            self._write_blob(name, target, shape, lay, component, source, lambda: self._write_plain(rows, target, lay, stored))
+
+    def _write_blob(self, name, target, shape, lay, component, source, write_data):
+        """Write one blob's bytes with `write_data()` at the next aligned offset, and its record."""
+        if target.spec.whole_blocks and lay.cols % target.spec.block:
+            raise ValueError(f"tensor {name!r}: {target.label} needs rows of whole {target.spec.block}-value blocks; "
+                             f"shape {list(shape)} has {lay.cols} columns")
         self._write_zeros(padding(self._pos, self.alignment))
         offset, self._crc = self._pos, 0
-        rows = array.reshape(lay.rows, lay.cols)
         try:
-            if target.is_quantized:
-                self._write_quantized(rows, target, lay)
-            else:
-                self._write_plain(rows, target, lay, stored)
+            write_data()
         except ValueError as error:
             raise ValueError(f"tensor {name!r}: {error}") from None
         if target.spec.feature_since:
@@ -174,13 +200,31 @@ class BlobWriter:
             self._write(block)
 
     def _write_quantized(self, rows: np.ndarray, target: DType, lay):
-        scales = np.empty((lay.rows, lay.blocks), target.spec.planes[1].numpy)
+        """Quantize chunk by chunk: the first plane is written as it comes, the later (small) ones after it."""
+        later = [np.empty((lay.rows, lay.blocks * p.per_block), p.numpy) for p in target.spec.planes[1:]]
         chunk = max(1, CHUNK_BYTES // max(lay.row_stride, 1))
         for start in range(0, lay.rows, chunk):
-            q, s = quant.quantize(np.asarray(rows[start:start + chunk], np.float32), target)
-            self._write(q)
-            scales[start:start + len(s)] = s
-        self._write(scales)
+            first, *rest = quant.quantize(np.asarray(rows[start:start + chunk], np.float32), target)
+            self._write(first)
+            for whole, part in zip(later, rest):
+                whole[start:start + len(part)] = part
+        self._write_later_planes(later, lay)
+
+    def _write_planes(self, planes, lay):
+        first = planes[0]
+        if first.shape[1] * first.itemsize != lay.row_stride:
+            padded = np.zeros((lay.rows, lay.row_stride // first.itemsize), first.dtype)
+            padded[:, :first.shape[1]] = first
+            first = padded
+        self._write(first)
+        self._write_later_planes(planes[1:], lay)
+
+    def _write_later_planes(self, planes, lay):
+        """Planes after the first, each packed and starting on its 64-byte boundary (layout().plane_offsets)."""
+        start = self._pos - lay.row_stride * lay.rows
+        for plane, offset in zip(planes, lay.plane_offsets[1:]):
+            self._write(np.zeros(start + offset - self._pos, np.uint8))  # inside the blob: covered by its CRC
+            self._write(plane)
 
     def _write(self, array: np.ndarray):
         raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
@@ -195,7 +239,7 @@ class BlobWriter:
 
     def _manifest(self) -> bytes:
         features = [{"name": f, "since": KNOWN_FEATURES[f]} for f in sorted(self._features)]
-        document = {"format": {"name": FORMAT_NAME, "major": MAJOR, "minor": MINOR},
+        document = {"format": {"name": FORMAT_NAME, "major": MAJOR, "minor": file_minor(self._features)},
                     "features_required": features, "tensors": self._records, "metadata": self.metadata}
         try:
             text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -215,7 +259,7 @@ class BlobWriter:
         manifest_offset = self._pos
         self._write(np.frombuffer(manifest, np.uint8))
         file_size = padded_file_size(self._pos)
-        header = Header(MAJOR, MINOR, self.alignment, self._blob_count, file_size, manifest_offset,
+        header = Header(MAJOR, file_minor(self._features), self.alignment, self._blob_count, file_size, manifest_offset,
                         len(manifest), crc32c(manifest)).pack(crc32c)
         self._write_zeros(file_size - HEADER_SIZE - self._pos)
         self._file.write(header)  # the footer
@@ -224,6 +268,20 @@ class BlobWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+
+def _check_planes(name, target: DType, lay, planes):
+    """Each plane of a pre-quantized tensor has its element type and (rows, blocks * per_block) elements."""
+    spec = target.spec
+    if len(planes) != len(spec.planes):
+        raise ValueError(f"tensor {name!r}: {target.label} has {len(spec.planes)} planes "
+                         f"({', '.join(p.name for p in spec.planes)}), got {len(planes)}")
+    for index, (plane, array) in enumerate(zip(spec.planes, planes)):
+        width = lay.blocks * plane.per_block
+        widths = (width, lay.row_stride // plane.numpy.itemsize) if index == 0 else (width,)
+        if array.dtype != plane.numpy or array.ndim != 2 or array.shape[0] != lay.rows or array.shape[1] not in widths:
+            raise ValueError(f"tensor {name!r}: {target.label} plane {plane.name!r} must be {plane.numpy} of shape "
+                             f"({lay.rows}, {' or '.join(map(str, widths))}), found {array.dtype} {array.shape}")
 
 
 def _convert(block: np.ndarray, target: DType) -> np.ndarray:

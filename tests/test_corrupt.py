@@ -79,9 +79,9 @@ def shifted_manifest(by):
 def require_new_tensor_kind(document):
     """What a later format version could write: a record of a new dtype with a new field, announced by a
     features_required entry; a reader must name that feature, not trip over the record."""
-    document["features_required"].append({"name": "q4_k", "since": "1.1"})
+    document["features_required"].append({"name": "iq4_xs", "since": "1.2"})
     record = next(t for t in document["tensors"] if t["name"] == "proj.q4")
-    record.update(dtype="q4_k", super_scales_offset=4096)
+    record.update(dtype="iq4_xs", super_scales_offset=4096)
 
 
 def tie(name, target):
@@ -137,11 +137,11 @@ CASES = [
      ["format.major", "True"]),
     ("format minor as a float", manifest(lambda d: d["format"].update(minor=0.0)), CorruptManifest,
      ["format.minor", "0.0"]),
-    ("unknown required feature", manifest(lambda d: d["features_required"].append({"name": "q2_k", "since": "1.4"})),
-     UnsupportedFeature, ["'q2_k'", "1.4"]),
-    ("malformed feature entry", manifest(lambda d: d["features_required"].append("q2_k")), CorruptManifest,
+    ("unknown required feature", manifest(lambda d: d["features_required"].append({"name": "iq2_xs", "since": "1.4"})),
+     UnsupportedFeature, ["'iq2_xs'", "1.4"]),
+    ("malformed feature entry", manifest(lambda d: d["features_required"].append("iq2_xs")), CorruptManifest,
      ["features_required"]),
-    ("feature without its version", manifest(lambda d: d["features_required"].append({"name": "q2_k"})),
+    ("feature without its version", manifest(lambda d: d["features_required"].append({"name": "iq2_xs"})),
      CorruptManifest, ["features_required", "since"]),
     # -- tensor records --
     ("non-ASCII name", tensor_fields("norm", name="normé"), InvalidTensor, ["'normé'", "name"]),
@@ -151,9 +151,9 @@ CASES = [
     ("duplicate names", tensor_fields("norm", name="embed"), InvalidTensor, ["'embed'", "twice"]),
     ("unknown field without a feature", tensor_fields("norm", scale=1.0), CorruptManifest,
      ["'norm'", "'scale'", "features_required"]),
-    ("new field and dtype behind a feature", manifest(require_new_tensor_kind), UnsupportedFeature, ["'q4_k'", "1.1"]),
+    ("new field and dtype behind a feature", manifest(require_new_tensor_kind), UnsupportedFeature, ["'iq4_xs'", "1.2"]),
     ("missing field", drop_field("norm", "offset"), InvalidTensor, ["'norm'", "offset"]),
-    ("unknown dtype", tensor_fields("norm", dtype="q3_k"), InvalidTensor, ["'norm'", "dtype", "q3_k"]),
+    ("unknown dtype", tensor_fields("norm", dtype="iq3_s"), InvalidTensor, ["'norm'", "dtype", "iq3_s"]),
     ("dtype as a number", tensor_fields("norm", dtype=2), InvalidTensor, ["'norm'", "dtype"]),
     ("dimension of 2^62", tensor_fields("embed", shape=[2**62, 40]), InvalidTensor, ["'embed'", "shape"]),
     ("negative dimension", tensor_fields("embed", shape=[-6, 40]), InvalidTensor, ["'embed'", "shape"]),

@@ -48,14 +48,15 @@ def test_quantized_block_sizes_are_ggufs():
     """q8_0 and q4_0 hold the numbers of GGUF's types of those names: same values per block and bytes per
     block (scale included), only laid out in planes."""
     gguf = pytest.importorskip("gguf")
-    for dtype in (DType.Q8_0, DType.Q4_0):
+    for dtype in (d for d in DType if d.is_quantized):
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype.name]] == (dtype.spec.block, dtype.spec.block_bytes)
 
 
 def test_bits_and_planes_are_consistent():
     for dtype, spec in DTYPE_SPECS.items():
-        quant_plane = spec.planes[0]
-        assert spec.block * spec.bits == 8 * quant_plane.block_bytes, dtype  # the first plane holds the values
+        level_planes = [p for p in spec.planes if p.name in ("values", "quants", "high")]
+        assert spec.planes[0] == level_planes[0]  # the first plane holds the values' (low) bits
+        assert spec.block * spec.bits == 8 * sum(p.block_bytes for p in level_planes), dtype
         assert spec.label == dtype.label and DType.parse(spec.label) is dtype
 
 
@@ -75,7 +76,8 @@ def test_consumers_read_the_table():
     assert plan.WEIGHT_DTYPES == tuple(d.label for d in DType if d.spec.weight_choice)
     assert plan.FOUR_BIT_DTYPES == ("q4_0",)
     assert set(model.MATRIX_DTYPES) == set(MATMUL)
-    assert KNOWN_FEATURES == {"tie": "1.0", "q8_0": "1.0", "q4_0": "1.0"}
+    assert KNOWN_FEATURES == {"tie": "1.0", "q8_0": "1.0", "q4_0": "1.0",
+                              **{d.label: "1.1" for d in DType if d >= DType.Q4_1}}
 
 
 @pytest.mark.parametrize("dtype", MATMUL, ids=lambda d: d.label)
@@ -84,7 +86,7 @@ def test_a_matrix_goes_to_c_as_its_dtype(dtype):
     x = np.random.default_rng(0).standard_normal((5, 70)).astype(np.float32)
     if dtype.is_quantized:
         quants, scales = quant.quantize(x, dtype)
-        weight = quant.dequantize(quants, scales, 70, dtype)
+        weight = quant.dequantize((quants, scales), 70, dtype)
         matrix = kernels.Matrix(type("Q", (), dict(dtype=dtype, shape=x.shape, quants=quants, scales=scales)))
     else:
         stored = quant.f32_to_bf16(x) if dtype is DType.BF16 else x.astype(dtype.numpy)

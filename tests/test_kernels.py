@@ -84,7 +84,7 @@ def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.nda
     quants.flags.writeable = scales.flags.writeable = False
     tensor = types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), quants=quants,
                                    scales=scales)
-    return K.Matrix(tensor), quant.dequantize(quants, scales, cols, dtype)
+    return K.Matrix(tensor), quant.dequantize((quants, scales), cols, dtype)
 
 
 ACT_QMAX = {"q8_0": 32639, "q4_0": 127}   # largest activation level: int16 for q8_0, int8 for q4_0

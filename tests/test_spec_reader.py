@@ -17,7 +17,7 @@ def every_dtype_file(path, alignment):
     """BlobWriter output holding every dtype in several shapes, tie chains, files and components."""
     rng = np.random.default_rng(7)
     with blobstore.BlobWriter(path, alignment=alignment) as w:
-        for dtype in DType:
+        for dtype in (d for d in DType if not d.spec.whole_blocks):  # the types a float array is quantized to
             for i, shape in enumerate(SHAPES):
                 if dtype.is_quantized or dtype in (DType.F32, DType.F16, DType.BF16):
                     x = (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3)).astype(np.float32)
@@ -73,7 +73,7 @@ def test_the_demo_model_reads_alike():
 
 def test_a_file_of_every_dtype_reads_alike(written):
     spec = assert_reads_alike(written)
-    assert {r["dtype"] for r in spec.records.values()} == {d.label for d in DType}
+    assert {r["dtype"] for r in spec.records.values()} == {d.label for d in DType if not d.spec.whole_blocks}
     assert spec.records["head.again"]["tie"] == "q8_0.5" and spec.records["head.again"]["component"] == "projector"
     assert all(spec.check_blob_crc(name) for name, r in spec.records.items() if r["tie"] is None)
     with blobstore.open(written) as r:
