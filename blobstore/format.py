@@ -162,14 +162,14 @@ _PLANE_ELEMENTS = {"quants": "u1", "high": "u1", "sub_scales": "u1", "scales": "
 
 
 def _ggml_type(label: str, block: int, bits: int, ggml_type: int, ggml_fields: str, *, elements=(),
-               **per_block: int) -> DTypeSpec:
+               weight_choice: bool = False, **per_block: int) -> DTypeSpec:
     """A type holding ggml's numbers: each field of ggml's block struct is one plane, in our plane order
     (quants, high, sub_scales, scales, mins); `ggml_fields` lists them in the struct's order.
     Added in format 1.1; the kernels and quantizers switch `matmul` / `weight_choice` on."""
     element = {**_PLANE_ELEMENTS, **dict(elements)}
     planes = tuple(Plane(name, element[name], count) for name, count in per_block.items())
-    return DTypeSpec(label, block, planes, bits, feature_since="1.1", whole_blocks=True, ggml_type=ggml_type,
-                     ggml_fields=tuple(ggml_fields.split()))
+    return DTypeSpec(label, block, planes, bits, weight_choice=weight_choice, feature_since="1.1", whole_blocks=True,
+                     ggml_type=ggml_type, ggml_fields=tuple(ggml_fields.split()))
 
 
 DTYPE_SPECS: dict[DType, DTypeSpec] = {
@@ -182,17 +182,21 @@ DTYPE_SPECS: dict[DType, DTypeSpec] = {
     DType.I8: _plain("i8", "i1", 8),
     DType.I32: _plain("i32", "<i4", 32),
     DType.I64: _plain("i64", "<i8", 64),
-    DType.Q4_1: _ggml_type("q4_1", 32, 4, 3, "scales mins quants", quants=16, scales=1, mins=1),
-    DType.Q5_0: _ggml_type("q5_0", 32, 5, 6, "scales high quants", quants=16, high=4, scales=1),
-    DType.Q5_1: _ggml_type("q5_1", 32, 5, 7, "scales mins high quants", quants=16, high=4, scales=1, mins=1),
+    DType.Q4_1: _ggml_type("q4_1", 32, 4, 3, "scales mins quants", quants=16, scales=1, mins=1,
+                           weight_choice=True),
+    DType.Q5_0: _ggml_type("q5_0", 32, 5, 6, "scales high quants", quants=16, high=4, scales=1, weight_choice=True),
+    DType.Q5_1: _ggml_type("q5_1", 32, 5, 7, "scales mins high quants", quants=16, high=4, scales=1, mins=1,
+                           weight_choice=True),
     DType.Q2_K: _ggml_type("q2_k", 256, 2, 10, "sub_scales quants scales mins",
                            quants=64, sub_scales=16, scales=1, mins=1),
     DType.Q3_K: _ggml_type("q3_k", 256, 3, 11, "high quants sub_scales scales", quants=64, high=32, sub_scales=12, scales=1),
-    DType.Q4_K: _ggml_type("q4_k", 256, 4, 12, "scales mins sub_scales quants", quants=128, sub_scales=12, scales=1, mins=1),
+    DType.Q4_K: _ggml_type("q4_k", 256, 4, 12, "scales mins sub_scales quants", quants=128, sub_scales=12, scales=1, mins=1,
+                           weight_choice=True),
     DType.Q5_K: _ggml_type("q5_k", 256, 5, 13, "scales mins sub_scales high quants",
-                           quants=128, high=32, sub_scales=12, scales=1, mins=1),
+                           quants=128, high=32, sub_scales=12, scales=1, mins=1, weight_choice=True),
     DType.Q6_K: _ggml_type("q6_k", 256, 6, 14, "quants high sub_scales scales",
-                           quants=128, high=64, sub_scales=16, scales=1, elements={"sub_scales": "i1"}),
+                           quants=128, high=64, sub_scales=16, scales=1, elements={"sub_scales": "i1"},
+                           weight_choice=True),
 }
 assert set(DTYPE_SPECS) == set(DType) and all(s.label == d.name.lower() for d, s in DTYPE_SPECS.items())
 

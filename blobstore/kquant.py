@@ -24,14 +24,14 @@ import numpy as np
 
 from .format import DType
 
-QK_K = 256          # values per k-quant super-block
+QK_K = DType.Q4_K.spec.block  # values per k-quant super-block
 CHUNK_VALUES = 1 << 16  # values quantized at a time: keeps the search's temporaries in cache
 
 # Candidate grids, as offsets to the level count the span maps onto (see _affine_fit). Wider
 # grids than llama.cpp's step of 0.1 lose nothing measurable and cost half the passes.
 AFFINE_STEPS_4BIT = np.arange(-1.0, 1.01, 0.2)
 AFFINE_STEPS_5BIT = np.arange(-0.5, 1.01, 0.25)
-SYMMETRIC_STEPS = np.arange(-0.9, 0.91, 0.3)
+SYMMETRIC_STEPS = np.arange(-1.5, 1.51, 0.25)
 SUPER_SCALE_STEPS = np.arange(-0.4, 0.41, 0.1)
 
 _F64 = np.float64
@@ -240,9 +240,9 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ql, qh, codes.astype(np.int8).view(np.uint8), _halves(d)], axis=1)
 
 
-_BLOCKS = {"q4_1": (_q4_1, 32), "q5_0": (_q5_0, 32), "q5_1": (_q5_1, 32),
-           "q4_k": (_q4_k, QK_K), "q5_k": (_q5_k, QK_K), "q6_k": (_q6_k, QK_K)}
-QUANTIZED_FROM_FLOATS = tuple(_BLOCKS)
+_ENCODERS = {DType.Q4_1: _q4_1, DType.Q5_0: _q5_0, DType.Q5_1: _q5_1, DType.Q4_K: _q4_k, DType.Q5_K: _q5_k,
+             DType.Q6_K: _q6_k}
+QUANTIZED_FROM_FLOATS = tuple(_ENCODERS)
 
 
 def quantize_ggml(x: np.ndarray, dtype) -> np.ndarray:
@@ -254,10 +254,10 @@ def quantize_ggml(x: np.ndarray, dtype) -> np.ndarray:
     >>> raw.shape, raw.dtype
     ((2, 144), dtype('uint8'))
     """
-    label = dtype if isinstance(dtype, str) else dtype.label
-    if label not in _BLOCKS:
-        raise ValueError(f"no float quantizer for {label}; expected one of {list(_BLOCKS)}")
-    encode, block = _BLOCKS[label]
+    dtype = DType.parse(dtype)
+    if dtype not in _ENCODERS:
+        raise ValueError(f"no float quantizer for {dtype.label}; expected one of {[d.label for d in _ENCODERS]}")
+    encode, block, label = _ENCODERS[dtype], dtype.spec.block, dtype.label
     x = np.asarray(x, np.float32)
     rows, cols = x.shape
     if cols % block:
@@ -268,7 +268,6 @@ def quantize_ggml(x: np.ndarray, dtype) -> np.ndarray:
     for start in range(0, len(blocks), per_chunk):
         chunk = blocks[start:start + per_chunk]
         if not np.isfinite(chunk).all():
-            first = start + int(np.argwhere(~np.isfinite(chunk))[0, 0])
-            raise ValueError(f"cannot quantize to {label}: row {first * block // cols} holds NaN or infinity")
+            raise ValueError(f"cannot quantize to {label}: the values hold NaN or infinity")
         out.append(encode(chunk))
     return np.concatenate(out).reshape(rows, -1) if out else np.zeros((rows, 0), np.uint8)

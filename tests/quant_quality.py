@@ -10,28 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 import blobstore
-from blobstore import kquant, quant
+from blobstore import quant
 from blobstore.convert.plan import Options, target_dtype
 from blobstore.format import DType
 from blobstore.writer import BlobWriter
 
-gguf = None  # imported on first use: only the new types need it here
-
-
 def round_trip(values: np.ndarray, label: str) -> np.ndarray:
     """values (rows, cols) float32 → the float32 values a tensor stored as `label` holds."""
-    if label in ("f32",):
-        return values
-    if label == "f16":
+    dtype = DType.parse(label)
+    if dtype.is_quantized:
+        return quant.dequantize(quant.quantize(values, dtype), values.shape[1], dtype)
+    if dtype is DType.F16:
         return values.astype(np.float16).astype(np.float32)
-    if label in ("q8_0", "q4_0"):
-        q, s = quant.quantize(values, label)
-        return quant.dequantize(q, s, values.shape[1], label)
-    global gguf
-    import gguf as gguf_module
-    gguf = gguf_module
-    raw = kquant.quantize_ggml(values, label)
-    return gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, label.upper())).astype(np.float32)
+    return values
 
 
 def converter_choice(dtype: str, num_layers: int, embed_dtype: str | None = None):
