@@ -27,8 +27,9 @@ from .format import DType
 QK_K = DType.Q4_K.spec.block  # values per k-quant super-block
 CHUNK_VALUES = 1 << 16  # values quantized at a time: keeps the search's temporaries in cache
 
-# Candidate grids, as offsets to the level count the span maps onto (see _affine_fit). Wider
-# grids than llama.cpp's step of 0.1 lose nothing measurable and cost half the passes.
+# Candidate grids, as offsets to the level count the span maps onto (see _affine_fit). Steps
+# twice llama.cpp's 0.1 cost half the passes and stay within 0.5 % of its search's RMSE
+# (tests/test_kquant_quantize.py).
 AFFINE_STEPS_4BIT = np.arange(-1.0, 1.01, 0.2)
 AFFINE_STEPS_5BIT = np.arange(-0.5, 1.01, 0.25)
 SYMMETRIC_STEPS = np.arange(-1.5, 1.51, 0.25)

@@ -25,10 +25,10 @@ def round_trip(values: np.ndarray, label: str) -> np.ndarray:
     return values
 
 
-def converter_choice(dtype: str, num_layers: int, embed_dtype: str | None = None):
+def converter_choice(dtype: str, embed_dtype: str | None = None):
     """name, shape → the type `blob-pack convert --dtype dtype` stores that tensor in."""
     options = Options(dtype=dtype, embed_dtype=embed_dtype)
-    return lambda name, shape: target_dtype(name, shape, options, num_layers)
+    return lambda name, shape: target_dtype(name, shape, options)
 
 
 def weights_through(src, out, dtype_of) -> dict:

@@ -39,11 +39,11 @@ class Mix:
 
 MIXES = {"q4_k_m": Mix("q4_k", "q6_k"), "q5_k_m": Mix("q5_k", "q6_k")}
 # Which matrices a mix gives more bits, by measurement on the demo model (KL divergence to f32,
-# docs/CONVERT.md): the embedding / output head (every logit is a dot with one of its rows), the
-# attention V of every layer (small under grouped-query attention, so cheap) and the FFN down of
-# the first half of the layers. 6-bit V + down in only llama.cpp's layers (first and last
-# eighth, every third between) lost 40 % more: there the first layers mattered most.
-MORE_BITS = re.compile(r"layers\.(?P<layer>\d+)\.(?P<kind>v|down)")
+# docs/CONVERT.md): the embedding / output head (every logit is a dot with one of its rows), and
+# the attention V and FFN down of every layer. Those two in only llama.cpp's layers (first and
+# last eighth, every third between) lost 55 % more, in the first half of the layers 10 % more:
+# the first layers mattered most, and no layer's V or down was cheap to leave at 4 bits.
+MORE_BITS = re.compile(r"layers\.\d+\.(v|down)")
 DTYPE_CHOICES = WEIGHT_DTYPES + tuple(MIXES)  # choices for --dtype
 # A row that is not a whole number of its type's blocks (Gemma 3 270M's 640 columns and 256-value
 # k-quant super-blocks) takes the type llama.cpp falls back to; q8_0 pads a last partial block.
@@ -102,12 +102,12 @@ def make_plan(source, config: ModelConfig, variant, options: Options, problems: 
     for src, (names, component) in mapped.items():
         ref = source.tensors[src]
         if len(names) > 1:
-            entries = _split(src, names, component, ref.shape, expected, options, config.num_layers, problems)
+            entries = _split(src, names, component, ref.shape, expected, options, problems)
         else:
             name = names[0]
             if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
                 problems.mismatched.append((name, expected[name], ref.shape, src))
-            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options, config.num_layers))]
+            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options))]
         if ref.dtype not in FLOAT_SOURCE_DTYPES and source.kind == "safetensors":
             problems.bad_dtypes.append((" + ".join(names), ref.dtype, src))
             continue
@@ -119,7 +119,7 @@ def make_plan(source, config: ModelConfig, variant, options: Options, problems: 
 
 
 def _split(src: str, names: tuple, component: str, shape: tuple, expected: dict, options: Options,
-           num_layers: int, problems: Problems) -> list:
+           problems: Problems) -> list:
     """The entries of a fused source tensor: row slices sized by the config (q, k, v or gate, up)."""
     parts = [expected[n] for n in names]
     stacked = (sum(p[0] for p in parts), *parts[0][1:])
@@ -129,17 +129,17 @@ def _split(src: str, names: tuple, component: str, shape: tuple, expected: dict,
     entries, start = [], 0
     for name, part in zip(names, parts):
         rows = (start, start + part[0])
-        entries.append(Entry(name, src, component, part, target_dtype(name, part, options, num_layers), rows=rows))
+        entries.append(Entry(name, src, component, part, target_dtype(name, part, options), rows=rows))
         start += part[0]
     return entries
 
 
-def target_dtype(name: str, shape: tuple, options: Options, num_layers: int) -> str:
+def target_dtype(name: str, shape: tuple, options: Options) -> str:
     """f32 for norms, biases, --keep-f32 matches and unknown (extra.) tensors; the embedding choice for
     embed/lm_head (resolved_embed_dtype); under a mix its `more` type for MORE_BITS matrices and
     its `base` for the rest; else dtype. Then ROW_FALLBACK while the rows do not fit the type.
 
-    >>> target_dtype("layers.0.down", (64, 640), Options(dtype="q4_k_m"), num_layers=2)
+    >>> target_dtype("layers.0.down", (64, 640), Options(dtype="q4_k_m"))
     'q8_0'
     """
     if len(shape) != 2 or name.startswith("extra.") or any(fnmatch.fnmatchcase(name, p) for p in options.keep_f32):
@@ -148,17 +148,12 @@ def target_dtype(name: str, shape: tuple, options: Options, num_layers: int) -> 
     if name in ("embed", "lm_head"):
         label = resolved_embed_dtype(options)
     elif mix:
-        label = mix.more if _more_bits(name, num_layers) else mix.base
+        label = mix.more if MORE_BITS.fullmatch(name) else mix.base
     else:
         label = options.dtype
     while label in ROW_FALLBACK and shape[-1] % DType.parse(label).spec.block:
         label = ROW_FALLBACK[label]
     return label
-
-
-def _more_bits(name: str, num_layers: int) -> bool:
-    match = MORE_BITS.fullmatch(name)
-    return bool(match) and (match["kind"] == "v" or int(match["layer"]) < (num_layers + 1) // 2)
 
 
 def resolved_embed_dtype(options: Options) -> str:
