@@ -138,7 +138,7 @@ class DTypeSpec:
     weight_choice: bool = False  # blob-pack convert offers it for --dtype / --embed-dtype
     feature_since: str | None = None  # a file using it lists it in features_required, with this version
     whole_blocks: bool = False   # a row must be a whole number of blocks (q8_0/q4_0 zero-pad the last one)
-    ggml_type: int | None = None  # the GGML/GGUF type number holding the same values (GGMLQuantizationType)
+    ggml_type: int | None = None  # the GGML/GGUF type of the same values and bytes (GGMLQuantizationType)
     ggml_fields: tuple[str, ...] = ()  # ggml's block struct: which plane each field is, in struct order
 
     @property
@@ -173,9 +173,9 @@ def _ggml_type(label: str, block: int, bits: int, ggml_type: int, ggml_fields: s
 
 
 DTYPE_SPECS: dict[DType, DTypeSpec] = {
-    DType.F32: _plain("f32", "<f4", 32, matmul=True, weight_choice=True),
-    DType.F16: _plain("f16", "<f2", 16, matmul=True, weight_choice=True),
-    DType.BF16: _plain("bf16", "<u2", 16, matmul=True, weight_choice=True),  # raw bfloat16 bits
+    DType.F32: _plain("f32", "<f4", 32, matmul=True, weight_choice=True, ggml_type=0),
+    DType.F16: _plain("f16", "<f2", 16, matmul=True, weight_choice=True, ggml_type=1),
+    DType.BF16: _plain("bf16", "<u2", 16, matmul=True, weight_choice=True, ggml_type=30),  # raw bfloat16 bits
     DType.Q8_0: _blockwise("q8_0", "i1", 32, 8, ggml_type=8),
     DType.Q4_0: _blockwise("q4_0", "u1", 16, 4, ggml_type=2),  # two 4-bit values per byte
     DType.U8: _plain("u8", "u1", 8),
@@ -199,6 +199,15 @@ DTYPE_SPECS: dict[DType, DTypeSpec] = {
                            weight_choice=True),
 }
 assert set(DTYPE_SPECS) == set(DType) and all(s.label == d.name.lower() for d, s in DTYPE_SPECS.items())
+
+def dtype_of_ggml(ggml_type: int) -> DType | None:
+    """The stored type holding GGML type `ggml_type`'s values bit for bit, or None.
+
+    >>> dtype_of_ggml(12), dtype_of_ggml(23)   # Q4_K, IQ4_XS
+    (<DType.Q4_K: 14>, None)
+    """
+    return next((d for d, s in DTYPE_SPECS.items() if s.ggml_type == ggml_type), None)
+
 
 KNOWN_FEATURES = {TIE_FEATURE: "1.0", **{s.label: s.feature_since for s in DTYPE_SPECS.values() if s.feature_since}}
 assert all(int(since.split(".")[1]) <= MINOR for since in KNOWN_FEATURES.values())

@@ -2,7 +2,9 @@
 
 q8_0 and q4_0 follow docs/FORMAT.md exactly: blocks of 32 values along a row, one float16
 scale per block, round to nearest (ties to even). The planes returned here are the bytes the
-writer stores; the C kernels read the same planes.
+writer stores; the C kernels read the same planes. Every quantized type is a ggml block type:
+`planes_from_ggml` / `ggml_from_planes` move its bytes between ggml's block struct and our
+planes, and `dequantize` gives the float32 values ggml gives, bit for bit (FORMAT.md §5.4).
 """
 from __future__ import annotations
 
@@ -197,12 +199,12 @@ def _crumbs(quants: np.ndarray) -> np.ndarray:
 
 def _k_nibbles(quants: np.ndarray, group: int) -> np.ndarray:
     """(n, 128) bytes → (n, 256) 4-bit values, per `group` bytes: low nibbles first, then high nibbles."""
-    n = quants.shape[0]
-    return np.stack([quants.reshape(n, -1, group) & 0x0F, quants.reshape(n, -1, group) >> 4], axis=2).reshape(n, 256)
+    grouped = quants.reshape(quants.shape[0], 128 // group, group)
+    return np.stack([grouped & 0x0F, grouped >> 4], axis=2).reshape(quants.shape[0], 256)
 
 
 def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """q4_k/q5_k's 12 bytes → eight 6-bit scales and eight 6-bit mins (docs/FORMAT.md §4.4)."""
+    """q4_k/q5_k's 12 bytes → eight 6-bit scales and eight 6-bit mins (docs/FORMAT.md §5.4)."""
     low, mid, top = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
     scales = np.concatenate([low & 0x3F, (top & 0x0F) | ((low >> 2) & 0x30)], axis=1)
     mins = np.concatenate([mid & 0x3F, (top >> 4) | ((mid >> 2) & 0x30)], axis=1)
@@ -210,7 +212,7 @@ def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
-    """q3_k's 12 bytes → sixteen signed 6-bit scales (docs/FORMAT.md §4.4): low 4 bits from bytes 0-7
+    """q3_k's 12 bytes → sixteen signed 6-bit scales (docs/FORMAT.md §5.4): low 4 bits from bytes 0-7
     (sub-blocks 0-7 low nibbles, 8-15 high nibbles), high 2 bits from bytes 8-11 (2 bits per 4 sub-blocks)."""
     n = packed.shape[0]
     low = np.concatenate([packed[:, :8] & 0x0F, packed[:, :8] >> 4], axis=1)
@@ -222,8 +224,8 @@ def _f32(x) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _dequantize_blocks(dtype: DType, f: dict[str, np.ndarray]) -> np.ndarray:
-    """(n, block) float32 values of n blocks given as fields."""
+def _blocks_of_32(dtype: DType, f: dict) -> np.ndarray:
+    """q8_0, q4_0, q4_1, q5_0, q5_1: levels times the block's scale (plus its min)."""
     d = _f32(f["scales"])  # (n, 1)
     if dtype is DType.Q8_0:
         return _f32(f["quants"]) * d
@@ -231,30 +233,54 @@ def _dequantize_blocks(dtype: DType, f: dict[str, np.ndarray]) -> np.ndarray:
         return _f32(_nibbles(f["quants"]).astype(np.int8) - np.int8(8)) * d
     if dtype is DType.Q4_1:
         return d * _f32(_nibbles(f["quants"])) + _f32(f["mins"])
-    if dtype in (DType.Q5_0, DType.Q5_1):
-        q = _nibbles(f["quants"]) | (np.unpackbits(f["high"], axis=1, bitorder="little") << 4)
-        return d * _f32(q.astype(np.int8) - np.int8(16)) if dtype is DType.Q5_0 else d * _f32(q) + _f32(f["mins"])
-    n = d.shape[0]
-    if dtype is DType.Q2_K:
-        sub = f["sub_scales"]
-        scale, low = (d * _f32(sub & 0x0F))[..., None], (_f32(f["mins"]) * _f32(sub >> 4))[..., None]
-        return (scale * _f32(_crumbs(f["quants"]).reshape(n, 16, 16)) - low).reshape(n, 256)
-    if dtype is DType.Q3_K:
-        q = _crumbs(f["quants"]).astype(np.int8) - ((_bits(f["high"]) ^ 1) << 2).astype(np.int8)
-        return ((d * _f32(_q3_k_scales(f["sub_scales"])))[..., None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
-    if dtype in (DType.Q4_K, DType.Q5_K):
-        scales, mins = _scale_min_k4(f["sub_scales"])
-        q = _k_nibbles(f["quants"], 32)
-        if dtype is DType.Q5_K:
-            q = q | (_bits(f["high"]) << 4)
-        scale, low = (d * _f32(scales))[..., None], (_f32(f["mins"]) * _f32(mins))[..., None]
-        return (scale * _f32(q).reshape(n, 8, 32) - low).reshape(n, 256)
-    if dtype is DType.Q6_K:
-        ql = _k_nibbles(f["quants"], 64).reshape(n, 8, 32)
-        qh = _crumbs(f["high"]).reshape(n, 8, 32)
-        q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
-        return ((d * _f32(f["sub_scales"]))[..., None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
-    raise ValueError(f"{dtype.label} is not a quantized type")
+    q = _nibbles(f["quants"]) | (np.unpackbits(f["high"], axis=1, bitorder="little") << 4)
+    if dtype is DType.Q5_0:
+        return d * _f32(q.astype(np.int8) - np.int8(16))
+    return d * _f32(q) + _f32(f["mins"])
+
+
+def _q2_k(f: dict) -> np.ndarray:
+    n, sub = f["quants"].shape[0], f["sub_scales"]
+    scale = (_f32(f["scales"]) * _f32(sub & 0x0F))[..., None]
+    low = (_f32(f["mins"]) * _f32(sub >> 4))[..., None]
+    return (scale * _f32(_crumbs(f["quants"]).reshape(n, 16, 16)) - low).reshape(n, 256)
+
+
+def _q3_k(f: dict) -> np.ndarray:
+    n = f["quants"].shape[0]
+    q = _crumbs(f["quants"]).astype(np.int8) - ((_bits(f["high"]) ^ 1) << 2).astype(np.int8)  # clear bit: minus 4
+    scale = (_f32(f["scales"]) * _f32(_q3_k_scales(f["sub_scales"])))[..., None]
+    return (scale * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
+
+
+def _q4_q5_k(f: dict) -> np.ndarray:
+    n = f["quants"].shape[0]
+    q = _k_nibbles(f["quants"], 32)
+    if "high" in f:  # q5_k
+        q = q | (_bits(f["high"]) << 4)
+    scales, mins = _scale_min_k4(f["sub_scales"])
+    scale, low = (_f32(f["scales"]) * _f32(scales))[..., None], (_f32(f["mins"]) * _f32(mins))[..., None]
+    return (scale * _f32(q).reshape(n, 8, 32) - low).reshape(n, 256)
+
+
+def _q6_k(f: dict) -> np.ndarray:
+    n = f["quants"].shape[0]
+    ql = _k_nibbles(f["quants"], 64).reshape(n, 8, 32)
+    qh = _crumbs(f["high"]).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
+    return ((_f32(f["scales"]) * _f32(f["sub_scales"]))[..., None] * _f32(q).reshape(n, 16, 16)).reshape(n, 256)
+
+
+_SUPER_BLOCKS = {DType.Q2_K: _q2_k, DType.Q3_K: _q3_k, DType.Q4_K: _q4_q5_k, DType.Q5_K: _q4_q5_k, DType.Q6_K: _q6_k}
+
+
+def _dequantize_blocks(dtype: DType, fields: dict) -> np.ndarray:
+    """(n, block) float32 values of n blocks given as fields (plane name → (n, per_block))."""
+    if dtype in _SUPER_BLOCKS:
+        return _SUPER_BLOCKS[dtype](fields)
+    if not dtype.is_quantized:
+        raise ValueError(f"{dtype.label} is not a quantized type")
+    return _blocks_of_32(dtype, fields)
 
 
 def dequantize(planes, cols: int, dtype) -> np.ndarray:

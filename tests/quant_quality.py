@@ -28,7 +28,7 @@ def round_trip(values: np.ndarray, label: str) -> np.ndarray:
 def converter_choice(dtype: str, embed_dtype: str | None = None):
     """name, shape → the type `blob-pack convert --dtype dtype` stores that tensor in."""
     options = Options(dtype=dtype, embed_dtype=embed_dtype)
-    return lambda name, shape: target_dtype(name, shape, options)
+    return lambda name, shape: target_dtype(name, shape, options, "f32")
 
 
 def weights_through(src, out, dtype_of) -> dict:

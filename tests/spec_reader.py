@@ -24,8 +24,22 @@ TYPES = {
     "f32": (1, [("<f4", 1)]), "f16": (1, [("<f2", 1)]), "bf16": (1, [("<u2", 1)]),
     "q8_0": (32, [("i1", 32), ("<f2", 1)]), "q4_0": (32, [("u1", 16), ("<f2", 1)]),
     "u8": (1, [("u1", 1)]), "i8": (1, [("i1", 1)]), "i32": (1, [("<i4", 1)]), "i64": (1, [("<i8", 1)]),
+    # §4 and §5.4, format 1.1: quants, high, sub_scales, scales, mins
+    "q4_1": (32, [("u1", 16), ("<f2", 1), ("<f2", 1)]),
+    "q5_0": (32, [("u1", 16), ("u1", 4), ("<f2", 1)]),
+    "q5_1": (32, [("u1", 16), ("u1", 4), ("<f2", 1), ("<f2", 1)]),
+    "q2_k": (256, [("u1", 64), ("u1", 16), ("<f2", 1), ("<f2", 1)]),
+    "q3_k": (256, [("u1", 64), ("u1", 32), ("u1", 12), ("<f2", 1)]),
+    "q4_k": (256, [("u1", 128), ("u1", 12), ("<f2", 1), ("<f2", 1)]),
+    "q5_k": (256, [("u1", 128), ("u1", 32), ("u1", 12), ("<f2", 1), ("<f2", 1)]),
+    "q6_k": (256, [("u1", 128), ("u1", 64), ("i1", 16), ("<f2", 1)]),
 }
-FEATURES = {"tie", "q8_0", "q4_0"}  # §6.1, format 1.0
+PLANE_NAMES = {  # §4: the planes of the types of §5.4, in order
+    "q4_1": ("Q", "d", "m"), "q5_0": ("Q", "H", "d"), "q5_1": ("Q", "H", "d", "m"), "q2_k": ("Q", "S", "d", "m"),
+    "q3_k": ("Q", "H", "S", "d"), "q4_k": ("Q", "S", "d", "m"), "q5_k": ("Q", "H", "S", "d", "m"),
+    "q6_k": ("Q", "H", "S", "d"),
+}
+FEATURES = {"tie", "q8_0", "q4_0", *PLANE_NAMES}  # §6.1: format 1.0, then 1.1
 NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 DATA_KEYS = {"name", "dtype", "shape", "layout", "row_stride", "offset", "nbytes", "crc32c", "component", "source"}
 TIE_KEYS = {"name", "tie", "component", "source"}
@@ -72,16 +86,17 @@ def rows_and_cols(shape):
 
 
 def layout(dtype: str, shape):
-    """§5.1 / §5.2: (rows, cols, blocks, row_stride, scale plane offset, nbytes)."""
+    """§5.1 / §5.2: (rows, cols, blocks, row_stride, offsets of the planes, nbytes)."""
     rows, cols = rows_and_cols(shape)
     block, planes = TYPES[dtype]
-    (element, per_block), *scale = planes
+    (element, per_block), *later = planes
     blocks = -(-cols // block)
     row_stride = round_up(blocks * per_block * np.dtype(element).itemsize, 64)
-    if not scale:
-        return rows, cols, blocks, row_stride, None, rows * row_stride
-    scales_at = rows * row_stride
-    return rows, cols, blocks, row_stride, scales_at, scales_at + rows * blocks * np.dtype(scale[0][0]).itemsize
+    offsets, end = [0], rows * row_stride
+    for element, per_block in later:
+        offsets.append(round_up(end, 64))
+        end = offsets[-1] + rows * blocks * per_block * np.dtype(element).itemsize
+    return rows, cols, blocks, row_stride, offsets, end
 
 
 def _is_int(value) -> bool:
@@ -235,7 +250,9 @@ class SpecFile:
             raise SpecError("InvalidTensor", "shape")
         if not all(_is_int(record[k]) and record[k] >= 0 for k in ("row_stride", "offset", "nbytes", "crc32c")):
             raise SpecError("InvalidTensor", "integers")
-        _, _, _, row_stride, _, nbytes = layout(dtype, shape)
+        _, cols, _, row_stride, _, nbytes = layout(dtype, shape)
+        if dtype in PLANE_NAMES and cols % TYPES[dtype][0]:
+            raise SpecError("InvalidTensor", "shape: whole blocks")
         if record["layout"] != ("rows" if len(TYPES[dtype][1]) == 1 else "planar"):
             raise SpecError("InvalidTensor", "layout")
         if record["row_stride"] != row_stride or record["nbytes"] != nbytes or record["crc32c"] >= 2**32:
@@ -264,22 +281,126 @@ class SpecFile:
         matrix = np.frombuffer(self.blob(name), np.uint8).reshape(rows, row_stride)[:, :cols * itemsize]
         return np.ascontiguousarray(matrix).view(element).reshape(r["shape"])
 
+    def planes(self, name: str) -> list[np.ndarray]:
+        """§5.2: each plane of a quantized tensor as (rows, blocks, elements per block)."""
+        r = self.records[name]
+        rows, _, blocks, row_stride, offsets, nbytes = layout(r["dtype"], r["shape"])
+        raw = np.frombuffer(self.blob(name), np.uint8)
+        result = []
+        for index, (element, per_block) in enumerate(TYPES[r["dtype"]][1]):
+            size = per_block * np.dtype(element).itemsize
+            if index == 0:
+                plane = raw[:rows * row_stride].reshape(rows, row_stride)[:, :blocks * size]
+            else:
+                plane = raw[offsets[index]:offsets[index] + rows * blocks * size]
+            result.append(np.ascontiguousarray(plane).view(element).reshape(rows, blocks, per_block))
+        return result
+
     def float32(self, name: str) -> np.ndarray:
-        """The tensor's values as binary32 (§4, §5.2)."""
+        """The tensor's values as binary32 (§4, §5.2, §5.4)."""
         r = self.records[name]
         dtype = r["dtype"]
         if dtype == "bf16":
             return (self.stored(name).astype(np.uint32) << 16).view(np.float32)
-        if dtype not in ("q8_0", "q4_0"):
+        if dtype not in ("q8_0", "q4_0", *PLANE_NAMES):
             return self.stored(name).astype(np.float32)
-        rows, cols, blocks, row_stride, scales_at, nbytes = layout(dtype, r["shape"])
-        raw = np.frombuffer(self.blob(name), np.uint8)
-        scales = raw[scales_at:nbytes].view("<f2").reshape(rows, blocks).astype(np.float32)
-        quants = raw[:scales_at].reshape(rows, row_stride)
-        if dtype == "q8_0":
-            levels = quants[:, :blocks * 32].view(np.int8).reshape(rows, blocks, 32).astype(np.float32)
+        rows, cols = rows_and_cols(r["shape"])
+        if dtype in PLANE_NAMES:
+            fields = dict(zip(PLANE_NAMES[dtype], self.planes(name)))
+            values = _block_values(dtype, fields).reshape(rows, -1)
         else:
-            packed = quants[:, :blocks * 16].reshape(rows, blocks, 16)
-            levels = np.concatenate([packed & 0x0F, packed >> 4], axis=2).astype(np.float32) - np.float32(8)
-        values = (levels * scales[:, :, None]).reshape(rows, blocks * 32)[:, :cols]
-        return np.ascontiguousarray(values).reshape(r["shape"])
+            quants, scales = self.planes(name)
+            blocks = scales.shape[1]
+            scales = scales.astype(np.float32)
+            if dtype == "q8_0":
+                levels = quants.astype(np.float32)
+            else:
+                levels = np.concatenate([quants & 0x0F, quants >> 4], axis=2).astype(np.float32) - np.float32(8)
+            values = (levels * scales).reshape(rows, blocks * 32)
+        return np.ascontiguousarray(values[:, :cols]).reshape(r["shape"])
+
+
+# ---- §5.4, formula by formula; index arrays i = 0 .. B - 1 within a block ----
+
+def _low_nibbles_32(Q):
+    """Value i's 4 low bits in a 32-block: the low nibble of Q[i] (i < 16), else the high nibble of Q[i - 16]."""
+    i = np.arange(32)
+    return np.where(i < 16, Q[..., i % 16] & 15, Q[..., i % 16] >> 4).astype(np.int32)
+
+
+def _fifth_bits_32(H):
+    """Bit i of the 4 high bytes read as a little-endian 32-bit word."""
+    i = np.arange(32)
+    return ((H[..., i // 8] >> (i % 8)) & 1).astype(np.int32)
+
+
+def _two_bits_256(Q):
+    """q2_k / q3_k: (Q[32h + l] >> 2k) & 3 with h = i div 128, k = (i mod 128) div 32, l = i mod 32."""
+    i = np.arange(256)
+    h, k, l = i // 128, (i % 128) // 32, i % 32
+    return ((Q[..., 32 * h + l] >> (2 * k)) & 3).astype(np.int32)
+
+
+def _nibbles_256(Q):
+    """q4_k / q5_k: the low nibble of Q[32c + l] when i mod 64 < 32, else its high nibble; c = i div 64."""
+    i = np.arange(256)
+    byte = Q[..., 32 * (i // 64) + i % 32]
+    return np.where(i % 64 < 32, byte & 15, byte >> 4).astype(np.int32)
+
+
+def _six_bit_scales_mins(S):
+    """q4_k / q5_k's 12 bytes → (sc, mn), 8 each."""
+    S = S.astype(np.int32)
+    sc = [S[..., s] & 63 if s < 4 else (S[..., s + 4] & 15) | (S[..., s - 4] >> 6) << 4 for s in range(8)]
+    mn = [S[..., s + 4] & 63 if s < 4 else (S[..., s + 4] >> 4) | (S[..., s] >> 6) << 4 for s in range(8)]
+    return np.stack(sc, axis=-1), np.stack(mn, axis=-1)
+
+
+def _q3_scales(S):
+    """q3_k's 12 bytes → 16 signed scales."""
+    S = S.astype(np.int32)
+    out = []
+    for s in range(16):
+        low = S[..., s] & 15 if s < 8 else S[..., s - 8] >> 4
+        high = (S[..., 8 + s % 4] >> (2 * (s // 4))) & 3
+        out.append((low | high << 4) - 32)
+    return np.stack(out, axis=-1)
+
+
+def _f32(x):
+    return np.asarray(x).astype(np.float32)
+
+
+def _block_values(dtype, f):
+    """(rows, blocks, B) binary32 values, in the operation order §5.4 gives."""
+    d = _f32(f["d"])                      # (rows, blocks, 1)
+    m = _f32(f["m"]) if "m" in f else None
+    if dtype in ("q4_1", "q5_0", "q5_1"):
+        q = _low_nibbles_32(f["Q"])
+        if dtype != "q4_1":
+            q = q | _fifth_bits_32(f["H"]) << 4
+        if dtype == "q5_0":
+            return _f32(q - 16) * d
+        return d * _f32(q) + m
+    i = np.arange(256)
+    if dtype in ("q2_k", "q3_k"):
+        low = _two_bits_256(f["Q"])
+        if dtype == "q2_k":
+            S = f["S"].astype(np.int32)
+            sc, mn = (S & 15)[..., i // 16], (S >> 4)[..., i // 16]
+            return (d * _f32(sc)) * _f32(low) - (m * _f32(mn))
+        bit = (f["H"][..., i % 32] >> (i // 32)) & 1
+        q = np.where(bit == 1, low, low - 4)
+        return (d * _f32(_q3_scales(f["S"])[..., i // 16])) * _f32(q)
+    if dtype in ("q4_k", "q5_k"):
+        q = _nibbles_256(f["Q"])
+        if dtype == "q5_k":
+            q = q | ((f["H"][..., i % 32] >> (i // 32)) & 1).astype(np.int32) << 4
+        sc, mn = _six_bit_scales_mins(f["S"])
+        return (d * _f32(sc[..., i // 32])) * _f32(q) - (m * _f32(mn[..., i // 32]))
+    a, r = i // 128, i % 128
+    byte = f["Q"][..., 64 * a + r % 64]
+    low = np.where(r < 64, byte & 15, byte >> 4).astype(np.int32)
+    high = ((f["H"][..., 32 * a + r % 32] >> (2 * (r // 32))) & 3).astype(np.int32)
+    q = (low | high << 4) - 32
+    return (d * _f32(f["S"][..., i // 16])) * _f32(q)

@@ -198,17 +198,18 @@ def test_cli_help_explains_every_option(capsys):
         run_cli(["convert", "--help"])
     text = capsys.readouterr().out
     for option in ("--output", "--dtype", "--keep-f32", "--embed-dtype", "--text-only", "--allow-unknown", "--align",
-                   "--force", "--dry-run", "--quiet"):
+                   "--force", "--dry-run", "--quiet", "--strict"):
         assert option in text
     assert "q8_0 when --dtype is 4-bit" in " ".join(text.split())  # the embedding default is explained
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dtype": "i8"}, "dtype: expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, "
+    ({"dtype": "i8"}, "dtype: expected keep or one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, "
                       "q4_k_m, q5_k_m, found 'i8'"),
-    ({"embed_dtype": "q2_k"}, "embed_dtype: expected one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, "
-                              "q5_k, q6_k, found 'q2_k'"),
-    ({"embed_dtype": "q4_k_m"}, "embed_dtype: expected one of .*, found 'q4_k_m'"),
+    ({"embed_dtype": "iq4_xs"}, "embed_dtype: expected keep or one of"),
+    ({"embed_dtype": "q2_k"}, "embed_dtype: expected keep or one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+                              "q4_k, q5_k, q6_k, found 'q2_k'"),
+    ({"embed_dtype": "q4_k_m"}, "embed_dtype: expected keep or one of .*, found 'q4_k_m'"),
     ({"align": 100}, "--align: expected a power of two from 64"),
 ])
 def test_bad_options_are_named(options, message, checkpoints, tmp_path):

@@ -45,8 +45,8 @@ def test_the_c_block_size_is_the_tables():
 
 
 def test_quantized_block_sizes_are_ggufs():
-    """q8_0 and q4_0 hold the numbers of GGUF's types of those names: same values per block and bytes per
-    block (scale included), only laid out in planes."""
+    """Every quantized type holds the numbers of GGUF's type of its name: same values per block and bytes
+    per block (scales included), only laid out in planes (tests/test_kquant_format.py checks the values)."""
     gguf = pytest.importorskip("gguf")
     for dtype in (d for d in DType if d.is_quantized):
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype.name]] == (dtype.spec.block, dtype.spec.block_bytes)

@@ -1,5 +1,8 @@
 """The ggml block types (q4_1, q5_0, q5_1, q2_k ... q6_k) in the blob format: the planes hold ggml's bytes
 unchanged, and the values read back are bit for bit the gguf package's dequantization of those bytes."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,7 @@ import blobstore
 from blobstore import errors, quant
 from blobstore.format import DType, layout
 from kquant_blocks import GGML_TYPES, NEW_TYPES, random_ggml, random_planes
+from spec_reader import SpecFile
 
 gguf = pytest.importorskip("gguf")
 
@@ -118,3 +122,58 @@ def test_a_record_of_a_new_type_with_partial_blocks_is_refused(tmp_path):
     image.save(tmp_path / "bad.blob")
     with pytest.raises(errors.InvalidTensor, match=r"'w': shape: expected rows of whole 32-value blocks for q4_1"):
         blobstore.open(tmp_path / "bad.blob")
+
+
+FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+EXAMPLE = re.compile(r"^- \*\*(\w+)\*\*: (.*) → (.*)$", re.M)
+
+
+def worked_examples() -> dict:
+    """FORMAT.md §5.4's examples: type → (planes of one block, {value index: value})."""
+    examples = {}
+    for label, given, values in EXAMPLE.findall(FORMAT_MD.read_text(encoding="utf-8")):
+        dtype = DType.parse(label)
+        hex_bytes = dict(re.findall(r"(\w+) `([0-9A-F ]+)`", given))
+        planes = []
+        for plane in dtype.spec.planes:
+            block = np.zeros(plane.block_bytes, np.uint8)
+            start = bytes.fromhex(hex_bytes.pop(plane.name, ""))
+            block[:len(start)] = list(start)
+            planes.append(block.view(plane.numpy).reshape(1, -1))
+        assert not hex_bytes, f"{label}: planes {list(hex_bytes)} are not {label}'s"
+        expected = {int(i): float(v.replace("−", "-")) for i, v in re.findall(r"v(\d+) = (−?[\d.]+)", values)}
+        examples[dtype] = (tuple(planes), expected)
+    return examples
+
+
+def test_format_md_has_a_worked_example_per_new_type_and_every_reader_agrees_with_it(tmp_path):
+    examples = worked_examples()
+    assert set(examples) == set(NEW_TYPES)
+    with blobstore.BlobWriter(tmp_path / "examples.blob") as w:
+        for dtype, (planes, _) in examples.items():
+            w.add_quantized(dtype.label, planes, dtype=dtype, shape=(1, dtype.spec.block))
+    spec = SpecFile(tmp_path / "examples.blob")
+    with blobstore.open(tmp_path / "examples.blob") as r:
+        for dtype, (planes, expected) in examples.items():
+            by_gguf = ggml_values(dtype, quant.ggml_from_planes(dtype, planes))[0]
+            for values in (r.float32(dtype.label)[0], spec.float32(dtype.label)[0], by_gguf):
+                got = {i: float(values[i]) for i in expected}
+                assert got == expected and all(np.signbit(values[i]) == np.signbit(v) for i, v in expected.items()), dtype
+
+
+def test_inspect_shows_and_verify_checks_every_type(tmp_path, capsys):
+    from blobstore import cli
+
+    path = tmp_path / "all.blob"
+    with blobstore.BlobWriter(path) as w:
+        for dtype in NEW_TYPES:
+            w.add_quantized(f"w.{dtype.label}", random_planes(dtype, 3, 2, np.random.default_rng(int(dtype))),
+                            dtype=dtype, shape=(3, 2 * dtype.spec.block))
+    assert cli.main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "blob file format 1.1" in table
+    for dtype in NEW_TYPES:
+        row = next(line for line in table.splitlines() if line.startswith(f"w.{dtype.label} "))
+        assert row.split()[1:3] == [dtype.label, f"3x{2 * dtype.spec.block}"]
+    assert cli.main(["verify", str(path)]) == 0
+    assert f"{len(NEW_TYPES)} blobs match" in capsys.readouterr().out

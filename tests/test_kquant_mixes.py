@@ -92,4 +92,4 @@ def test_a_q4_k_m_conversion_stores_the_mix(f32_blob, tmp_path):
 ])
 def test_rows_that_are_not_whole_blocks_fall_back(dtype, name, cols, expected):
     from blobstore.convert.plan import Options, target_dtype
-    assert target_dtype(name, (8, cols), Options(dtype=dtype)) == expected
+    assert target_dtype(name, (8, cols), Options(dtype=dtype), "f32") == expected

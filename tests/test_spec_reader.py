@@ -1,5 +1,7 @@
 """docs/FORMAT.md is implementable: tests/spec_reader.py, written from it alone, reads every file the
 project writes exactly as blobstore.open does, and refuses every damaged file with the error §7 names."""
+import math
+
 import numpy as np
 import pytest
 
@@ -7,17 +9,25 @@ import blobstore
 from blobstore.format import DType
 from blobstore.runtime.demo import DEMO_PATH
 from blobfile import BlobImage, write_sample
+from kquant_blocks import NEW_TYPES, random_planes
 from spec_reader import SpecError, SpecFile
 from test_corrupt import CASES, CASE_IDS
 
 SHAPES = [(), (0,), (7,), (3, 0), (1, 1), (5, 33), (2, 64), (2, 3, 40), (3, 100)]
+BLOCK_SHAPES = [(0,), (3, 0), (1,), (2, 1), (2, 3, 2), (5, 3)]  # in blocks: the new types need whole ones
 
 
 def every_dtype_file(path, alignment):
     """BlobWriter output holding every dtype in several shapes, tie chains, files and components."""
     rng = np.random.default_rng(7)
     with blobstore.BlobWriter(path, alignment=alignment) as w:
-        for dtype in (d for d in DType if not d.spec.whole_blocks):  # the types a float array is quantized to
+        for dtype in NEW_TYPES:  # added as ggml blocks: random bytes, float16 scales of every sign and size
+            for i, blocks in enumerate(BLOCK_SHAPES):
+                shape = (*blocks[:-1], blocks[-1] * dtype.spec.block)
+                rows = math.prod(shape[:-1])
+                w.add_quantized(f"{dtype.label}.{i}", random_planes(dtype, rows, blocks[-1], rng), dtype=dtype,
+                                shape=shape, component="text", source=f"blk.{i}" if i % 2 else None)
+        for dtype in (d for d in DType if not d.spec.whole_blocks):
             for i, shape in enumerate(SHAPES):
                 if dtype.is_quantized or dtype in (DType.F32, DType.F16, DType.BF16):
                     x = (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3)).astype(np.float32)
@@ -73,7 +83,7 @@ def test_the_demo_model_reads_alike():
 
 def test_a_file_of_every_dtype_reads_alike(written):
     spec = assert_reads_alike(written)
-    assert {r["dtype"] for r in spec.records.values()} == {d.label for d in DType if not d.spec.whole_blocks}
+    assert {r["dtype"] for r in spec.records.values()} == {d.label for d in DType}
     assert spec.records["head.again"]["tie"] == "q8_0.5" and spec.records["head.again"]["component"] == "projector"
     assert all(spec.check_blob_crc(name) for name, r in spec.records.items() if r["tie"] is None)
     with blobstore.open(written) as r:

@@ -10,6 +10,7 @@ into place only when complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
-from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, is_power_of_two
-from ..quant import bf16_to_f32
+from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, DType, is_power_of_two
+from ..quant import bf16_to_f32, planes_from_ggml
 from ..writer import BlobWriter
 from . import tokenizer
 from .families import family_for_hf
-from .plan import DTYPE_CHOICES, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype
+from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype, stored_type_of
 from .problems import ConversionError, Problems
 from .sources import open_source, provenance
 
@@ -53,12 +54,16 @@ class Summary:
         return "\n".join(lines)
 
 
-def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
+def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
             allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
             quiet: bool = False, revision: str | None = None, offline: bool = False, gguf_file: str | None = None,
-            log=None) -> Summary:
+            strict: bool = False, log=None) -> Summary:
     """Convert `src` (HF model folder, .gguf file, or a Hub id such as "google/gemma-3-270m") into
     the blob file `out`; see `blob-pack convert --help`.
+
+    `dtype` None is "keep" for a GGUF (every matrix in its own type where the kernels multiply it,
+    its bytes copied; `strict` refuses the others instead of re-quantizing them) and "q8_0" for a
+    Hugging Face folder, where "keep" means its float type.
 
     Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
     config asks for — is checked before the first tensor is converted (also for a dry run); every
@@ -68,11 +73,13 @@ def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, ke
     """
     started = time.monotonic()
     log = log or (lambda line: None)
-    options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align)
+    options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict)
     out = Path(out)
     if not dry_run:
         _check_output(out, force)
     source = open_source(src, revision=revision, offline=offline, gguf_file=gguf_file)
+    if dtype is None:
+        options = dataclasses.replace(options, dtype=KEEP if source.kind == "gguf" else "q8_0")
     problems = Problems(str(src))
     family, config = _normalize(source, problems)
     tok = _build_tokenizer(source, config, problems)
@@ -92,14 +99,15 @@ def convert(src, out, *, dtype: str = "q8_0", embed_dtype: str | None = None, ke
     return summary
 
 
-def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align) -> Options:
+def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict) -> Options:
+    """The checked options; a None dtype stays None until the source says which default applies."""
     for option, value, choices in (("dtype", dtype, DTYPE_CHOICES), ("embed_dtype", embed_dtype, WEIGHT_DTYPES)):
-        if value is not None and value not in choices:
-            raise ConversionError(f"{option}: expected one of {', '.join(choices)}, found {value!r}")
+        if value is not None and value not in (KEEP, *choices):
+            raise ConversionError(f"{option}: expected {KEEP} or one of {', '.join(choices)}, found {value!r}")
     if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
         raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
     return Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,
-                   allow_unknown=allow_unknown, alignment=align)
+                   allow_unknown=allow_unknown, alignment=align, strict=strict)
 
 
 def _normalize(source, problems: Problems):
@@ -183,7 +191,7 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
                  leave=False, desc="converting") as bar:
         for entry in plan.entries:
             bar.set_postfix_str(entry.name, refresh=False)
-            _add_tensor(writer, read, source.kind, family, plan.config, entry)
+            _add_tensor(writer, read, source, family, plan.config, entry)
             if entry.rows is None or entry.rows[1] == source.tensors[entry.source].shape[0]:  # the source is done
                 bar.update(source.tensors[entry.source].nbytes)
         for name, target, _ in plan.ties:
@@ -194,24 +202,35 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
 
 
 def _read_once(source):
-    """source.read, remembering the last tensor: the parts of a fused tensor (consecutive entries)
-    share one read."""
+    """read(name, raw): source.read (values, label), or with raw its ggml block bytes (GGUF only);
+    the last tensor is remembered: the parts of a fused tensor (consecutive entries) share one read."""
     last = {}
 
-    def read(name: str):
-        if name not in last:
+    def read(name: str, raw: bool):
+        if (name, raw) not in last:
             last.clear()
-            last[name] = source.read(name)
-        return last[name]
+            last[name, raw] = (source.read_raw(name), None) if raw else source.read(name)
+        return last[name, raw]
     return read
 
 
-def _add_tensor(writer: BlobWriter, read, source_kind: str, family, config: ModelConfig, entry):
-    array, stored = read(entry.source)
-    if entry.rows is not None:
+def _copies_blocks(source, entry) -> bool:
+    """The entry is stored in its GGUF tensor's own block type: its bytes are copied, not re-quantized."""
+    stored = DType.parse(entry.dtype)
+    return source.kind == "gguf" and stored.is_quantized and stored_type_of(source.tensors[entry.source].dtype) is stored
+
+
+def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, entry):
+    raw = _copies_blocks(source, entry)
+    array, stored = read(entry.source, raw)
+    if entry.rows is not None:  # a row holds whole ggml blocks, so a raw slice is a slice of every plane
         array = array[entry.rows[0]:entry.rows[1]]
-    if source_kind == "gguf" and entry.component == "text":
+    if source.kind == "gguf" and entry.component == "text":
         array = family.gguf_sanitize(entry.name, array, config)
+    if raw:
+        writer.add_quantized(entry.name, planes_from_ggml(entry.dtype, array), dtype=entry.dtype, shape=entry.shape,
+                             component=entry.component, source=entry.source_label)
+        return
     if stored == "bf16":
         if entry.dtype == "bf16":  # the raw bits go in untouched
             writer.add(entry.name, memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)), dtype="bf16",
@@ -249,5 +268,6 @@ def _metadata(source, plan: Plan, options: Options, tok) -> dict:
         "source": source_info,
         "conversion": {"dtype": options.dtype, "embed_dtype": resolved_embed_dtype(options),
                        "keep_f32": list(options.keep_f32), "text_only": options.text_only,
-                       "allow_unknown": options.allow_unknown, "dropped": {c: len(s) for c, s in plan.dropped.items()}},
+                       "allow_unknown": options.allow_unknown, "dropped": {c: len(s) for c, s in plan.dropped.items()},
+                       "requantized": {name: f"{src} -> {dst}" for name, src, dst in plan.requantized}},
     }

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import convert
-from .plan import DTYPE_CHOICES, WEIGHT_DTYPES
+from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,14 +24,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "exists: read from the local Hugging Face cache (HF_HUB_CACHE / HF_HOME), downloading "
                              "what is missing unless offline; needs pip install 'blobstore-runtime[hub]'")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="q8_0",
-                        help="stored type of 2-D weight matrices, default q8_0 (norms and biases stay f32); "
-                             "q4_k_m / q5_k_m: llama.cpp-style mixes, q4_k / q5_k with the most sensitive matrices "
-                             "in q6_k (docs/CONVERT.md)")
+    parser.add_argument("--dtype", choices=(KEEP, *DTYPE_CHOICES), default=None,
+                        help="stored type of 2-D weight matrices (norms and biases stay f32). Default: keep for a "
+                             "GGUF — each matrix keeps its GGUF type, bytes unchanged, where the kernels multiply "
+                             "it, and is re-quantized to the nearest type that runs otherwise (one warning names "
+                             "them; docs/CONVERT.md has the table); q8_0 for a Hugging Face model, where keep "
+                             "means its float type (f32, f16 or bf16). q4_k_m / q5_k_m: llama.cpp-style mixes, "
+                             "q4_k / q5_k with the most sensitive matrices in q6_k")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --dtype keep, refuse a GGUF whose matrices cannot all keep their type instead "
+                             "of re-quantizing them")
     parser.add_argument("--keep-f32", nargs="+", action="extend", default=[], metavar="PATTERN",
                         help="keep stored tensors whose name matches any of these shell patterns in f32, "
                              "e.g. 'layers.0.*' 'lm_head'")
-    parser.add_argument("--embed-dtype", choices=WEIGHT_DTYPES, default=None, metavar="D",
+    parser.add_argument("--embed-dtype", choices=(KEEP, *WEIGHT_DTYPES), default=None, metavar="D",
                         help="stored type of the embedding and output head (a tied head shares it). Default: "
                              "q8_0 when --dtype is 4-bit (q4_0), since the head's rounding error decides the top "
                              "token and it costs ~4 bits more per weight of that one matrix; otherwise as --dtype")
@@ -67,7 +73,7 @@ def run(args) -> int:
         summary = convert(args.src, args.output, dtype=args.dtype, embed_dtype=args.embed_dtype,
                           keep_f32=args.keep_f32, text_only=args.text_only, allow_unknown=args.allow_unknown,
                           align=args.align, force=args.force, dry_run=args.dry_run, quiet=args.quiet,
-                          revision=args.revision, offline=args.offline, gguf_file=args.gguf_file,
+                          revision=args.revision, offline=args.offline, gguf_file=args.gguf_file, strict=args.strict,
                           log=lambda line: print(line, file=sys.stdout if args.dry_run else sys.stderr))
     except (ValueError, OSError) as error:
         print(f"blob-pack convert: error: {error}", file=sys.stderr)

@@ -14,12 +14,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..format import DType
+from ..format import DType, dtype_of_ggml
 from .families import GGUF_ROPE_TENSORS, map_component_name, map_gguf_name, map_text_name
 from .problems import Problems, classify
 
 FLOAT_SOURCE_DTYPES = ("f32", "f16", "bf16")
 WEIGHT_DTYPES = tuple(d.label for d in DType if d.spec.weight_choice)  # choices for --dtype and --embed-dtype
+KEEP = "keep"  # --dtype keep: each weight matrix in its source type (the default for a GGUF source)
+# GGUF types a weight matrix cannot keep — not stored here, or stored but not yet multiplied by the
+# kernels — are re-quantized to the first of these that the kernels multiply and blob-pack quantizes
+# to: the nearest type with at least the source's bits, then q8_0, which always qualifies.
+REQUANTIZE_TO = {
+    **dict.fromkeys(("Q2_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "TQ1_0", "TQ2_0", "Q1_0"),
+                    ("q3_k", "q4_k", "q8_0")),
+    **dict.fromkeys(("Q3_K", "IQ3_XXS", "IQ3_S"), ("q4_k", "q5_k", "q8_0")),
+    **dict.fromkeys(("Q4_1", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4"), ("q4_k", "q5_k", "q8_0")),
+    **dict.fromkeys(("Q4_K",), ("q5_k", "q6_k", "q8_0")),
+    **dict.fromkeys(("Q5_0", "Q5_1", "Q5_K"), ("q5_k", "q6_k", "q8_0")),
+    **dict.fromkeys(("Q6_K", "Q8_1", "Q8_K"), ("q8_0",)),
+    **dict.fromkeys(("F64", "I8", "I16", "I32", "I64"), ("f32",)),
+}
 # Under a 4-bit --dtype the embedding and output head default to q8_0, as llama.cpp's 4-bit files
 # keep the output head at 6 bits: every logit is a dot with one of its rows, so its error decides
 # the top token directly. Top-1 agreement with f32: Gemma 3 270M (from its Q4_K_M GGUF) 52 % with
@@ -55,12 +69,13 @@ IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a derived buffer older c
 class Options:
     """Conversion choices; see `blob-pack convert --help`."""
 
-    dtype: str = "q8_0"             # 2-D weight matrices
+    dtype: str = "q8_0"             # 2-D weight matrices: a stored type, or KEEP
     embed_dtype: str | None = None  # embedding and output head (None: see resolved_embed_dtype)
     keep_f32: tuple = ()            # fnmatch patterns over stored names kept in f32
     text_only: bool = False
     allow_unknown: bool = False
     alignment: int = 4096
+    strict: bool = False            # under KEEP, refuse a GGUF type that cannot be kept instead of re-quantizing it
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,7 @@ class Plan:
     ignored: list = field(default_factory=list)
     in_config: list = field(default_factory=list)   # source tensors read into the config (GGUF rope factors)
     notes: list = field(default_factory=list)       # things the summary should say
+    requantized: list = field(default_factory=list)  # (stored name, source type, stored type): KEEP could not keep
 
 
 def make_plan(source, config: ModelConfig, variant, options: Options, problems: Problems) -> Plan:
@@ -102,12 +118,12 @@ def make_plan(source, config: ModelConfig, variant, options: Options, problems: 
     for src, (names, component) in mapped.items():
         ref = source.tensors[src]
         if len(names) > 1:
-            entries = _split(src, names, component, ref.shape, expected, options, problems)
+            entries = _split(src, names, component, ref, expected, options, problems)
         else:
             name = names[0]
             if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
                 problems.mismatched.append((name, expected[name], ref.shape, src))
-            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options))]
+            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options, ref.dtype))]
         if ref.dtype not in FLOAT_SOURCE_DTYPES and source.kind == "safetensors":
             problems.bad_dtypes.append((" + ".join(names), ref.dtype, src))
             continue
@@ -115,33 +131,69 @@ def make_plan(source, config: ModelConfig, variant, options: Options, problems: 
     stored = {name for names, _ in mapped.values() for name in names}
     problems.missing += [n for n in expected if n not in stored and n != "lm_head"]
     _plan_head(source, plan, expected, problems)
+    plan.requantized = [(e.name, source.tensors[e.source].dtype, e.dtype) for e in plan.entries
+                        if _requantized(e, source.tensors[e.source].dtype, options)]
+    if plan.requantized:
+        if options.strict:
+            problems.unkept += plan.requantized
+        else:
+            problems.warnings.append(describe_requantized(plan.requantized))
     return plan
 
 
-def _split(src: str, names: tuple, component: str, shape: tuple, expected: dict, options: Options,
+def describe_requantized(requantized: list) -> str:
+    """One warning naming the matrices KEEP re-quantizes, grouped by (source type, stored type).
+
+    >>> describe_requantized([("layers.0.q", "IQ4_XS", "q8_0")])
+    '1 weight matrix of a GGUF type this build cannot keep is re-quantized (--strict refuses instead): IQ4_XS -> q8_0: layers.0.q'
+    """
+    groups: dict = {}
+    for name, source_dtype, stored in requantized:
+        groups.setdefault((source_dtype, stored), []).append(name)
+    parts = [f"{src} -> {dst}: {_listed(names)}" for (src, dst), names in groups.items()]
+    count = len(requantized)
+    return (f"{count} weight {'matrix' if count == 1 else 'matrices'} of a GGUF type this build cannot keep "
+            f"{'is' if count == 1 else 'are'} re-quantized (--strict refuses instead): " + "; ".join(parts))
+
+
+def _listed(names: list, shown: int = 8) -> str:
+    more = f", … ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _split(src: str, names: tuple, component: str, ref, expected: dict, options: Options,
            problems: Problems) -> list:
     """The entries of a fused source tensor: row slices sized by the config (q, k, v or gate, up)."""
     parts = [expected[n] for n in names]
     stacked = (sum(p[0] for p in parts), *parts[0][1:])
-    if shape != stacked:
-        problems.mismatched.append((" + ".join(names), stacked, shape, src))
+    if ref.shape != stacked:
+        problems.mismatched.append((" + ".join(names), stacked, ref.shape, src))
         return []
     entries, start = [], 0
     for name, part in zip(names, parts):
         rows = (start, start + part[0])
-        entries.append(Entry(name, src, component, part, target_dtype(name, part, options), rows=rows))
+        entries.append(Entry(name, src, component, part, target_dtype(name, part, options, ref.dtype), rows=rows))
         start += part[0]
     return entries
 
 
-def target_dtype(name: str, shape: tuple, options: Options) -> str:
+def target_dtype(name: str, shape: tuple, options: Options, source_dtype: str) -> str:
     """f32 for norms, biases, --keep-f32 matches and unknown (extra.) tensors; the embedding choice for
     embed/lm_head (resolved_embed_dtype); under a mix its `more` type for MORE_BITS matrices and
-    its `base` for the rest; else dtype. Then ROW_FALLBACK while the rows do not fit the type.
+    its `base` for the rest; else dtype — then ROW_FALLBACK while the rows do not fit the type.
+    Under KEEP a matrix stays in `source_dtype` (a safetensors float label or a GGUF type name)
+    when it can (kept_dtype).
 
-    >>> target_dtype("layers.0.down", (64, 640), Options(dtype="q4_k_m"))
+    >>> target_dtype("layers.0.q", (64, 64), Options(dtype="keep"), "F16")
+    'f16'
+    >>> target_dtype("layers.0.down", (64, 640), Options(dtype="q4_k_m"), "f32")
     'q8_0'
     """
+    chosen = _choice(name, shape, options)
+    return kept_dtype(source_dtype) if chosen == KEEP else chosen
+
+
+def _choice(name: str, shape: tuple, options: Options) -> str:
     if len(shape) != 2 or name.startswith("extra.") or any(fnmatch.fnmatchcase(name, p) for p in options.keep_f32):
         return "f32"
     mix = MIXES.get(options.dtype)
@@ -154,6 +206,46 @@ def target_dtype(name: str, shape: tuple, options: Options) -> str:
     while label in ROW_FALLBACK and shape[-1] % DType.parse(label).spec.block:
         label = ROW_FALLBACK[label]
     return label
+
+
+def kept_dtype(source_dtype: str) -> str:
+    """The stored type of a matrix of `source_dtype` under KEEP: its own type when the format stores it
+    and the kernels multiply it (the bytes are copied), else its REQUANTIZE_TO choice.
+
+    >>> kept_dtype("Q8_0"), kept_dtype("bf16"), kept_dtype("IQ4_XS") in ("q4_k", "q5_k", "q8_0")
+    ('q8_0', 'bf16', True)
+    """
+    own = stored_type_of(source_dtype)
+    if own is not None and own.spec.matmul:
+        return own.label
+    for label in REQUANTIZE_TO.get(source_dtype, ("q8_0",)):
+        spec = DType.parse(label).spec
+        if spec.matmul and spec.weight_choice:
+            return label
+    raise AssertionError(f"REQUANTIZE_TO[{source_dtype!r}] must end in a type every build multiplies")
+
+
+def stored_type_of(source_dtype: str) -> DType | None:
+    """The stored type with the same values and bytes as a source type (a safetensors float label or a
+    GGUF type name), or None.
+
+    >>> stored_type_of("Q6_K"), stored_type_of("IQ4_XS")
+    (<DType.Q6_K: 16>, None)
+    """
+    if source_dtype in FLOAT_SOURCE_DTYPES:
+        return DType.parse(source_dtype)
+    try:
+        from gguf import GGMLQuantizationType
+    except ImportError:  # a safetensors source: its types are the float labels above
+        return None
+    return dtype_of_ggml(GGMLQuantizationType[source_dtype]) if source_dtype in GGMLQuantizationType.__members__ \
+        else None
+
+
+def _requantized(entry: Entry, source_dtype: str, options: Options) -> bool:
+    """A matrix KEEP could not keep in its own type (the conversion warns, or refuses under strict)."""
+    own = stored_type_of(source_dtype)
+    return _choice(entry.name, entry.shape, options) == KEEP and (own is None or own.label != entry.dtype)
 
 
 def resolved_embed_dtype(options: Options) -> str:

@@ -42,6 +42,7 @@ class Problems:
     mismatched: list = field(default_factory=list)     # (canonical, expected shape, found shape, source name)
     duplicates: list = field(default_factory=list)     # (canonical, [source names])
     bad_dtypes: list = field(default_factory=list)     # (canonical, source dtype, source name)
+    unkept: list = field(default_factory=list)         # (canonical, GGUF type, fallback): --dtype keep --strict
     warnings: list = field(default_factory=list)
 
     def add_unmapped(self, name: str, cause: str):
@@ -52,7 +53,7 @@ class Problems:
 
     def fatal(self, allow_unknown: bool) -> bool:
         return bool(self.config or self.tokenizer or self.missing or self.mismatched or self.duplicates or
-                    self.bad_dtypes or (self.unmapped_names() and not allow_unknown))
+                    self.bad_dtypes or self.unkept or (self.unmapped_names() and not allow_unknown))
 
     def raise_if_fatal(self, allow_unknown: bool, found: int):
         if self.fatal(allow_unknown):
@@ -88,6 +89,10 @@ class Problems:
             lines.append(f"  {len(self.bad_dtypes)} tensor(s) not stored as F32, F16 or BF16 (saved while quantized? "
                          f"save a float copy and convert that):")
             lines += [f"    {name}: {dtype} in {src}" for name, dtype, src in self.bad_dtypes]
+        if self.unkept:
+            lines.append(f"  {len(self.unkept)} weight matrix(es) of GGUF types this build cannot keep as they are "
+                         f"(--strict; without it each is re-quantized to the type shown):")
+            lines += [f"    {name}: {dtype} -> {fallback}" for name, dtype, fallback in self.unkept]
         if self.duplicates:
             lines.append(f"  {len(self.duplicates)} runtime tensor(s) given by more than one source tensor:")
             lines += [f"    {name}: {', '.join(sources)}" for name, sources in self.duplicates]

@@ -4,7 +4,7 @@ A Hugging Face folder is read through an own validated safetensors parser: each 
 are read on demand (bf16 as its raw 16 bits, so neither torch nor a numpy bfloat16 is needed),
 which keeps the peak memory to about one tensor — a whole-file mapping would keep every page
 it touched resident. Pickled checkpoints are refused, never loaded. GGUF files go through the
-`gguf` package and are dequantized tensor by tensor.
+`gguf` package, tensor by tensor: dequantized, or their block bytes copied when kept.
 """
 from __future__ import annotations
 
@@ -234,7 +234,8 @@ GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
 class GGUFFile:
-    """A GGUF file: its header parsed here (fast, validated), tensors read and dequantized one at a time.
+    """A GGUF file: its header parsed here (fast, validated), tensors read one at a time, dequantized
+    (`read`) or as their ggml block bytes (`read_raw`, for a type the blob stores as it is).
 
     Dequantization uses the `gguf` package (optional extra `blobstore-runtime[gguf]`).
     """
@@ -288,6 +289,13 @@ class GGUFFile:
             raise ConversionError(f"{self.path}: tensor {name!r} has GGML type {ref.dtype}, which the gguf "
                                   f"package cannot dequantize") from None
         return values.astype(np.float32, copy=False).reshape(ref.shape), "f32"
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as the GGUF stores them, one row (of whole ggml blocks) per row of the
+        numpy-order shape: uint8 (rows, row bytes). Nothing is dequantized."""
+        ref, (offset, _) = self.tensors[name], self._where[name]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=ref.nbytes, offset=offset)
+        return raw.reshape(math.prod(ref.shape[:-1]), -1)
 
     def scalar_metadata(self) -> dict:
         """The metadata without the long vocabulary arrays, for the manifest."""

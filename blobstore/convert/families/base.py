@@ -101,6 +101,8 @@ class Family:
     variants: dict                        # HF architecture name → Variant
     gguf_arches: dict                     # GGUF general.architecture → HF architecture name
     gguf_config: Callable[[dict, str, dict], dict] = lambda meta, arch, cfg: cfg  # family GGUF keys
+    # GGUF fix-ups by stored name. A matrix whose GGUF type is stored as it is arrives as its ggml block
+    # bytes, uint8 (rows, row bytes): a fix-up may only move or slice whole rows of it (llama's q/k unpermute).
     gguf_sanitize: Callable[[str, np.ndarray, ModelConfig], np.ndarray] = lambda name, x, cfg: x
 
     def normalize(self, config: dict, generation_config: dict | None = None) -> ModelConfig:
