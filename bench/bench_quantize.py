@@ -19,7 +19,7 @@ import numpy as np
 from blobstore import quant
 from blobstore.format import DType
 
-TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
 def parse_args(argv=None):

@@ -30,6 +30,7 @@ CHUNK_VALUES = 1 << 16  # values quantized at a time: keeps the search's tempora
 # Candidate grids, as offsets to the level count the span maps onto (see _affine_fit). Steps
 # twice llama.cpp's 0.1 cost half the passes and stay within 0.5 % of its search's RMSE
 # (tests/test_kquant_quantize.py).
+AFFINE_STEPS_2BIT = np.arange(-0.5, 1.01, 0.25)
 AFFINE_STEPS_4BIT = np.arange(-1.0, 1.01, 0.2)
 AFFINE_STEPS_5BIT = np.arange(-0.5, 1.01, 0.25)
 SYMMETRIC_STEPS = np.arange(-1.5, 1.51, 0.25)
@@ -189,20 +190,60 @@ def _q5_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_halves(d), _pack_bits(levels >> 4), _pack_nibbles(levels & 15, 16)], axis=1)
 
 
-def _k_affine(x: np.ndarray, nmax: int, steps):
-    """The shared half of q4_k and q5_k: (super-blocks, 256) → levels (sb, 256) in 0..nmax, 12 bytes
-    of packed 6-bit sub-scales and sub-mins, float16 d and dmin."""
-    n = len(x)
-    sub = x.reshape(n * 8, 32)
+def _k_affine(x: np.ndarray, nmax: int, steps, size: int, top: int):
+    """The shared half of q2_k, q4_k and q5_k: (super-blocks, 256) → levels (sb, 256) in 0..nmax
+    for sub-blocks of `size` values, their scale and min codes (sb, 256 / size) in 0..top, and the
+    float16 super-scales d and dmin."""
+    n, per = len(x), QK_K // size
+    sub = x.reshape(n * per, size)
     w = _weights(sub)
     scale, minimum = _affine_fit(sub, w, nmax, steps, free_min=False)
-    weight = w.sum(axis=1).reshape(n, 8)
-    sc, d = _sub_scale_codes(scale.reshape(n, 8), weight, 63, signed=False)
-    mc, dmin = _sub_scale_codes(-minimum.reshape(n, 8), weight, 63, signed=False)
+    weight = w.sum(axis=1).reshape(n, per)
+    sc, d = _sub_scale_codes(scale.reshape(n, per), weight, top, signed=False)
+    mc, dmin = _sub_scale_codes(-minimum.reshape(n, per), weight, top, signed=False)
     sub_scale = (d.astype(np.float32)[:, None] * sc).reshape(-1)
     sub_min = -(dmin.astype(np.float32)[:, None] * mc).reshape(-1)
     levels = _round_levels(sub, sub_scale, sub_min, 0, nmax).reshape(n, QK_K).astype(np.uint8)
-    return levels, _pack_6bit(sc.astype(np.uint8), mc.astype(np.uint8)), d, dmin
+    return levels, sc.astype(np.uint8), mc.astype(np.uint8), d, dmin
+
+
+def _k_symmetric(x: np.ndarray, lo: int, hi: int, top: int):
+    """The shared half of q3_k and q6_k (16-value sub-blocks): (super-blocks, 256) → levels
+    (sb, 256) in 0..hi-lo (offset by -lo), signed sub-scale codes (sb, 16) in -top..top-1 and
+    the float16 super-scale."""
+    n = len(x)
+    sub = x.reshape(n * 16, 16)
+    w = _weights(sub)
+    scale = _scale_fit(sub, w, lo, hi, SYMMETRIC_STEPS).reshape(n, 16)
+    codes, d = _sub_scale_codes(scale, w.sum(axis=1).reshape(n, 16), top, signed=True)
+    sub_scale = (d.astype(np.float32)[:, None] * codes).reshape(-1)
+    levels = _round_levels(sub, sub_scale, np.zeros(len(sub)), lo, hi) - lo
+    return levels.astype(np.uint8).reshape(n, QK_K), codes.astype(np.int8), d
+
+
+def _crumbs(levels: np.ndarray) -> np.ndarray:
+    """Levels 0..3 (sb, 256) → 64 bytes: value 128 h + 32 s + l in bits 2s..2s+1 of byte 32 h + l."""
+    parts = levels.reshape(len(levels), 2, 4, 32)
+    return (parts[:, :, 0] | (parts[:, :, 1] << 2) | (parts[:, :, 2] << 4) | (parts[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _bit_planes(bits: np.ndarray) -> np.ndarray:
+    """0/1 values (sb, 256) → 32 bytes: bit j of byte l is value 32 j + l (q3_k's hmask, q5_k's qh)."""
+    return np.bitwise_or.reduce(bits.reshape(len(bits), 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+
+
+def _q2_k(x: np.ndarray) -> np.ndarray:
+    levels, sc, mc, d, dmin = _k_affine(x, 3, AFFINE_STEPS_2BIT, 16, 15)
+    return np.concatenate([sc | (mc << 4), _crumbs(levels), _halves(d), _halves(dmin)], axis=1)
+
+
+def _q3_k(x: np.ndarray) -> np.ndarray:
+    levels, codes, d = _k_symmetric(x, -4, 3, 32)
+    c = (codes + 32).astype(np.uint8)  # 6 bits: low nibbles in bytes 0-7 (sub-blocks 8-15 above 0-7),
+    low = (c[:, :8] & 15) | ((c[:, 8:] & 15) << 4)  # the top 2 bits of sub-block j in byte 8 + j % 4
+    top = (c >> 4).reshape(len(c), 4, 4)             # at bits 2 (j // 4)
+    high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    return np.concatenate([_bit_planes(levels >> 2), _crumbs(levels & 3), low, high, _halves(d)], axis=1)
 
 
 def _pack_6bit(sc: np.ndarray, mc: np.ndarray) -> np.ndarray:
@@ -214,35 +255,26 @@ def _pack_6bit(sc: np.ndarray, mc: np.ndarray) -> np.ndarray:
 
 
 def _q4_k(x: np.ndarray) -> np.ndarray:
-    levels, scales, d, dmin = _k_affine(x, 15, AFFINE_STEPS_4BIT)
-    return np.concatenate([_halves(d), _halves(dmin), scales, _pack_nibbles(levels, 32)], axis=1)
+    levels, sc, mc, d, dmin = _k_affine(x, 15, AFFINE_STEPS_4BIT, 32, 63)
+    return np.concatenate([_halves(d), _halves(dmin), _pack_6bit(sc, mc), _pack_nibbles(levels, 32)], axis=1)
 
 
 def _q5_k(x: np.ndarray) -> np.ndarray:
-    levels, scales, d, dmin = _k_affine(x, 31, AFFINE_STEPS_5BIT)
-    high = (levels >> 4).reshape(len(x), 8, 32)  # bit j of byte l: the 5th bit of value 32 j + l
-    qh = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[:, None], axis=1)
-    return np.concatenate([_halves(d), _halves(dmin), scales, qh, _pack_nibbles(levels & 15, 32)], axis=1)
+    levels, sc, mc, d, dmin = _k_affine(x, 31, AFFINE_STEPS_5BIT, 32, 63)
+    return np.concatenate([_halves(d), _halves(dmin), _pack_6bit(sc, mc), _bit_planes(levels >> 4),
+                           _pack_nibbles(levels & 15, 32)], axis=1)
 
 
 def _q6_k(x: np.ndarray) -> np.ndarray:
-    n = len(x)
-    sub = x.reshape(n * 16, 16)
-    w = _weights(sub)
-    scale = _scale_fit(sub, w, -32, 31, SYMMETRIC_STEPS).reshape(n, 16)
-    codes, d = _sub_scale_codes(scale, w.sum(axis=1).reshape(n, 16), 128, signed=True)
-    sub_scale = (d.astype(np.float32)[:, None] * codes).reshape(-1)
-    levels = (_round_levels(sub, sub_scale, np.zeros(len(sub)), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)
+    levels, codes, d = _k_symmetric(x, -32, 31, 128)
     # each half of 128 values: low nibbles of values k and k+64 share byte k of ql; the top 2 bits
     # of values k, k+32, k+64, k+96 fill byte k of qh, in that order from bit 0
-    ql = _pack_nibbles(levels & 15, 64).reshape(n, 128)
-    top = (levels >> 4).reshape(n, 2, 4, 32)
-    qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(n, 64)
-    return np.concatenate([ql, qh, codes.astype(np.int8).view(np.uint8), _halves(d)], axis=1)
+    ql = _pack_nibbles(levels.reshape(len(x), 2, 128) & 15, 64).reshape(len(x), 128)
+    return np.concatenate([ql, _crumbs(levels >> 4), codes.view(np.uint8), _halves(d)], axis=1)
 
 
-_ENCODERS = {DType.Q4_1: _q4_1, DType.Q5_0: _q5_0, DType.Q5_1: _q5_1, DType.Q4_K: _q4_k, DType.Q5_K: _q5_k,
-             DType.Q6_K: _q6_k}
+_ENCODERS = {DType.Q4_1: _q4_1, DType.Q5_0: _q5_0, DType.Q5_1: _q5_1, DType.Q2_K: _q2_k, DType.Q3_K: _q3_k,
+             DType.Q4_K: _q4_k, DType.Q5_K: _q5_k, DType.Q6_K: _q6_k}
 QUANTIZED_FROM_FLOATS = tuple(_ENCODERS)
 
 

@@ -13,8 +13,8 @@ from blobstore.writer import BlobWriter
 
 gguf = pytest.importorskip("gguf")
 
-TYPES = ["q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
-K_TYPES = ["q4_k", "q5_k", "q6_k"]
+TYPES = ["q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+SEARCH_CHECKED = ["q4_k", "q5_k", "q6_k"]  # against the plain per-block search too
 
 
 def gguf_values(raw: np.ndarray, label: str) -> np.ndarray:
@@ -52,13 +52,13 @@ def _affine_values(x, scale, minimum, nmax):
     return levels * scale + minimum
 
 
-def _k_affine_reference(x: np.ndarray, nmax: int, fit) -> np.ndarray:
-    """q4_k / q5_k values: each 32-value sub-block's (scale, minimum ≤ 0) from `fit`, both coded in
-    6 bits against max/63 (llama.cpp's reference coding), then the levels rounded against them."""
-    sub = x.reshape(-1, 8, 32).astype(np.float64)
+def _k_affine_reference(x: np.ndarray, nmax: int, fit, size: int = 32, top: int = 63) -> np.ndarray:
+    """q2_k / q4_k / q5_k values: each `size`-value sub-block's (scale, minimum ≤ 0) from `fit`, both
+    coded in 0..top against max/top (llama.cpp's reference coding), then the levels rounded against them."""
+    sub = x.reshape(-1, 256 // size, size).astype(np.float64)
     fits = np.array([[fit(block, nmax) for block in superblock] for superblock in sub])
-    scale = _code_scales(fits[..., 0], 63)[..., None]
-    minimum = -_code_scales(-fits[..., 1], 63)[..., None]
+    scale = _code_scales(fits[..., 0], top)[..., None]
+    minimum = -_code_scales(-fits[..., 1], top)[..., None]
     return _affine_values(sub, scale, minimum, nmax).reshape(x.shape)
 
 
@@ -87,9 +87,10 @@ def searched_fit(block, nmax, steps=np.arange(-1.0, 1.01, 0.1)):
     return best[1:]
 
 
-def _q6_k_reference(x: np.ndarray, search: bool) -> np.ndarray:
-    """q6_k values: each 16-value sub-block's signed scale (max-abs / -32, or the best least-squares
-    scale over 19 grids), coded in 8 bits against max/-128, then the levels rounded against them."""
+def _symmetric_reference(x: np.ndarray, search: bool, nmax: int = 32, top: int = 128) -> np.ndarray:
+    """q3_k / q6_k values: each 16-value sub-block's signed scale (max-abs / -nmax, or the best
+    least-squares scale over 19 grids), coded in -top..top-1 against max/-top, then the levels
+    (-nmax..nmax-1) rounded against them."""
     sub = x.reshape(-1, 16, 16).astype(np.float64)
     scales = np.zeros(sub.shape[:2])
     for i, j in np.ndindex(*scales.shape):
@@ -97,26 +98,30 @@ def _q6_k_reference(x: np.ndarray, search: bool) -> np.ndarray:
         peak = block[np.abs(block).argmax()]
         if peak == 0:
             continue
-        scales[i, j] = peak / -32
+        scales[i, j] = peak / -nmax
         if search:
             best = 0.0
             for step in np.arange(-0.9, 0.91, 0.1):
-                levels = np.clip(np.rint(block * -(32 + step) / peak), -32, 31)
+                levels = np.clip(np.rint(block * -(nmax + step) / peak), -nmax, nmax - 1)
                 score = (levels @ block) ** 2 / (levels @ levels)
                 if score > best:
                     best, scales[i, j] = score, levels @ block / (levels @ levels)
     peak = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)
-    d = (peak / -128).astype(np.float16).astype(np.float32)
+    d = (peak / -top).astype(np.float16).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        coded = np.clip(np.rint(np.where(d != 0, scales / d, 0)), -128, 127) * d
-        levels = np.clip(np.rint(np.where(coded[..., None] != 0, sub / coded[..., None], 0)), -32, 31)
+        coded = np.clip(np.rint(np.where(d != 0, scales / d, 0)), -top, top - 1) * d
+        levels = np.clip(np.rint(np.where(coded[..., None] != 0, sub / coded[..., None], 0)), -nmax, nmax - 1)
     return (levels * coded[..., None]).reshape(x.shape)
 
 
 def reference(x: np.ndarray, label: str, search: bool) -> np.ndarray:
     """A plain reference quantizer's values: max-abs / min-max rounding, or a per-block search."""
     if label == "q6_k":
-        return _q6_k_reference(x, search)
+        return _symmetric_reference(x, search)
+    if label == "q3_k":
+        return _symmetric_reference(x, search, nmax=4, top=32)
+    if label == "q2_k":
+        return _k_affine_reference(x, 3, searched_fit if search else max_min_fit, size=16, top=15)
     if label in ("q4_k", "q5_k"):
         return _k_affine_reference(x, 15 if label == "q4_k" else 31, searched_fit if search else max_min_fit)
     raw = gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, label.upper()))  # gguf-py's own: max-abs
@@ -132,7 +137,7 @@ def test_gguf_reads_our_blocks_as_blobstore_does(label):
     assert raw.shape == (6, 512 // DType.parse(label).spec.block * DType.parse(label).spec.block_bytes)
     ours = quant.dequantize(quant.planes_from_ggml(label, raw), 512, label)
     np.testing.assert_array_equal(ours, gguf_values(raw, label))
-    assert rmse(ours, x) < 0.2 * x.std()
+    assert rmse(ours, x) < 1.25 * 2.0 ** (1 - DType.parse(label).spec.bits) * x.std()  # about half a level
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy"])
@@ -143,7 +148,7 @@ def test_the_search_beats_max_abs_rounding_and_a_plain_reference_search(label, k
     plain = rmse(reference(x, label, search=False), x)
     print(f"{label} {kind}: RMSE / std ours {ours / x.std():.4f}, max-abs rounding {plain / x.std():.4f}")
     assert ours < 0.99 * plain
-    if label in K_TYPES:
+    if label in SEARCH_CHECKED:
         searched = rmse(reference(x, label, search=True), x)
         print(f"  plain reference search {searched / x.std():.4f}")
         assert ours <= 1.005 * searched
@@ -165,7 +170,7 @@ def test_a_single_outlier_keeps_its_value_and_costs_only_its_own_block(label):
     x[0, 100] = 1.0  # 50 standard deviations
     y = round_trip(x, label)
     block = DType.parse(label).spec.block
-    assert abs(y[0, 100] - 1.0) < 0.02
+    assert abs(y[0, 100] - 1.0) < 0.03
     others = np.ones(x.shape, bool)
     others[0, (100 // block) * block:(100 // block + 1) * block] = False
     assert rmse(y[others], x[others]) <= 1.02 * rmse(round_trip(np.where(others, x, 0), label)[others], x[others])
@@ -200,5 +205,5 @@ def test_values_beyond_the_float16_scales_are_refused():
 def test_rows_must_hold_whole_blocks():
     with pytest.raises(ValueError, match="q4_k needs rows of a multiple of 256 values, got 640"):
         kquant.quantize_ggml(np.zeros((2, 640), np.float32), "q4_k")
-    with pytest.raises(ValueError, match="no float quantizer for q2_k"):
-        kquant.quantize_ggml(np.zeros((2, 256), np.float32), "q2_k")
+    with pytest.raises(ValueError, match="no float quantizer for q8_0"):
+        kquant.quantize_ggml(np.zeros((2, 256), np.float32), "q8_0")

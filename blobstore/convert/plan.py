@@ -60,8 +60,9 @@ MIXES = {"q4_k_m": Mix("q4_k", "q6_k"), "q5_k_m": Mix("q5_k", "q6_k")}
 MORE_BITS = re.compile(r"layers\.\d+\.(v|down)")
 DTYPE_CHOICES = WEIGHT_DTYPES + tuple(MIXES)  # choices for --dtype
 # A row that is not a whole number of its type's blocks (Gemma 3 270M's 640 columns and 256-value
-# k-quant super-blocks) takes the type llama.cpp falls back to; q8_0 pads a last partial block.
-ROW_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0"}
+# k-quant super-blocks) takes the type llama.cpp falls back to; q4_0 and q8_0 pad a last partial block.
+ROW_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+                "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0"}
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a derived buffer older checkpoints saved
 
 
