@@ -162,14 +162,14 @@ _PLANE_ELEMENTS = {"quants": "u1", "high": "u1", "sub_scales": "u1", "scales": "
 
 
 def _ggml_type(label: str, block: int, bits: int, ggml_type: int, ggml_fields: str, *, elements=(),
-               weight_choice: bool = False, **per_block: int) -> DTypeSpec:
+               matmul: bool = False, weight_choice: bool = False, **per_block: int) -> DTypeSpec:
     """A type holding ggml's numbers: each field of ggml's block struct is one plane, in our plane order
-    (quants, high, sub_scales, scales, mins); `ggml_fields` lists them in the struct's order.
-    Added in format 1.1; the kernels and quantizers switch `matmul` / `weight_choice` on."""
+    (quants, high, sub_scales, scales, mins); `ggml_fields` lists them in the struct's order. Added in
+    format 1.1; matmul / weight_choice are switched on per type once its kernels / quantizer exist."""
     element = {**_PLANE_ELEMENTS, **dict(elements)}
     planes = tuple(Plane(name, element[name], count) for name, count in per_block.items())
-    return DTypeSpec(label, block, planes, bits, weight_choice=weight_choice, feature_since="1.1", whole_blocks=True,
-                     ggml_type=ggml_type, ggml_fields=tuple(ggml_fields.split()))
+    return DTypeSpec(label, block, planes, bits, feature_since="1.1", whole_blocks=True, ggml_type=ggml_type,
+                     ggml_fields=tuple(ggml_fields.split()), matmul=matmul, weight_choice=weight_choice)
 
 
 DTYPE_SPECS: dict[DType, DTypeSpec] = {

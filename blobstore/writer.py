@@ -149,7 +149,8 @@ class BlobWriter:
             raise ValueError(f"tensor {name!r}: raw bytes need dtype= and shape=")
         target = DType.parse(dtype)
         if target.is_quantized:
-            raise ValueError(f"tensor {name!r}: {target.label} cannot be added as raw bytes; pass a float array")
+            raise ValueError(f"tensor {name!r}: {target.label} cannot be added as raw bytes; pass a float array, "
+                             f"or its planes to add_quantized")
         shape = tuple(int(d) for d in shape)
         raw = np.frombuffer(data, dtype=np.uint8)
         if raw.size != math.prod(shape) * target.numpy.itemsize:
