@@ -207,3 +207,15 @@ def test_rows_must_hold_whole_blocks():
         kquant.quantize_ggml(np.zeros((2, 640), np.float32), "q4_k")
     with pytest.raises(ValueError, match="no float quantizer for q8_0"):
         kquant.quantize_ggml(np.zeros((2, 256), np.float32), "q8_0")
+
+
+@pytest.mark.parametrize("label", TYPES)
+def test_blob_writer_quantizes_and_the_reader_reads_the_same_values(label, tmp_path):
+    import blobstore
+    x = weights("heavy", rows=5, cols=768, seed=7)
+    with BlobWriter(tmp_path / "w.blob") as writer:
+        writer.add("w", x, dtype=label)
+    with blobstore.open(tmp_path / "w.blob", verify="full") as blob:
+        assert blob.info("w").dtype.label == label
+        np.testing.assert_array_equal(blob.float32("w"), round_trip(x, label))
+        np.testing.assert_array_equal(quant.ggml_from_planes(label, blob["w"].planes), kquant.quantize_ggml(x, label))
