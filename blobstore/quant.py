@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kquant
 from .format import DType, layout
 
 CHUNK_ROWS = 4096  # rows quantized at a time: bounds the temporaries to a few copies of a chunk
@@ -75,9 +76,11 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
     ((2, 64), (2, 2), 127, 1.0)
     """
     dtype = DType.parse(dtype)
+    if dtype in kquant.QUANTIZED_FROM_FLOATS:
+        return _planes_of_ggml_rows(kquant.quantize_ggml(x, dtype), dtype)
     if dtype not in _BLOCK_QUANTIZERS:
         raise ValueError(f"blobstore has no quantizer from floats to {dtype.label}; expected one of "
-                         f"{[d.label for d in _BLOCK_QUANTIZERS]}")
+                         f"{[d.label for d in (*_BLOCK_QUANTIZERS, *kquant.QUANTIZED_FROM_FLOATS)]}")
     rows, cols = x.shape
     lay = layout(dtype, (rows, cols))
     quant_plane, scale_plane = dtype.spec.planes
@@ -95,6 +98,15 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
         quants[start:start + n, :q[0].size] = q.reshape(n, -1)
         scales[start:start + n] = s
     return quants, scales
+
+
+def _planes_of_ggml_rows(blocks: np.ndarray, dtype: DType) -> tuple[np.ndarray, ...]:
+    """ggml block bytes → planes, the first padded to the row stride as `quantize` returns it."""
+    first, *rest = planes_from_ggml(dtype, blocks)
+    stride = layout(dtype, (len(blocks), blocks.shape[1] // dtype.spec.block_bytes * dtype.spec.block)).row_stride
+    padded = np.zeros((len(first), stride // first.itemsize), first.dtype)
+    padded[:, :first.shape[1]] = first
+    return (padded, *rest)
 
 
 # ---- ggml's block bytes <-> our planes ----

@@ -204,8 +204,11 @@ def test_cli_help_explains_every_option(capsys):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dtype": "i8"}, "dtype: expected keep or one of f32, f16, bf16, q8_0, q4_0.*, found 'i8'"),
-    ({"embed_dtype": "iq4_xs"}, "embed_dtype: expected keep or one of"),
+    ({"dtype": "i8"}, "dtype: expected keep or one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, "
+                      "q5_k, q6_k, q4_k_m, q5_k_m, found 'i8'"),
+    ({"embed_dtype": "iq4_xs"}, "embed_dtype: expected keep or one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+                                "q2_k, q3_k, q4_k, q5_k, q6_k, found 'iq4_xs'"),
+    ({"embed_dtype": "q4_k_m"}, "embed_dtype: expected keep or one of .*, found 'q4_k_m'"),
     ({"align": 100}, "--align: expected a power of two from 64"),
 ])
 def test_bad_options_are_named(options, message, checkpoints, tmp_path):

@@ -115,7 +115,7 @@ def write_random_gguf(path, arch: str, types: dict, spm_model: bytes, seed: int 
 
 @pytest.fixture
 def kernels_for_every_type(monkeypatch):
-    """The table as it reads once the kernels multiply every new type (no quantizers from floats yet)."""
+    """The table as it reads once the kernels multiply every new type."""
     for dtype in NEW_TYPES:
         monkeypatch.setitem(DTYPE_SPECS, dtype, dataclasses.replace(dtype.spec, matmul=True))
 
@@ -156,7 +156,8 @@ def test_every_runnable_type_keeps_its_bytes_and_values(llama_gguf, tmp_path, ke
             info = blob.info(name)
             expected = gguf_values(qtype, raw, shape)
             if qtype == T.IQ4_NL:
-                assert info.dtype is DType.Q8_0  # not stored: re-quantized to the first type that runs (below)
+                # not stored: re-quantized to the first REQUANTIZE_TO type that runs and blob-pack quantizes to
+                assert info.dtype is DType.Q4_K
                 continue
             assert info.dtype.spec.ggml_type == qtype, name
             stored = llama_rows(name, blob.float32(name))
@@ -166,7 +167,7 @@ def test_every_runnable_type_keeps_its_bytes_and_values(llama_gguf, tmp_path, ke
                 assert np.array_equal(llama_rows(name, blocks), raw), name  # the GGUF's bytes, unchanged
     assert [line for line in lines if line.startswith("warning:")] == [
         "warning: 1 weight matrix of a GGUF type this build cannot keep is re-quantized (--strict refuses instead): "
-        "IQ4_NL -> q8_0: layers.1.gate"]
+        "IQ4_NL -> q4_k: layers.1.gate"]
 
 
 def test_the_blob_is_the_ggufs_size_plus_padding(llama_gguf, tmp_path, kernels_for_every_type):
@@ -211,7 +212,7 @@ def test_strict_refuses_what_it_cannot_keep_and_writes_nothing(llama_gguf, tmp_p
         convert(path, tmp_path / "out.blob", quiet=True, strict=True)
     message = str(caught.value)
     assert "cannot keep" in message and "--strict" in message
-    assert "layers.1.gate: IQ4_NL -> q8_0" in message
+    assert "layers.1.gate: IQ4_NL -> q4_k" in message
     for gguf_name, (qtype, _, _) in tensors.items():
         own = blobstore.format.dtype_of_ggml(qtype)
         if own is None or not own.spec.matmul:

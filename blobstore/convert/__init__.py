@@ -23,7 +23,7 @@ from ..quant import bf16_to_f32, planes_from_ggml
 from ..writer import BlobWriter
 from . import tokenizer
 from .families import family_for_hf
-from .plan import KEEP, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype, stored_type_of
+from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype, stored_type_of
 from .problems import ConversionError, Problems
 from .sources import open_source, provenance
 
@@ -101,9 +101,9 @@ def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = Non
 
 def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict) -> Options:
     """The checked options; a None dtype stays None until the source says which default applies."""
-    for option, value in (("dtype", dtype), ("embed_dtype", embed_dtype)):
-        if value is not None and value not in (KEEP, *WEIGHT_DTYPES):
-            raise ConversionError(f"{option}: expected {KEEP} or one of {', '.join(WEIGHT_DTYPES)}, found {value!r}")
+    for option, value, choices in (("dtype", dtype, DTYPE_CHOICES), ("embed_dtype", embed_dtype, WEIGHT_DTYPES)):
+        if value is not None and value not in (KEEP, *choices):
+            raise ConversionError(f"{option}: expected {KEEP} or one of {', '.join(choices)}, found {value!r}")
     if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
         raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
     return Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,

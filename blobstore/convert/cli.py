@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import convert
-from .plan import KEEP, WEIGHT_DTYPES
+from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,12 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "exists: read from the local Hugging Face cache (HF_HUB_CACHE / HF_HOME), downloading "
                              "what is missing unless offline; needs pip install 'blobstore-runtime[hub]'")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
-    parser.add_argument("--dtype", choices=(KEEP, *WEIGHT_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=(KEEP, *DTYPE_CHOICES), default=None,
                         help="stored type of 2-D weight matrices (norms and biases stay f32). Default: keep for a "
                              "GGUF — each matrix keeps its GGUF type, bytes unchanged, where the kernels multiply "
                              "it, and is re-quantized to the nearest type that runs otherwise (one warning names "
                              "them; docs/CONVERT.md has the table); q8_0 for a Hugging Face model, where keep "
-                             "means its float type (f32, f16 or bf16)")
+                             "means its float type (f32, f16 or bf16). q4_k_m / q5_k_m: llama.cpp-style mixes, "
+                             "q4_k / q5_k with the most sensitive matrices in q6_k")
     parser.add_argument("--strict", action="store_true",
                         help="with --dtype keep, refuse a GGUF whose matrices cannot all keep their type instead "
                              "of re-quantizing them")

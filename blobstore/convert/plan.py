@@ -40,6 +40,29 @@ REQUANTIZE_TO = {
 # q4_0 throughout, 65 % with a q8_0 embedding; the demo model 88 % and 93 %.
 FOUR_BIT_DTYPES = tuple(label for label in WEIGHT_DTYPES if DType.parse(label).spec.bits <= 4)
 FOUR_BIT_EMBED_DTYPE = "q8_0"
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A per-tensor mix under one --dtype name, as llama.cpp's Q4_K_M / Q5_K_M: most matrices in
+    `base`; in `more`, the ones the output is most sensitive to (MORE_BITS)."""
+
+    base: str
+    more: str
+
+
+MIXES = {"q4_k_m": Mix("q4_k", "q6_k"), "q5_k_m": Mix("q5_k", "q6_k")}
+# Which matrices a mix gives more bits, by measurement on the demo model (KL divergence to f32,
+# docs/CONVERT.md): the embedding / output head (every logit is a dot with one of its rows), and
+# the attention V and FFN down of every layer. Those two in only llama.cpp's layers (first and
+# last eighth, every third between) lost 55 % more, in the first half of the layers 10 % more:
+# the first layers mattered most, and no layer's V or down was cheap to leave at 4 bits.
+MORE_BITS = re.compile(r"layers\.\d+\.(v|down)")
+DTYPE_CHOICES = WEIGHT_DTYPES + tuple(MIXES)  # choices for --dtype
+# A row that is not a whole number of its type's blocks (Gemma 3 270M's 640 columns and 256-value
+# k-quant super-blocks) takes the type llama.cpp falls back to; q4_0 and q8_0 pad a last partial block.
+ROW_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+                "q4_1": "q8_0", "q5_0": "q8_0", "q5_1": "q8_0"}
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a derived buffer older checkpoints saved
 
 
@@ -157,11 +180,15 @@ def _split(src: str, names: tuple, component: str, ref, expected: dict, options:
 
 def target_dtype(name: str, shape: tuple, options: Options, source_dtype: str) -> str:
     """f32 for norms, biases, --keep-f32 matches and unknown (extra.) tensors; the embedding choice for
-    embed/lm_head (resolved_embed_dtype); else dtype. Under KEEP a matrix stays in `source_dtype`
-    (a safetensors float label or a GGUF type name) when it can (kept_dtype).
+    embed/lm_head (resolved_embed_dtype); under a mix its `more` type for MORE_BITS matrices and
+    its `base` for the rest; else dtype — then ROW_FALLBACK while the rows do not fit the type.
+    Under KEEP a matrix stays in `source_dtype` (a safetensors float label or a GGUF type name)
+    when it can (kept_dtype).
 
     >>> target_dtype("layers.0.q", (64, 64), Options(dtype="keep"), "F16")
     'f16'
+    >>> target_dtype("layers.0.down", (64, 640), Options(dtype="q4_k_m"), "f32")
+    'q8_0'
     """
     chosen = _choice(name, shape, options)
     return kept_dtype(source_dtype) if chosen == KEEP else chosen
@@ -170,7 +197,16 @@ def target_dtype(name: str, shape: tuple, options: Options, source_dtype: str) -
 def _choice(name: str, shape: tuple, options: Options) -> str:
     if len(shape) != 2 or name.startswith("extra.") or any(fnmatch.fnmatchcase(name, p) for p in options.keep_f32):
         return "f32"
-    return resolved_embed_dtype(options) if name in ("embed", "lm_head") else options.dtype
+    mix = MIXES.get(options.dtype)
+    if name in ("embed", "lm_head"):
+        label = resolved_embed_dtype(options)
+    elif mix:
+        label = mix.more if MORE_BITS.fullmatch(name) else mix.base
+    else:
+        label = options.dtype
+    while label in ROW_FALLBACK and shape[-1] % DType.parse(label).spec.block:
+        label = ROW_FALLBACK[label]
+    return label
 
 
 def kept_dtype(source_dtype: str) -> str:
@@ -214,12 +250,13 @@ def _requantized(entry: Entry, source_dtype: str, options: Options) -> bool:
 
 
 def resolved_embed_dtype(options: Options) -> str:
-    """The stored type of embed and lm_head: --embed-dtype when given, else q8_0 under a 4-bit
-    --dtype, else --dtype."""
+    """The stored type of embed and lm_head: --embed-dtype when given, else a mix's `more` type,
+    else q8_0 under a 4-bit --dtype, else --dtype."""
     if options.embed_dtype:
         return options.embed_dtype
+    if options.dtype in MIXES:
+        return MIXES[options.dtype].more
     return FOUR_BIT_EMBED_DTYPE if options.dtype in FOUR_BIT_DTYPES else options.dtype
-
 
 
 def _map_names(source, variant, options: Options, plan: Plan, problems: Problems) -> dict:
