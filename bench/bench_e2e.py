@@ -39,10 +39,13 @@ ROOT = HERE.parent
 CACHE = Path(os.environ.get("BLOBSTORE_CACHE", Path.home() / ".cache" / "blobstore"))
 PEER_VENV = CACHE / "peer-venv"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-TYPES = ["f16", "bf16", "q8_0", "q4_0"]
+TYPES = ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048)
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}   # llama.cpp's LLAMA_FTYPE_* values
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "bf16": 32}   # llama.cpp's LLAMA_FTYPE_* values
+# Types both runtimes read from one and the same GGUF file: ours converted with --dtype keep (its
+# blocks copied as they are), llama.cpp's the file itself. No re-quantization on either side.
+SAME_FILE_TYPES = ("q4_k_m",)
 START, END = "<!-- bench_e2e:start -->", "<!-- bench_e2e:end -->"
 
 
@@ -181,6 +184,15 @@ def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, t
 
     for dtype in types:
         blob = work / f"{stem}-{dtype}.blob"
+        if dtype in SAME_FILE_TYPES:
+            gguf = gguf_of_type(work, stem, source, peer_source, dtype, python)
+            if gguf is None:
+                log(f"{stem} {dtype}: no GGUF of that type (the source is another, and llama.cpp cannot make one)")
+                continue
+            if not blob.exists():
+                convert(gguf, blob, dtype="keep", quiet=True, force=True)
+            yield dtype, blob, gguf if python else None
+            continue
         if not blob.exists() or _stale(blob, dtype):
             convert(source, blob, dtype=dtype, quiet=True, force=True)
         peer = None
@@ -188,6 +200,26 @@ def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, t
             peer = work / f"{stem}-{dtype}.gguf"
             quantize_gguf(python, peer_source, peer, dtype)
         yield dtype, blob, peer
+
+
+def gguf_of_type(work: Path, stem: str, source: Path, peer_source: Path | None, dtype: str,
+                 python: str | None) -> Path | None:
+    """A GGUF file of llama.cpp's file type `dtype`: the source itself when it is one (Gemma 3
+    270M's PyPI file is Q4_K_M), else llama.cpp's quantization of `peer_source`."""
+    if source.suffix == ".gguf" and _gguf_file_type(source) == GGML_TYPES[dtype]:
+        return source
+    if python is None or peer_source is None:
+        return None
+    out = work / f"{stem}-{dtype}.gguf"
+    quantize_gguf(python, peer_source, out, dtype)
+    return out
+
+
+def _gguf_file_type(path: Path) -> int | None:
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("general.file_type")
+    return None if field is None else int(field.contents())
 
 
 def _stale(blob: Path, dtype: str) -> bool:
@@ -338,8 +370,8 @@ def best_of(runs: list[dict]) -> dict:
 
 def measure(args, work: Path, bandwidth: float) -> list[dict]:
     python = None if args.no_peers else peer_python(args)
-    models = [("gemma-3-270m", gemma_model)] + ([] if args.quick else [("llama-1b", llama_model)])
-    types = ["q8_0"] if args.quick else TYPES
+    models = [(name, prepare) for name, prepare in MODELS.items() if name in args.models]
+    types = args.types
     rows = []
     for model_name, prepare in models:
         stem, source, peer_source, hf_source = prepare(work, python)
@@ -369,6 +401,9 @@ def measure(args, work: Path, bandwidth: float) -> list[dict]:
                     label = {"bfloat16": "bf16", "float32": "f32"}[torch_dtype]
                     rows.append(dict(model=model_name, type=label, runtime="transformers", limit_tps=None, **figures))
     return rows
+
+
+MODELS = {"gemma-3-270m": gemma_model, "llama-1b": llama_model}
 
 
 # ---- reporting ----
@@ -444,8 +479,20 @@ def main():
     parser.add_argument("--runs", type=int, default=None,
                         help="runs of blobstore and llama.cpp each, interleaved; the best figures are reported "
                              "(default 3; 1 with --quick)")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to update")
+    parser.add_argument("--types", default=None,
+                        help=f"comma-separated weight types (default all: {','.join(TYPES)}; q8_0 with --quick); "
+                             f"{', '.join(SAME_FILE_TYPES)}: both runtimes read the same GGUF file")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated models (default all: {','.join(MODELS)}; gemma-3-270m with --quick)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md",
+                        help="markdown file to update (only a run of every model and type writes it)")
     args = parser.parse_args()
+    default_types, default_models = (["q8_0"], ["gemma-3-270m"]) if args.quick else (TYPES, list(MODELS))
+    args.types = args.types.split(",") if args.types else default_types
+    args.models = args.models.split(",") if args.models else default_models
+    for what, chosen, known in (("--types", args.types, TYPES), ("--models", args.models, list(MODELS))):
+        if set(chosen) - set(known):
+            parser.error(f"{what}: unknown {sorted(set(chosen) - set(known))}; known: {', '.join(known)}")
     args.prompt = args.prompt or (32 if args.quick else 128)
     args.new = args.new or (32 if args.quick else 128)
     args.runs = max(args.runs or default_runs(args.quick), 1)
@@ -458,9 +505,10 @@ def main():
     rows = measure(args, args.work, bandwidth)
     body = table(rows, bandwidth, args)
     print(body)
-    chart(rows, HERE / "e2e.png")
     summary = ratios(rows)
-    write_markdown(args.out, body + "\n\nRatios to llama.cpp in this run:\n\n```\n" + "\n".join(summary) + "\n```")
+    if (args.types, args.models) == (TYPES, list(MODELS)) or args.quick:
+        chart(rows, HERE / "e2e.png")
+        write_markdown(args.out, body + "\n\nRatios to llama.cpp in this run:\n\n```\n" + "\n".join(summary) + "\n```")
     for line in summary:
         print(line)
 
