@@ -1,0 +1,155 @@
+"""Quality of each stored weight type: KL divergence and top-1 agreement with the model's own f32 blob.
+
+A source (the real Gemma 3 270M GGUF, the demo model's checkpoint, or any path `blob-pack convert`
+reads) is converted once to f32 and once per requested type with `blob-pack convert`; the same
+held-out text (bench/quality_corpus.txt, written for this purpose: prose and a little Python) runs
+through `blobstore.runtime` on each blob, and every scored position's next-token distribution is
+compared with the f32 blob's: KL(p_f32 || p_type) and whether the top token is the same.
+
+    python bench/bench_quality.py                                  # Gemma 3 270M, q8_0 and q4_0
+    python bench/bench_quality.py --source demo --types q8_0,q4_0,q4_0/q4_0
+    python bench/bench_quality.py --blob mine=/tmp/x.blob          # also score a blob made elsewhere
+
+A type is `DTYPE` or `DTYPE/EMBED` (`--dtype DTYPE --embed-dtype EMBED`). `--blob LABEL=PATH` adds
+a blob made by other means (for instance f32 weights quantized and dequantized by an experiment),
+scored against the same f32 reference, which must share its tokenizer and vocabulary.
+
+Scoring follows llama.cpp's `llama-perplexity --kl-divergence` so that figures are comparable with
+its tables: the text is cut into chunks of `--ctx` tokens, each run from an empty cache with BOS
+first, and only the second half of each chunk is scored (every scored token has at least ctx/2
+tokens of context). `--ctx 0` runs the whole text as one sequence and scores every position.
+On 2 cores the 270M model takes about a minute per type plus its conversion.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CORPUS = HERE / "quality_corpus.txt"
+NAMED_SOURCES = {
+    "demo": lambda: ROOT / "tests" / "fixtures" / "demo-gemma3",
+    "gemma-3-270m": lambda: _fetch_gemma(),
+}
+
+
+def _fetch_gemma() -> Path:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fetch_gemma3_270m import fetch
+    return fetch()
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def convert(source: Path, out: Path, spec: str) -> Path:
+    """`blob-pack convert` of `source` to the type spec `DTYPE[/EMBED]`, skipped when `out` exists."""
+    if out.exists():
+        return out
+    dtype, _, embed = spec.partition("/")
+    command = [sys.executable, "-m", "blobstore", "convert", str(source), "-o", str(out), "--dtype", dtype, "--quiet"]
+    if embed:
+        command += ["--embed-dtype", embed]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    log(f"converted {spec} in {time.perf_counter() - started:.0f} s: {out.stat().st_size / 1e6:.0f} MB")
+    return out
+
+
+def chunks(ids: list, ctx: int, bos: int) -> list:
+    """(token ids, first scored position) per chunk, as llama-perplexity cuts and scores its text."""
+    if ctx == 0:
+        return [([bos] + ids, 0)]
+    body = ctx - 1
+    return [([bos] + ids[i:i + body], ctx // 2) for i in range(0, len(ids) - body + 1, body)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities in float64 (the KL sums over 262k terms)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def scored_log_probs(blob: Path, pieces: list, threads: int, vocab: int) -> list:
+    """Each chunk's scored rows as log-probabilities over the first `vocab` ids (the tokenizer's)."""
+    from blobstore.runtime import load
+    model = load(blob, threads=threads, max_seq_len=max(len(ids) for ids, _ in pieces) + 1)
+    return [log_softmax(model.forward(ids)[first:, :vocab]) for ids, first in pieces]
+
+
+def compare(reference: list, candidate: list) -> dict:
+    """Mean / median KL(reference || candidate) and top-1 agreement over every scored position."""
+    kl, same = [], []
+    for p_log, q_log in zip(reference, candidate):
+        kl.append((np.exp(p_log) * (p_log - q_log)).sum(axis=1))
+        same.append(p_log.argmax(axis=1) == q_log.argmax(axis=1))
+    kl, same = np.concatenate(kl), np.concatenate(same)
+    return dict(mean=float(kl.mean()), median=float(np.median(kl)), p99=float(np.percentile(kl, 99)),
+                top1=float(same.mean()), positions=int(kl.size))
+
+
+def table(source_label: str, results: dict, sizes: dict, positions: int, ctx: int) -> str:
+    scoring = f"chunks of {ctx}, second half scored" if ctx else "one sequence, every position"
+    lines = [f"KL divergence to the f32 blob, {source_label}, {positions} scored positions ({scoring})", "",
+             "| type | size | mean KLD | median KLD | 99th pct KLD | same top token |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {sizes[label] / 1e6:.0f} MB | {r['mean']:.4f} | {r['median']:.4f} | "
+                     f"{r['p99']:.3f} | {r['top1']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default="gemma-3-270m",
+                        help="gemma-3-270m | demo | any path blob-pack convert reads (default gemma-3-270m)")
+    parser.add_argument("--types", default="q8_0,q4_0", help="comma-separated DTYPE or DTYPE/EMBED (default q8_0,q4_0)")
+    parser.add_argument("--blob", action="append", default=[], metavar="LABEL=PATH", help="also score this blob")
+    parser.add_argument("--text", type=Path, default=CORPUS, help="the held-out text (default bench/quality_corpus.txt)")
+    parser.add_argument("--ctx", type=int, default=128, help="chunk length; 0 = the whole text, every position scored")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workdir", type=Path, help="keep the converted blobs here and reuse them (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    source = NAMED_SOURCES[args.source]() if args.source in NAMED_SOURCES else Path(args.source)
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        stem = source.name.split(".")[0]
+        reference_blob = convert(source, work / f"{stem}-f32.blob", "f32")
+        blobs = {spec: convert(source, work / f"{stem}-{spec.replace('/', '-e')}.blob", spec)
+                 for spec in filter(None, args.types.split(","))}
+        for item in args.blob:
+            label, _, path = item.partition("=")
+            blobs[label] = Path(path)
+
+        from blobstore.runtime import load
+        probe = load(reference_blob, max_seq_len=8)
+        vocab = min(probe.config.vocab_size, probe.tokenizer.vocab_size)
+        ids = probe.tokenizer.encode(args.text.read_text(), add_bos=False)
+        pieces = chunks(ids, args.ctx, probe.tokenizer.bos_id)
+        del probe
+        reference = scored_log_probs(reference_blob, pieces, args.threads, vocab)
+        results, sizes = {}, {}
+        for label, blob in blobs.items():
+            started = time.perf_counter()
+            results[label] = compare(reference, scored_log_probs(blob, pieces, args.threads, vocab))
+            sizes[label] = blob.stat().st_size
+            log(f"{label}: {results[label]} ({time.perf_counter() - started:.0f} s)")
+        positions = next(iter(results.values()))["positions"] if results else 0
+        print(table(f"{source.name}", results, sizes, positions, args.ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
