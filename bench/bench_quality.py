@@ -9,10 +9,18 @@ compared with the f32 blob's: KL(p_f32 || p_type) and whether the top token is t
     python bench/bench_quality.py                                  # Gemma 3 270M, q8_0 and q4_0
     python bench/bench_quality.py --source demo --types q8_0,q4_0,q4_0/q4_0
     python bench/bench_quality.py --blob mine=/tmp/x.blob          # also score a blob made elsewhere
+    python bench/bench_quality.py --llama-cpp q4_0,q8_0            # and llama.cpp's own requantizations
 
 A type is `DTYPE` or `DTYPE/EMBED` (`--dtype DTYPE --embed-dtype EMBED`). `--blob LABEL=PATH` adds
 a blob made by other means (for instance f32 weights quantized and dequantized by an experiment),
 scored against the same f32 reference, which must share its tokenizer and vocabulary.
+
+`--llama-cpp TYPES` (a GGUF source only; llama-cpp-python in bench_e2e.py's peer virtualenv) adds,
+per type, llama.cpp's own requantization of the source (llama_model_quantize, as llama-quantize
+makes it) measured two ways on the same token ids: `llama.cpp T` is llama.cpp running that file
+against llama.cpp running its own F32 requantization (what `llama-perplexity --kl-divergence`
+reports), and `llama.cpp T weights` is that file converted with `blob-pack convert --dtype f32` and
+run by blobstore against the f32 blob (its weights alone, with our runtime and reference).
 
 Scoring follows llama.cpp's `llama-perplexity --kl-divergence` so that figures are comparable with
 its tables: the text is cut into chunks of `--ctx` tokens, each run from an empty cache with BOS
@@ -31,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_e2e import GGML_TYPES, PEER_VENV, quantize_gguf
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,6 +97,54 @@ def scored_log_probs(blob: Path, pieces: list, threads: int, vocab: int) -> list
     return [log_softmax(model.forward(ids)[first:, :vocab]) for ids, first in pieces]
 
 
+PEER_LOGITS = r'''
+import json, sys, numpy as np, llama_cpp
+path, pieces, vocab, threads, out = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+n_ctx = max(len(ids) for ids, _ in pieces)
+llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                      n_threads_batch=threads, logits_all=True, verbose=False)
+rows = []
+for ids, first in pieces:
+    llm.reset()
+    llm.eval(ids)
+    rows.append(np.array(llm.scores[first:len(ids), :vocab], np.float32))
+np.save(out, np.concatenate(rows))
+'''
+
+
+def llama_cpp_log_probs(gguf: Path, pieces: list, threads: int, vocab: int, work: Path) -> list:
+    """llama.cpp's logits for the same chunks (llama-cpp-python in the peer virtualenv), as scored_log_probs."""
+    import json
+    out = work / f"{gguf.stem}-logits.npy"
+    subprocess.run([str(PEER_VENV / "bin" / "python"), "-c", PEER_LOGITS, str(gguf), json.dumps(pieces), str(vocab),
+                    str(threads), str(out)], check=True)
+    rows, result, start = np.load(out), [], 0
+    out.unlink()
+    for ids, first in pieces:
+        result.append(log_softmax(rows[start:start + len(ids) - first]))
+        start += len(ids) - first
+    return result
+
+
+def llama_cpp_rows(source: Path, types: list, pieces: list, threads: int, vocab: int, work: Path,
+                   reference: list) -> tuple[dict, dict]:
+    """Results and sizes of `llama.cpp T` and `llama.cpp T weights` per type (see the module doc)."""
+    python = str(PEER_VENV / "bin" / "python")
+    stem = source.name.split(".")[0]
+    files = {t: work / f"{stem}-llama-{t}.gguf" for t in ["f32", *types]}
+    for t, path in files.items():
+        quantize_gguf(python, source, path, t)
+    own_reference = llama_cpp_log_probs(files["f32"], pieces, threads, vocab, work)
+    results, sizes = {}, {}
+    for t in types:
+        results[f"llama.cpp {t}"] = compare(own_reference, llama_cpp_log_probs(files[t], pieces, threads, vocab, work))
+        blob = convert(files[t], work / f"{stem}-llama-{t}-weights-f32.blob", "f32")
+        results[f"llama.cpp {t} weights"] = compare(reference, scored_log_probs(blob, pieces, threads, vocab))
+        sizes[f"llama.cpp {t}"] = sizes[f"llama.cpp {t} weights"] = files[t].stat().st_size
+        log(f"llama.cpp {t}: {results[f'llama.cpp {t}']}; its weights in blobstore: {results[f'llama.cpp {t} weights']}")
+    return results, sizes
+
+
 def compare(reference: list, candidate: list) -> dict:
     """Mean / median KL(reference || candidate) and top-1 agreement over every scored position."""
     kl, same = [], []
@@ -115,6 +173,8 @@ def main(argv=None) -> int:
                         help="gemma-3-270m | demo | any path blob-pack convert reads (default gemma-3-270m)")
     parser.add_argument("--types", default="q8_0,q4_0", help="comma-separated DTYPE or DTYPE/EMBED (default q8_0,q4_0)")
     parser.add_argument("--blob", action="append", default=[], metavar="LABEL=PATH", help="also score this blob")
+    parser.add_argument("--llama-cpp", default="", metavar="TYPES",
+                        help="comma-separated llama.cpp types (q4_0, q8_0, ...) to requantize the GGUF source to and score")
     parser.add_argument("--text", type=Path, default=CORPUS, help="the held-out text (default bench/quality_corpus.txt)")
     parser.add_argument("--ctx", type=int, default=128, help="chunk length; 0 = the whole text, every position scored")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -146,6 +206,11 @@ def main(argv=None) -> int:
             results[label] = compare(reference, scored_log_probs(blob, pieces, args.threads, vocab))
             sizes[label] = blob.stat().st_size
             log(f"{label}: {results[label]} ({time.perf_counter() - started:.0f} s)")
+        llama_types = list(filter(None, args.llama_cpp.split(",")))
+        if llama_types:
+            peer_results, peer_sizes = llama_cpp_rows(source, llama_types, pieces, args.threads, vocab, work, reference)
+            results.update(peer_results)
+            sizes.update(peer_sizes)
         positions = next(iter(results.values()))["positions"] if results else 0
         print(table(f"{source.name}", results, sizes, positions, args.ctx))
     return 0
