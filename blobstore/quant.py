@@ -1,7 +1,8 @@
 """Reference conversions between float32 and the stored element types (numpy, vectorized).
 
 q8_0 and q4_0 follow docs/FORMAT.md exactly: blocks of 32 values along a row, one float16
-scale per block, round to nearest (ties to even). The planes returned here are the bytes the
+scale per block, round to nearest (ties to even); q4_0's scale is searched per block
+(_q4_0_blocks). The planes returned here are the bytes the
 writer stores; the C kernels read the same planes. Every quantized type is a ggml block type:
 `planes_from_ggml` / `ggml_from_planes` move its bytes between ggml's block struct and our
 planes, and `dequantize` gives the float32 values ggml gives, bit for bit (FORMAT.md §5.4).
@@ -51,14 +52,77 @@ def _q8_0_blocks(blocks: np.ndarray):
     return np.clip(q, -127, 127).astype(np.int8), scales
 
 
+# q4_0 scale candidates, as the level the block's largest-magnitude value is aimed at (the plain
+# max-abs rule is 8). Letting that value clip, or leaving a level unused, often fits the other 31
+# values better: the squared error falls by 11 % on normal data and by 30 % on Gemma 3 270M's
+# weights (Q5_0 / Q4_K grids requantized), whose mean KL divergence to f32 goes from 0.55 (max-abs,
+# ties to even) to 0.38, on par with ggml's max-abs rule with ties rounded up (docs/CONVERT.md).
+# 19 or 41 finer candidates lower the error by under 0.3 % more.
+Q4_0_PEAK_LEVELS = np.linspace(7, 9, 9, dtype=np.float32)
+
+
 def _q4_0_blocks(blocks: np.ndarray):
-    """(r, nb, 32) float32 → packed nibbles (r, nb, 16) uint8 and float16 scales (r, nb)."""
+    """(r, nb, 32) float32 → packed nibbles (r, nb, 16) uint8 and float16 scales (r, nb).
+
+    The scale of each block is the one of least squared error among the max-abs rule's (the block's
+    largest-magnitude value, sign kept, over −8: what ggml's reference q4_0 does) and, for each of
+    Q4_0_PEAK_LEVELS, the least-squares scale of the levels that aim puts the values on. Scales stay
+    within [peak/9, peak/7] in magnitude and at least a step of the opposite side's largest value
+    over 8, so no value is off by more than one step; a block keeps the max-abs scale unless the
+    searched one is strictly better, so no block is ever worse than that rule's."""
     peak_index = np.abs(blocks).argmax(axis=2)[..., None]
     peak = np.take_along_axis(blocks, peak_index, axis=2)[..., 0]  # keeps its sign
-    scales = (peak / np.float32(-8)).astype(np.float16)
+    reference = (peak / np.float32(-8)).astype(np.float16)
+    searched = _q4_0_searched_scales(blocks, peak)
+    better = _q4_0_error(blocks, searched) < _q4_0_error(blocks, reference)
+    scales = np.where(better, searched, reference)
     q = np.clip(np.rint(blocks * _inverse(scales)[..., None]) + 8, 0, 15).astype(np.uint8)
     half = q.shape[2] // 2  # byte j holds values j (low nibble) and j + half (high nibble)
     return q[..., :half] | (q[..., half:] << 4), scales
+
+
+def _q4_0_searched_scales(blocks: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Per block, the float16 scale of least squared error among the candidates of Q4_0_PEAK_LEVELS
+    (ranked by |x − q d|² − |x|², q being the candidate's levels: enough to rank, and an upper bound
+    of the error once the values are rounded to the nearest level of d)."""
+    low, high = _q4_0_scale_range(blocks, peak)
+    best_scale = np.zeros(peak.shape, np.float16)
+    best_score = np.full(peak.shape, np.inf, np.float32)
+    q = np.empty_like(blocks)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for level in Q4_0_PEAK_LEVELS:
+            aim = np.where(peak != 0, -level / peak, np.float32(0)).astype(np.float32)
+            np.multiply(blocks, aim[..., None], out=q)
+            np.clip(np.rint(q, out=q), -8, 7, out=q)
+            q_dot_x = np.einsum("rbk,rbk->rb", q, blocks)
+            q_dot_q = np.einsum("rbk,rbk->rb", q, q)
+            fitted = np.where(q_dot_q > 0, q_dot_x / q_dot_q, 0)
+            scale = (np.sign(fitted) * np.clip(np.abs(fitted), low, high)).astype(np.float16)
+            d = scale.astype(np.float32)
+            score = d * (d * q_dot_q - 2 * q_dot_x)
+            better = score < best_score
+            best_scale[better] = scale[better]
+            best_score[better] = score[better]
+    return best_scale
+
+
+def _q4_0_error(blocks: np.ndarray, scales16: np.ndarray) -> np.ndarray:
+    """Squared error per block of the nearest levels under float16 scales."""
+    d = scales16.astype(np.float32)[..., None]
+    q = np.multiply(blocks, _inverse(scales16)[..., None])
+    np.clip(np.rint(q, out=q), -8, 7, out=q)
+    q *= d
+    np.subtract(blocks, q, out=q)
+    return np.einsum("rbk,rbk->rb", q, q)
+
+
+def _q4_0_scale_range(blocks: np.ndarray, peak: np.ndarray):
+    """Bounds of a block's scale magnitude keeping every value within one step: the peak's side
+    reaches level −8 (so up to 9 steps), the other side +7 (up to 8); at most |peak| / 7. The
+    lower bound is raised by 2^-10 so that rounding the scale to float16 (2^-11) keeps it."""
+    opposite = np.where(peak[..., None] < 0, blocks, -blocks).max(axis=2).clip(min=0)
+    low = np.maximum(np.abs(peak) / np.float32(9), opposite / np.float32(8)) * np.float32(1 + 2**-10)
+    return low, np.abs(peak) / np.float32(7)
 
 
 _BLOCK_QUANTIZERS = {DType.Q8_0: _q8_0_blocks, DType.Q4_0: _q4_0_blocks}
