@@ -1,11 +1,16 @@
 """Batched decoding: Transformer.run_batch against lone steps, and the BatchEngine against lone generations."""
 import copy
+import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from blobstore.convert import convert
 from blobstore.runtime import load
+from blobstore.runtime.batch import BatchEngine
+from blobstore.runtime.kv_cache import KVCache
+from blobstore.runtime.sampling import SamplingParams
 
 pytest.importorskip("torch")
 
@@ -34,7 +39,7 @@ def prefilled_caches(model, count, seed=0):
     caches, tokens = [], []
     for i in range(count):
         ids = [2] + rng.integers(4, model.config.vocab_size, 2 + 7 * i).tolist()
-        cache = model.new_cache() if hasattr(model, "new_cache") else _cache_like(model.cache)
+        cache = new_session(model).cache
         model.transformer.run(ids, cache, start=0)
         cache.token_ids.extend(ids)
         caches.append(cache)
@@ -42,10 +47,10 @@ def prefilled_caches(model, count, seed=0):
     return caches, tokens
 
 
-def _cache_like(cache):
-    fresh = copy.copy(cache)
-    fresh.k, fresh.v, fresh.token_ids = np.zeros_like(cache.k), np.zeros_like(cache.v), []
-    return fresh
+def new_session(model):
+    """A conversation's state as BatchEngine.submit takes it: an object with a KV cache."""
+    config = model.config
+    return SimpleNamespace(cache=KVCache(config.num_layers, model.max_seq_len, config.num_kv_heads, config.head_dim))
 
 
 def lone_and_batched(model, count):
@@ -77,3 +82,181 @@ def test_a_batched_step_equals_lone_steps_to_rounding_with_float_weights(packed_
         lone, batched, lone_kv, batched_kv = lone_and_batched(model, count)
         assert np.abs(batched - lone).max() <= 1e-5 * np.abs(lone).max()
         assert np.abs(batched_kv - lone_kv).max() <= 1e-5 * np.abs(lone_kv).max()
+
+
+# ---- the engine ----
+
+def prompts(model, count):
+    rng = np.random.default_rng(5)
+    return [[2] + rng.integers(4, model.decodable_vocab_size, 3 + 4 * i).tolist() for i in range(count)]
+
+
+def drain(stream, timeout=30):
+    """The stream's tokens, read on a helper thread so that a hung engine fails the test."""
+    tokens, errors = [], []
+
+    def read():
+        try:
+            tokens.extend(stream)
+        except Exception as error:
+            errors.append(error)
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(timeout)
+    assert not reader.is_alive(), "the stream hung"
+    if errors:
+        raise errors[0]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def q8_model(packed_batch):
+    return load(packed_batch("gemma3", "q8_0"))
+
+
+def test_four_batched_greedy_streams_equal_each_alone(q8_model):
+    model = q8_model
+    greedy = SamplingParams(temperature=0)
+    lengths = [12, 20, 7, 16, 10]   # they leave the batch at different steps; the fifth waits for a slot
+    with BatchEngine(model, max_active=4) as engine:
+        streams = [engine.submit(new_session(model), ids, greedy, n)
+                   for ids, n in zip(prompts(model, 5), lengths)]
+        batched = [drain(s) for s in streams]
+    alone = [model.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
+             for ids, n in zip(prompts(model, 5), lengths)]
+    assert batched == alone and [len(t) for t in batched] == lengths
+    assert all(s.finish_reason == "length" for s in streams)
+
+
+def test_seeded_sampling_gives_each_stream_the_tokens_it_gets_alone(q8_model):
+    model = q8_model
+    options = dict(temperature=0.9, top_p=0.95, top_k=40)
+    params = SamplingParams(**options)
+    with BatchEngine(model, max_active=4) as engine:
+        streams = [engine.submit(new_session(model), ids, params, 16, seed=10 + i)
+                   for i, ids in enumerate(prompts(model, 4))]
+        batched = [drain(s) for s in streams]
+    alone = [model.generate(ids, max_new_tokens=16, seed=10 + i, ignore_eos=True, **options).token_ids
+             for i, ids in enumerate(prompts(model, 4))]
+    assert batched == alone
+    assert len({tuple(t) for t in batched}) == 4
+
+
+def test_a_stop_id_ends_the_stream_without_being_yielded(q8_model):
+    model = q8_model
+    ids = prompts(model, 1)[0]
+    with BatchEngine(model) as engine:
+        full = drain(engine.submit(new_session(model), ids, SamplingParams(temperature=0), 12))
+        stream = engine.submit(new_session(model), ids, SamplingParams(temperature=0), 12, stop_ids=[full[5]])
+        cut = drain(stream)
+    assert cut == full[:full.index(full[5])] and stream.finish_reason == "stop"
+
+
+def test_a_cancelled_or_dropped_stream_frees_its_slot(q8_model):
+    model = q8_model
+    first, second, third = prompts(model, 3)
+    with BatchEngine(model, max_active=1) as engine:
+        long = engine.submit(new_session(model), first, SamplingParams(temperature=0), 200)
+        assert [next(long), next(long)]
+        waiting = engine.submit(new_session(model), second, SamplingParams(temperature=0), 5)
+        long.cancel()
+        assert len(drain(waiting)) == 5   # it got the only slot
+        dropped = engine.submit(new_session(model), first, SamplingParams(temperature=0), 200)
+        next(dropped)
+        del dropped                       # a consumer that stops iterating
+        assert len(drain(engine.submit(new_session(model), third, SamplingParams(temperature=0), 5))) == 5
+
+
+def test_one_session_runs_one_request_at_a_time(q8_model):
+    model = q8_model
+    session = new_session(model)
+    ids = prompts(model, 1)[0]
+    with BatchEngine(model) as engine:
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50)
+        with pytest.raises(RuntimeError, match="already generating"):
+            engine.submit(session, ids, SamplingParams(temperature=0), 5)
+        drain(stream)
+        assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 5))) == 5   # free again
+
+
+class _FailingTransformer:
+    """The model's transformer, whose batched step raises from call number `at` on."""
+
+    def __init__(self, transformer, at):
+        self.transformer, self.at, self.calls = transformer, at, 0
+
+    def run(self, *args, **kwargs):
+        return self.transformer.run(*args, **kwargs)
+
+    def run_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= self.at:
+            raise MemoryError("step failed")
+        return self.transformer.run_batch(*args, **kwargs)
+
+
+def test_an_error_in_a_step_reaches_every_consumer_and_the_engine_goes_on(q8_model):
+    model = q8_model
+    engine = BatchEngine(model, max_active=4)
+    failing = _FailingTransformer(model.transformer, at=3)
+    engine.transformer = failing
+    streams = [engine.submit(new_session(model), ids, SamplingParams(temperature=0), 20)
+               for ids in prompts(model, 3)]
+    for stream in streams:
+        with pytest.raises(MemoryError, match="step failed"):
+            drain(stream)
+        assert stream.finish_reason == "error"
+    engine.transformer = model.transformer
+    assert len(drain(engine.submit(new_session(model), prompts(model, 1)[0], SamplingParams(temperature=0), 4))) == 4
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(new_session(model), [2, 5], SamplingParams(temperature=0), 4)
+
+
+def test_bad_requests_are_refused_at_submit(q8_model):
+    model = q8_model
+    with BatchEngine(model) as engine:
+        with pytest.raises(ValueError, match="prompt is empty"):
+            engine.submit(new_session(model), [], SamplingParams(), 4)
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+            engine.submit(new_session(model), [2], SamplingParams(), -1)
+        stream = engine.submit(new_session(model), [2, 7], SamplingParams(), 0)
+        assert drain(stream) == [] and stream.finish_reason == "length"
+
+
+def test_longrope_rows_use_the_factor_set_their_lone_step_would(tmp_path, spm_model):
+    """Phi-3 with an original context of 32: one cache in the short regime, one that crosses into
+    the long one at this step (it runs alone, recomputing its prefix), one already long."""
+    from test_phi3 import VARIANTS, build_phi3
+    convert(build_phi3(tmp_path / "phi3", spm_model, **VARIANTS["longrope"]), tmp_path / "p.blob", dtype="q8_0",
+            quiet=True)
+    model = load(tmp_path / "p.blob")
+    rng = np.random.default_rng(3)
+    caches = []
+    for length in (20, 32, 40):
+        cache = new_session(model).cache
+        ids = [2] + rng.integers(4, 400, length - 1).tolist()
+        model.transformer.run(ids, cache, start=0)
+        cache.token_ids.extend(ids)
+        caches.append(cache)
+    assert [c.long_rope for c in caches] == [False, False, True]
+    twins = [copy.deepcopy(c) for c in caches]
+    tokens = [7, 8, 9]
+    lone = np.concatenate([model.transformer.run([t], c, start=c.length) for t, c in zip(tokens, twins)])
+    batched = model.transformer.run_batch(tokens, caches, [c.length for c in caches])
+    assert np.array_equal(batched, lone)
+    assert [c.long_rope for c in caches] == [t.long_rope for t in twins] == [False, True, True]
+    assert all(np.array_equal(c.k, t.k) for c, t in zip(caches, twins))
+
+
+def test_run_batch_refuses_inconsistent_arguments(q8_model):
+    model = q8_model
+    caches, tokens = prefilled_caches(model, 2)
+    with pytest.raises(ValueError, match="need as many caches and positions"):
+        model.transformer.run_batch(tokens, caches, [caches[0].length])
+    with pytest.raises(ValueError, match="a cache appears twice"):
+        model.transformer.run_batch(tokens, [caches[0], caches[0]], [caches[0].length] * 2)
+    with pytest.raises(ValueError, match="sequence 1 is at position 3, but its cache holds 10 tokens"):
+        model.transformer.run_batch(tokens, caches, [3, 3])
+    with pytest.raises(IndexError, match="out of range"):
+        model.transformer.run_batch([0, model.config.vocab_size], caches, [c.length for c in caches])
