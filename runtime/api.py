@@ -19,7 +19,7 @@ from .generate import GenerationChunk, GenerationResult
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
-from .session import ModelFingerprint, Session
+from .session import ModelFingerprint, Session, load_session
 from .tokenizer import Tokenizer
 
 KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
@@ -94,6 +94,19 @@ class Model:
         cache = KVCache(self.config.num_layers, length, self.config.num_kv_heads, self.config.head_dim,
                         kv_dtype or self.kv_dtype)
         return Session(cache, self.fingerprint)
+
+    def load_session(self, path, *, max_seq_len: int | None = None, kv_dtype: str | None = None) -> Session:
+        """A session saved by Session.save (or blob-run --prompt-cache), mapped back: the file is
+        validated like any blob file and every blob's CRC32C checked (FormatError); a session of
+        another model, config or KV dtype (default the model's) raises SessionMismatch naming the
+        file and what differs. `max_seq_len` as new_session's.
+
+        >>> session = model.load_session("system-prompt.session")                 # doctest: +SKIP
+        >>> model.chat(messages, session=session).stats.reused_prompt_tokens      # doctest: +SKIP
+        1999
+        """
+        length = self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
+        return load_session(path, self.fingerprint, max_seq_len=length, kv_dtype=kv_dtype or self.kv_dtype)
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:

@@ -40,8 +40,9 @@ class GenerationStats:
         steps = self.generated_tokens - 1
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
 
-    def report(self, file=sys.stderr):
-        """The llama.cpp / mlx-lm style summary lines."""
+    def report(self, file=None):
+        """The llama.cpp / mlx-lm style summary lines, on `file` (default: the current sys.stderr)."""
+        file = file or sys.stderr
         reused = f" ({self.reused_prompt_tokens} reused from the cache)" if self.reused_prompt_tokens else ""
         print(f"Prompt: {self.prompt_tokens} tokens{reused}, {self.prefill_tokens_per_second:.3f} tokens-per-sec",
               file=file)

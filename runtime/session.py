@@ -8,6 +8,9 @@ The lock story, in one place:
 - Different sessions of one Model may generate in different threads. Their forward passes run
   one at a time: the decoder stack's scratch memory is shared, so `Transformer.run` holds the
   transformer's lock for each call; between forwards (sampling, decoding text) threads overlap.
+
+A session saves to a blob file (`save`) and a Model maps one back (`Model.load_session`): the
+filled KV rows, the token ids, and a fingerprint of the model that computed them, checked on load.
 """
 from __future__ import annotations
 
@@ -17,7 +20,18 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from .kv_cache import KVCache
+import numpy as np
+
+from ..errors import FormatError, InvalidTensor
+from ..reader import open as open_blob
+from ..writer import BlobWriter
+from .kv_cache import ContextFull, KVCache
+
+SESSION_VERSION = 1
+
+
+class SessionMismatch(ValueError):
+    """A saved session does not belong to this model (another file, config or KV dtype)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,9 @@ class ModelFingerprint:
     def of(cls, reader) -> "ModelFingerprint":
         return cls(os.path.basename(reader.path), reader.header.file_size, reader.header.manifest_crc32c,
                    reader.metadata["model"])
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "manifest_crc32c": self.manifest_crc32c}
 
     def differences(self, other: "ModelFingerprint") -> list[str]:
         """What differs between the model of `self` and that of `other`, as "what: ours vs theirs"."""
@@ -96,3 +113,88 @@ class Session:
             yield self
         finally:
             self._in_use.release()
+
+    # ---- on disk ----
+
+    def save(self, path):
+        """Write the session to a blob file: the KV rows filled so far (not the whole preallocated
+        cache), the token ids, and the fingerprint of the model (docs/FORMAT.md §6.3, `session`).
+        The write is atomic (BlobWriter), so an interrupted save leaves the old file in place.
+
+        >>> session.save("system-prompt.session")      # doctest: +SKIP
+        """
+        with self.in_use():
+            n = self.cache.length
+            with BlobWriter(path) as writer:
+                writer.add("session.k", self.cache.k[:, :n], component="session")
+                writer.add("session.v", self.cache.v[:, :n], component="session")
+                writer.add("session.token_ids", np.asarray(self.token_ids, np.int32), component="session")
+                writer.metadata["session"] = {
+                    "version": SESSION_VERSION, "tokens": n, "kv_dtype": self.kv_dtype,
+                    "long_rope": self.cache.long_rope, "model_file": self.model.to_json(),
+                    "model": dict(self.model.config)}
+
+
+def load_session(path, model: ModelFingerprint, *, max_seq_len: int, kv_dtype: str) -> Session:
+    """A Session read back from `path` (written by Session.save) for the model of `model`.
+
+    The file is validated as any blob file, every blob's CRC32C included (FormatError); a session
+    of another model or KV dtype is SessionMismatch, naming the file and what differs.
+    """
+    with open_blob(path, verify="full") as reader:
+        saved = _session_metadata(reader)
+        file = saved["model_file"]
+        fingerprint = ModelFingerprint(file["name"], file["size"], file["manifest_crc32c"], saved["model"])
+        differences = model.differences(fingerprint)
+        if saved["kv_dtype"] != kv_dtype:
+            differences.append(f"KV cache dtype {kv_dtype} vs {saved['kv_dtype']} (pass kv_dtype= to choose)")
+        if differences:
+            raise SessionMismatch(f"{reader.path}: this session was saved from another model "
+                                  f"({fingerprint.name}, not {model.name}); this model vs the session's: "
+                                  + "; ".join(differences))
+        n = saved["tokens"]
+        if n > max_seq_len:
+            raise ContextFull(f"{reader.path}: the session holds {n} tokens, more than the context of "
+                              f"{max_seq_len} tokens; load it with a larger max_seq_len")
+        config = model.config
+        cache = KVCache(config["num_layers"], max_seq_len, config["num_kv_heads"], config["head_dim"], kv_dtype)
+        rows = (config["num_layers"], n, config["num_kv_heads"], config["head_dim"])
+        cache.k[:, :n] = _tensor(reader, "session.k", rows, cache.k.dtype)
+        cache.v[:, :n] = _tensor(reader, "session.v", rows, cache.v.dtype)
+        token_ids = _tensor(reader, "session.token_ids", (n,), np.int32)
+        if n and not 0 <= token_ids.min() <= token_ids.max() < config["vocab_size"]:
+            raise InvalidTensor(f"{reader.path}: tensor 'session.token_ids': ids must be in 0..{config['vocab_size'] - 1}, "
+                                f"found {token_ids.min()}..{token_ids.max()}")
+        cache.token_ids.extend(token_ids.tolist())
+        cache.long_rope = saved["long_rope"]
+    return Session(cache, model)
+
+
+def _session_metadata(reader) -> dict:
+    saved = reader.metadata.get("session")
+    if not isinstance(saved, dict):
+        raise FormatError(f"{reader.path}: not a session file (its metadata has no 'session' section; "
+                          f"a session file is written by Session.save or blob-run --prompt-cache)")
+    expected = {"version": int, "tokens": int, "kv_dtype": str, "long_rope": bool, "model_file": dict, "model": dict}
+    _check_fields(reader.path, "session", saved, expected)
+    _check_fields(reader.path, "session.model_file", saved["model_file"], {"name": str, "size": int, "manifest_crc32c": int})
+    if saved["version"] != SESSION_VERSION:
+        raise FormatError(f"{reader.path}: session version {saved['version']}; this runtime reads version "
+                          f"{SESSION_VERSION}")
+    return saved
+
+
+def _check_fields(path, section: str, values: dict, expected: dict):
+    for key, kind in expected.items():
+        if not isinstance(values.get(key), kind):
+            raise FormatError(f"{path}: metadata field {section}.{key}: expected a {kind.__name__}, "
+                              f"found {values.get(key)!r}")
+
+
+def _tensor(reader, name: str, shape: tuple, dtype) -> np.ndarray:
+    """The view of tensor `name`, checked to hold `shape` values of `dtype`."""
+    info = reader.info(name)
+    if info.shape != shape or info.dtype.is_quantized or info.dtype.numpy != np.dtype(dtype):
+        raise InvalidTensor(f"{reader.path}: tensor {name!r}: expected {np.dtype(dtype)} {list(shape)}, "
+                            f"found {info.dtype.label} {list(info.shape)}")
+    return reader[name]
