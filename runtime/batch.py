@@ -8,14 +8,15 @@ generator, over the decodable vocabulary only, exactly as `generate.token_steps`
 generation: with the same seed a request gets the same tokens batched as alone (bit-identical
 logits with quantized weights; see `Transformer.run_batch` for float weights).
 
-Threads: `submit` may be called from any thread; each returned TokenStream is read by one
-consumer. A session (its KV cache) belongs to one request at a time. The engine's thread is the
-only one running forwards on the model while requests are active: do not call the model's own
-generate on another thread meanwhile (the C stack runs one forward at a time and the other call
-gets a RuntimeError).
+Threads (runtime/session.py tells the whole lock story): `submit` may be called from any
+thread; each returned TokenStream is read by one consumer. A request holds its Session
+(`Session.in_use`) from submit to its last token, so a second use of the session meanwhile — a
+submit, or a generate on another thread — raises RuntimeError. The engine's forwards and those
+of other sessions generating in other threads take turns on the model (`Transformer`'s lock).
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -23,14 +24,17 @@ from typing import Iterable
 
 import numpy as np
 
+from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
+from .session import Session
 
 _DONE = object()   # the end of a stream, after its last token
 
 
 @dataclass(eq=False)
 class _Request:
-    cache: object                   # the session's KVCache
+    cache: KVCache                  # the session's
+    holding: contextlib.AbstractContextManager   # the session's in_use(), entered at submit
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
@@ -104,29 +108,26 @@ class BatchEngine:
         self._changed = threading.Condition()
         self._waiting: list[_Request] = []
         self._active: list[_Request] = []    # touched by the engine's thread only
-        self._busy: set[int] = set()          # id() of the caches of unfinished requests
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, session, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
+    def submit(self, session: Session, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
                max_new_tokens: int = 256, stop_ids: Iterable[int] = (), seed: int | None = None) -> TokenStream:
-        """Queue a generation continuing `prompt_ids` in `session` (anything with a `.cache`, a
-        KVCache whose cached prefix of the prompt is reused); returns its TokenStream."""
+        """Queue a generation of `prompt_ids` in `session` (the prefix of the prompt its cache holds
+        is reused); returns its TokenStream. RuntimeError when the session is in use."""
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("submit: the prompt is empty: give at least one token")
         if max_new_tokens < 0:
             raise ValueError(f"submit: max_new_tokens must be >= 0, got {max_new_tokens}")
         session.cache.check_room(len(prompt_ids))
-        request = _Request(session.cache, prompt_ids, params, max_new_tokens, frozenset(stop_ids),
-                           np.random.default_rng(seed), context=list(prompt_ids))
+        holding = session.in_use()
         with self._changed:
             if self._closed:
                 raise RuntimeError("submit: this BatchEngine is closed")
-            if id(request.cache) in self._busy:
-                raise RuntimeError("submit: this session is already generating; a session runs one request "
-                                   "at a time")
-            self._busy.add(id(request.cache))
+            holding.__enter__()   # left by the engine's thread when the request ends
+            request = _Request(session.cache, holding, prompt_ids, params, max_new_tokens, frozenset(stop_ids),
+                               np.random.default_rng(seed), context=list(prompt_ids))
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="blobstore-batch", daemon=True)
@@ -172,7 +173,7 @@ class BatchEngine:
             if self._closed:
                 return False
             for request in [r for r in self._waiting + self._active if r.cancelled]:
-                self._busy.discard(id(request.cache))
+                request.holding.__exit__(None, None, None)
             self._waiting = [r for r in self._waiting if not r.cancelled]
             self._active = [r for r in self._active if not r.cancelled]
             free = self.max_active - len(self._active)
@@ -239,6 +240,5 @@ class BatchEngine:
 
     def _release(self, request: _Request, last_item):
         """The request's last item to its consumer; its session is free again."""
-        with self._changed:
-            self._busy.discard(id(request.cache))
+        request.holding.__exit__(None, None, None)
         request.out.put(last_item)

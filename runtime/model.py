@@ -120,7 +120,12 @@ class Transformer:
         A LongRoPE model's rows run with the factor set each one's lone `run` would use: a row
         whose cache must switch sets (its sequence just outgrew the original context) runs alone
         through `run`, which recomputes the cache; the others go in one step per factor set.
+        Like `run`, calls from several threads run one at a time.
         """
+        with self._lock:
+            return self._run_batch(tokens, caches, positions)
+
+    def _run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
         n = len(tokens)
         if len(caches) != n or len(positions) != n:
             raise ValueError(f"run_batch: {n} tokens need as many caches and positions, "
@@ -136,7 +141,7 @@ class Transformer:
         wants_long = [any(rope.uses_long_factors(p + 1) for rope in self.config.rope) for p in positions]
         alone = {i for i in range(n) if positions[i] and caches[i].long_rope != wants_long[i]}
         for i in alone:
-            logits[i] = self.run([tokens[i]], caches[i], start=positions[i])[0]
+            logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False)[0]
         for long_rope in (False, True):
             rows = [i for i in range(n) if wants_long[i] == long_rope and i not in alone]
             if rows:

@@ -1,7 +1,6 @@
 """Batched decoding: Transformer.run_batch against lone steps, and the BatchEngine against lone generations."""
 import copy
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import pytest
 from blobstore.convert import convert
 from blobstore.runtime import load
 from blobstore.runtime.batch import BatchEngine
-from blobstore.runtime.kv_cache import KVCache
 from blobstore.runtime.sampling import SamplingParams
 
 pytest.importorskip("torch")
@@ -39,18 +37,12 @@ def prefilled_caches(model, count, seed=0):
     caches, tokens = [], []
     for i in range(count):
         ids = [2] + rng.integers(4, model.config.vocab_size, 2 + 7 * i).tolist()
-        cache = new_session(model).cache
+        cache = model.new_session().cache
         model.transformer.run(ids, cache, start=0)
         cache.token_ids.extend(ids)
         caches.append(cache)
         tokens.append(int(rng.integers(4, model.config.vocab_size)))
     return caches, tokens
-
-
-def new_session(model):
-    """A conversation's state as BatchEngine.submit takes it: an object with a KV cache."""
-    config = model.config
-    return SimpleNamespace(cache=KVCache(config.num_layers, model.max_seq_len, config.num_kv_heads, config.head_dim))
 
 
 def lone_and_batched(model, count):
@@ -119,7 +111,7 @@ def test_four_batched_greedy_streams_equal_each_alone(q8_model):
     greedy = SamplingParams(temperature=0)
     lengths = [12, 20, 7, 16, 10]   # they leave the batch at different steps; the fifth waits for a slot
     with BatchEngine(model, max_active=4) as engine:
-        streams = [engine.submit(new_session(model), ids, greedy, n)
+        streams = [engine.submit(model.new_session(), ids, greedy, n)
                    for ids, n in zip(prompts(model, 5), lengths)]
         batched = [drain(s) for s in streams]
     alone = [model.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
@@ -133,7 +125,7 @@ def test_seeded_sampling_gives_each_stream_the_tokens_it_gets_alone(q8_model):
     options = dict(temperature=0.9, top_p=0.95, top_k=40)
     params = SamplingParams(**options)
     with BatchEngine(model, max_active=4) as engine:
-        streams = [engine.submit(new_session(model), ids, params, 16, seed=10 + i)
+        streams = [engine.submit(model.new_session(), ids, params, 16, seed=10 + i)
                    for i, ids in enumerate(prompts(model, 4))]
         batched = [drain(s) for s in streams]
     alone = [model.generate(ids, max_new_tokens=16, seed=10 + i, ignore_eos=True, **options).token_ids
@@ -146,8 +138,8 @@ def test_a_stop_id_ends_the_stream_without_being_yielded(q8_model):
     model = q8_model
     ids = prompts(model, 1)[0]
     with BatchEngine(model) as engine:
-        full = drain(engine.submit(new_session(model), ids, SamplingParams(temperature=0), 12))
-        stream = engine.submit(new_session(model), ids, SamplingParams(temperature=0), 12, stop_ids=[full[5]])
+        full = drain(engine.submit(model.new_session(), ids, SamplingParams(temperature=0), 12))
+        stream = engine.submit(model.new_session(), ids, SamplingParams(temperature=0), 12, stop_ids=[full[5]])
         cut = drain(stream)
     assert cut == full[:full.index(full[5])] and stream.finish_reason == "stop"
 
@@ -156,25 +148,27 @@ def test_a_cancelled_or_dropped_stream_frees_its_slot(q8_model):
     model = q8_model
     first, second, third = prompts(model, 3)
     with BatchEngine(model, max_active=1) as engine:
-        long = engine.submit(new_session(model), first, SamplingParams(temperature=0), 200)
+        long = engine.submit(model.new_session(), first, SamplingParams(temperature=0), 200)
         assert [next(long), next(long)]
-        waiting = engine.submit(new_session(model), second, SamplingParams(temperature=0), 5)
+        waiting = engine.submit(model.new_session(), second, SamplingParams(temperature=0), 5)
         long.cancel()
         assert len(drain(waiting)) == 5   # it got the only slot
-        dropped = engine.submit(new_session(model), first, SamplingParams(temperature=0), 200)
+        dropped = engine.submit(model.new_session(), first, SamplingParams(temperature=0), 200)
         next(dropped)
         del dropped                       # a consumer that stops iterating
-        assert len(drain(engine.submit(new_session(model), third, SamplingParams(temperature=0), 5))) == 5
+        assert len(drain(engine.submit(model.new_session(), third, SamplingParams(temperature=0), 5))) == 5
 
 
 def test_one_session_runs_one_request_at_a_time(q8_model):
     model = q8_model
-    session = new_session(model)
+    session = model.new_session()
     ids = prompts(model, 1)[0]
     with BatchEngine(model) as engine:
         stream = engine.submit(session, ids, SamplingParams(temperature=0), 50)
-        with pytest.raises(RuntimeError, match="already generating"):
+        with pytest.raises(RuntimeError, match="session is generating"):
             engine.submit(session, ids, SamplingParams(temperature=0), 5)
+        with pytest.raises(RuntimeError, match="session is generating"):
+            model.generate(ids, session=session, max_new_tokens=2)
         drain(stream)
         assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 5))) == 5   # free again
 
@@ -200,27 +194,27 @@ def test_an_error_in_a_step_reaches_every_consumer_and_the_engine_goes_on(q8_mod
     engine = BatchEngine(model, max_active=4)
     failing = _FailingTransformer(model.transformer, at=3)
     engine.transformer = failing
-    streams = [engine.submit(new_session(model), ids, SamplingParams(temperature=0), 20)
+    streams = [engine.submit(model.new_session(), ids, SamplingParams(temperature=0), 20)
                for ids in prompts(model, 3)]
     for stream in streams:
         with pytest.raises(MemoryError, match="step failed"):
             drain(stream)
         assert stream.finish_reason == "error"
     engine.transformer = model.transformer
-    assert len(drain(engine.submit(new_session(model), prompts(model, 1)[0], SamplingParams(temperature=0), 4))) == 4
+    assert len(drain(engine.submit(model.new_session(), prompts(model, 1)[0], SamplingParams(temperature=0), 4))) == 4
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
-        engine.submit(new_session(model), [2, 5], SamplingParams(temperature=0), 4)
+        engine.submit(model.new_session(), [2, 5], SamplingParams(temperature=0), 4)
 
 
 def test_bad_requests_are_refused_at_submit(q8_model):
     model = q8_model
     with BatchEngine(model) as engine:
         with pytest.raises(ValueError, match="prompt is empty"):
-            engine.submit(new_session(model), [], SamplingParams(), 4)
+            engine.submit(model.new_session(), [], SamplingParams(), 4)
         with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
-            engine.submit(new_session(model), [2], SamplingParams(), -1)
-        stream = engine.submit(new_session(model), [2, 7], SamplingParams(), 0)
+            engine.submit(model.new_session(), [2], SamplingParams(), -1)
+        stream = engine.submit(model.new_session(), [2, 7], SamplingParams(), 0)
         assert drain(stream) == [] and stream.finish_reason == "length"
 
 
@@ -234,7 +228,7 @@ def test_longrope_rows_use_the_factor_set_their_lone_step_would(tmp_path, spm_mo
     rng = np.random.default_rng(3)
     caches = []
     for length in (20, 32, 40):
-        cache = new_session(model).cache
+        cache = model.new_session().cache
         ids = [2] + rng.integers(4, 400, length - 1).tolist()
         model.transformer.run(ids, cache, start=0)
         cache.token_ids.extend(ids)
