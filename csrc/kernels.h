@@ -71,7 +71,9 @@ int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise
 #define BLOB_MAX_THREADS 256
 
 /* ---- matrix products (matmul.c) ----
- * Y (n, rows) = X (n, cols) @ W.T; n == 1 is the decode matvec, n > 1 the tiled prefill. */
+ * Y (n, rows) = X (n, cols) @ W.T; up to 8 tokens (a decode step, or a batched one) run the
+ * decode matvec tiles token after token over each item's rows, each token's row bit-identical to
+ * its own n == 1 product; more run the tiled prefill matmul. */
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);
 /* The products of up to BLOB_MAX_GROUP matrices with the same X, as one job (a transformer's
@@ -175,8 +177,9 @@ typedef struct blob_sequence {
  * into its cache: ids holds sequence 0's n tokens, then sequence 1's, and so on (n_tokens in
  * all, the sum of their n). A prompt chunk is one sequence of many tokens; a batched decode
  * step is one token of each of several sequences, the matrix products then running over all
- * the rows at once (the weights read once for every sequence) and attention per sequence
- * against its own cache. LOGITS receives (logit_rows, vocab): the logits of the call's last
+ * the rows at once (the weights read from memory once for every sequence) and attention per
+ * sequence against its own cache; up to 8 sequences, each one's logits and cache rows are
+ * bit-identical to its lone step's. LOGITS receives (logit_rows, vocab): the logits of the call's last
  * logit_rows <= n_tokens tokens (0: none, a prompt chunk whose logits nobody reads; n_seqs for
  * a decode step). ids must be in range. SCRATCH holds the activations:
  * blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so that a model's steps

@@ -112,9 +112,9 @@ class Transformer:
         """One decode step of several sequences: tokens[i] at position positions[i] of caches[i],
         which must hold exactly that many tokens (positions[i] == caches[i].length) and have room
         for one more. Returns float32 logits (len(tokens), vocab), row i equal to what
-        `run([tokens[i]], caches[i], start=positions[i])` returns — bit for bit with quantized
-        weights; with float weights to rounding, as one decode token is a matrix-vector product and
-        a batch a matrix product, which sums in another order. Like `run`, it leaves the caches'
+        `run([tokens[i]], caches[i], start=positions[i])` returns, bit for bit up to 8 sequences
+        (their products run the decode tiles token by token, csrc/matmul.c); past 8 the prefill
+        tiles sum float weights in another order, to rounding. Like `run`, it leaves the caches'
         id lists to the caller.
 
         A LongRoPE model's rows run with the factor set each one's lone `run` would use: a row

@@ -13,7 +13,6 @@ from blobstore.runtime.sampling import SamplingParams
 pytest.importorskip("torch")
 
 FAMILIES = ["gemma", "gemma2", "gemma3", "llama", "mistral", "qwen2", "qwen3"]
-QUANTIZED = ["q8_0", "q4_0"]
 
 
 @pytest.fixture(scope="session")
@@ -56,24 +55,17 @@ def lone_and_batched(model, count):
     return lone, batched, kv(twins), kv(caches)
 
 
-@pytest.mark.parametrize("dtype", QUANTIZED)
+@pytest.mark.parametrize("dtype", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_a_batched_step_equals_lone_steps_bit_for_bit_with_quantized_weights(packed_batch, name, dtype):
+def test_a_batched_step_equals_lone_steps_bit_for_bit(packed_batch, name, dtype):
+    """Up to 8 rows the products run the decode tiles token by token, so every weight type gives
+    exactly the lone step's numbers (csrc/matmul.c, decode_tiles)."""
     model = load(packed_batch(name, dtype))
     for count in range(1, 6):
         lone, batched, lone_kv, batched_kv = lone_and_batched(model, count)
         assert batched.shape == (count, model.config.vocab_size) and batched.dtype == np.float32
         assert np.array_equal(batched, lone), f"{count} sequences: max |difference| {np.abs(batched - lone).max()}"
         assert np.array_equal(batched_kv, lone_kv)   # each step's keys and values went to its own cache
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_a_batched_step_equals_lone_steps_to_rounding_with_float_weights(packed_batch, name):
-    model = load(packed_batch(name, "f32"))
-    for count in (1, 5):
-        lone, batched, lone_kv, batched_kv = lone_and_batched(model, count)
-        assert np.abs(batched - lone).max() <= 1e-5 * np.abs(lone).max()
-        assert np.abs(batched_kv - lone_kv).max() <= 1e-5 * np.abs(lone_kv).max()
 
 
 # ---- the engine ----

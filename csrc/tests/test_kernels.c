@@ -14,7 +14,7 @@
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
  * - the batched decode step (blob_forward_batch, one token of each of 1..4 sequences at different
- *   positions of their own caches) bit-identical to lone blob_forward steps: q8_0 weights, f32 and
+ *   positions of their own caches) bit-identical to lone blob_forward steps: f32 and q8_0 weights, f32 and
  *   f16 caches, a sliding-window layer and a global one, on every selectable path;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
  *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
@@ -701,8 +701,8 @@ static float *random_vector(float *v, size_t n) {
     return v;
 }
 
-/* A 2-layer q8_0 model with GQA, a sliding window of 6 on layer 0, random weights. */
-static void make_tiny_model(tiny_model *t) {
+/* A 2-layer model of `dtype` weights with GQA, a sliding window of 6 on layer 0, random weights. */
+static void make_tiny_model(tiny_model *t, int dtype) {
     memset(t, 0, sizeof *t);
     const size_t q_width = FW_HEADS * FW_HD, kv_width = FW_KV_HEADS * FW_HD;
     size_t next_weight = 0, next_vector = 0;
@@ -714,7 +714,7 @@ static void make_tiny_model(tiny_model *t) {
                                      {FW_HIDDEN, FW_FFN}};
         blob_matrix *targets[7] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
         for (size_t w = 0; w < 7; w++) {
-            t->weights[next_weight] = make_weight(BLOB_Q8_0, shapes[w][0], shapes[w][1]);
+            t->weights[next_weight] = make_weight(dtype, shapes[w][0], shapes[w][1]);
             *targets[w] = t->weights[next_weight++].m;
         }
         l->attn_norm = random_vector(t->vectors[next_vector++], FW_HIDDEN);
@@ -724,9 +724,9 @@ static void make_tiny_model(tiny_model *t) {
         l->rope_scale = 1.0f;
         l->window = i == 0 ? 6 : 0;
     }
-    t->weights[next_weight] = make_weight(BLOB_Q8_0, FW_VOCAB, FW_HIDDEN);
+    t->weights[next_weight] = make_weight(dtype, FW_VOCAB, FW_HIDDEN);
     t->m.embed = t->weights[next_weight++].m;
-    t->weights[next_weight] = make_weight(BLOB_Q8_0, FW_VOCAB, FW_HIDDEN);
+    t->weights[next_weight] = make_weight(dtype, FW_VOCAB, FW_HIDDEN);
     t->m.lm_head = t->weights[next_weight++].m;
     t->m.final_norm = random_vector(t->vectors[next_vector], FW_HIDDEN);
     t->m.n_layers = FW_LAYERS;
@@ -790,16 +790,20 @@ static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, 
 }
 
 static void check_forward_batch(int isa) {
+    const int dtypes[] = {BLOB_F32, BLOB_Q8_0};
     tiny_model *t = malloc(sizeof *t);
-    make_tiny_model(t);
     blob_isa_select(isa);
-    for (int threads = 1; threads <= 2; threads++) {
-        blob_threads_set(threads);
-        for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++)
-            for (size_t count = 1; count <= FW_MAX_SEQS; count++) check_batched_step(t, kv_dtype, count, blob_isa_name(isa));
+    for (size_t d = 0; d < sizeof dtypes / sizeof *dtypes; d++) {
+        make_tiny_model(t, dtypes[d]);
+        for (int threads = 1; threads <= 2; threads++) {
+            blob_threads_set(threads);
+            for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++)
+                for (size_t count = 1; count <= FW_MAX_SEQS; count++)
+                    check_batched_step(t, kv_dtype, count, blob_isa_name(isa));
+        }
+        free_tiny_model(t);
     }
     blob_threads_set(1);
-    free_tiny_model(t);
     free(t);
 }
 
