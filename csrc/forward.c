@@ -94,12 +94,14 @@ static void rows_task(void *ctx, int ith, int nth) {
     for (size_t i; (i = blob_next_item(&j->next)) < j->rows;) run_row(j, i);
 }
 
-/* One token's rows run on the caller (waking the pool costs more than they do); a prompt
- * chunk's rows are shared out. Every row is computed the same way either way. */
+/* A decode step's rows — one token, or one of each of a few sequences — run on the caller
+ * (waking the pool costs more than they do, and on a busy machine a descheduled worker stalls
+ * the wake); a prompt chunk's rows are shared out. Every row is computed the same way either way. */
+#define ROWS_ON_CALLER_MAX_TOKENS 8
 static void run_rows(const blob_model *m, row_op op, const float *x, const float *w, float *out,
                      size_t rows, size_t d, size_t tokens) {
     rows_job job = {m, op, x, w, out, rows, d, 0};
-    if (tokens == 1) {
+    if (tokens <= ROWS_ON_CALLER_MAX_TOKENS) {
         for (size_t i = 0; i < rows; i++) run_row(&job, i);
         return;
     }

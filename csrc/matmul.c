@@ -129,7 +129,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     int32_t *half_sums = blob_is_block32_type(dtype) ? (int32_t *)(d + n * nblocks) : NULL;
     quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
                         q_stride_bytes, nblocks, 0};
-    if (n == 1) quantize_task(&job, 0, 1);   /* one token: not worth waking the pool */
+    if (decode_tiles(n)) quantize_task(&job, 0, 1);   /* a decode step's few tokens: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
     acts->q16 = bits == 16 ? (const int16_t *)space : NULL;
