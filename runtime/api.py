@@ -15,7 +15,7 @@ from ..errors import FormatError
 from ..reader import open as open_blob
 from . import chat as chat_templates
 from . import demo, kernels
-from .generate import GenerationChunk, GenerationResult, stream
+from .generate import GenerationChunk, GenerationResult, LogitsProcessor, stream
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
@@ -130,9 +130,16 @@ class Model:
 
     def stream(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None, min_p=None,
                repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
-               ignore_eos: bool = False) -> Iterator[GenerationChunk]:
+               ignore_eos: bool = False, logits_processor: LogitsProcessor | None = None) -> Iterator[GenerationChunk]:
         """Like generate(), one GenerationChunk per token; breaking out of the loop cancels.
-        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests)."""
+        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
+        `logits_processor(generated_ids, logits)` returns the logits each token is sampled from
+        (logits of the decodable vocabulary; -inf forbids a token), e.g. a grammar's mask.
+
+        >>> no_e = lambda ids, logits: np.where(np.arange(logits.size) == 5, -np.inf, logits)  # doctest: +SKIP
+        >>> 5 in model.generate("Hi", max_new_tokens=8, logits_processor=no_e).token_ids  # doctest: +SKIP
+        False
+        """
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty)
@@ -143,7 +150,8 @@ class Model:
                                "or wait for that generation to finish")
         try:
             yield from stream(self, ids, params, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or ()),
-                              stop_ids=frozenset() if ignore_eos else self._stop_ids())
+                              stop_ids=frozenset() if ignore_eos else self._stop_ids(),
+                              logits_processor=logits_processor)
         finally:
             self._lock.release()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -104,8 +104,14 @@ def _peak_working_set() -> int:
     return counters.PeakWorkingSetSize
 
 
+# (ids generated so far, logits of the next position) -> the logits to sample from; setting a
+# token's logit to -inf forbids it (a grammar's mask, as structured output uses)
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
 def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[int], params: SamplingParams,
-                rng: np.random.Generator, timer: _Timer, vocab_size: int) -> Iterator[int]:
+                rng: np.random.Generator, timer: _Timer, vocab_size: int,
+                logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
     """Yield sampled token ids forever (the caller stops); the cache follows every token.
 
     Only the first `vocab_size` logits are sampled from (a view, not a copy): checkpoints pad
@@ -115,6 +121,7 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
     leaves the cache consistent: the next call recomputes from the last complete position.
     `timer.reused` is how many leading prompt tokens the cache already holds.
+    `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
     """
     prompt_ids = list(prompt_ids)
     reuse = timer.reused
@@ -123,6 +130,8 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
     cache.token_ids.extend(prompt_ids[reuse:])
     context = list(prompt_ids)
     while True:
+        if logits_processor is not None:
+            logits = logits_processor(context[len(prompt_ids):], logits)
         token = sample(logits, params, rng, context)
         timer.generated += 1
         timer.first_token_at = timer.first_token_at or time.perf_counter()
@@ -133,13 +142,15 @@ def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[i
 
 
 def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int, seed: int | None,
-           stop: Sequence[str] = (), stop_ids=frozenset()) -> Iterator[GenerationChunk]:
+           stop: Sequence[str] = (), stop_ids=frozenset(),
+           logits_processor: Optional[LogitsProcessor] = None) -> Iterator[GenerationChunk]:
     """Text chunks of a generation; the last chunk has the finish reason and the statistics.
 
     Text that might be the start of a stop string is held back until it is clearly not one.
     Breaking out of the loop stops the generation; the cache keeps what was computed. A
     generation that fills the context ends with "length" and `stats.context_full` set.
-    Sampled ids stay below `model.decodable_vocab_size` (see token_steps).
+    Sampled ids stay below `model.decodable_vocab_size` (see token_steps), which is also the
+    length of the logits a `logits_processor` gets.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -151,7 +162,8 @@ def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_
     decoder = model.tokenizer.decoder(prompt_ids[-8:])
     rng = np.random.default_rng(seed)
     held, finish, context_full = "", "length", False
-    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer, model.decodable_vocab_size)
+    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer, model.decodable_vocab_size,
+                        logits_processor)
     for count, token in enumerate(steps, start=1):
         if token in stop_ids:
             finish = "stop"
