@@ -15,7 +15,7 @@ from ..reader import open as open_blob
 from . import chat as chat_templates
 from . import demo, kernels
 from . import generate as layers
-from .generate import GenerationChunk, GenerationResult, LogitsProcessor
+from .generate import GenerationChunk, GenerationResult
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
@@ -167,9 +167,6 @@ class Model:
 
         >>> for chunk in model.stream("Once upon a time", max_new_tokens=32):   # doctest: +SKIP
         ...     print(chunk.text, end="", flush=True)
-        >>> no_e = lambda ids, logits: np.where(np.arange(logits.size) == 5, -np.inf, logits)  # doctest: +SKIP
-        >>> 5 in model.generate("Hi", max_new_tokens=8, logits_processor=no_e).token_ids  # doctest: +SKIP
-        False
         """
         arguments, options = self._generation(prompt, **options)
         return layers.stream(*arguments, **options)
@@ -177,7 +174,7 @@ class Model:
     def _generation(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None,
                     min_p=None, repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
                     ignore_eos: bool = False, session: Session | None = None,
-                    logits_processor: LogitsProcessor | None = None):
+                    logits_processor: layers.LogitsProcessor | None = None):
         """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

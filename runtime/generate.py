@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -117,7 +117,7 @@ LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequence[int], params: SamplingParams,
                   rng: np.random.Generator, *, vocab_size: int,
-                  logits_processor: LogitsProcessor | None = None) -> Iterator[int]:
+                  logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
     """Layer 1: yield sampled token ids forever (the caller stops); the session's cache follows
     every token, and the leading prompt tokens it already holds are not recomputed.
 
@@ -127,8 +127,8 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
 
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
     leaves the session consistent: the next call recomputes from the last complete position.
-    The caller holds the session (Session.in_use). `logits_processor(generated_ids, logits)`,
-    when given, returns the logits to sample from.
+    The caller holds the session (Session.in_use).
+    `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
 
     >>> steps = generate_step(transformer, session, [2, 651], SamplingParams(temperature=0),
     ...                       np.random.default_rng(0), vocab_size=262144)     # doctest: +SKIP
@@ -155,7 +155,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
            stop: Sequence[str] = (), stop_ids=frozenset(),
-           logits_processor: LogitsProcessor | None = None) -> Iterator[GenerationChunk]:
+           logits_processor: Optional[LogitsProcessor] = None) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
