@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -110,8 +110,14 @@ def _peak_working_set() -> int:
     return counters.PeakWorkingSetSize
 
 
+# (ids generated so far, logits of the next position) -> the logits to sample from; setting a
+# token's logit to -inf forbids it (a grammar's mask, as structured output uses)
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
 def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequence[int], params: SamplingParams,
-                  rng: np.random.Generator, *, vocab_size: int) -> Iterator[int]:
+                  rng: np.random.Generator, *, vocab_size: int,
+                  logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
     """Layer 1: yield sampled token ids forever (the caller stops); the session's cache follows
     every token, and the leading prompt tokens it already holds are not recomputed.
 
@@ -122,6 +128,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
     leaves the session consistent: the next call recomputes from the last complete position.
     The caller holds the session (Session.in_use).
+    `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
 
     >>> steps = generate_step(transformer, session, [2, 651], SamplingParams(temperature=0),
     ...                       np.random.default_rng(0), vocab_size=262144)     # doctest: +SKIP
@@ -136,6 +143,8 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     cache.token_ids.extend(prompt_ids[reuse:])
     context = list(prompt_ids)
     while True:
+        if logits_processor is not None:
+            logits = logits_processor(context[len(prompt_ids):], logits)
         token = sample(logits, params, rng, context)
         yield token
         context.append(token)
@@ -145,14 +154,16 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
 
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
-           stop: Sequence[str] = (), stop_ids=frozenset()) -> Iterator[GenerationChunk]:
+           stop: Sequence[str] = (), stop_ids=frozenset(),
+           logits_processor: Optional[LogitsProcessor] = None) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
     Text that might be the start of a stop string is held back until it is clearly not one.
     Breaking out of the loop stops the generation; the cache keeps what was computed. A
     generation that fills the context ends with "length" and `stats.context_full` set.
-    Sampled ids stay below `vocab_size` (see generate_step).
+    Sampled ids stay below `vocab_size` (see generate_step), which is also the length of the
+    logits a `logits_processor` gets.
 
     >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
     ...                     vocab_size=262144, max_new_tokens=8):               # doctest: +SKIP
@@ -170,7 +181,8 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
         decoder = tokenizer.decoder(prompt_ids[-8:])
         rng = np.random.default_rng(seed)
         held, finish, context_full = "", "length", False
-        steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size)
+        steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
+                              logits_processor=logits_processor)
         for count, token in enumerate(steps, start=1):
             timer.generated = count
             timer.first_token_at = timer.first_token_at or time.perf_counter()
