@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .generate import LogitsProcessor
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
 from .session import Session
@@ -40,6 +41,7 @@ class _Request:
     max_new_tokens: int
     stop_ids: frozenset
     rng: np.random.Generator
+    logits_processor: LogitsProcessor | None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     context: list[int] = field(default_factory=list)   # prompt and tokens so far (repetition penalty)
     generated: int = 0
@@ -112,9 +114,12 @@ class BatchEngine:
         self._closed = False
 
     def submit(self, session: Session, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
-               max_new_tokens: int = 256, stop_ids: Iterable[int] = (), seed: int | None = None) -> TokenStream:
+               max_new_tokens: int = 256, stop_ids: Iterable[int] = (), seed: int | None = None,
+               logits_processor: LogitsProcessor | None = None) -> TokenStream:
         """Queue a generation of `prompt_ids` in `session` (the prefix of the prompt its cache holds
-        is reused); returns its TokenStream. RuntimeError when the session is in use."""
+        is reused); returns its TokenStream. RuntimeError when the session is in use.
+        `logits_processor(generated_ids, logits)`, as generate's, returns the logits to sample
+        from; it runs on the engine's thread, and an exception from it ends this request only."""
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("submit: the prompt is empty: give at least one token")
@@ -127,7 +132,7 @@ class BatchEngine:
                 raise RuntimeError("submit: this BatchEngine is closed")
             holding.__enter__()   # left by the engine's thread when the request ends
             request = _Request(session.cache, holding, prompt_ids, params, max_new_tokens, frozenset(stop_ids),
-                               np.random.default_rng(seed), context=list(prompt_ids))
+                               np.random.default_rng(seed), logits_processor, context=list(prompt_ids))
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="blobstore-batch", daemon=True)
@@ -217,7 +222,14 @@ class BatchEngine:
 
     def _emit(self, request: _Request, logits: np.ndarray) -> bool:
         """Sample the next token from `logits`, hand it out; True when another step is due."""
-        token = sample(logits[:self.vocab_size], request.params, request.rng, request.context)
+        logits = logits[:self.vocab_size]
+        try:
+            if request.logits_processor is not None:
+                logits = request.logits_processor(request.context[len(request.prompt_ids):], logits)
+            token = sample(logits, request.params, request.rng, request.context)
+        except Exception as error:
+            self._fail([request], error)
+            return False
         if token in request.stop_ids:
             return self._finish(request, "stop")
         request.out.put(token)

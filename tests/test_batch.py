@@ -246,3 +246,29 @@ def test_run_batch_refuses_inconsistent_arguments(q8_model):
         model.transformer.run_batch(tokens, caches, [3, 3])
     with pytest.raises(IndexError, match="out of range"):
         model.transformer.run_batch([0, model.config.vocab_size], caches, [c.length for c in caches])
+
+
+def test_a_logits_processor_acts_as_in_generate_and_its_errors_end_only_its_request(q8_model):
+    model = q8_model
+    first, second = prompts(model, 2)
+
+    def forbid_even(generated, logits):
+        masked = logits.copy()
+        masked[::2] = -np.inf
+        return masked
+
+    def broken(generated, logits):
+        if len(generated) == 3:
+            raise ValueError("grammar failed")
+        return logits
+
+    with BatchEngine(model) as engine:
+        masked = engine.submit(model.new_session(), first, SamplingParams(temperature=0), 10,
+                               logits_processor=forbid_even)
+        failing = engine.submit(model.new_session(), second, SamplingParams(temperature=0), 10,
+                                logits_processor=broken)
+        tokens = drain(masked)
+        with pytest.raises(ValueError, match="grammar failed"):
+            drain(failing)
+    alone = model.generate(first, max_new_tokens=10, temperature=0, ignore_eos=True, logits_processor=forbid_even)
+    assert tokens == alone.token_ids and all(t % 2 for t in tokens)
