@@ -781,7 +781,7 @@ cdef class DecoderStack:
         matrix products run over all the rows at once, attention per sequence. Returns the float32
         logits (len(ids), vocab), row i those of sequence i. The caches must be distinct arrays."""
         ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
-        cdef size_t n = ia.shape[0]
+        cdef Py_ssize_t n = ia.shape[0]
         if len(k_caches) != n or len(v_caches) != n or len(positions) != n:
             raise ValueError(f"forward: {n} ids need as many k caches, v caches and positions, found "
                              f"{len(k_caches)}, {len(v_caches)} and {len(positions)}")
