@@ -93,6 +93,15 @@ def test_streamed_chunks_concatenate_to_the_plain_answer(client):
     assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
 
 
+def test_the_next_turn_of_a_conversation_reuses_the_cached_prompt(client):
+    first = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=8, temperature=0)
+    turn = HELLO + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="demo", messages=turn, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+
+
 def test_completions_equal_generate(client, model):
     reply = client.completions.create(model="demo", prompt="And God said", max_tokens=10, temperature=0)
     expected = model.generate("And God said", max_new_tokens=10, temperature=0)

@@ -31,44 +31,64 @@ def hang_up_mid_stream(url: str, client: httpx.Client) -> int:
         return response.status_code
 
 
-def test_8_clients_25_requests_each_complete_or_get_503_and_memory_stays_flat():
+@pytest.fixture(scope="module")
+def two_slots():
     server = ServeProcess("--parallel", "2", "--queue", "4", "--ctx", "1024")
-    try:
-        with httpx.Client(timeout=60) as warm:
-            for _ in range(10):
-                assert warm.post(f"{server.url}/v1/chat/completions", json=SHORT).status_code == 200
-                hang_up_mid_stream(server.url, warm)
-        time.sleep(0.5)
-        warmed = server.rss_bytes()
-        statuses, problems = [], []
+    yield server
+    server.stop()
 
-        def client(index):
-            with httpx.Client(timeout=60) as http:
-                for round_ in range(ROUNDS):
-                    if index == round_ % CLIENTS:  # one client per round hangs up mid-stream
-                        statuses.append(hang_up_mid_stream(server.url, http))
-                        continue
-                    response = http.post(f"{server.url}/v1/chat/completions", json=SHORT)
-                    statuses.append(response.status_code)
-                    if response.status_code == 503 and response.headers.get("retry-after") != "1":
-                        problems.append("503 without Retry-After")
-                    if response.status_code == 200 and not response.json()["usage"]["completion_tokens"]:
-                        problems.append(response.text)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not any(thread.is_alive() for thread in threads)
-        assert len(statuses) == CLIENTS * ROUNDS and not problems
-        assert set(statuses) <= {200, 503} and statuses.count(200) > len(statuses) // 2, sorted(set(statuses))
-        time.sleep(0.5)
-        assert server.rss_bytes() <= warmed * 1.05, (warmed, server.rss_bytes())
-        # every slot came back: the server still answers
-        assert httpx.post(f"{server.url}/v1/chat/completions", json=SHORT, timeout=60).status_code == 200
-    finally:
-        server.stop()
+def test_two_interleaved_conversations_each_reuse_their_own_session(two_slots):
+    url, conversations = two_slots.url, {}
+    with httpx.Client(timeout=60) as http:
+        def turn(messages):
+            body = {"messages": messages, "max_tokens": 6, "temperature": 0}
+            reply = http.post(f"{url}/v1/chat/completions", json=body).json()
+            return reply["choices"][0]["message"]["content"], reply["usage"]
+        for name, question in (("a", "Who was Moses?"), ("b", "Tell me of the kings of Judah and Israel.")):
+            messages = [{"role": "user", "content": question}]
+            answer, usage = turn(messages)
+            conversations[name] = messages + [{"role": "assistant", "content": answer}], usage["prompt_tokens"]
+        for name, (messages, first_prompt) in conversations.items():
+            _, usage = turn(messages + [{"role": "user", "content": "And then?"}])
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= first_prompt, name
+
+
+def test_8_clients_25_requests_each_complete_or_get_503_and_memory_stays_flat(two_slots):
+    server = two_slots
+    with httpx.Client(timeout=60) as warm:
+        for _ in range(10):
+            assert warm.post(f"{server.url}/v1/chat/completions", json=SHORT).status_code == 200
+            hang_up_mid_stream(server.url, warm)
+    time.sleep(0.5)
+    warmed = server.rss_bytes()
+    statuses, problems = [], []
+
+    def client(index):
+        with httpx.Client(timeout=60) as http:
+            for round_ in range(ROUNDS):
+                if index == round_ % CLIENTS:  # one client per round hangs up mid-stream
+                    statuses.append(hang_up_mid_stream(server.url, http))
+                    continue
+                response = http.post(f"{server.url}/v1/chat/completions", json=SHORT)
+                statuses.append(response.status_code)
+                if response.status_code == 503 and response.headers.get("retry-after") != "1":
+                    problems.append("503 without Retry-After")
+                if response.status_code == 200 and not response.json()["usage"]["completion_tokens"]:
+                    problems.append(response.text)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(statuses) == CLIENTS * ROUNDS and not problems
+    assert set(statuses) <= {200, 503} and statuses.count(200) > len(statuses) // 2, sorted(set(statuses))
+    time.sleep(0.5)
+    assert server.rss_bytes() <= warmed * 1.05, (warmed, server.rss_bytes())
+    # every slot came back: the server still answers
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=SHORT, timeout=60).status_code == 200
 
 
 @pytest.fixture(scope="module")

@@ -170,7 +170,8 @@ class _Server:
 
 
 def _usage(prompt_tokens: int, last) -> dict:
-    return usage(prompt_tokens, last.stats.generated_tokens if last is not None and last.stats else 0)
+    stats = last.stats if last is not None else None
+    return usage(prompt_tokens, stats.generated_tokens if stats else 0, stats.reused_prompt_tokens if stats else 0)
 
 
 def _event(payload: dict) -> str:

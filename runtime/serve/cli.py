@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "network, so set --api-key too)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument("--parallel", type=int, default=1,
-                   help="requests admitted at once (default 1); they take turns on the model")
+                   help="requests generating at once (default 1), each in its own session (KV cache) of --ctx "
+                        "tokens; a request reuses the session whose history shares the longest prefix with it")
     p.add_argument("--queue", type=int, default=8,
                    help="requests that may wait for a slot (default 8); past that the server answers 503 "
                         "with Retry-After")
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"blob-serve: response_format is off for this model: {error}", file=sys.stderr)
         grammars = None
-    app = create_app(ModelEngine(model), model_id, api_key=args.api_key, parallel=args.parallel,
-                     queue_size=args.queue, grammars=grammars)
+    app = create_app(ModelEngine(model, sessions=args.parallel), model_id, api_key=args.api_key,
+                     parallel=args.parallel, queue_size=args.queue, grammars=grammars)
     print(f"blob-serve: model {model_id!r} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous
     # handler: these handlers turn that into a normal exit instead of a traceback or a kill

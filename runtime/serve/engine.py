@@ -3,8 +3,7 @@ admission control (slots and a bounded queue: 503 when full) and the bridge that
 blocking generation in a worker thread and hands its chunks to the event loop.
 
 The HTTP layer talks to an engine through three methods — `prompt_ids(job)`, `context_length`,
-`run(job, ids, logits_processor, cancelled)` — so another engine (sessions per slot, batched
-decoding) can replace ModelEngine without touching the routes.
+`run(job, ids, logits_processor, cancelled)` — so another engine (batched decoding, say) can replace ModelEngine without touching the routes.
 """
 from __future__ import annotations
 
@@ -20,12 +19,16 @@ RETRY_AFTER_SECONDS = 1
 
 
 class ModelEngine:
-    """One Model, one generation at a time (the Model holds one KV cache); requests queue for it.
-    A conversation's next turn reuses the cached prefix of the previous one when it runs next."""
+    """One Model and `sessions` Sessions of it, one per slot. A request takes the idle session whose
+    history shares the longest prefix with its prompt (the next turn of a conversation, a shared
+    system prompt), so that prefix is not computed again, unless that would overwrite most of
+    another conversation's history: then the least recently used session. Sessions generate in parallel threads,
+    their forward passes one at a time (see runtime/session.py)."""
 
-    def __init__(self, model):
+    def __init__(self, model, sessions: int = 1):
         self.model = model
-        self._lock = threading.Lock()
+        self._idle = [model.new_session() for _ in range(sessions)]
+        self._pool_lock = threading.Lock()
 
     @property
     def context_length(self) -> int:
@@ -55,15 +58,13 @@ class ModelEngine:
         return ids
 
     def run(self, job: Job, ids: list[int], logits_processor, cancelled: threading.Event) -> Iterator[GenerationChunk]:
-        """The generation's chunks (blocking; call from a worker thread). Stops within a token of
-        `cancelled` being set, which also ends a wait for the model."""
-        while not self._lock.acquire(timeout=0.1):
-            if cancelled.is_set():
-                return
+        """The generation's chunks (blocking; call from a worker thread that holds a slot). Stops
+        within a token of `cancelled` being set."""
+        session = self._take_session(ids)
         try:
             max_tokens = min(job.max_tokens or self.context_length, self.context_length)
-            chunks = self.model.stream(ids, max_new_tokens=max_tokens, logits_processor=logits_processor,
-                                       **job.sampling)
+            chunks = self.model.stream(ids, session=session, max_new_tokens=max_tokens,
+                                       logits_processor=logits_processor, **job.sampling)
             try:
                 for chunk in chunks:
                     if cancelled.is_set():
@@ -72,7 +73,22 @@ class ModelEngine:
             finally:
                 chunks.close()
         finally:
-            self._lock.release()
+            with self._pool_lock:
+                self._idle.append(session)
+
+    def _take_session(self, ids: list[int]):
+        with self._pool_lock:
+            if not self._idle:
+                raise RuntimeError("no idle session: more generations run than the engine has sessions "
+                                   "(give ModelEngine as many sessions as the server has slots)")
+            # the idle list runs from least to most recently used, and max() keeps the first of equals
+            best = max(self._idle, key=lambda session: session.reusable_prefix(ids))
+            if 2 * best.reusable_prefix(ids) < len(best.token_ids):
+                # not this conversation's next turn, only a shared opening (a chat template's header):
+                # keep its history for its own next turn, and take the longest-idle session
+                best = self._idle[0]
+            self._idle.remove(best)
+            return best
 
 
 class Admission:
