@@ -164,6 +164,8 @@ class _Server:
                     yield _event(reply.usage_chunk(_usage(prompt_tokens, chunk)))
         except APIError as error:
             yield _event(error.body())
+        except Exception as error:  # the status line is sent: the error can only be an event now
+            yield _event(APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body())
         finally:
             generation.cancel()  # a client that went away: stop at the next token, free the slot
         yield "data: [DONE]\n\n"

@@ -4,6 +4,7 @@ public `logits_processor` hook. Once the grammar is complete only EOS is allowed
 generation stops there and the text parses and validates (unless max_tokens cut it short)."""
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional, Sequence
 
@@ -74,7 +75,7 @@ class GrammarMask:
 class _SentencePieceVocabulary:
     """What llguidance.TokenizerWrapper reads: each token's bytes, the special tokens, and an
     encoder. Pieces spell a space as U+2581 and single bytes as <0xHH>; control pieces (BOS, EOS,
-    turn markers) decode to no text and are special."""
+    turn markers) decode to no text and are special, as is <unk>."""
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
@@ -86,9 +87,40 @@ class _SentencePieceVocabulary:
             if byte:
                 self.tokens.append(bytes([int(byte.group(1), 16)]))
                 continue
-            if tokenizer.decode([token_id]) == "" or piece == "<unk>":
+            text = piece.replace(_SPACE_PIECE, " ")
+            # a lone U+2581 also decodes to "" (a decode drops its leading space), but it is a space
+            if (tokenizer.decode([token_id]) == "" and text.strip(" ")) or piece == "<unk>":
                 self.special_token_ids.append(token_id)
-            self.tokens.append(piece.replace(_SPACE_PIECE, " ").encode("utf-8"))
+            self.tokens.append(text.encode("utf-8"))
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_bos=False)
+        """Ids whose bytes spell exactly `text`: llguidance forces them when the grammar fixes the
+        next bytes. SentencePiece's own encoding, unless it adds its word-start space to the text
+        (add_dummy_prefix models): then the longest pieces that match, left to right."""
+        ids = self._tokenizer.encode(text, add_bos=False)
+        wanted = text.encode("utf-8")
+        if b"".join(self.tokens[i] for i in ids) == wanted:
+            return ids
+        return self._longest_pieces(wanted)
+
+    @functools.cached_property
+    def _ids_by_bytes(self) -> dict[bytes, int]:
+        special = set(self.special_token_ids)
+        ids = {}
+        for token_id, spelled in enumerate(self.tokens):
+            if token_id not in special and spelled:
+                ids.setdefault(spelled, token_id)
+        return ids
+
+    def _longest_pieces(self, wanted: bytes) -> list[int]:
+        longest = max(map(len, self._ids_by_bytes))
+        ids, start = [], 0
+        while start < len(wanted):
+            for end in range(min(len(wanted), start + longest), start, -1):
+                if wanted[start:end] in self._ids_by_bytes:
+                    ids.append(self._ids_by_bytes[wanted[start:end]])
+                    start = end
+                    break
+            else:
+                raise ValueError(f"the vocabulary cannot spell byte {wanted[start]:#04x} (no byte-fallback pieces)")
+        return ids
