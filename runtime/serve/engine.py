@@ -1,9 +1,10 @@
-"""What runs a Job: the model adapter (prompt ids, one generation at a time on a Model), the
-admission control (slots and a bounded queue: 503 when full) and the bridge that runs a
-blocking generation in a worker thread and hands its chunks to the event loop.
+"""What runs a Job: the model adapter (prompt ids, a Session per slot), the admission control
+(slots and a bounded queue: 503 when full) and the bridge that runs a blocking generation in a
+worker thread and hands its chunks to the event loop.
 
-The HTTP layer talks to an engine through three methods — `prompt_ids(job)`, `context_length`,
-`run(job, ids, logits_processor, cancelled)` — so another engine (batched decoding, say) can replace ModelEngine without touching the routes.
+The HTTP layer talks to an engine through three members — `prompt_ids(job)`, `context_length`,
+`run(job, ids, logits_processor, cancelled)` — so another engine (batched decoding, say) can
+replace ModelEngine without touching the routes.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ class ModelEngine:
     """One Model and `sessions` Sessions of it, one per slot. A request takes the idle session whose
     history shares the longest prefix with its prompt (the next turn of a conversation, a shared
     system prompt), so that prefix is not computed again, unless that would overwrite most of
-    another conversation's history: then the least recently used session. Sessions generate in parallel threads,
-    their forward passes one at a time (see runtime/session.py)."""
+    another conversation's history: then the least recently used session. Sessions generate in
+    parallel threads, their forward passes one at a time (see runtime/session.py).
+
+    >>> engine = ModelEngine(load("gemma.blob"), sessions=2)                       # doctest: +SKIP
+    >>> job = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, "gemma")  # doctest: +SKIP
+    >>> ids = engine.prompt_ids(job)                                               # doctest: +SKIP
+    >>> "".join(c.text for c in engine.run(job, ids, None, threading.Event()))    # doctest: +SKIP
+    """
 
     def __init__(self, model, sessions: int = 1):
         self.model = model
@@ -50,11 +57,12 @@ class ModelEngine:
             raise APIError(400, str(error), param="messages") from None
         bad = [i for i in ids if not 0 <= i < self.model.decodable_vocab_size]
         if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.model.decodable_vocab_size - 1})",
-                           param="prompt")
+            limit = self.model.decodable_vocab_size
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{limit - 1})", param="prompt")
         if len(ids) > self.context_length:
-            raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the context of {self.context_length} "
-                                f"tokens", param="messages" if job.is_chat else "prompt", code="context_length_exceeded")
+            raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the context of "
+                                f"{self.context_length} tokens", param="messages" if job.is_chat else "prompt",
+                           code="context_length_exceeded")
         return ids
 
     def run(self, job: Job, ids: list[int], logits_processor, cancelled: threading.Event) -> Iterator[GenerationChunk]:
@@ -93,7 +101,10 @@ class ModelEngine:
 
 class Admission:
     """`parallel` slots and at most `queue_size` requests waiting for one; past that a 503 with
-    Retry-After. A slot is released by whoever finishes the generation (see generate_async)."""
+    Retry-After. A slot is given back by the worker that ran the generation (see Generation).
+
+    >>> await admission.acquire()      # doctest: +SKIP  (raises the 503 APIError when full)
+    """
 
     def __init__(self, parallel: int, queue_size: int):
         if parallel < 1 or queue_size < 0:

@@ -37,7 +37,7 @@ class Job:
     prompt: Any = None                          # completion: a str, or a list of token ids
     max_tokens: Optional[int] = None            # None: until the context is full
     sampling: dict = field(default_factory=dict)  # Model.stream's options: temperature, top_p, seed, stop, ...
-    response_format: Optional[dict] = None      # None, {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: Optional[dict] = None      # None, {"type": "json_object"}, {"type": "json_schema", "schema": ...}
     stream: bool = False
     include_usage: bool = False
 
@@ -230,4 +230,5 @@ class Reply:
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's usage object; cached_tokens: the prompt's leading tokens a session already held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
