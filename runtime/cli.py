@@ -17,7 +17,6 @@ from .. import FormatError
 from . import kernels
 from .api import load
 from .kv_cache import ContextFull
-from .session import SessionMismatch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
         return 1
     try:
         session = _prompt_cache(model, args.prompt_cache)
-    except (FormatError, SessionMismatch, ContextFull) as error:
+    except (ValueError, OSError) as error:   # FormatError, SessionMismatch, ContextFull: all ValueErrors
         print(f"blob-run: error: --prompt-cache: {error}", file=sys.stderr)
         return 1
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
@@ -102,8 +101,12 @@ def _prompt_cache(model, path):
 
 
 def _save_prompt_cache(session, path):
-    if path is not None:
+    if path is None:
+        return
+    try:
         session.save(path)
+    except OSError as error:
+        raise OSError(f"--prompt-cache: cannot save the session to {path}: {error.strerror or error}") from None
 
 
 def _print_stream(chunks, model, stats_json: bool) -> str:

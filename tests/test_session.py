@@ -199,3 +199,9 @@ def test_blob_run_prompt_cache_reuses_the_prompt_on_the_second_run(gemma3_blob, 
     convert(checkpoints("qwen3"), tmp_path / "qwen3.blob", dtype="f32", quiet=True)
     assert blob_run([str(tmp_path / "qwen3.blob"), "-p", "Hi", "--prompt-cache", str(cache)]) == 1
     assert "--prompt-cache:" in capsys.readouterr().err
+
+
+def test_blob_run_names_the_prompt_cache_it_cannot_write(gemma3_blob, tmp_path, capsys):
+    target = tmp_path / "missing-folder" / "prompt.session"
+    assert blob_run([str(gemma3_blob), "-p", "Hello", "-n", "2", "--ctx", "64", "--prompt-cache", str(target)]) == 1
+    assert f"--prompt-cache: cannot save the session to {target}" in capsys.readouterr().err
