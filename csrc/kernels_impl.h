@@ -118,8 +118,16 @@ typedef struct blob_block32 {
     float d, m;
 } blob_block32;
 
-/* Bit j of a little-endian bit array. */
-static inline int blob_bit(const uint8_t *bits, int j) { return (bits[j >> 3] >> (j & 7)) & 1; }
+/* Bits of `nbytes` little-endian bytes as one byte each (bit j -> out[j], 0 or 1): each byte
+ * broadcast to eight, bit k kept in byte k, and a nonzero byte carried into its top bit. Plain
+ * shifts by the bit index would not vectorize (SSE2 has no per-lane variable shift). */
+static inline void blob_spread_bits(const uint8_t *bits, int nbytes, uint8_t *out) {
+    for (int i = 0; i < nbytes; i++) {
+        const uint64_t selected = (bits[i] * 0x0101010101010101ull) & 0x8040201008040201ull;
+        const uint64_t ones = ((selected + 0x7f7f7f7f7f7f7f7full) & 0x8080808080808080ull) >> 7;
+        memcpy(out + 8 * i, &ones, 8);   /* little-endian: byte k of `ones` is bit k */
+    }
+}
 
 /* Sub-block j's 6-bit scale and min of q4_k / q5_k, packed in 12 bytes: j < 4 in the low six
  * bits of bytes j and j + 4; j >= 4 in byte j + 4's nibbles plus the top two bits of bytes
@@ -144,7 +152,7 @@ static inline int32_t blob_k3_scale(const uint8_t *packed, int i) {
 
 /* Block b of a row whose planes start at p[0..] (blob_row_planes), decoded. For the k-quants
  * b = 8 * super-block + j, j the 32-value block in the super-block. */
-static inline void blob_decode_block32(int dtype, const uint8_t *const *p, size_t b, blob_block32 *out) {
+BLOB_INLINE void blob_decode_block32(int dtype, const uint8_t *const *p, size_t b, blob_block32 *out) {
     const size_t sb = b / 8;
     const int j = (int)(b % 8);
     out->sc[0] = out->sc[1] = 1;
@@ -153,11 +161,13 @@ static inline void blob_decode_block32(int dtype, const uint8_t *const *p, size_
     switch (dtype) {
     case BLOB_Q4_1: case BLOB_Q5_0: case BLOB_Q5_1: {
         /* byte i: value i in the low nibble, value i + 16 in the high one; 5th bits in `high` */
-        const uint8_t *qs = p[0] + 16 * b, *qh = dtype == BLOB_Q4_1 ? NULL : p[1] + 4 * b;
+        const uint8_t *qs = p[0] + 16 * b;
+        uint8_t high[32] = {0};
+        if (dtype != BLOB_Q4_1) blob_spread_bits(p[1] + 4 * b, 4, high);
         const int offset = dtype == BLOB_Q5_0 ? 16 : 0;
         for (int i = 0; i < 16; i++) {
-            out->q[i] = (int8_t)((qs[i] & 15) + (qh ? blob_bit(qh, i) << 4 : 0) - offset);
-            out->q[i + 16] = (int8_t)((qs[i] >> 4) + (qh ? blob_bit(qh, i + 16) << 4 : 0) - offset);
+            out->q[i] = (int8_t)((int)((qs[i] & 15) | high[i] << 4) - offset);
+            out->q[i + 16] = (int8_t)((int)((qs[i] >> 4) | high[i + 16] << 4) - offset);
         }
         const int scale_plane = dtype == BLOB_Q4_1 ? 1 : 2;
         out->d = blob_f16_at(p[scale_plane] + 2 * b);

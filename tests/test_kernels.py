@@ -586,3 +586,67 @@ def test_physical_cores_counts_each_core_once():
     assert cores.count_core_records(records) == 2
     with pytest.raises(ValueError, match="record of 0 bytes"):
         cores.count_core_records(core + (0).to_bytes(4, "little"))
+
+
+# ---- a model whose matrices are stored in GGUF's block types ----
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, spm_model):
+    """A tiny llama blob at f32 whose matrices all have whole super-blocks of 256 columns."""
+    from blobstore.convert import convert
+    from conftest import build_checkpoint
+    root = tmp_path_factory.mktemp("wide_llama")
+    folder = build_checkpoint(root / "ckpt", "llama", spm_model, hidden_size=256, intermediate_size=512, head_dim=64,
+                              num_hidden_layers=1)
+    convert(folder, root / "f32.blob", dtype="f32", quiet=True)
+    return root / "f32.blob"
+
+
+def planes_like(kind, values: np.ndarray, rng) -> tuple[np.ndarray, ...]:
+    """Random planes of `kind` whose dequantized values have the rms of `values` (every float16 plane,
+    scales and mins alike, is one factor per row, so the values scale with it)."""
+    rows, cols = values.shape
+    planes = list(random_planes(kind, rows, cols // kind.spec.block, rng))
+    halves = [i for i, p in enumerate(kind.spec.planes) if p.element == "<f2"]
+    for i in halves:
+        planes[i] = np.ones_like(planes[i])
+    unit = quant.dequantize(planes, cols, kind)
+    factor = np.sqrt(np.mean(values.astype(np.float64) ** 2) / np.mean(unit.astype(np.float64) ** 2))
+    for i in halves:
+        planes[i] = np.full_like(planes[i], factor)
+    return tuple(planes)
+
+
+@pytest.mark.parametrize("dtype", BLOCK_DTYPES)
+def test_a_model_in_a_block_type_matches_its_f32_dequantization(wide_llama, tmp_path, dtype):
+    """Every matrix (the embedding and the head too) stored as `dtype` from random planes: the runtime's
+    logits equal, within the int16 activation rounding, those of the same model stored as the f32
+    dequantization of those planes."""
+    from blobstore.runtime import load
+    kind, rng = blobstore.DType.parse(dtype), np.random.default_rng(stable_seed(dtype, "model"))
+    paths = {"blocks": tmp_path / f"{dtype}.blob", "f32": tmp_path / "dequantized.blob"}
+    with blobstore.open(wide_llama) as r, blobstore.BlobWriter(paths["blocks"]) as wq, \
+            blobstore.BlobWriter(paths["f32"]) as wf:
+        for info in r.infos():
+            for w in (wq, wf):
+                w.metadata.update(r.metadata)
+            if info.tie:
+                for w in (wq, wf):
+                    w.add_tie(info.name, info.tie, component=info.component)
+                continue
+            values = r.float32(info.name)
+            if values.ndim == 2 and values.shape[1] % kind.spec.block == 0:
+                planes = planes_like(kind, values, rng)
+                wq.add_quantized(info.name, planes, dtype=kind, shape=values.shape, component=info.component)
+                values = quant.dequantize(planes, values.shape[1], kind)
+            else:
+                wq.add(info.name, values, dtype="f32", component=info.component)
+            wf.add(info.name, values, dtype="f32", component=info.component)
+    blocks, reference = load(paths["blocks"]), load(paths["f32"])
+    with blobstore.open(paths["blocks"]) as r:
+        assert kind in {i.dtype for i in r.infos()}
+    ids = [2] + rng.integers(4, blocks.config.vocab_size, 23).tolist()
+    ours, theirs = blocks.forward(ids), reference.forward(ids)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 2e-3 * scale, f"max |difference| {np.abs(ours - theirs).max()} of {scale}"
+    assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.95

@@ -3,13 +3,15 @@
  *
  * Checked per path (including the int8-dot variants VNNI / SDOT when the CPU has them):
  * - activation quantization, int8 and int16 levels: bytes and scales identical to scalar;
- * - matvec and matmul tiles for f32, f16, bf16, q8_0, q4_0 on odd shapes: equal to scalar up to
- *   float summation order (1e-5 of sum |w x|); the one-row matvec tile equal to matvec's exactly;
+ * - matvec and matmul tiles of every dtype on odd shapes (q4_1 .. q6_k: whole blocks, random planes):
+ *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
+ *   to matvec's exactly for quantized types; q4_1 .. q6_k also against ggml's dequantization
+ *   (written out here from its block loops) times the quantized activations, summed in double;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
- *   1 vs 2 threads bit-identical;
+ *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
  *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
@@ -50,13 +52,16 @@ typedef struct {
     blob_matrix m;
     uint8_t *plane;       /* rows x stride */
     uint16_t *scales;
-    float *abs_values;    /* |W| as f32 (rows, cols), for tolerances */
+    uint8_t *later[BLOB_MAX_PLANES];   /* q4_1 .. q6_k: planes 1.. (packed) */
+    float *values;        /* W as f32 (rows, cols): the reference dequantization */
+    float *abs_values;    /* |W|, for tolerances */
 } test_weight;
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 static size_t row_bytes(int dtype, size_t cols) {
     size_t nb = blob_div_up(cols, BLOB_QBLOCK);
+    if (blob_is_block32_type(dtype)) return cols / blob_dtype_block(dtype) * blob_plane_bytes(dtype, 0);
     switch (dtype) {
     case BLOB_F32: return 4 * cols;
     case BLOB_F16: case BLOB_BF16: return 2 * cols;
@@ -65,12 +70,195 @@ static size_t row_bytes(int dtype, size_t cols) {
     }
 }
 
+/* ---- ggml's dequantization, written out from its block loops (independent of the kernels'
+ * blob_decode_block32): block b of a row whose planes (fields) start at p[0..], into y ---- */
+
+static float f16_at(const uint8_t *p) { return blob_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
+
+static void ref_q4_1_q5(int dtype, const uint8_t *const *p, size_t b, float *y) {
+    const uint8_t *qs = p[0] + 16 * b;
+    uint32_t qh = 0;
+    if (dtype != BLOB_Q4_1) memcpy(&qh, p[1] + 4 * b, 4);   /* little-endian host, as ggml */
+    const int first_scale = dtype == BLOB_Q4_1 ? 1 : 2;
+    const float d = f16_at(p[first_scale] + 2 * b), m = dtype == BLOB_Q5_0 ? 0.0f : f16_at(p[first_scale + 1] + 2 * b);
+    for (int j = 0; j < 16; j++) {
+        const int xh0 = (int)(((qh >> j) << 4) & 0x10), xh1 = (int)((qh >> (j + 12)) & 0x10);
+        const int x0 = (qs[j] & 15) | xh0, x1 = (qs[j] >> 4) | xh1;
+        if (dtype == BLOB_Q5_0) {
+            y[j] = (float)(x0 - 16) * d;
+            y[j + 16] = (float)(x1 - 16) * d;
+        } else {
+            const float v0 = (float)x0 * d, v1 = (float)x1 * d;
+            y[j] = v0 + m;
+            y[j + 16] = v1 + m;
+        }
+    }
+}
+
+static void ref_q2_k(const uint8_t *const *p, size_t sb, float *y) {
+    const float d = f16_at(p[2] + 2 * sb), dmin = f16_at(p[3] + 2 * sb);
+    const uint8_t *q = p[0] + 64 * sb, *sc = p[1] + 16 * sb;
+    int is = 0;
+    for (int n = 0; n < 256; n += 128) {
+        for (int j = 0, shift = 0; j < 4; j++, shift += 2) {
+            for (int half = 0; half < 2; half++) {
+                const int s = sc[is++];
+                const float dl = d * (float)(s & 15), ml = dmin * (float)(s >> 4);
+                for (int l = 0; l < 16; l++) {
+                    const float v = dl * (float)((q[l + 16 * half] >> shift) & 3);
+                    *y++ = v - ml;
+                }
+            }
+        }
+        q += 32;
+    }
+}
+
+static void ref_q3_k(const uint8_t *const *p, size_t sb, float *y) {
+    const float d = f16_at(p[3] + 2 * sb);
+    const uint8_t *q = p[0] + 64 * sb, *hm = p[1] + 32 * sb;
+    uint32_t aux[4];
+    int8_t scales[16];
+    memcpy(aux, p[2] + 12 * sb, 12);
+    const uint32_t tmp = aux[2], kmask1 = 0x03030303u, kmask2 = 0x0f0f0f0fu;
+    aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+    aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+    aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+    aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+    memcpy(scales, aux, 16);
+    int is = 0, m = 1;
+    for (int n = 0; n < 256; n += 128) {
+        for (int j = 0, shift = 0; j < 4; j++, shift += 2, m <<= 1) {
+            for (int half = 0; half < 2; half++) {
+                const float dl = d * (float)(scales[is++] - 32);
+                for (int l = 16 * half; l < 16 * half + 16; l++)
+                    *y++ = dl * (float)(((q[l] >> shift) & 3) - ((hm[l] & m) ? 0 : 4));
+            }
+        }
+        q += 32;
+    }
+}
+
+static void ref_scale_min_k4(int j, const uint8_t *q, int *d, int *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
+    }
+}
+
+static void ref_q4_q5_k(int dtype, const uint8_t *const *p, size_t sb, float *y) {
+    const int five = dtype == BLOB_Q5_K;
+    const uint8_t *ql = p[0] + 128 * sb, *qh = five ? p[1] + 32 * sb : NULL, *scales = p[1 + five] + 12 * sb;
+    const float d = f16_at(p[2 + five] + 2 * sb), dmin = f16_at(p[3 + five] + 2 * sb);
+    int is = 0, u1 = 1, u2 = 2;
+    for (int j = 0; j < 256; j += 64, is += 2, u1 <<= 2, u2 <<= 2) {
+        int sc, m;
+        ref_scale_min_k4(is, scales, &sc, &m);
+        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+        ref_scale_min_k4(is + 1, scales, &sc, &m);
+        const float d2 = d * (float)sc, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) {
+            const float v = d1 * (float)((ql[l] & 0xF) + (five && (qh[l] & u1) ? 16 : 0));
+            *y++ = v - m1;
+        }
+        for (int l = 0; l < 32; l++) {
+            const float v = d2 * (float)((ql[l] >> 4) + (five && (qh[l] & u2) ? 16 : 0));
+            *y++ = v - m2;
+        }
+        ql += 32;
+    }
+}
+
+static void ref_q6_k(const uint8_t *const *p, size_t sb, float *y) {
+    const float d = f16_at(p[3] + 2 * sb);
+    const uint8_t *ql = p[0] + 128 * sb, *qh = p[1] + 64 * sb;
+    const int8_t *sc = (const int8_t *)p[2] + 16 * sb;
+    for (int n = 0; n < 256; n += 128) {
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = d * (float)sc[is + 0] * (float)q1;
+            y[l + 32] = d * (float)sc[is + 2] * (float)q2;
+            y[l + 64] = d * (float)sc[is + 4] * (float)q3;
+            y[l + 96] = d * (float)sc[is + 6] * (float)q4;
+        }
+        y += 128;
+        ql += 64;
+        qh += 32;
+        sc += 8;
+    }
+}
+
+/* Row r of a q4_1 .. q6_k test weight, dequantized as ggml does. */
+static void ref_dequantize_row(const test_weight *w, size_t r, float *y) {
+    const int dtype = w->m.dtype;
+    const size_t block = blob_dtype_block(dtype), nb = w->m.cols / block;
+    const uint8_t *p[BLOB_MAX_PLANES] = {w->plane + r * w->m.row_stride_bytes};
+    for (int i = 1; i < BLOB_MAX_PLANES; i++)
+        p[i] = w->later[i] ? w->later[i] + r * nb * blob_plane_bytes(dtype, i) : NULL;
+    for (size_t b = 0; b < nb; b++) {
+        float *out = y + b * block;
+        switch (dtype) {
+        case BLOB_Q2_K: ref_q2_k(p, b, out); break;
+        case BLOB_Q3_K: ref_q3_k(p, b, out); break;
+        case BLOB_Q4_K: case BLOB_Q5_K: ref_q4_q5_k(dtype, p, b, out); break;
+        case BLOB_Q6_K: ref_q6_k(p, b, out); break;
+        default: ref_q4_1_q5(dtype, p, b, out); break;
+        }
+    }
+}
+
+/* Random planes of a q4_1 .. q6_k weight: every level and sub-scale byte random, the float16
+ * scales of either sign and the mins positive, both of a size that keeps |W| around 1. */
+static void fill_block_type(test_weight *w, int dtype, size_t rows, size_t cols, size_t stride) {
+    const size_t nb = cols / blob_dtype_block(dtype);
+    const int kquant = blob_dtype_block(dtype) == BLOB_KBLOCK;
+    for (size_t i = 0; i < rows * stride; i++) w->plane[i] = (uint8_t)next_u32();
+    for (int p = 1; p < BLOB_MAX_PLANES && blob_plane_bytes(dtype, p); p++) {
+        const size_t bytes = blob_plane_bytes(dtype, p);
+        w->later[p] = (uint8_t *)calloc(rows * nb, bytes);
+        w->m.plane[p] = w->later[p];
+        /* the mins, when a type has them, are its last plane */
+        const int is_min = blob_has_mins(dtype) && (p == BLOB_MAX_PLANES - 1 || !blob_plane_bytes(dtype, p + 1));
+        const int is_scale = bytes == 2 && !is_min;
+        for (size_t i = 0; i < rows * nb; i++) {
+            uint8_t *field = w->later[p] + i * bytes;
+            if (is_scale || is_min) {
+                const float size = kquant ? 0.002f : 0.05f, v = size * (0.2f + fabsf(next_float()));
+                const uint16_t h = blob_f32_to_f16(is_min || next_u32() % 2 ? v : -v);
+                field[0] = (uint8_t)h, field[1] = (uint8_t)(h >> 8);
+            } else {
+                for (size_t k = 0; k < bytes; k++) field[k] = (uint8_t)next_u32();
+            }
+        }
+    }
+}
+
 static test_weight make_weight(int dtype, size_t rows, size_t cols) {
     test_weight w;
+    memset(&w, 0, sizeof w);
     size_t stride = round64(row_bytes(dtype, cols)), nb = blob_div_up(cols, BLOB_QBLOCK);
     w.plane = (uint8_t *)calloc(rows, stride);
     w.scales = (uint16_t *)calloc(rows * nb + 1, 2);
+    w.values = (float *)calloc(rows * cols, sizeof(float));
     w.abs_values = (float *)calloc(rows * cols, sizeof(float));
+    w.m.dtype = dtype;
+    w.m.plane[0] = w.plane;
+    w.m.row_stride_bytes = stride;
+    w.m.rows = rows;
+    w.m.cols = cols;
+    if (blob_is_block32_type(dtype)) {
+        fill_block_type(&w, dtype, rows, cols, stride);
+        for (size_t r = 0; r < rows; r++) ref_dequantize_row(&w, r, w.values + r * cols);
+        for (size_t k = 0; k < rows * cols; k++) w.abs_values[k] = fabsf(w.values[k]);
+        return w;
+    }
     for (size_t r = 0; r < rows; r++) {
         uint8_t *row = w.plane + r * stride;
         for (size_t k = 0; k < cols; k++) {
@@ -89,19 +277,15 @@ static test_weight make_weight(int dtype, size_t rows, size_t cols) {
         if (dtype == BLOB_Q4_0)
             for (size_t k = cols; k < nb * 32; k++) row[(k / 32) * 16 + k % 16] |= (uint8_t)(8 << ((k % 32) < 16 ? 0 : 4));
     }
-    w.m.dtype = dtype;
-    memset(w.m.plane, 0, sizeof w.m.plane);
-    w.m.plane[0] = w.plane;
     w.m.plane[1] = (dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0) ? w.scales : NULL;
-    w.m.row_stride_bytes = stride;
-    w.m.rows = rows;
-    w.m.cols = cols;
     for (size_t r = 0; r < rows; r++) {
         const uint8_t *row = w.plane + r * stride;
-        for (size_t k = 0; k < cols; k++)
-            w.abs_values[r * cols + k] = w.m.plane[1]
-                ? fabsf((float)blob_weight_level(row, k, dtype) * blob_f16_to_f32(w.scales[r * nb + k / 32]))
-                : fabsf(blob_weight_f32(row, k, dtype));
+        for (size_t k = 0; k < cols; k++) {
+            w.values[r * cols + k] = w.m.plane[1]
+                ? (float)blob_weight_level(row, k, dtype) * blob_f16_to_f32(w.scales[r * nb + k / 32])
+                : blob_weight_f32(row, k, dtype);
+            w.abs_values[r * cols + k] = fabsf(w.values[r * cols + k]);
+        }
     }
     return w;
 }
@@ -109,7 +293,15 @@ static test_weight make_weight(int dtype, size_t rows, size_t cols) {
 static void free_weight(test_weight *w) {
     free(w->plane);
     free(w->scales);
+    for (int p = 0; p < BLOB_MAX_PLANES; p++) free(w->later[p]);
+    free(w->values);
     free(w->abs_values);
+}
+
+/* The columns a test matrix of `dtype` gets for a wanted width: whole blocks for q4_1 .. q6_k. */
+static size_t test_cols(int dtype, size_t cols) {
+    const size_t block = blob_dtype_block(dtype);
+    return blob_is_block32_type(dtype) ? blob_div_up(cols, block) * block : cols;
 }
 
 /* ---- one path's tiles over a whole matrix, the way matmul.c drives them ---- */
@@ -184,12 +376,36 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* Y of a q4_1 .. q6_k weight against the straightforward product: W dequantized as ggml does,
+ * times the activations quantized (int16 levels x block scale), summed in double. */
+static void check_against_dequantized(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n,
+                                      const float *y, const char *what, const char *path) {
+    const size_t rows = w->m.rows, cols = w->m.cols;
+    quantized_acts qa = quantize_all(ops, x, n, cols, 16);
+    char label[96];
+    snprintf(label, sizeof label, "%s vs dequantized", what);
+    for (size_t t = 0; t < n; t++) {
+        const int16_t *levels = (const int16_t *)qa.q + t * qa.q_stride;
+        for (size_t r = 0; r < rows; r++) {
+            double sum = 0, slack = 0;
+            for (size_t k = 0; k < cols; k++) {
+                const double xk = (double)levels[k] * qa.d[t * qa.nblocks + k / BLOB_QBLOCK];
+                sum += (double)w->values[r * cols + k] * xk;
+                slack += fabs((double)w->values[r * cols + k] * xk);
+            }
+            expect_close(label, path, y[t * rows + r], sum, 1e-5 * slack + 1e-6);
+        }
+    }
+    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums);
+}
+
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
     const size_t token_counts[] = {1, 2, 3, 5};
-    for (int dtype = 0; dtype <= BLOB_Q4_0; dtype++) {
+    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+        if (!blob_dtype_block(dtype)) continue;
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-            size_t rows = shapes[s][0], cols = shapes[s][1];
+            size_t rows = shapes[s][0], cols = test_cols(dtype, shapes[s][1]);
             test_weight w = make_weight(dtype, rows, cols);
             for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
                 size_t n = token_counts[c];
@@ -206,9 +422,10 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
                         for (size_t k = 0; k < cols; k++) slack += w.abs_values[r * cols + k] * fabs(x[t * cols + k]);
                         expect_close(what, path, y[t * rows + r], ref[t * rows + r], 1e-5 * slack + 1e-6);
                     }
+                if (blob_is_block32_type(dtype)) check_against_dequantized(ops, &w, x, n, y, what, path);
                 if (n == 1) {   /* the one-row tile forms the very same quantized sums; float rows
                                    it sums with four accumulators (equal to rounding) */
-                    const int exact = dtype == BLOB_Q8_0 || dtype == BLOB_Q4_0 || ops == &blob_ops_scalar;
+                    const int exact = blob_dtype_block(dtype) > 1 || ops == &blob_ops_scalar;
                     run_tiles(ops, &w, x, n, ref, 1);
                     snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
                     for (size_t r = 0; r < rows; r++) {
@@ -420,18 +637,18 @@ static void attention_via_api(int kv_dtype, size_t window, float softcap, const 
 }
 
 /* blob_matmul_group of three matrices (different row counts) == three blob_matmul calls, bitwise. */
-static void check_matmul_group(int dtype, const float *x, size_t n, const char *path) {
+static void check_matmul_group(int dtype, const float *x, size_t cols, size_t n, const char *path) {
     const size_t rows[3] = {67, 5, 130};
     test_weight w[3];
     const blob_matrix *wp[3];
     float y[3][5 * 130], ref[3][5 * 130];
     float *yp[3] = {y[0], y[1], y[2]};
     for (int i = 0; i < 3; i++) {
-        w[i] = make_weight(dtype, rows[i], 300);
+        w[i] = make_weight(dtype, rows[i], cols);
         wp[i] = &w[i].m;
         matmul_via_api(&w[i], x, n, ref[i]);
     }
-    if (blob_matmul_group(wp, yp, rows, 3, x, 300, n) != BLOB_OK) fail("blob_matmul_group status", path, 1, 0, 0);
+    if (blob_matmul_group(wp, yp, rows, 3, x, cols, n) != BLOB_OK) fail("blob_matmul_group status", path, 1, 0, 0);
     for (int i = 0; i < 3; i++) {
         checks++;
         if (memcmp(y[i], ref[i], n * rows[i] * sizeof(float)) != 0)
@@ -442,24 +659,32 @@ static void check_matmul_group(int dtype, const float *x, size_t n, const char *
 
 static void check_api(int isa) {
     const char *path = blob_isa_name(isa);
-    float x[5 * 300], q[6 * 8 * 40];
-    for (size_t i = 0; i < 5 * 300; i++) x[i] = next_float();
+    enum { MAX_COLS = 512 };   /* 300 columns, rounded up to whole super-blocks for the k-quants */
+    float x[5 * MAX_COLS], q[6 * 8 * 40];
+    for (size_t i = 0; i < 5 * MAX_COLS; i++) x[i] = next_float();
     for (size_t i = 0; i < 6 * 8 * 40; i++) q[i] = next_float();
-    for (int dtype = 0; dtype <= BLOB_Q4_0; dtype++) {
-        test_weight w = make_weight(dtype, 67, 300);
+    for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
+        if (!blob_dtype_block(dtype)) continue;
+        const size_t cols = test_cols(dtype, 300);
+        test_weight w = make_weight(dtype, 67, cols);
         for (size_t n = 1; n <= 5; n += 4) {
             float y[5 * 67], y2[5 * 67], ref[5 * 67];
             blob_isa_select(BLOB_ISA_SCALAR);
             matmul_via_api(&w, x, n, ref);
             blob_isa_select(isa);
-            blob_threads_set(1);
-            matmul_via_api(&w, x, n, y);
-            blob_threads_set(2);
-            matmul_via_api(&w, x, n, y2);
-            checks++;
-            if (memcmp(y, y2, n * 67 * sizeof(float)) != 0) fail("matmul threads 1 vs 2 bit-identical", path, 0, 0, 0);
-            for (size_t i = 0; i < n * 67; i++) expect_close("blob_matmul vs scalar", path, y[i], ref[i], 2e-4);
-            check_matmul_group(dtype, x, n, path);
+            for (int threads = 1; threads <= 3; threads++) {
+                blob_threads_set(threads);
+                matmul_via_api(&w, x, n, threads == 1 ? y : y2);
+                checks++;
+                if (threads > 1 && memcmp(y, y2, n * 67 * sizeof(float)) != 0)
+                    fail("matmul threads 1 vs 2, 3 bit-identical", path, threads, dtype, 0);
+            }
+            for (size_t i = 0; i < n * 67; i++) {
+                double slack = 0;
+                for (size_t k = 0; k < cols; k++) slack += w.abs_values[(i % 67) * cols + k] * fabs(x[(i / 67) * cols + k]);
+                expect_close("blob_matmul vs scalar", path, y[i], ref[i], 1e-5 * slack + 1e-6);
+            }
+            check_matmul_group(dtype, x, cols, n, path);
         }
         free_weight(&w);
     }
