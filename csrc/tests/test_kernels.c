@@ -7,6 +7,8 @@
  *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
  *   to matvec's exactly for quantized types; q4_1 .. q6_k also against ggml's dequantization
  *   (written out here from its block loops) times the quantized activations, summed in double;
+ * - q4_1 .. q6_k: every tile (matvec, matvec_row, matmul) bit-identical to the scalar tile, on rows
+ *   of whole groups of eight blocks and of a remainder, and in q6_k's int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's;
