@@ -29,7 +29,7 @@ import blobstore
 from blobstore.format import layout
 from blobstore.runtime import kernels as K
 
-DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 TARGETS = {"f32": 0.90, "f16": 0.90, "bf16": 0.90, "q8_0": 0.90, "q4_0": 0.75}   # of read bandwidth
 # Gemma 3 270M's matrices (rows, cols): q (1024 x 640), gate / up (2048 x 640), o (640 x 1024),
 # down (640 x 2048); its Q4_K_M file stores most as q5_0 (640 columns are not whole super-blocks),
