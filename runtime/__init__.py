@@ -10,7 +10,8 @@ from .generate import GenerationChunk, GenerationResult, GenerationStats
 from .kernels import cpu_info
 from .kv_cache import ContextFull
 from .sampling import SamplingParams
+from .session import Session, SessionMismatch
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["load", "Model", "GenerationResult", "GenerationChunk", "GenerationStats", "SamplingParams",
-           "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info"]
+           "Session", "SessionMismatch", "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -15,10 +14,12 @@ from ..errors import FormatError
 from ..reader import open as open_blob
 from . import chat as chat_templates
 from . import demo, kernels
-from .generate import GenerationChunk, GenerationResult, stream
+from . import generate as layers
+from .generate import GenerationChunk, GenerationResult
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
+from .session import ModelFingerprint, Session, load_session
 from .tokenizer import Tokenizer
 
 KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
@@ -49,12 +50,14 @@ def load(path=None, *, threads: int | None = None, max_seq_len: int | None = Non
         info = kernels.cpu_info()
         print(f"Loaded {os.fspath(path)} in {(time.perf_counter() - started) * 1000:.1f} ms "
               f"({model.config.arch}, {info['isa']} kernels, {kernels.get_threads()} threads, "
-              f"context {model.cache.max_seq_len})", file=sys.stderr)
+              f"context {model.max_seq_len})", file=sys.stderr)
     return model
 
 
 class Model:
-    """A loaded model. Generation state (the KV cache) is shared by calls, which run one at a time."""
+    """A loaded model: the weights, the tokenizer, and a built-in default Session (`model.session`)
+    that generate / stream / chat use unless given another. Which calls may run at the same time:
+    see runtime/session.py (a session: one generation at a time; sessions: a forward at a time)."""
 
     def __init__(self, reader, *, max_seq_len: int | None = None, kv_dtype: str = "f32"):
         if "model" not in reader.metadata:
@@ -67,10 +70,43 @@ class Model:
             raise FormatError(f"{reader.path}: no tokenizer in the file (expected a tokenizer.model or "
                               f"tokenizer.json blob)")
         self.generation_config = reader.metadata.get("source", {}).get("generation_config") or {}
+        self.fingerprint = ModelFingerprint.of(reader)
+        self.kv_dtype = kv_dtype
         self.max_seq_len = _context_length(self.config, max_seq_len, kv_dtype)
-        self.cache = KVCache(self.config.num_layers, self.max_seq_len, self.config.num_kv_heads,
-                             self.config.head_dim, kv_dtype)
-        self._lock = threading.Lock()
+        self.session = self.new_session()
+
+    @property
+    def cache(self) -> KVCache:
+        """The default session's KV cache."""
+        return self.session.cache
+
+    # ---- sessions ----
+
+    def new_session(self, max_seq_len: int | None = None, kv_dtype: str | None = None) -> Session:
+        """A new conversation with its own KV cache (of `max_seq_len` tokens, default the model's
+        context; `kv_dtype` "f32" or "f16", default the model's). Its memory is mapped lazily,
+        as it fills.
+
+        >>> session = model.new_session(max_seq_len=4096)                          # doctest: +SKIP
+        >>> model.generate("Hello", session=session, max_new_tokens=8).text      # doctest: +SKIP
+        """
+        length = self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
+        cache = KVCache(self.config.num_layers, length, self.config.num_kv_heads, self.config.head_dim,
+                        kv_dtype or self.kv_dtype)
+        return Session(cache, self.fingerprint)
+
+    def load_session(self, path, *, max_seq_len: int | None = None, kv_dtype: str | None = None) -> Session:
+        """A session saved by Session.save (or blob-run --prompt-cache), mapped back: the file is
+        validated like any blob file and every blob's CRC32C checked (FormatError); a session of
+        another model, config or KV dtype (default the model's) raises SessionMismatch naming the
+        file and what differs. `max_seq_len` as new_session's.
+
+        >>> session = model.load_session("system-prompt.session")                 # doctest: +SKIP
+        >>> model.chat(messages, session=session).stats.reused_prompt_tokens      # doctest: +SKIP
+        1999
+        """
+        length = self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
+        return load_session(path, self.fingerprint, max_seq_len=length, kv_dtype=kv_dtype or self.kv_dtype)
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
@@ -101,9 +137,8 @@ class Model:
         """
         ids = self._check_ids(ids, self.config.vocab_size)
         scratch = KVCache(self.config.num_layers, max(len(ids), 1), self.config.num_kv_heads,
-                          self.config.head_dim, self.cache.dtype)
-        with self._lock:
-            return self.transformer.run(ids, scratch, start=0, all_logits=True)
+                          self.config.head_dim, self.kv_dtype)
+        return self.transformer.run(ids, scratch, start=0, all_logits=True)
 
     # ---- text ----
 
@@ -111,7 +146,8 @@ class Model:
         """Generate a completion of `prompt` (a str, or a list of token ids used as given).
 
         Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
-        from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos.
+        from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos,
+        session (a Session from new_session / load_session; default the model's own).
         A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
         that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
         decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or
@@ -120,32 +156,36 @@ class Model:
         >>> model.generate("The sky is", max_new_tokens=8, temperature=0).finish_reason   # doctest: +SKIP
         'length'
         """
-        texts, ids = [], []
-        for chunk in self.stream(prompt, **options):
-            texts.append(chunk.text)
-            if chunk.token_id is not None:
-                ids.append(chunk.token_id)
-            last = chunk
-        return GenerationResult("".join(texts), ids, last.finish_reason, last.stats)
+        arguments, options = self._generation(prompt, **options)
+        return layers.generate(*arguments, **options)
 
-    def stream(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None, min_p=None,
-               repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
-               ignore_eos: bool = False) -> Iterator[GenerationChunk]:
+    def stream(self, prompt, **options) -> Iterator[GenerationChunk]:
         """Like generate(), one GenerationChunk per token; breaking out of the loop cancels.
-        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests)."""
+        `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
+        `logits_processor(generated_ids, logits)` returns the logits each token is sampled from
+        (logits of the decodable vocabulary; -inf forbids a token), e.g. a grammar's mask.
+
+        >>> for chunk in model.stream("Once upon a time", max_new_tokens=32):   # doctest: +SKIP
+        ...     print(chunk.text, end="", flush=True)
+        """
+        arguments, options = self._generation(prompt, **options)
+        return layers.stream(*arguments, **options)
+
+    def _generation(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None,
+                    min_p=None, repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
+                    ignore_eos: bool = False, session: Session | None = None,
+                    logits_processor: layers.LogitsProcessor | None = None):
+        """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty)
         ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
                               self.decodable_vocab_size)
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("this model is generating in another thread; use one Model per thread "
-                               "or wait for that generation to finish")
-        try:
-            yield from stream(self, ids, params, max_new_tokens=max_new_tokens, seed=seed, stop=list(stop or ()),
-                              stop_ids=frozenset() if ignore_eos else self._stop_ids())
-        finally:
-            self._lock.release()
+        session = self._check_session(session)
+        options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
+                       stop=list(stop or ()), stop_ids=frozenset() if ignore_eos else self._stop_ids(),
+                       logits_processor=logits_processor)
+        return (self.transformer, self.tokenizer, session, ids, params), options
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,
              documents: Sequence[Mapping] | None = None, chat_template_kwargs: Mapping | None = None, **options):
@@ -154,7 +194,8 @@ class Model:
         `tools`, `documents` and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the
         template as in apply_chat_template; the other options are generate()'s. Returns a
         GenerationResult, or an iterator of GenerationChunk with stream=True. The cached prefix
-        of the previous turn is reused, so a long conversation is not recomputed each turn.
+        of the previous turn (in the session: `session=`, default the model's) is reused, so a
+        long conversation is not recomputed each turn.
 
         >>> model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=16).text   # doctest: +SKIP
         """
@@ -201,6 +242,17 @@ class Model:
             if token is not None:
                 ids.add(token)
         return frozenset(ids)
+
+    def _check_session(self, session: Session | None) -> Session:
+        if session is None:
+            return self.session
+        if not isinstance(session, Session):
+            raise TypeError(f"session must be a Session (from new_session or load_session), got {type(session).__name__}")
+        differences = self.fingerprint.differences(session.model)
+        if differences:
+            raise ValueError(f"this session belongs to another model ({session.model.name}, not "
+                             f"{self.fingerprint.name}): " + "; ".join(differences))
+        return session
 
     @staticmethod
     def _check_ids(ids, limit: int) -> list[int]:

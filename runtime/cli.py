@@ -3,11 +3,13 @@
     blob-run MODEL -p "Once upon a time" -n 64
     blob-run -p "And God said"                 (the built-in demo model)
     blob-run MODEL --chat                      (interactive)
+    blob-run MODEL --prompt-cache sys.session -p "$(cat long-prompt.txt)"   (reuses the prompt's KV rows)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="a system message for --chat")
     p.add_argument("--isa", choices=kernels.available_isas(), default=None,
                    help="force a kernel path (default: the fastest this CPU supports)")
+    p.add_argument("--prompt-cache", metavar="FILE", default=None,
+                   help="keep the KV cache of the prompt in FILE (a blob file), as llama.cpp's --prompt-cache: "
+                        "when FILE exists and was saved from this model, the part of the prompt it already holds "
+                        "is not recomputed (the stats say how many tokens were reused); after generating, FILE is "
+                        "rewritten with this run's prompt and output. A FILE from another model is an error")
     p.add_argument("--stats-json", action="store_true", help="also print the statistics as one JSON line on stderr")
     return p
 
@@ -57,27 +64,49 @@ def main(argv=None) -> int:
     except (FormatError, OSError, ValueError) as error:
         print(f"blob-run: error: {error}", file=sys.stderr)
         return 1
+    try:
+        session = _prompt_cache(model, args.prompt_cache)
+    except (ValueError, OSError) as error:   # FormatError, SessionMismatch, ContextFull: all ValueErrors
+        print(f"blob-run: error: --prompt-cache: {error}", file=sys.stderr)
+        return 1
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, session=session)
     try:
         if args.chat and args.prompt is None:
-            return _interactive(model, args.system, options, args.stats_json)
+            return _interactive(model, args.system, options, args.stats_json, args.prompt_cache)
         prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
         if args.chat:
             chunks = model.chat(_messages(args.system, [("user", prompt)]), stream=True, **options)
         else:
             chunks = model.stream(prompt, **options)
         _print_stream(chunks, model, args.stats_json)
+        _save_prompt_cache(session, args.prompt_cache)
     except KeyboardInterrupt:
         print("\n[interrupted]", file=sys.stderr)
         return 130
     except ContextFull as error:
         print(f"blob-run: error: {error} (--ctx N sets the context length)", file=sys.stderr)
         return 1
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"blob-run: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _prompt_cache(model, path):
+    """The session to generate in: the one saved at `path` when it exists, else the model's own."""
+    if path is None or not os.path.exists(path):
+        return model.session
+    return model.load_session(path)
+
+
+def _save_prompt_cache(session, path):
+    if path is None:
+        return
+    try:
+        session.save(path)
+    except OSError as error:
+        raise OSError(f"--prompt-cache: cannot save the session to {path}: {error.strerror or error}") from None
 
 
 def _print_stream(chunks, model, stats_json: bool) -> str:
@@ -110,7 +139,7 @@ def _messages(system, turns):
     return messages + [{"role": role, "content": content} for role, content in turns]
 
 
-def _interactive(model, system, options, stats_json) -> int:
+def _interactive(model, system, options, stats_json, prompt_cache) -> int:
     turns = []
     print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -124,6 +153,7 @@ def _interactive(model, system, options, stats_json) -> int:
         started = time.perf_counter()
         try:
             reply = _print_stream(model.chat(_messages(system, turns), stream=True, **options), model, stats_json)
+            _save_prompt_cache(options["session"], prompt_cache)
         except KeyboardInterrupt:
             print(f"\n[interrupted after {time.perf_counter() - started:.1f} s]", file=sys.stderr)
             turns.pop()

@@ -1,23 +1,26 @@
-"""Generation in three layers: token_steps (ids out of the model) → stream (text chunks, stop
-conditions) → generate (one result with statistics)."""
+"""Generation in three layers: generate_step (ids out of the weights and a session) → stream (text
+chunks, stop conditions) → generate (one result with statistics). Each takes what it uses as
+arguments (weights, tokenizer, session, sampling); `Model.generate / stream / chat` are thin
+wrappers. Which calls may run at the same time: see runtime/session.py."""
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams, sample
+from .session import Session
+from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
-    reused_prompt_tokens: int        # served from the cache of the previous turn, not recomputed
+    reused_prompt_tokens: int        # served from the session's cache (an earlier turn, a saved session), not recomputed
     prefill_seconds: float
     generated_tokens: int
     decode_seconds: float
@@ -37,9 +40,12 @@ class GenerationStats:
         steps = self.generated_tokens - 1
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
 
-    def report(self, file=sys.stderr):
-        """The llama.cpp / mlx-lm style summary lines."""
-        print(f"Prompt: {self.prompt_tokens} tokens, {self.prefill_tokens_per_second:.3f} tokens-per-sec", file=file)
+    def report(self, file=None):
+        """The llama.cpp / mlx-lm style summary lines, on `file` (default: the current sys.stderr)."""
+        file = file or sys.stderr
+        reused = f" ({self.reused_prompt_tokens} reused from the cache)" if self.reused_prompt_tokens else ""
+        print(f"Prompt: {self.prompt_tokens} tokens{reused}, {self.prefill_tokens_per_second:.3f} tokens-per-sec",
+              file=file)
         print(f"Generation: {self.generated_tokens} tokens, {self.decode_tokens_per_second:.3f} tokens-per-sec",
               file=file)
         print(f"Peak memory: {self.peak_rss_bytes / 1e9:.3f} GB", file=file)
@@ -104,75 +110,119 @@ def _peak_working_set() -> int:
     return counters.PeakWorkingSetSize
 
 
-def token_steps(transformer: Transformer, cache: KVCache, prompt_ids: Sequence[int], params: SamplingParams,
-                rng: np.random.Generator, timer: _Timer, vocab_size: int) -> Iterator[int]:
-    """Yield sampled token ids forever (the caller stops); the cache follows every token.
+# (ids generated so far, logits of the next position) -> the logits to sample from; setting a
+# token's logit to -inf forbids it (a grammar's mask, as structured output uses)
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequence[int], params: SamplingParams,
+                  rng: np.random.Generator, *, vocab_size: int,
+                  logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
+    """Layer 1: yield sampled token ids forever (the caller stops); the session's cache follows
+    every token, and the leading prompt tokens it already holds are not recomputed.
 
     Only the first `vocab_size` logits are sampled from (a view, not a copy): checkpoints pad
     their embedding past the tokenizer (Gemma 3: 262,208 rows for 262,144 pieces), and a padding
     row the tokenizer cannot decode must never be picked, greedy or sampled.
 
     The cache's id list grows only after a step completes, so an interrupted step (Ctrl-C)
-    leaves the cache consistent: the next call recomputes from the last complete position.
-    `timer.reused` is how many leading prompt tokens the cache already holds.
+    leaves the session consistent: the next call recomputes from the last complete position.
+    The caller holds the session (Session.in_use).
+    `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
+
+    >>> steps = generate_step(transformer, session, [2, 651], SamplingParams(temperature=0),
+    ...                       np.random.default_rng(0), vocab_size=262144)     # doctest: +SKIP
+    >>> next(steps)                                                            # doctest: +SKIP
+    6037
     """
     prompt_ids = list(prompt_ids)
-    reuse = timer.reused
+    cache = session.cache
+    reuse = session.reusable_prefix(prompt_ids)
     cache.truncate(reuse)
     logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1, :vocab_size]
     cache.token_ids.extend(prompt_ids[reuse:])
     context = list(prompt_ids)
     while True:
+        if logits_processor is not None:
+            logits = logits_processor(context[len(prompt_ids):], logits)
         token = sample(logits, params, rng, context)
-        timer.generated += 1
-        timer.first_token_at = timer.first_token_at or time.perf_counter()
         yield token
         context.append(token)
         logits = transformer.run([token], cache, start=cache.length)[-1, :vocab_size]
         cache.token_ids.append(token)
 
 
-def stream(model, prompt_ids: Sequence[int], params: SamplingParams, *, max_new_tokens: int, seed: int | None,
-           stop: Sequence[str] = (), stop_ids=frozenset()) -> Iterator[GenerationChunk]:
-    """Text chunks of a generation; the last chunk has the finish reason and the statistics.
+def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
+           params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
+           stop: Sequence[str] = (), stop_ids=frozenset(),
+           logits_processor: Optional[LogitsProcessor] = None) -> Iterator[GenerationChunk]:
+    """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
+    the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
     Text that might be the start of a stop string is held back until it is clearly not one.
     Breaking out of the loop stops the generation; the cache keeps what was computed. A
     generation that fills the context ends with "length" and `stats.context_full` set.
-    Sampled ids stay below `model.decodable_vocab_size` (see token_steps).
+    Sampled ids stay below `vocab_size` (see generate_step), which is also the length of the
+    logits a `logits_processor` gets.
+
+    >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
+    ...                     vocab_size=262144, max_new_tokens=8):               # doctest: +SKIP
+    ...     print(chunk.text, end="")
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    model.cache.check_room(len(prompt_ids))
-    timer = _Timer(len(prompt_ids), model.cache.reusable_prefix(list(prompt_ids)))
-    if max_new_tokens == 0:
-        yield GenerationChunk("", None, "length", timer.stats())
-        return
-    decoder = model.tokenizer.decoder(prompt_ids[-8:])
-    rng = np.random.default_rng(seed)
-    held, finish, context_full = "", "length", False
-    steps = token_steps(model.transformer, model.cache, prompt_ids, params, rng, timer, model.decodable_vocab_size)
-    for count, token in enumerate(steps, start=1):
-        if token in stop_ids:
-            finish = "stop"
-            break
-        held += decoder.add(token)
-        cut = _first_stop(held, stop)
-        if cut is not None:
-            held, finish = held[:cut], "stop"
-            break
-        safe = len(held) - _stop_prefix_overlap(held, stop)
-        yield GenerationChunk(held[:safe], token, None)
-        held = held[safe:]
-        if count >= max_new_tokens:
-            break
-        if len(prompt_ids) + count > model.cache.max_seq_len:  # no position left to feed this token at
-            context_full = True
-            break
-    steps.close()
-    if finish == "length":
-        held += decoder.flush()
-    yield GenerationChunk(held, None, finish, timer.stats(context_full))
+    prompt_ids = list(prompt_ids)
+    session.cache.check_room(len(prompt_ids))
+    with session.in_use():
+        timer = _Timer(len(prompt_ids), session.reusable_prefix(prompt_ids))
+        if max_new_tokens == 0:
+            yield GenerationChunk("", None, "length", timer.stats())
+            return
+        decoder = tokenizer.decoder(prompt_ids[-8:])
+        rng = np.random.default_rng(seed)
+        held, finish, context_full = "", "length", False
+        steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
+                              logits_processor=logits_processor)
+        for count, token in enumerate(steps, start=1):
+            timer.generated = count
+            timer.first_token_at = timer.first_token_at or time.perf_counter()
+            if token in stop_ids:
+                finish = "stop"
+                break
+            held += decoder.add(token)
+            cut = _first_stop(held, stop)
+            if cut is not None:
+                held, finish = held[:cut], "stop"
+                break
+            safe = len(held) - _stop_prefix_overlap(held, stop)
+            yield GenerationChunk(held[:safe], token, None)
+            held = held[safe:]
+            if count >= max_new_tokens:
+                break
+            if len(prompt_ids) + count > session.max_seq_len:  # no position left to feed this token at
+                context_full = True
+                break
+        steps.close()
+        if finish == "length":
+            held += decoder.flush()
+        yield GenerationChunk(held, None, finish, timer.stats(context_full))
+
+
+def generate(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
+             params: SamplingParams, **options) -> GenerationResult:
+    """Layer 3: the whole generation as one GenerationResult; `options` are stream()'s.
+
+    >>> generate(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
+    ...          vocab_size=262144, max_new_tokens=8).finish_reason             # doctest: +SKIP
+    'length'
+    """
+    texts, ids = [], []
+    for chunk in stream(transformer, tokenizer, session, prompt_ids, params, **options):
+        texts.append(chunk.text)
+        if chunk.token_id is not None:
+            ids.append(chunk.token_id)
+        last = chunk
+    return GenerationResult("".join(texts), ids, last.finish_reason, last.stats)
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:

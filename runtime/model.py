@@ -8,6 +8,7 @@ per-token layer loop runs in C: Python is entered once per token (or per prompt 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,7 @@ class Transformer:
             embedding_scale=config.embedding_scale, attn_scale=config.attn_scale,
             attn_softcap=config.attn_logit_softcap or 0.0, final_softcap=config.final_logit_softcap or 0.0,
             activation=config.activation)
+        self._lock = threading.Lock()  # one forward at a time: the stack's scratch memory is shared
 
     def _bind_layer(self, reader, i: int, rope: dict) -> Layer:
         name = f"layers.{i}.".__add__
@@ -89,8 +91,12 @@ class Transformer:
         position, as transformers does per forward, for every prefill chunk of the call. A cache
         holds keys of one factor set: a call needing the other set recomputes the cached prefix
         (`cache.token_ids[:start]`) with it, as transformers' Phi-3 generate drops its cache when
-        a sequence first outgrows the original context.
+        a sequence first outgrows the original context. Calls from several threads run one at a time.
         """
+        with self._lock:  # sessions in other threads wait for their turn (runtime/session.py)
+            return self._run(ids, cache, start, all_logits)
+
+    def _run(self, ids, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
         cache.check_room(start + len(ids))
         long_rope = any(rope.uses_long_factors(start + len(ids)) for rope in self.config.rope)
         if start and cache.long_rope != long_rope:
