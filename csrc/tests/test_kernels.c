@@ -7,6 +7,8 @@
  *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
  *   to matvec's exactly for quantized types; q4_1 .. q6_k also against ggml's dequantization
  *   (written out here from its block loops) times the quantized activations, summed in double;
+ * - q4_1 .. q6_k: every tile (matvec, matvec_row, matmul) bit-identical to the scalar tile, on rows
+ *   of whole groups of eight blocks and of a remainder, and in q6_k's int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's;
@@ -441,6 +443,93 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* ---- q4_1 .. q6_k: each path's tiles bit-identical to the scalar reference ---- */
+
+/* A (rows, cols) matrix of a q4_1 .. q6_k type: random bytes in every plane (any bit pattern is
+ * a valid level or sub-scale), except the float16 scale planes (two bytes per block), which get
+ * random signs and magnitudes 1e-3 .. 1e-2. `extreme` instead sets every byte to its largest
+ * product: zero quant and high bytes (q6_k: level -32) and sub-scales of 0x80 (q6_k: -128), so
+ * that against activations at +32639, q6_k's two half sums each reach 2^31 x 0.996 and their
+ * total passes int32. */
+static test_weight make_block_weight(int dtype, size_t rows, size_t cols, int extreme) {
+    test_weight w;
+    memset(&w, 0, sizeof w);
+    const size_t nb = cols / blob_dtype_block(dtype);
+    const size_t stride = round64(nb * blob_plane_bytes(dtype, 0));
+    w.m.dtype = dtype;
+    w.m.row_stride_bytes = stride;
+    w.m.rows = rows;
+    w.m.cols = cols;
+    for (int p = 0; p < BLOB_MAX_PLANES && blob_plane_bytes(dtype, p); p++) {
+        const size_t per_block = blob_plane_bytes(dtype, p), bytes = p == 0 ? rows * stride : rows * nb * per_block;
+        uint8_t *plane = (uint8_t *)malloc(bytes);
+        for (size_t i = 0; i < bytes; i++) plane[i] = extreme ? (p == 0 ? 0 : 0x80) : (uint8_t)next_u32();
+        if (p > 0 && per_block == 2)
+            for (size_t i = 0; i < bytes; i += 2) {
+                const uint16_t h = blob_f32_to_f16((next_u32() & 1 ? -1.0f : 1.0f) * (0.001f + 0.009f * fabsf(next_float())));
+                memcpy(plane + i, &h, 2);
+            }
+        if (extreme && p == 1 && dtype == BLOB_Q6_K) memset(plane, 0, bytes);   /* high bit pairs 0 */
+        w.m.plane[p] = plane;
+    }
+    return w;
+}
+
+static void free_block_weight(test_weight *w) {
+    for (int p = 0; p < BLOB_MAX_PLANES; p++) free((void *)w->m.plane[p]);
+}
+
+static void expect_identical(const char *what, const char *path, const float *got, const float *want, size_t count) {
+    for (size_t i = 0; i < count; i++) expect_close(what, path, got[i], want[i], 0.0);
+}
+
+/* Every tile shape of the path (matvec, matvec_row, matmul) against the scalar tile, bit for
+ * bit, at token counts that leave partial token tiles, on rows of whole groups of eight blocks
+ * and (q5_0) of a remainder; then the extreme case above against activations all at +amax. */
+static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
+    const size_t q32_cols[] = {32, 96, 256, 640, 2144}, k_cols[] = {256, 512, 2304};
+    const size_t row_counts[] = {1, 5, 13}, token_counts[] = {1, 2, 3, 5};
+    for (int dtype = BLOB_Q4_1; dtype < BLOB_NUM_DTYPES; dtype++) {
+        const int k_quant = blob_dtype_block(dtype) == BLOB_KBLOCK;
+        const size_t *col_list = k_quant ? k_cols : q32_cols;
+        const size_t ncols = k_quant ? sizeof k_cols / sizeof *k_cols : sizeof q32_cols / sizeof *q32_cols;
+        for (size_t c = 0; c < ncols; c++)
+            for (size_t ri = 0; ri < sizeof row_counts / sizeof *row_counts; ri++) {
+                const size_t rows = row_counts[ri], cols = col_list[c];
+                test_weight w = make_block_weight(dtype, rows, cols, 0);
+                for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
+                    const size_t n = token_counts[ti];
+                    float *x = (float *)malloc(n * cols * sizeof(float));
+                    float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+                    for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
+                    if (cols >= 64) memset(x + 32, 0, 32 * sizeof(float));   /* an all-zero block */
+                    char what[64];
+                    snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
+                    run_tiles(ops, &w, x, n, y, 0);
+                    run_tiles(&blob_ops_scalar, &w, x, n, ref, 0);
+                    expect_identical(what, path, y, ref, n * rows);
+                    if (n == 1) {
+                        snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
+                        run_tiles(ops, &w, x, n, y, 1);
+                        expect_identical(what, path, y, ref, rows);
+                    }
+                    free(x), free(y), free(ref);
+                }
+                free_block_weight(&w);
+            }
+        const size_t rows = 3, cols = k_quant ? 512 : 256;
+        test_weight w = make_block_weight(dtype, rows, cols, 1);
+        float x[2 * 512], y[2 * 3], ref[2 * 3];
+        for (size_t k = 0; k < 2 * cols; k++) x[k] = 1.0f;
+        run_tiles(ops, &w, x, 2, y, 0);
+        run_tiles(&blob_ops_scalar, &w, x, 2, ref, 0);
+        expect_identical("matmul extreme levels", path, y, ref, 2 * rows);
+        run_tiles(ops, &w, x, 1, y, 1);
+        expect_identical("matvec_row extreme levels", path, y, ref, rows);
+        free_block_weight(&w);
+    }
+}
+
 static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
     const size_t sizes[] = {1, 7, 8, 9, 64, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
@@ -703,6 +792,7 @@ int main(void) {
         int before = failures;
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
+        check_block_tiles(paths[i].ops, paths[i].name);
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
