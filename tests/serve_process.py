@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -24,7 +25,9 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "blobstore.runtime.serve", "--port", str(self.port),
                                          "--threads", "1", *args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                        cwd=tempfile.gettempdir())  # not the checkout: its blobstore/
+        # source folder (no compiled extension) would shadow the installed package on `python -m`
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
