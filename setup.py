@@ -61,7 +61,7 @@ def extensions():
 
 
 setup(
-    packages=[*find_packages(include=["blobstore", "blobstore.*"]), "blobstore.runtime"],
+    packages=[*find_packages(include=["blobstore", "blobstore.*"]), "blobstore.runtime", "blobstore.runtime.serve"],
     package_dir={"blobstore": "blobstore", "blobstore.runtime": "runtime"},
     ext_modules=extensions(),
 )

@@ -126,14 +126,18 @@ def llama_cpp_log_probs(gguf: Path, pieces: list, threads: int, vocab: int, work
     return result
 
 
+SOURCE = "source"  # --llama-cpp's name for the GGUF file as it is (no requantization)
+
+
 def llama_cpp_rows(source: Path, types: list, pieces: list, threads: int, vocab: int, work: Path,
                    reference: list) -> tuple[dict, dict]:
     """Results and sizes of `llama.cpp T` and `llama.cpp T weights` per type (see the module doc)."""
     python = str(PEER_VENV / "bin" / "python")
     stem = source.name.split(".")[0]
-    files = {t: work / f"{stem}-llama-{t}.gguf" for t in ["f32", *types]}
+    files = {t: source if t == SOURCE else work / f"{stem}-llama-{t}.gguf" for t in ["f32", *types]}
     for t, path in files.items():
-        quantize_gguf(python, source, path, t)
+        if t != SOURCE:
+            quantize_gguf(python, source, path, t)
     own_reference = llama_cpp_log_probs(files["f32"], pieces, threads, vocab, work)
     results, sizes = {}, {}
     for t in types:
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
     parser.add_argument("--types", default="q8_0,q4_0", help="comma-separated DTYPE or DTYPE/EMBED (default q8_0,q4_0)")
     parser.add_argument("--blob", action="append", default=[], metavar="LABEL=PATH", help="also score this blob")
     parser.add_argument("--llama-cpp", default="", metavar="TYPES",
-                        help="comma-separated llama.cpp types (q4_0, q8_0, ...) to requantize the GGUF source to and score")
+                        help="comma-separated llama.cpp types (q4_0, q8_0, ...) to requantize the GGUF source to and score; "
+                             "'source': the GGUF file as it is")
     parser.add_argument("--text", type=Path, default=CORPUS, help="the held-out text (default bench/quality_corpus.txt)")
     parser.add_argument("--ctx", type=int, default=128, help="chunk length; 0 = the whole text, every position scored")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -183,9 +188,10 @@ def main(argv=None) -> int:
 
     source = NAMED_SOURCES[args.source]() if args.source in NAMED_SOURCES else Path(args.source)
     llama_types = list(filter(None, args.llama_cpp.split(",")))
-    unknown = [t for t in llama_types if t not in GGML_TYPES or t == "f32"]
+    unknown = [t for t in llama_types if t not in {*GGML_TYPES, SOURCE} or t == "f32"]
     if unknown:
-        parser.error(f"--llama-cpp: unknown type(s) {unknown}; expected some of {sorted(set(GGML_TYPES) - {'f32'})}")
+        parser.error(f"--llama-cpp: unknown type(s) {unknown}; expected some of "
+                     f"{sorted(set(GGML_TYPES) - {'f32'})} or {SOURCE!r}")
     if llama_types and source.suffix != ".gguf":
         parser.error(f"--llama-cpp needs a GGUF source, not {source}")
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:

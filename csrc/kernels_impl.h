@@ -334,6 +334,9 @@ typedef struct blob_acts {
     size_t q_stride, nblocks;
     const float *sums;
     const int32_t *half_sums;   /* q4_1 .. q6_k: the level sum of each 16 values, (n, 2*nblocks) */
+    /* q4_1 .. q6_k: the int16 levels split in two int8 planes (blob_split_levels), token t's
+     * at split + t * 2 * q_stride: block b's 32 hi bytes at 64b, its 32 lo bytes at 64b + 32 */
+    const int8_t *split;
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -353,6 +356,19 @@ static inline void blob_half_sums(const int16_t *q, size_t nblocks, int32_t *sum
         for (int k = 0; k < BLOB_QBLOCK / 2; k++) total += q[h * (BLOB_QBLOCK / 2) + k];
         sums[h] = total;
     }
+}
+
+/* Each int16 level x of `nblocks` blocks as two bytes, x = 256 hi + lo with hi = floor((x + 128)
+ * / 256) in -127..127 (|x| <= 32639, blob_act_qmax) and lo in -128..127: a weight byte then
+ * meets them with two byte dot products (VPMADDUBSW, VPDPBUSD) in place of being widened to
+ * int16, and 256 (w . hi) + w . lo is exactly w . x. Out: per block 32 hi bytes, then 32 lo. */
+static inline void blob_split_levels(const int16_t *q, size_t nblocks, int8_t *out) {
+    for (size_t b = 0; b < nblocks; b++)
+        for (int k = 0; k < BLOB_QBLOCK; k++) {
+            const int x = q[b * BLOB_QBLOCK + k], hi = (x + 128) >> 8;   /* arithmetic shift: floor */
+            out[64 * b + k] = (int8_t)hi;
+            out[64 * b + 32 + k] = (int8_t)(x - 256 * hi);
+        }
 }
 
 /* Token t's activation levels for `dtype` weights: int8_t or int16_t, per blob_act_bits. */

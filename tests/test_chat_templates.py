@@ -12,6 +12,7 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
 
+import test_chat  # noqa: E402  (tests/ is on sys.path under pytest)
 from blobstore.runtime import chat
 from blobstore.runtime.chat import ChatTemplateError, render
 
@@ -243,14 +244,7 @@ class Picture:
 
 
 CONVERSATIONS = {
-    "single": [{"role": "user", "content": "Hi!"}],
-    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
-    "multi-turn": [
-        {"role": "system", "content": "You answer in French."},
-        {"role": "user", "content": "Hello  "},
-        {"role": "assistant", "content": " Bonjour !"},
-        {"role": "user", "content": "Ça va ? 你好 👋"},
-    ],
+    **test_chat.CONVERSATIONS,
     "parts": [
         {"role": "system", "content": [{"type": "text", "text": "Describe images."}]},
         {"role": "user", "content": [{"type": "image", "image": Picture()}, {"type": "text", "text": " What is it? "}]},

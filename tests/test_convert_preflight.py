@@ -18,15 +18,9 @@ from blobstore.convert import ConversionError, convert, tokenizer
 from blobstore.convert.sources import GGUFFile, SafetensorsFolder
 
 from conftest import build_checkpoint
+from test_convert_errors import edit_weights
 
 torch = pytest.importorskip("torch")
-st = pytest.importorskip("safetensors.torch")
-
-
-def edit_weights(folder, edit):
-    tensors = st.load_file(folder / "model.safetensors")
-    edit(tensors)
-    st.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def edit_config(folder, **changes):

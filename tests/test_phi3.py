@@ -25,9 +25,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 st = pytest.importorskip("safetensors.torch")
-spm = pytest.importorskip("sentencepiece")
 
-from test_convert_gguf import llama_cpp_vocabulary  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_convert_gguf import sentencepiece_vocabulary  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ORIGINAL_CONTEXT = 32
 SHORT_PROMPT, LONG_PROMPT = 20, 48
@@ -82,16 +81,7 @@ def write_phi3_gguf(folder, path, spm_model: bytes):
     writer.add_float32("phi3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     writer.add_float32("phi3.rope.freq_base", rope["rope_theta"])
     writer.add_float32("phi3.rope.scaling.attn_factor", math.sqrt(1 + math.log(scale) / math.log(ORIGINAL_CONTEXT)))
-    tokens, scores, types = llama_cpp_vocabulary(spm.SentencePieceProcessor(model_proto=spm_model))
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(2)
-    writer.add_eos_token_id(1)
-    writer.add_unk_token_id(3)
-    writer.add_pad_token_id(0)
-    writer.add_add_space_prefix(False)
+    sentencepiece_vocabulary(spm_model)(writer)
     for name, array in gguf_tensors(model, rope).items():
         writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
     writer.write_header_to_file()

@@ -7,6 +7,8 @@
  *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
  *   to matvec's exactly for quantized types; q4_1 .. q6_k also against ggml's dequantization
  *   (written out here from its block loops) times the quantized activations, summed in double;
+ * - q4_1 .. q6_k: every tile (matvec, matvec_row, matmul) bit-identical to the scalar tile, on rows
+ *   of whole groups of eight blocks and of a remainder, and in q6_k's int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's;
@@ -314,6 +316,7 @@ typedef struct {
     void *q;              /* n rows of q_stride levels, int8 or int16 per bits */
     float *d, *sums;
     int32_t *half_sums;   /* int16 levels: the sum of each 16 */
+    int8_t *split;        /* int16 levels as bytes, blob_split_levels */
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -326,10 +329,12 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.d = (float *)calloc(n * qa.nblocks, sizeof(float));
     qa.sums = (float *)calloc(n * qa.nblocks, sizeof(float));
     qa.half_sums = (int32_t *)calloc(2 * n * qa.nblocks, sizeof(int32_t));
+    qa.split = (int8_t *)calloc(n, qa.q_stride * 2);
     for (size_t t = 0; t < n; t++) {
         if (bits == 16) {
             ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
+            blob_split_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.split + 2 * t * qa.q_stride);
         } else {
             ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
@@ -344,7 +349,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int bits = blob_act_bits(w->m.dtype);
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split};
     blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
     size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
@@ -354,6 +359,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     free(qa.d);
     free(qa.sums);
     free(qa.half_sums);
+    free(qa.split);
 }
 
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0", [BLOB_Q4_1] = "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
@@ -373,7 +379,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
                 fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
-            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums);
+            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(mine.split), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums), free(ref.split);
         }
         free(x);
     }
@@ -399,7 +405,7 @@ static void check_against_dequantized(const blob_isa_ops *ops, const test_weight
             expect_close(label, path, y[t * rows + r], sum, 1e-5 * slack + 1e-6);
         }
     }
-    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums);
+    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split);
 }
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
@@ -441,6 +447,93 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
             }
             free_weight(&w);
         }
+    }
+}
+
+/* ---- q4_1 .. q6_k: each path's tiles bit-identical to the scalar reference ---- */
+
+/* A (rows, cols) matrix of a q4_1 .. q6_k type: random bytes in every plane (any bit pattern is
+ * a valid level or sub-scale), except the float16 scale planes (two bytes per block), which get
+ * random signs and magnitudes 1e-3 .. 1e-2. `extreme` instead sets every byte to its largest
+ * product: zero quant and high bytes (q6_k: level -32) and sub-scales of 0x80 (q6_k: -128), so
+ * that against activations at +32639, q6_k's two half sums each reach 2^31 x 0.996 and their
+ * total passes int32. */
+static test_weight make_block_weight(int dtype, size_t rows, size_t cols, int extreme) {
+    test_weight w;
+    memset(&w, 0, sizeof w);
+    const size_t nb = cols / blob_dtype_block(dtype);
+    const size_t stride = round64(nb * blob_plane_bytes(dtype, 0));
+    w.m.dtype = dtype;
+    w.m.row_stride_bytes = stride;
+    w.m.rows = rows;
+    w.m.cols = cols;
+    for (int p = 0; p < BLOB_MAX_PLANES && blob_plane_bytes(dtype, p); p++) {
+        const size_t per_block = blob_plane_bytes(dtype, p), bytes = p == 0 ? rows * stride : rows * nb * per_block;
+        uint8_t *plane = (uint8_t *)malloc(bytes);
+        for (size_t i = 0; i < bytes; i++) plane[i] = extreme ? (p == 0 ? 0 : 0x80) : (uint8_t)next_u32();
+        if (p > 0 && per_block == 2)
+            for (size_t i = 0; i < bytes; i += 2) {
+                const uint16_t h = blob_f32_to_f16((next_u32() & 1 ? -1.0f : 1.0f) * (0.001f + 0.009f * fabsf(next_float())));
+                memcpy(plane + i, &h, 2);
+            }
+        if (extreme && p == 1 && dtype == BLOB_Q6_K) memset(plane, 0, bytes);   /* high bit pairs 0 */
+        w.m.plane[p] = plane;
+    }
+    return w;
+}
+
+static void free_block_weight(test_weight *w) {
+    for (int p = 0; p < BLOB_MAX_PLANES; p++) free((void *)w->m.plane[p]);
+}
+
+static void expect_identical(const char *what, const char *path, const float *got, const float *want, size_t count) {
+    for (size_t i = 0; i < count; i++) expect_close(what, path, got[i], want[i], 0.0);
+}
+
+/* Every tile shape of the path (matvec, matvec_row, matmul) against the scalar tile, bit for
+ * bit, at token counts that leave partial token tiles, on rows of whole groups of eight blocks
+ * and (q5_0) of a remainder; then the extreme case above against activations all at +amax. */
+static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
+    const size_t q32_cols[] = {32, 96, 256, 640, 2144}, k_cols[] = {256, 512, 2304};
+    const size_t row_counts[] = {1, 5, 13}, token_counts[] = {1, 2, 3, 5};
+    for (int dtype = BLOB_Q4_1; dtype < BLOB_NUM_DTYPES; dtype++) {
+        const int k_quant = blob_dtype_block(dtype) == BLOB_KBLOCK;
+        const size_t *col_list = k_quant ? k_cols : q32_cols;
+        const size_t ncols = k_quant ? sizeof k_cols / sizeof *k_cols : sizeof q32_cols / sizeof *q32_cols;
+        for (size_t c = 0; c < ncols; c++)
+            for (size_t ri = 0; ri < sizeof row_counts / sizeof *row_counts; ri++) {
+                const size_t rows = row_counts[ri], cols = col_list[c];
+                test_weight w = make_block_weight(dtype, rows, cols, 0);
+                for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
+                    const size_t n = token_counts[ti];
+                    float *x = (float *)malloc(n * cols * sizeof(float));
+                    float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+                    for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
+                    if (cols >= 64) memset(x + 32, 0, 32 * sizeof(float));   /* an all-zero block */
+                    char what[64];
+                    snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
+                    run_tiles(ops, &w, x, n, y, 0);
+                    run_tiles(&blob_ops_scalar, &w, x, n, ref, 0);
+                    expect_identical(what, path, y, ref, n * rows);
+                    if (n == 1) {
+                        snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
+                        run_tiles(ops, &w, x, n, y, 1);
+                        expect_identical(what, path, y, ref, rows);
+                    }
+                    free(x), free(y), free(ref);
+                }
+                free_block_weight(&w);
+            }
+        const size_t rows = 3, cols = k_quant ? 512 : 256;
+        test_weight w = make_block_weight(dtype, rows, cols, 1);
+        float x[2 * 512], y[2 * 3], ref[2 * 3];
+        for (size_t k = 0; k < 2 * cols; k++) x[k] = 1.0f;
+        run_tiles(ops, &w, x, 2, y, 0);
+        run_tiles(&blob_ops_scalar, &w, x, 2, ref, 0);
+        expect_identical("matmul extreme levels", path, y, ref, 2 * rows);
+        run_tiles(ops, &w, x, 1, y, 1);
+        expect_identical("matvec_row extreme levels", path, y, ref, rows);
+        free_block_weight(&w);
     }
 }
 
@@ -830,6 +923,7 @@ int main(void) {
         int before = failures;
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
+        check_block_tiles(paths[i].ops, paths[i].name);
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);

@@ -1,0 +1,184 @@
+"""What runs a Job: the model adapter (prompt ids, a Session per slot), the admission control
+(slots and a bounded queue: 503 when full) and the bridge that runs a blocking generation in a
+worker thread and hands its chunks to the event loop.
+
+The HTTP layer talks to an engine through three members — `prompt_ids(job)`, `context_length`,
+`run(job, ids, logits_processor, cancelled)` — so another engine (batched decoding, say) can
+replace ModelEngine without touching the routes.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator, Iterator
+
+from ..chat import ChatTemplateError
+from ..generate import GenerationChunk
+from .protocol import APIError, Job
+
+RETRY_AFTER_SECONDS = 1
+
+
+class ModelEngine:
+    """One Model and `sessions` Sessions of it, one per slot. A request takes the idle session whose
+    history shares the longest prefix with its prompt (the next turn of a conversation, a shared
+    system prompt), so that prefix is not computed again, unless that would overwrite most of
+    another conversation's history: then the least recently used session. Sessions generate in
+    parallel threads, their forward passes one at a time (see runtime/session.py).
+
+    >>> engine = ModelEngine(load("gemma.blob"), sessions=2)                       # doctest: +SKIP
+    >>> job = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, "gemma")  # doctest: +SKIP
+    >>> ids = engine.prompt_ids(job)                                               # doctest: +SKIP
+    >>> "".join(c.text for c in engine.run(job, ids, None, threading.Event()))    # doctest: +SKIP
+    """
+
+    def __init__(self, model, sessions: int = 1):
+        self.model = model
+        self._idle = [model.new_session() for _ in range(sessions)]
+        self._pool_lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.max_seq_len
+
+    def prompt_ids(self, job: Job) -> list[int]:
+        """The prompt's token ids: chat messages through the chat template, else the prompt as given.
+        A prompt that does not fit the context is a 400 naming both lengths."""
+        tokenizer = self.model.tokenizer
+        try:
+            if job.is_chat:
+                text = self.model.apply_chat_template(job.messages, tools=job.tools)
+                ids = tokenizer.encode(text, add_bos=False)  # the template writes BOS where the model wants it
+            elif isinstance(job.prompt, str):
+                ids = tokenizer.encode(job.prompt)
+            else:
+                ids = list(job.prompt)
+        except ChatTemplateError as error:
+            raise APIError(400, str(error), param="messages") from None
+        bad = [i for i in ids if not 0 <= i < self.model.decodable_vocab_size]
+        if bad:
+            limit = self.model.decodable_vocab_size
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{limit - 1})", param="prompt")
+        if len(ids) > self.context_length:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the context of "
+                                f"{self.context_length} tokens", param="messages" if job.is_chat else "prompt",
+                           code="context_length_exceeded")
+        return ids
+
+    def run(self, job: Job, ids: list[int], logits_processor, cancelled: threading.Event) -> Iterator[GenerationChunk]:
+        """The generation's chunks (blocking; call from a worker thread that holds a slot). Stops
+        within a token of `cancelled` being set."""
+        session = self._take_session(ids)
+        try:
+            max_tokens = min(job.max_tokens or self.context_length, self.context_length)
+            chunks = self.model.stream(ids, session=session, max_new_tokens=max_tokens,
+                                       logits_processor=logits_processor, **job.sampling)
+            try:
+                for chunk in chunks:
+                    if cancelled.is_set():
+                        return
+                    yield chunk
+            finally:
+                chunks.close()
+        finally:
+            with self._pool_lock:
+                self._idle.append(session)
+
+    def _take_session(self, ids: list[int]):
+        with self._pool_lock:
+            if not self._idle:
+                raise RuntimeError("no idle session: more generations run than the engine has sessions "
+                                   "(give ModelEngine as many sessions as the server has slots)")
+            # the idle list runs from least to most recently used, and max() keeps the first of equals
+            best = max(self._idle, key=lambda session: session.reusable_prefix(ids))
+            if 2 * best.reusable_prefix(ids) < len(best.token_ids):
+                # not this conversation's next turn, only a shared opening (a chat template's header):
+                # keep its history for its own next turn, and take the longest-idle session
+                best = self._idle[0]
+            self._idle.remove(best)
+            return best
+
+
+class Admission:
+    """`parallel` slots and at most `queue_size` requests waiting for one; past that a 503 with
+    Retry-After. A slot is given back by the worker that ran the generation (see Generation).
+
+    >>> await admission.acquire()      # doctest: +SKIP  (raises the 503 APIError when full)
+    """
+
+    def __init__(self, parallel: int, queue_size: int):
+        if parallel < 1 or queue_size < 0:
+            raise ValueError(f"parallel must be >= 1 and the queue >= 0, got {parallel} and {queue_size}")
+        self.parallel, self.queue_size = parallel, queue_size
+        self._slots = asyncio.Semaphore(parallel)
+        self.waiting = 0
+        self.active = 0
+
+    async def acquire(self) -> None:
+        if self.active + self.waiting >= self.parallel + self.queue_size:
+            raise APIError(503, f"the server is busy: {self.active} requests running and {self.waiting} waiting; "
+                                f"retry in a moment", type="server_error", code="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self._slots.release()
+
+
+class Generation:
+    """One generation running in a worker thread from the moment it is made; `chunks()` hands its
+    GenerationChunks to the event loop. The caller has taken a slot (admission.acquire()) and the
+    worker gives it back once the generation has really stopped. `cancel()` (a client that went
+    away, a shutdown) stops it at its next token.
+
+    >>> generation = Generation(engine, admission, job, ids)      # doctest: +SKIP
+    >>> async for chunk in generation.chunks(): ...                 # doctest: +SKIP
+    """
+
+    _DONE = object()
+
+    def __init__(self, engine, admission: Admission, job: Job, ids: list[int], logits_processor=None):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._admission = admission
+        worker = threading.Thread(target=self._work, args=(engine, job, ids, logits_processor),
+                                  name="blob-serve generation", daemon=True)
+        worker.start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
+        try:
+            while (item := await self._queue.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def _work(self, engine, job, ids, logits_processor) -> None:
+        try:
+            for chunk in engine.run(job, ids, logits_processor, self._cancelled):
+                self._deliver(chunk)
+        except BaseException as error:  # handed to the request, which answers it
+            self._deliver(error)
+        finally:
+            self._deliver(self._DONE)
+            self._call_in_loop(self._admission.release)
+
+    def _deliver(self, item) -> None:
+        self._call_in_loop(self._queue.put_nowait, item)
+
+    def _call_in_loop(self, function, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody listens any more
+            self._cancelled.set()
