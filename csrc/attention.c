@@ -1,17 +1,18 @@
-/* Causal grouped-query attention over a KV cache (f32 or f16), for one decode token or a
- * prefill batch. One work item = one query position and a slice of the query heads that share a
- * KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
+/* Causal grouped-query attention over KV caches (f32 or f16), for one decode token, a prefill
+ * batch, or one token of each of several sequences (a batched decode step), in one job. One work
+ * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
  * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
  * per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.
  * A head's result does not depend on the slicing or the thread count. */
 #include "kernels_impl.h"
 
 typedef struct {
-    const blob_attention *a;
+    const blob_attention *a;   /* (count,) one per sequence: its cache */
+    const size_t *n, *p0;      /* (count,) its queries at positions p0 .. p0+n-1 */
+    size_t count, rows;        /* rows: the queries of all sequences, sum of n */
     const blob_isa_ops *ops;
     const float *q;
     float *out;
-    size_t n, p0;
     size_t heads_per_item;   /* query heads per item: the GQA group, or a part of it */
     float *scratch;          /* (threads, heads_per_item, scores_stride) */
     size_t scores_stride;
@@ -53,11 +54,12 @@ static float softmax_scores(const blob_attention *a, float *scores, size_t count
 }
 
 /* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j], for the
- * heads h0 .. h0 + heads - 1, which share one KV head. */
-static void attend(const attention_job *j, size_t i, size_t h0, size_t heads, float *scores) {
-    const blob_attention *a = j->a;
+ * heads h0 .. h0 + heads - 1, which share one KV head; row i of the job is query i - row0 of
+ * sequence s. */
+static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size_t h0, size_t heads, float *scores) {
+    const blob_attention *a = &j->a[s];
     const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
-    const size_t p = j->p0 + i;
+    const size_t p = j->p0[s] + i - row0;
     const size_t first = (a->window > 0 && p + 1 > a->window) ? p + 1 - a->window : 0;
     const size_t count = p + 1 - first;
     const size_t kv_head = h0 / (a->n_heads / a->n_kv_heads);
@@ -78,9 +80,13 @@ static void attention_task(void *ctx, int ith, int nth) {
     attention_job *j = (attention_job *)ctx;
     (void)nth;
     float *scores = j->scratch + (size_t)ith * j->heads_per_item * j->scores_stride;
-    const size_t slices = j->a->n_heads / j->heads_per_item, items = j->n * slices;
-    for (size_t item; (item = blob_next_item(&j->next)) < items;)
-        attend(j, item / slices, (item % slices) * j->heads_per_item, j->heads_per_item, scores);
+    const size_t slices = j->a->n_heads / j->heads_per_item, items = j->rows * slices;
+    for (size_t item; (item = blob_next_item(&j->next)) < items;) {
+        const size_t row = item / slices;
+        size_t s = 0, row0 = 0;
+        while (row >= row0 + j->n[s]) row0 += j->n[s++];   /* a few sequences at most: a scan */
+        attend(j, s, row0, row, (item % slices) * j->heads_per_item, j->heads_per_item, scores);
+    }
 }
 
 /* The whole GQA group per item, halved while that leaves a thread without an item (Gemma 3
@@ -92,21 +98,33 @@ static size_t heads_per_item(const blob_attention *a, size_t n) {
 }
 
 int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out) {
-    if (a->n_kv_heads == 0 || a->n_heads % a->n_kv_heads != 0) return BLOB_EINVAL;
-    if (a->kv_dtype != BLOB_F32 && a->kv_dtype != BLOB_F16) return BLOB_EINVAL;
-    if (n == 0) return BLOB_OK;
+    return blob_attention_run_batch(a, 1, q, &n, &p0, out);
+}
+
+int blob_attention_run_batch(const blob_attention *a, size_t count, const float *q, const size_t *n,
+                             const size_t *p0, float *out) {
     attention_job job;
     memset(&job, 0, sizeof job);
+    for (size_t s = 0; s < count; s++) {
+        if (a[s].n_kv_heads == 0 || a[s].n_heads % a[s].n_kv_heads != 0) return BLOB_EINVAL;
+        if (a[s].kv_dtype != BLOB_F32 && a[s].kv_dtype != BLOB_F16) return BLOB_EINVAL;
+        if (a[s].n_heads != a[0].n_heads || a[s].n_kv_heads != a[0].n_kv_heads || a[s].head_dim != a[0].head_dim)
+            return BLOB_EINVAL;
+        job.rows += n[s];
+        if (p0[s] + n[s] > job.scores_stride) job.scores_stride = p0[s] + n[s];
+    }
+    if (job.rows == 0) return BLOB_OK;
     job.a = a;
+    job.n = n;
+    job.p0 = p0;
+    job.count = count;
     job.ops = blob_ops();
     job.q = q;
     job.out = out;
-    job.n = n;
-    job.p0 = p0;
-    job.scores_stride = (p0 + n + 15) & ~(size_t)15;   /* 64-byte rows: no false sharing */
+    job.scores_stride = (job.scores_stride + 15) & ~(size_t)15;   /* 64-byte rows: no false sharing */
 
     blob_call_lock();
-    job.heads_per_item = heads_per_item(a, n);
+    job.heads_per_item = heads_per_item(a, job.rows);
     job.scratch = (float *)blob_workspace((size_t)blob_threads_get() * job.heads_per_item * job.scores_stride *
                                           sizeof(float));
     int status = job.scratch ? BLOB_OK : BLOB_ENOMEM;

@@ -4,7 +4,8 @@
  * the time between them at nanoseconds. */
 #include "kernels_impl.h"
 
-/* The activations of one call: n tokens of every intermediate the block needs. */
+/* The activations of one call: n tokens of every intermediate the block needs, and where each
+ * token's sequence lives. */
 typedef struct {
     float *x;        /* (n, hidden) the residual stream */
     float *h;        /* (n, hidden) normed input of a sub-block */
@@ -16,7 +17,11 @@ typedef struct {
     const float *rope_inv_freq;   /* the frequencies `rope` holds the angles of (NULL: none yet) */
     size_t rope_n_freq;
     float rope_scale;             /* and the scale they carry */
-    int64_t *positions;
+    int64_t *positions;           /* (n,) each token's position in its sequence */
+    const blob_sequence *seqs;    /* the call's sequences, their tokens in order: n_seqs of them */
+    size_t n_seqs;
+    blob_attention *views;        /* (n_seqs,) attention over each sequence's cache, one layer at a time */
+    size_t *seq_n, *seq_start;    /* (n_seqs,) each sequence's token count and first position */
 } activations;
 
 static float *carve(float **cursor, size_t count) {
@@ -30,8 +35,14 @@ static size_t activation_floats(const blob_model *m, size_t n) {
     return n * (3 * m->hidden + 2 * q_width + 2 * kv_width + 2 * m->ffn + m->head_dim) + 10 * 16;
 }
 
+/* Past the floats: positions, then per sequence (at most one per token) its attention view,
+ * token count and start. */
+static size_t sequence_bytes(size_t n) {
+    return n * (sizeof(int64_t) + sizeof(blob_attention) + 2 * sizeof(size_t));
+}
+
 size_t blob_forward_scratch_bytes(const blob_model *m, size_t n) {
-    return activation_floats(m, n) * sizeof(float) + n * sizeof(int64_t) + 64;
+    return activation_floats(m, n) * sizeof(float) + sequence_bytes(n) + 64;
 }
 
 static void carve_activations(const blob_model *m, size_t n, void *scratch, activations *a) {
@@ -51,6 +62,9 @@ static void carve_activations(const blob_model *m, size_t n, void *scratch, acti
     a->rope_n_freq = 0;
     a->rope_scale = 0.0f;
     a->positions = (int64_t *)cursor;
+    a->views = (blob_attention *)(a->positions + n);
+    a->seq_n = (size_t *)(a->views + n);
+    a->seq_start = a->seq_n + n;
 }
 
 /* ---- row-wise ops, split over the thread pool for a prompt chunk ---- */
@@ -80,12 +94,14 @@ static void rows_task(void *ctx, int ith, int nth) {
     for (size_t i; (i = blob_next_item(&j->next)) < j->rows;) run_row(j, i);
 }
 
-/* One token's rows run on the caller (waking the pool costs more than they do); a prompt
- * chunk's rows are shared out. Every row is computed the same way either way. */
+/* A decode step's rows — one token, or one of each of a few sequences — run on the caller
+ * (waking the pool costs more than they do, and on a busy machine a descheduled worker stalls
+ * the wake); a prompt chunk's rows are shared out. Every row is computed the same way either way. */
+#define ROWS_ON_CALLER_MAX_TOKENS 8
 static void run_rows(const blob_model *m, row_op op, const float *x, const float *w, float *out,
                      size_t rows, size_t d, size_t tokens) {
     rows_job job = {m, op, x, w, out, rows, d, 0};
-    if (tokens == 1) {
+    if (tokens <= ROWS_ON_CALLER_MAX_TOKENS) {
         for (size_t i = 0; i < rows; i++) run_row(&job, i);
         return;
     }
@@ -128,8 +144,8 @@ static void add_bias(float *y, const float *bias, size_t n, size_t width) {
 }
 
 /* Keys and values of positions start..start+n-1 into layer `layer` of the cache. */
-static void store_kv(const blob_model *m, const blob_kv_cache *c, size_t layer, size_t start, size_t n,
-                     const float *k, const float *v) {
+static void store_kv_rows(const blob_model *m, const blob_kv_cache *c, size_t layer, size_t start, size_t n,
+                          const float *k, const float *v) {
     const size_t width = m->n_kv_heads * m->head_dim;
     const size_t offset = (layer * c->max_seq + start) * width;
     if (c->dtype == BLOB_F16) {
@@ -142,6 +158,34 @@ static void store_kv(const blob_model *m, const blob_kv_cache *c, size_t layer, 
         memcpy((float *)c->k + offset, k, n * width * sizeof(float));
         memcpy((float *)c->v + offset, v, n * width * sizeof(float));
     }
+}
+
+/* Each sequence's keys and values (its rows of a->k, a->v) into layer `layer` of its cache. */
+static void store_kv(const blob_model *m, const activations *a, size_t layer) {
+    const size_t width = m->n_kv_heads * m->head_dim;
+    size_t row = 0;
+    for (size_t s = 0; s < a->n_seqs; s++) {
+        const blob_sequence *q = &a->seqs[s];
+        store_kv_rows(m, &q->cache, layer, q->start, q->n, a->k + row * width, a->v + row * width);
+        row += q->n;
+    }
+}
+
+/* Attention of each sequence's queries over layer `layer` of its own cache, in one job. */
+static int attend_sequences(const blob_model *m, activations *a, size_t layer) {
+    const blob_layer *l = &m->layers[layer];
+    const size_t hd = m->head_dim, width = m->n_kv_heads * hd;
+    for (size_t s = 0; s < a->n_seqs; s++) {
+        const blob_kv_cache *c = &a->seqs[s].cache;
+        const size_t layer_offset = layer * c->max_seq * width * blob_cache_elem_size(c->dtype);
+        const blob_attention view = {m->n_heads, m->n_kv_heads, hd, c->dtype,
+                                     (const uint8_t *)c->k + layer_offset, (const uint8_t *)c->v + layer_offset,
+                                     width, hd, width, hd, m->attn_scale, m->attn_softcap, l->window};
+        a->views[s] = view;
+        a->seq_n[s] = a->seqs[s].n;
+        a->seq_start[s] = a->seqs[s].start;
+    }
+    return blob_attention_run_batch(a->views, a->n_seqs, a->q, a->seq_n, a->seq_start, a->att);
 }
 
 /* Rotary embedding of the layer's queries and keys. The angles are computed when the layer's
@@ -158,8 +202,7 @@ static void rotate(activations *a, const blob_layer *l, size_t n, size_t n_heads
     blob_rope(a->k, n, n_kv_heads, hd, a->rope, l->n_freq);
 }
 
-static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i, activations *a,
-                           size_t n, size_t start) {
+static int attention_block(const blob_model *m, size_t i, activations *a, size_t n) {
     const blob_layer *l = &m->layers[i];
     const size_t hd = m->head_dim;
     int status;
@@ -175,14 +218,8 @@ static int attention_block(const blob_model *m, const blob_kv_cache *c, size_t i
         norm(m, a->k, l->k_norm, n * m->n_kv_heads, hd, n, a->k);
     }
     rotate(a, l, n, m->n_heads, m->n_kv_heads, hd);
-    store_kv(m, c, i, start, n, a->k, a->v);
-
-    const size_t es = blob_cache_elem_size(c->dtype), width = m->n_kv_heads * hd;
-    const size_t layer_offset = i * c->max_seq * width * es;
-    const blob_attention at = {m->n_heads, m->n_kv_heads, hd, c->dtype,
-                               (const uint8_t *)c->k + layer_offset, (const uint8_t *)c->v + layer_offset,
-                               width, hd, width, hd, m->attn_scale, m->attn_softcap, l->window};
-    if ((status = blob_attention_run(&at, a->q, n, start, a->att)) != BLOB_OK) return status;
+    store_kv(m, a, i);
+    if ((status = attend_sequences(m, a, i)) != BLOB_OK) return status;
     if ((status = project1(&l->o, a->att, n, a->sub)) != BLOB_OK) return status;
     add_bias(a->sub, l->o_bias, n, m->hidden);
     if (l->post_attn_norm) norm(m, a->sub, l->post_attn_norm, n, m->hidden, n, a->sub);
@@ -214,22 +251,41 @@ static int head(const blob_model *m, activations *a, size_t n, size_t rows, floa
     return status;
 }
 
-int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
-                 size_t start, size_t logit_rows, float *logits, void *scratch) {
+static int valid_sequence(const blob_sequence *q) {
+    const blob_kv_cache *c = &q->cache;
+    return q->n > 0 && q->start + q->n <= c->max_seq && (c->dtype == BLOB_F32 || c->dtype == BLOB_F16);
+}
+
+int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
+                       size_t logit_rows, float *logits, void *scratch) {
+    size_t n = 0;
+    for (size_t s = 0; s < n_seqs; s++) {
+        if (!valid_sequence(&seqs[s])) return BLOB_EINVAL;
+        n += seqs[s].n;
+    }
     if (n == 0) return BLOB_OK;
     if (logit_rows > n) return BLOB_EINVAL;
-    if (start + n > cache->max_seq || (cache->dtype != BLOB_F32 && cache->dtype != BLOB_F16)) return BLOB_EINVAL;
     activations a;
     carve_activations(m, n, scratch, &a);
-    for (size_t i = 0; i < n; i++) a.positions[i] = (int64_t)(start + i);
+    a.seqs = seqs;
+    a.n_seqs = n_seqs;
+    for (size_t s = 0, row = 0; s < n_seqs; s++)
+        for (size_t i = 0; i < seqs[s].n; i++) a.positions[row++] = (int64_t)(seqs[s].start + i);
     blob_embed(&m->embed, ids, n, a.x);
     if (m->embedding_scale != 1.0f)
         for (size_t e = 0; e < n * m->hidden; e++) a.x[e] *= m->embedding_scale;
     int status = BLOB_OK;
     for (size_t i = 0; i < m->n_layers && status == BLOB_OK; i++) {
-        status = attention_block(m, cache, i, &a, n, start);
+        status = attention_block(m, i, &a, n);
         if (status == BLOB_OK) status = mlp_block(m, &m->layers[i], &a, n);
     }
     if (status == BLOB_OK) status = head(m, &a, n, logit_rows, logits);
     return status;
+}
+
+int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
+                 size_t start, size_t logit_rows, float *logits, void *scratch) {
+    if (n == 0) return BLOB_OK;
+    const blob_sequence one = {*cache, start, n};
+    return blob_forward_batch(m, &one, 1, ids, logit_rows, logits, scratch);
 }

@@ -71,7 +71,9 @@ int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise
 #define BLOB_MAX_THREADS 256
 
 /* ---- matrix products (matmul.c) ----
- * Y (n, rows) = X (n, cols) @ W.T; n == 1 is the decode matvec, n > 1 the tiled prefill. */
+ * Y (n, rows) = X (n, cols) @ W.T; up to 8 tokens (a decode step, or a batched one) run the
+ * decode matvec tiles token after token over each item's rows, each token's row bit-identical to
+ * its own n == 1 product; more run the tiled prefill matmul. */
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);
 /* The products of up to BLOB_MAX_GROUP matrices with the same X, as one job (a transformer's
@@ -99,6 +101,12 @@ typedef struct blob_attention {
 } blob_attention;
 
 int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out);
+/* The attention of `count` sequences in one job (a batched decode step): sequence s has n[s]
+ * queries at positions p0[s] .. p0[s]+n[s]-1 over its own cache a[s] (the descriptors differ
+ * only in k and v). Q and OUT hold the sequences' rows one after another, (sum n, n_heads,
+ * head_dim). Each sequence's rows are bit-identical to blob_attention_run(&a[s], ...). */
+int blob_attention_run_batch(const blob_attention *a, size_t count, const float *q, const size_t *n,
+                             const size_t *p0, float *out);
 
 /* ---- small ops (ops.c), X (n, d) contiguous rows, OUT may alias X ---- */
 /* out = x / rms(x) * (offset + w): offset 0 for plain RMSNorm, 1 for Gemma's (1 + w). */
@@ -158,13 +166,28 @@ typedef struct blob_kv_cache {
     size_t max_seq;
 } blob_kv_cache;
 
-/* Runs tokens ids[0..n) at positions start..start+n-1 through every layer, writing their keys
- * and values into the cache (which must hold positions 0..start-1 already). LOGITS receives
- * (logit_rows, vocab): the logits of the last logit_rows <= n tokens (0: none, a prompt chunk
- * whose logits nobody reads). ids must be in range. SCRATCH holds the activations:
- * blob_forward_scratch_bytes(m, n) bytes, owned by the caller so that a model's steps reuse one
- * buffer (fresh pages would cost a page fault each) and two models can run at once. */
-size_t blob_forward_scratch_bytes(const blob_model *m, size_t n);
+/* One sequence's share of a forward call: n >= 1 tokens at positions start .. start+n-1 of its
+ * own cache, which must hold positions 0 .. start-1 already. */
+typedef struct blob_sequence {
+    blob_kv_cache cache;
+    size_t start, n;
+} blob_sequence;
+
+/* Runs the tokens of n_seqs sequences through every layer, writing each one's keys and values
+ * into its cache: ids holds sequence 0's n tokens, then sequence 1's, and so on (n_tokens in
+ * all, the sum of their n). A prompt chunk is one sequence of many tokens; a batched decode
+ * step is one token of each of several sequences, the matrix products then running over all
+ * the rows at once (the weights read from memory once for every sequence) and attention per
+ * sequence against its own cache; up to 8 sequences, each one's logits and cache rows are
+ * bit-identical to its lone step's. LOGITS receives (logit_rows, vocab): the logits of the call's last
+ * logit_rows <= n_tokens tokens (0: none, a prompt chunk whose logits nobody reads; n_seqs for
+ * a decode step). ids must be in range. SCRATCH holds the activations:
+ * blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so that a model's steps
+ * reuse one buffer (fresh pages would cost a page fault each) and two models can run at once.
+ * blob_forward is the one-sequence case: ids[0..n) at positions start .. start+n-1. */
+size_t blob_forward_scratch_bytes(const blob_model *m, size_t n_tokens);
+int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
+                       size_t logit_rows, float *logits, void *scratch);
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
                  size_t start, size_t logit_rows, float *logits, void *scratch);
 

@@ -5,6 +5,7 @@
 >>> print(model.generate("The sky is", max_new_tokens=16).text)        # doctest: +SKIP
 """
 from .api import Model, load
+from .batch import BatchEngine, TokenStream
 from .chat import ChatTemplateError
 from .generate import GenerationChunk, GenerationResult, GenerationStats
 from .kernels import cpu_info
@@ -13,5 +14,5 @@ from .sampling import SamplingParams
 from .session import Session, SessionMismatch
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-__all__ = ["load", "Model", "GenerationResult", "GenerationChunk", "GenerationStats", "SamplingParams",
+__all__ = ["load", "Model", "BatchEngine", "TokenStream", "GenerationResult", "GenerationChunk", "GenerationStats", "SamplingParams",
            "Session", "SessionMismatch", "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info"]

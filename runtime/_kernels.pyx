@@ -77,9 +77,13 @@ cdef extern from "kernels.h" nogil:
         void *v
         size_t max_seq
 
+    ctypedef struct blob_sequence:
+        blob_kv_cache cache
+        size_t start, n
+
     size_t blob_forward_scratch_bytes(const blob_model *m, size_t n)
-    int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
-                     size_t start, size_t logit_rows, float *logits, void *scratch)
+    int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
+                           size_t logit_rows, float *logits, void *scratch)
 
     int blob_isa_supported(int isa)
     int blob_isa_best()
@@ -651,6 +655,7 @@ cdef class DecoderStack:
 
     >>> stack = DecoderStack(embed, lm_head, final_norm, layers, n_heads=4, ...)   # doctest: +SKIP
     >>> logits = stack.run(ids, cache_k, cache_v, start=0, logit_rows=1)          # doctest: +SKIP
+    >>> rows = stack.run_batch([5, 9], [k0, k1], [v0, v1], positions=[12, 40])  # doctest: +SKIP
     """
     cdef blob_model m
     cdef blob_layer *layers
@@ -766,15 +771,50 @@ cdef class DecoderStack:
         logits = np.empty((logit_rows, self.vocab), np.float32)
         if n == 0:
             return logits
+        cdef blob_sequence one
+        one.cache, one.start, one.n = c, start, n
+        return self._locked_run(ia, &one, 1, logit_rows, logits, long_rope)
+
+    def run_batch(self, ids, k_caches, v_caches, positions, bint long_rope=False):
+        """One decode step of several sequences: ids[i] at position positions[i] of its own caches
+        k_caches[i], v_caches[i] (each as in `run`, holding positions 0..positions[i]-1). The
+        matrix products run over all the rows at once, attention per sequence. Returns the float32
+        logits (len(ids), vocab), row i those of sequence i. The caches must be distinct arrays."""
+        ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
+        cdef Py_ssize_t n = ia.shape[0]
+        if len(k_caches) != n or len(v_caches) != n or len(positions) != n:
+            raise ValueError(f"forward: {n} ids need as many k caches, v caches and positions, found "
+                             f"{len(k_caches)}, {len(v_caches)} and {len(positions)}")
+        logits = np.empty((n, self.vocab), np.float32)
+        if n == 0:
+            return logits
+        cdef blob_sequence *seqs = <blob_sequence *>calloc(n, sizeof(blob_sequence))
+        if seqs == NULL:
+            raise MemoryError("forward: out of memory for the batch's sequence table")
+        try:
+            for i in range(n):
+                self._bind_cache(k_caches[i], v_caches[i], &seqs[i].cache)
+                if positions[i] < 0 or positions[i] >= seqs[i].cache.max_seq:
+                    raise ValueError(f"forward: position {positions[i]} of sequence {i} does not fit its cache "
+                                     f"of {seqs[i].cache.max_seq}")
+                seqs[i].start, seqs[i].n = positions[i], 1
+            if len({<uintptr_t>seqs[i].cache.k for i in range(n)}) != n:
+                raise ValueError("forward: a batch step takes one token per cache; a cache appears twice")
+            return self._locked_run(ia, seqs, n, n, logits, long_rope)
+        finally:
+            free(seqs)
+
+    cdef _locked_run(self, ia, const blob_sequence *seqs, size_t n_seqs, size_t logit_rows, logits,
+                     bint long_rope):
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("forward: this DecoderStack is running in another thread; "
                                "use one stack per thread")
         try:
             self._select_rope(long_rope)
-            needed = blob_forward_scratch_bytes(&self.m, n)
+            needed = blob_forward_scratch_bytes(&self.m, ia.shape[0])
             if self._scratch.shape[0] < needed:
                 self._scratch = np.empty(needed, np.uint8)
-            return self._run(ia, &c, start, logit_rows, logits)
+            return self._run(ia, seqs, n_seqs, logit_rows, logits)
         finally:
             self._busy.release()
 
@@ -785,14 +825,13 @@ cdef class DecoderStack:
             self.layers[i].inv_freq = <const float *><uintptr_t>frequencies[long_rope]
         self._long_rope = long_rope
 
-    cdef _run(self, ia, blob_kv_cache *c, size_t start, size_t logit_rows, logits):
+    cdef _run(self, ia, const blob_sequence *seqs, size_t n_seqs, size_t logit_rows, logits):
         cdef const int64_t[::1] iv = ia
         cdef float[:, ::1] lv = logits
         cdef float *out = &lv[0, 0] if logit_rows else NULL
         cdef void *scratch = <void *><uintptr_t>_address(self._scratch)
-        cdef size_t n = ia.shape[0]
         cdef int status
         with nogil:
-            status = blob_forward(&self.m, c, &iv[0], n, start, logit_rows, out, scratch)
+            status = blob_forward_batch(&self.m, seqs, n_seqs, &iv[0], logit_rows, out, scratch)
         _check(status, "forward")
         return logits

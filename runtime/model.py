@@ -57,6 +57,7 @@ class Transformer:
 
     >>> t = Transformer(reader, ModelConfig.from_dict(reader.metadata["model"]))   # doctest: +SKIP
     >>> logits = t.run([2, 651, 6037], cache, start=0, all_logits=True)          # doctest: +SKIP
+    >>> rows = t.run_batch([17, 4], [cache, other_cache], [3, 9])                  # doctest: +SKIP
     """
 
     def __init__(self, reader, config: ModelConfig):
@@ -106,6 +107,50 @@ class Transformer:
             logits = self._run_chunks(cache.token_ids[:start] + list(ids), cache, 0, all_logits, long_rope)
             return logits[start:] if all_logits else logits
         return self._run_chunks(ids, cache, start, all_logits, long_rope)
+
+    def run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
+        """One decode step of several sequences: tokens[i] at position positions[i] of caches[i],
+        which must hold exactly that many tokens (positions[i] == caches[i].length) and have room
+        for one more. Returns float32 logits (len(tokens), vocab), row i equal to what
+        `run([tokens[i]], caches[i], start=positions[i])` returns, bit for bit up to 8 sequences
+        (their products run the decode tiles token by token, csrc/matmul.c); past 8 the prefill
+        tiles sum float weights in another order, to rounding. Like `run`, it leaves the caches'
+        id lists to the caller.
+
+        A LongRoPE model's rows run with the factor set each one's lone `run` would use: a row
+        whose cache must switch sets (its sequence just outgrew the original context) runs alone
+        through `run`, which recomputes the cache; the others go in one step per factor set.
+        Like `run`, calls from several threads run one at a time.
+        """
+        with self._lock:
+            return self._run_batch(tokens, caches, positions)
+
+    def _run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
+        n = len(tokens)
+        if len(caches) != n or len(positions) != n:
+            raise ValueError(f"run_batch: {n} tokens need as many caches and positions, "
+                             f"found {len(caches)} and {len(positions)}")
+        if len({id(cache) for cache in caches}) != n:
+            raise ValueError("run_batch: one token per cache; a cache appears twice")
+        for i, (cache, position) in enumerate(zip(caches, positions)):
+            if position != cache.length:
+                raise ValueError(f"run_batch: sequence {i} is at position {position}, but its cache holds "
+                                 f"{cache.length} tokens")
+            cache.check_room(position + 1)
+        logits = np.empty((n, self.stack.vocab), np.float32)
+        wants_long = [any(rope.uses_long_factors(p + 1) for rope in self.config.rope) for p in positions]
+        alone = {i for i in range(n) if positions[i] and caches[i].long_rope != wants_long[i]}
+        for i in alone:
+            logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False)[0]
+        for long_rope in (False, True):
+            rows = [i for i in range(n) if wants_long[i] == long_rope and i not in alone]
+            if rows:
+                logits[rows] = self.stack.run_batch([tokens[i] for i in rows], [caches[i].k for i in rows],
+                                                    [caches[i].v for i in rows], [positions[i] for i in rows],
+                                                    long_rope=long_rope)
+                for i in rows:
+                    caches[i].long_rope = long_rope
+        return logits
 
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool) -> np.ndarray:
         outputs = []

@@ -15,6 +15,9 @@
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
+ * - the batched decode step (blob_forward_batch, one token of each of 1..4 sequences at different
+ *   positions of their own caches) bit-identical to lone blob_forward steps: f32 and q8_0 weights, f32 and
+ *   f16 caches, a sliding-window layer and a global one, on every selectable path;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
  *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
  * Exit status 0 when everything passed.
@@ -773,6 +776,130 @@ static void check_rope(void) {
     }
 }
 
+/* ---- the forward pass: a batched decode step against lone steps ---- */
+
+enum { FW_LAYERS = 2, FW_HIDDEN = 64, FW_HEADS = 4, FW_KV_HEADS = 2, FW_HD = 16, FW_FFN = 96, FW_VOCAB = 50,
+       FW_SEQ = 24, FW_MAX_SEQS = 4 };
+
+typedef struct {
+    blob_model m;
+    blob_layer layers[FW_LAYERS];
+    test_weight weights[FW_LAYERS * 7 + 2];
+    float vectors[FW_LAYERS * 2 + 1][FW_HIDDEN];
+    float inv_freq[FW_HD / 2];
+} tiny_model;
+
+static float *random_vector(float *v, size_t n) {
+    for (size_t i = 0; i < n; i++) v[i] = 1.0f + 0.5f * next_float();
+    return v;
+}
+
+/* A 2-layer model of `dtype` weights with GQA, a sliding window of 6 on layer 0, random weights. */
+static void make_tiny_model(tiny_model *t, int dtype) {
+    memset(t, 0, sizeof *t);
+    const size_t q_width = FW_HEADS * FW_HD, kv_width = FW_KV_HEADS * FW_HD;
+    size_t next_weight = 0, next_vector = 0;
+    for (size_t j = 0; j < FW_HD / 2; j++) t->inv_freq[j] = powf(10000.0f, -2.0f * (float)j / FW_HD);
+    for (size_t i = 0; i < FW_LAYERS; i++) {
+        blob_layer *l = &t->layers[i];
+        const size_t shapes[7][2] = {{q_width, FW_HIDDEN}, {kv_width, FW_HIDDEN}, {kv_width, FW_HIDDEN},
+                                     {FW_HIDDEN, q_width}, {FW_FFN, FW_HIDDEN}, {FW_FFN, FW_HIDDEN},
+                                     {FW_HIDDEN, FW_FFN}};
+        blob_matrix *targets[7] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
+        for (size_t w = 0; w < 7; w++) {
+            t->weights[next_weight] = make_weight(dtype, shapes[w][0], shapes[w][1]);
+            *targets[w] = t->weights[next_weight++].m;
+        }
+        l->attn_norm = random_vector(t->vectors[next_vector++], FW_HIDDEN);
+        l->ffn_norm = random_vector(t->vectors[next_vector++], FW_HIDDEN);
+        l->inv_freq = t->inv_freq;
+        l->n_freq = FW_HD / 2;
+        l->rope_scale = 1.0f;
+        l->window = i == 0 ? 6 : 0;
+    }
+    t->weights[next_weight] = make_weight(dtype, FW_VOCAB, FW_HIDDEN);
+    t->m.embed = t->weights[next_weight++].m;
+    t->weights[next_weight] = make_weight(dtype, FW_VOCAB, FW_HIDDEN);
+    t->m.lm_head = t->weights[next_weight++].m;
+    t->m.final_norm = random_vector(t->vectors[next_vector], FW_HIDDEN);
+    t->m.n_layers = FW_LAYERS;
+    t->m.hidden = FW_HIDDEN;
+    t->m.n_heads = FW_HEADS;
+    t->m.n_kv_heads = FW_KV_HEADS;
+    t->m.head_dim = FW_HD;
+    t->m.ffn = FW_FFN;
+    t->m.rms_eps = 1e-6f;
+    t->m.embedding_scale = 8.0f;
+    t->m.attn_scale = 0.25f;
+    t->m.activation = BLOB_ACT_SILU;
+    t->m.layers = t->layers;
+}
+
+static void free_tiny_model(tiny_model *t) {
+    for (size_t w = 0; w < sizeof t->weights / sizeof *t->weights; w++) free_weight(&t->weights[w]);
+}
+
+static blob_kv_cache new_cache(int dtype) {
+    const size_t bytes = FW_LAYERS * FW_SEQ * FW_KV_HEADS * FW_HD * blob_cache_elem_size(dtype);
+    blob_kv_cache c = {dtype, calloc(1, bytes), calloc(1, bytes), FW_SEQ};
+    return c;
+}
+
+/* Sequences s < count hold prompts of 3 + 5 s tokens; then one step of all of them batched, and
+ * the same step of each alone on a copy of its cache: logits and caches must match bit for bit. */
+static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, const char *path) {
+    const size_t cache_bytes = FW_LAYERS * FW_SEQ * FW_KV_HEADS * FW_HD * blob_cache_elem_size(kv_dtype);
+    void *scratch = malloc(blob_forward_scratch_bytes(&t->m, FW_SEQ));
+    blob_sequence seqs[FW_MAX_SEQS];
+    blob_kv_cache lone[FW_MAX_SEQS];
+    int64_t prompt[FW_SEQ], step_ids[FW_MAX_SEQS];
+    float batched[FW_MAX_SEQS * FW_VOCAB], alone[FW_VOCAB];
+    for (size_t s = 0; s < count; s++) {
+        seqs[s].cache = new_cache(kv_dtype);
+        seqs[s].start = 3 + 5 * s;
+        seqs[s].n = 1;
+        for (size_t i = 0; i < seqs[s].start; i++) prompt[i] = (int64_t)(next_u32() % FW_VOCAB);
+        step_ids[s] = (int64_t)(next_u32() % FW_VOCAB);
+        if (blob_forward(&t->m, &seqs[s].cache, prompt, seqs[s].start, 0, 0, NULL, scratch) != BLOB_OK)
+            fail("blob_forward (prompt) status", path, 1, 0, 0);
+        lone[s] = new_cache(kv_dtype);
+        memcpy(lone[s].k, seqs[s].cache.k, cache_bytes);
+        memcpy(lone[s].v, seqs[s].cache.v, cache_bytes);
+    }
+    if (blob_forward_batch(&t->m, seqs, count, step_ids, count, batched, scratch) != BLOB_OK)
+        fail("blob_forward_batch status", path, 1, 0, 0);
+    for (size_t s = 0; s < count; s++) {
+        if (blob_forward(&t->m, &lone[s], &step_ids[s], 1, seqs[s].start, 1, alone, scratch) != BLOB_OK)
+            fail("blob_forward (step) status", path, 1, 0, 0);
+        checks++;
+        if (memcmp(alone, batched + s * FW_VOCAB, sizeof alone) != 0)
+            fail("batched step logits == lone step's, bitwise", path, (double)s, (double)count, 0);
+        checks++;
+        if (memcmp(lone[s].k, seqs[s].cache.k, cache_bytes) != 0 || memcmp(lone[s].v, seqs[s].cache.v, cache_bytes) != 0)
+            fail("batched step's keys and values == lone step's, bitwise", path, (double)s, (double)count, 0);
+        free(seqs[s].cache.k), free(seqs[s].cache.v), free(lone[s].k), free(lone[s].v);
+    }
+    free(scratch);
+}
+
+static void check_forward_batch(int isa) {
+    const int dtypes[] = {BLOB_F32, BLOB_Q8_0};
+    tiny_model *t = malloc(sizeof *t);
+    blob_isa_select(isa);
+    for (size_t d = 0; d < sizeof dtypes / sizeof *dtypes; d++) {
+        make_tiny_model(t, dtypes[d]);
+        for (int threads = 1; threads <= 2; threads++) {
+            blob_threads_set(threads);
+            for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++)
+                for (size_t count = 1; count <= FW_MAX_SEQS; count++)
+                    check_batched_step(t, kv_dtype, count, blob_isa_name(isa));
+        }
+        free_tiny_model(t);
+    }
+    blob_threads_set(1);
+    free(t);
+}
+
 int main(void) {
     uint32_t f = blob_cpu_features();
     const struct { const char *name; const blob_isa_ops *ops; int usable; } paths[] = {
@@ -807,6 +934,7 @@ int main(void) {
         if (!blob_isa_supported(isa)) continue;
         int before = failures;
         check_api(isa);
+        check_forward_batch(isa);
         printf("api  %-13s %s\n", blob_isa_name(isa), failures == before ? "ok" : "FAILED");
     }
     int before = failures;

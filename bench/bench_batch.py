@@ -1,0 +1,131 @@
+"""Batched decoding benchmark: aggregate tokens per second of 1, 2, 4 concurrent streams through
+BatchEngine, against one `generate()` call, on one model.
+
+Each stream has its own session and its own --prompt-tokens prompt (bench/quality_corpus.txt from
+a different offset) and generates --new-tokens greedy tokens (ignore EOS). A round submits every
+stream at once and ends when the last token arrives; aggregate tok/s = streams x new tokens /
+wall time (their prefills, run one by one, included). `generate()` is timed the same way, one
+request in a fresh session. The ratios (N streams / 1 stream, engine-1 / generate) come from the
+same run; each figure is the best of --repeats rounds, and the rounds of the configurations take
+turns (generate, 1, 2, 4, generate, 1, ...) so that a busy spell on a shared machine does not
+fall on one configuration only.
+
+Then, to show where a step's time goes: one decode step of n = 1, 2, 4 sequences (run_batch, at
+position --prompt-tokens) and the output head alone (the lm_head matrix product of n rows), best
+of 5 each. Prints markdown on stdout. Not a test: nothing here asserts speed.
+
+    blob-pack convert ~/.cache/blobstore/gemma-3-270m-q4_k_m.gguf -o /tmp/g-q8.blob --dtype q8_0
+    python bench/bench_batch.py /tmp/g-q8.blob --threads 2 [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import blobstore
+from blobstore.runtime import BatchEngine, SamplingParams, kernels, load
+from blobstore.runtime.model import _matrix
+
+CORPUS = Path(__file__).resolve().parent / "quality_corpus.txt"
+GREEDY = SamplingParams(temperature=0)
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def prompts(model, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens: the corpus from different offsets, each after a BOS."""
+    body = model.tokenizer.encode(CORPUS.read_text(encoding="utf-8"), add_bos=False)
+    return [model.tokenizer.encode("")[:1] + body[50 * i:50 * i + length - 1] for i in range(count)]
+
+
+def engine_round(model, engine, ids: list[list[int]], new_tokens: int) -> float:
+    """Seconds from submitting every prompt at once to the last stream's last token."""
+    started = time.perf_counter()
+    streams = [engine.submit(model.new_session(), p, GREEDY, new_tokens) for p in ids]
+    counts = [sum(1 for _ in s) for s in streams]
+    seconds = time.perf_counter() - started
+    assert counts == [new_tokens] * len(ids), counts
+    return seconds
+
+
+def generate_round(model, ids: list[int], new_tokens: int) -> float:
+    started = time.perf_counter()
+    result = model.generate(ids, session=model.new_session(), max_new_tokens=new_tokens, temperature=0,
+                            ignore_eos=True)
+    assert len(result.token_ids) == new_tokens
+    return time.perf_counter() - started
+
+
+def step_breakdown(model, path, prompt_length: int, counts) -> list[tuple[int, float, float]]:
+    """(n, seconds of one run_batch step of n sequences, seconds of the head's product of n rows)."""
+    sessions = [model.new_session() for _ in range(max(counts))]
+    for session, ids in zip(sessions, prompts(model, len(sessions), prompt_length)):
+        model.transformer.run(ids, session.cache, start=0)
+        session.cache.token_ids.extend(ids)
+    best = {}
+    with blobstore.open(path) as reader:
+        head = _matrix(reader, "lm_head")
+        for _ in range(5):   # n = 1, 2, 4 taking turns, as the rounds above
+            for n in counts:
+                caches = [s.cache for s in sessions[:n]]
+                step = _timed(lambda: model.transformer.run_batch([5] * n, caches, [c.length for c in caches]))
+                x = np.random.default_rng(0).standard_normal((n, head.cols)).astype(np.float32)
+                product = _timed(lambda: kernels.matmul(head, x))
+                old = best.get(n, (float("inf"), float("inf")))
+                best[n] = (min(old[0], step), min(old[1], product))
+    return [(n, *best[n]) for n in counts]
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--streams", default="1,2,4")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.streams.split(",")]
+    model = load(args.model, threads=args.threads, max_seq_len=args.prompt_tokens + args.new_tokens + 8)
+    ids = prompts(model, max(counts), args.prompt_tokens)
+    seconds = {}
+    with BatchEngine(model, max_active=max(counts)) as engine:
+        for repeat in range(args.repeats):
+            log(f"round {repeat + 1} of {args.repeats} ...")
+            rounds = {"generate": lambda: generate_round(model, ids[0], args.new_tokens)}
+            rounds.update({n: lambda n=n: engine_round(model, engine, ids[:n], args.new_tokens) for n in counts})
+            for key, work in rounds.items():
+                seconds[key] = min(seconds.get(key, float("inf")), work())
+    alone = args.new_tokens / seconds["generate"]
+    rates = {n: n * args.new_tokens / seconds[n] for n in counts}
+    log("step breakdown ...")
+    steps = step_breakdown(model, args.model, args.prompt_tokens, counts)
+
+    print(f"{args.model.name}, {args.threads} threads, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
+          f"tokens per stream, best of {args.repeats}; path {kernels.cpu_info()['isa']}\n")
+    print("| streams | aggregate tok/s | vs 1 stream | per stream tok/s |")
+    print("|---:|---:|---:|---:|")
+    print(f"| generate() | {alone:.1f} | | {alone:.1f} |")
+    for n in counts:
+        print(f"| {n} | {rates[n]:.1f} | {rates[n] / rates[counts[0]]:.2f}x | {rates[n] / n:.1f} |")
+    print(f"\none stream vs generate(): {rates[counts[0]] / alone:.2f}x\n")
+    print("| n | decode step ms | head product ms | head share | ms per sequence |")
+    print("|---:|---:|---:|---:|---:|")
+    for n, step, product in steps:
+        print(f"| {n} | {step * 1e3:.1f} | {product * 1e3:.1f} | {product / step:.0%} | {step * 1e3 / n:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Batched decoding of concurrent requests: one background thread advances every active sequence
+together, one `Transformer.run_batch` step per iteration, so a step reads the weights once for
+all of them instead of once per sequence.
+
+Each request is prefilled alone (`Transformer.run`, reusing the prefix its session's cache
+already holds), then joins the batch. Every row is sampled with its own parameters and random
+generator, over the decodable vocabulary only, exactly as `generate.token_steps` samples a lone
+generation: with the same seed a request gets the same tokens batched as alone (bit-identical
+logits with quantized weights; see `Transformer.run_batch` for float weights).
+
+Threads (runtime/session.py tells the whole lock story): `submit` may be called from any
+thread; each returned TokenStream is read by one consumer. A request holds its Session
+(`Session.in_use`) from submit to its last token, so a second use of the session meanwhile — a
+submit, or a generate on another thread — raises RuntimeError. The engine's forwards and those
+of other sessions generating in other threads take turns on the model (`Transformer`'s lock).
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .generate import LogitsProcessor
+from .kv_cache import KVCache
+from .sampling import SamplingParams, sample
+from .session import Session
+
+_DONE = object()   # the end of a stream, after its last token
+
+
+@dataclass(eq=False)
+class _Request:
+    cache: KVCache                  # the session's
+    holding: contextlib.AbstractContextManager   # the session's in_use(), entered at submit
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: frozenset
+    rng: np.random.Generator
+    logits_processor: LogitsProcessor | None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    context: list[int] = field(default_factory=list)   # prompt and tokens so far (repetition penalty)
+    generated: int = 0
+    pending_token: int | None = None   # sampled and handed out, not yet in the cache
+    cancelled: bool = False
+    finish_reason: str | None = None
+
+
+class TokenStream:
+    """The token ids of one request, as the engine produces them. Iterating ends after the last
+    token; `finish_reason` is then "stop" (a stop id came: it is not yielded) or "length"
+    (max_new_tokens, or the session's context is full). An error in the engine is raised here.
+    `cancel()` — or dropping the stream — frees the request's slot at the engine's next step.
+
+    >>> stream = engine.submit(session, ids, SamplingParams(temperature=0), 16)   # doctest: +SKIP
+    >>> tokens = list(stream); stream.finish_reason                              # doctest: +SKIP
+    'length'
+    """
+
+    def __init__(self, request: _Request, wake):
+        self._request, self._wake = request, wake
+        self.finish_reason: str | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        item = self._request.out.get()
+        if item is _DONE:
+            self.finish_reason = self._request.finish_reason
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.finish_reason = "error"
+            raise item
+        return item
+
+    def cancel(self):
+        if not self._request.cancelled:
+            self._request.cancelled = True
+            self._wake()
+
+    close = cancel
+
+    def __del__(self):
+        self.cancel()
+
+
+class BatchEngine:
+    """Runs the requests submitted to it, up to `max_active` at once in one batched decode step;
+    the others wait in arrival order. The background thread starts with the first request and
+    stops at `close()`.
+
+    >>> engine = BatchEngine(model, max_active=4)                                   # doctest: +SKIP
+    >>> streams = [engine.submit(s, ids, SamplingParams(temperature=0), 32) for s in sessions]  # doctest: +SKIP
+    >>> [list(s) for s in streams]                                                # doctest: +SKIP
+    """
+
+    def __init__(self, model, max_active: int = 4):
+        if max_active < 1:
+            raise ValueError(f"BatchEngine: max_active must be >= 1, got {max_active}")
+        self.transformer = model.transformer
+        self.vocab_size = model.decodable_vocab_size
+        self.max_active = max_active
+        self._changed = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._active: list[_Request] = []    # touched by the engine's thread only
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, session: Session, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
+               max_new_tokens: int = 256, stop_ids: Iterable[int] = (), seed: int | None = None,
+               logits_processor: LogitsProcessor | None = None) -> TokenStream:
+        """Queue a generation of `prompt_ids` in `session` (the prefix of the prompt its cache holds
+        is reused); returns its TokenStream. RuntimeError when the session is in use.
+        `logits_processor(generated_ids, logits)`, as generate's, returns the logits to sample
+        from; it runs on the engine's thread, and an exception from it ends this request only."""
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("submit: the prompt is empty: give at least one token")
+        if max_new_tokens < 0:
+            raise ValueError(f"submit: max_new_tokens must be >= 0, got {max_new_tokens}")
+        session.cache.check_room(len(prompt_ids))
+        holding = session.in_use()
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("submit: this BatchEngine is closed")
+            holding.__enter__()   # left by the engine's thread when the request ends
+            request = _Request(session.cache, holding, prompt_ids, params, max_new_tokens, frozenset(stop_ids),
+                               np.random.default_rng(seed), logits_processor, context=list(prompt_ids))
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="blobstore-batch", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return TokenStream(request, self._wake)
+
+    def close(self):
+        """Stop the thread after its current step; unfinished requests end with an error."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _wake(self):
+        with self._changed:
+            self._changed.notify()
+
+    # ---- the engine's thread ----
+
+    def _loop(self):
+        try:
+            while self._next_round():
+                self._step()
+        except BaseException as error:   # a bug in the loop itself: every consumer hears of it
+            self._fail(self._waiting + self._active, error)
+            raise
+        self._fail(self._waiting + self._active, RuntimeError("the BatchEngine was closed"))
+
+    def _next_round(self) -> bool:
+        """Wait for work; drop cancelled requests, prefill newcomers while there are free slots.
+        False when the engine is closed."""
+        with self._changed:
+            while not self._closed and not self._waiting and not self._active:
+                self._changed.wait()
+            if self._closed:
+                return False
+            for request in [r for r in self._waiting + self._active if r.cancelled]:
+                request.holding.__exit__(None, None, None)
+            self._waiting = [r for r in self._waiting if not r.cancelled]
+            self._active = [r for r in self._active if not r.cancelled]
+            free = self.max_active - len(self._active)
+            admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+        for request in admitted:
+            if self._prefill(request):
+                self._active.append(request)
+        return True
+
+    def _prefill(self, request: _Request) -> bool:
+        """Runs the prompt alone; True when the request goes on to decode."""
+        if request.max_new_tokens == 0:
+            return self._finish(request, "length")
+        try:
+            cache, ids = request.cache, request.prompt_ids
+            reuse = cache.reusable_prefix(ids)
+            cache.truncate(reuse)
+            logits = self.transformer.run(ids[reuse:], cache, start=reuse)[-1]
+            cache.token_ids.extend(ids[reuse:])
+        except Exception as error:
+            self._fail([request], error)
+            return False
+        return self._emit(request, logits)
+
+    def _step(self):
+        """One batched decode step of every active request's pending token."""
+        rows = [r for r in self._active if not r.cancelled]
+        if not rows:
+            return
+        try:
+            logits = self.transformer.run_batch([r.pending_token for r in rows], [r.cache for r in rows],
+                                                [r.cache.length for r in rows])
+        except Exception as error:
+            self._fail(rows, error)
+            self._active = [r for r in self._active if r not in rows]
+            return
+        for request, row in zip(rows, logits):
+            request.cache.token_ids.append(request.pending_token)
+            if not self._emit(request, row):
+                self._active.remove(request)
+
+    def _emit(self, request: _Request, logits: np.ndarray) -> bool:
+        """Sample the next token from `logits`, hand it out; True when another step is due."""
+        logits = logits[:self.vocab_size]
+        try:
+            if request.logits_processor is not None:
+                logits = request.logits_processor(request.context[len(request.prompt_ids):], logits)
+            token = sample(logits, request.params, request.rng, request.context)
+        except Exception as error:
+            self._fail([request], error)
+            return False
+        if token in request.stop_ids:
+            return self._finish(request, "stop")
+        request.out.put(token)
+        request.generated += 1
+        request.context.append(token)
+        request.pending_token = token
+        room = len(request.prompt_ids) + request.generated <= request.cache.max_seq_len
+        if request.generated >= request.max_new_tokens or not room:
+            return self._finish(request, "length")
+        return True
+
+    def _finish(self, request: _Request, reason: str) -> bool:
+        request.finish_reason = reason
+        self._release(request, _DONE)
+        return False
+
+    def _fail(self, requests, error: BaseException):
+        for request in requests:
+            self._release(request, error)
+
+    def _release(self, request: _Request, last_item):
+        """The request's last item to its consumer; its session is free again."""
+        request.holding.__exit__(None, None, None)
+        request.out.put(last_item)
