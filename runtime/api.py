@@ -164,6 +164,8 @@ class Model:
         `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
         `logits_processor(generated_ids, logits)` returns the logits each token is sampled from
         (logits of the decodable vocabulary; -inf forbids a token), e.g. a grammar's mask.
+        `batch` (a runtime.batch.BatchEngine of this model) advances the generation in one batched
+        decode step with the engine's other requests; the tokens are the same as alone.
 
         >>> for chunk in model.stream("Once upon a time", max_new_tokens=32):   # doctest: +SKIP
         ...     print(chunk.text, end="", flush=True)
@@ -174,7 +176,7 @@ class Model:
     def _generation(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None,
                     min_p=None, repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
                     ignore_eos: bool = False, session: Session | None = None,
-                    logits_processor: layers.LogitsProcessor | None = None):
+                    logits_processor: layers.LogitsProcessor | None = None, batch=None):
         """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -184,7 +186,7 @@ class Model:
         session = self._check_session(session)
         options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
                        stop=list(stop or ()), stop_ids=frozenset() if ignore_eos else self._stop_ids(),
-                       logits_processor=logits_processor)
+                       logits_processor=logits_processor, batch=batch)
         return (self.transformer, self.tokenizer, session, ids, params), options
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,

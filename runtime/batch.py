@@ -52,8 +52,9 @@ class _Request:
 
 class TokenStream:
     """The token ids of one request, as the engine produces them. Iterating ends after the last
-    token; `finish_reason` is then "stop" (a stop id came: it is not yielded) or "length"
-    (max_new_tokens, or the session's context is full). An error in the engine is raised here.
+    token; `finish_reason` is then "stop" (a stop id came: it is not yielded), "length"
+    (max_new_tokens, or the session's context is full) or "cancelled". An error in the engine is
+    raised here.
     `cancel()` — or dropping the stream — frees the request's slot at the engine's next step.
 
     >>> stream = engine.submit(session, ids, SamplingParams(temperature=0), 16)   # doctest: +SKIP
@@ -86,6 +87,16 @@ class TokenStream:
             self._wake()
 
     close = cancel
+
+    def wait(self):
+        """Block until the engine has let go of the request and its session: after its last token,
+        an error, or a cancel() the engine has seen (at its next step). Ids not read are dropped."""
+        while self.finish_reason is None:
+            item = self._request.out.get()
+            if item is _DONE:
+                self.finish_reason = self._request.finish_reason
+            elif isinstance(item, BaseException):
+                self.finish_reason = "error"
 
     def __del__(self):
         self.cancel()
@@ -178,7 +189,7 @@ class BatchEngine:
             if self._closed:
                 return False
             for request in [r for r in self._waiting + self._active if r.cancelled]:
-                request.holding.__exit__(None, None, None)
+                self._finish(request, "cancelled")
             self._waiting = [r for r in self._waiting if not r.cancelled]
             self._active = [r for r in self._active if not r.cancelled]
             free = self.max_active - len(self._active)

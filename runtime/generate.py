@@ -155,15 +155,15 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
            stop: Sequence[str] = (), stop_ids=frozenset(),
-           logits_processor: Optional[LogitsProcessor] = None) -> Iterator[GenerationChunk]:
+           logits_processor: Optional[LogitsProcessor] = None, batch=None) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
-    Text that might be the start of a stop string is held back until it is clearly not one.
-    Breaking out of the loop stops the generation; the cache keeps what was computed. A
-    generation that fills the context ends with "length" and `stats.context_full` set.
-    Sampled ids stay below `vocab_size` (see generate_step), which is also the length of the
-    logits a `logits_processor` gets.
+    The ids come from generate_step, or with `batch` (a runtime.batch.BatchEngine) from a request
+    submitted to it, advancing in one batched step with the engine's other requests; the text is
+    the same either way (text_chunks). Breaking out of the loop stops the generation; the cache
+    keeps what was computed. Sampled ids stay below `vocab_size` (see generate_step), which is
+    also the length of the logits a `logits_processor` gets.
 
     >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
     ...                     vocab_size=262144, max_new_tokens=8):               # doctest: +SKIP
@@ -173,39 +173,69 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     prompt_ids = list(prompt_ids)
     session.cache.check_room(len(prompt_ids))
+    text = dict(max_new_tokens=max_new_tokens, max_seq_len=session.max_seq_len, stop=stop, stop_ids=stop_ids,
+                reused_prompt_tokens=session.reusable_prefix(prompt_ids))
+    if batch is not None and max_new_tokens > 0:
+        # the engine holds the session from submit until it lets go of the request (wait())
+        tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor)
+        try:
+            yield from text_chunks(tokenizer, prompt_ids, tokens, **text)
+        finally:
+            tokens.cancel()
+            tokens.wait()
+        return
     with session.in_use():
-        timer = _Timer(len(prompt_ids), session.reusable_prefix(prompt_ids))
-        if max_new_tokens == 0:
-            yield GenerationChunk("", None, "length", timer.stats())
-            return
-        decoder = tokenizer.decoder(prompt_ids[-8:])
-        rng = np.random.default_rng(seed)
-        held, finish, context_full = "", "length", False
-        steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
-                              logits_processor=logits_processor)
-        for count, token in enumerate(steps, start=1):
-            timer.generated = count
-            timer.first_token_at = timer.first_token_at or time.perf_counter()
-            if token in stop_ids:
-                finish = "stop"
-                break
-            held += decoder.add(token)
-            cut = _first_stop(held, stop)
-            if cut is not None:
-                held, finish = held[:cut], "stop"
-                break
-            safe = len(held) - _stop_prefix_overlap(held, stop)
-            yield GenerationChunk(held[:safe], token, None)
-            held = held[safe:]
-            if count >= max_new_tokens:
-                break
-            if len(prompt_ids) + count > session.max_seq_len:  # no position left to feed this token at
-                context_full = True
-                break
-        steps.close()
-        if finish == "length":
-            held += decoder.flush()
-        yield GenerationChunk(held, None, finish, timer.stats(context_full))
+        steps = generate_step(transformer, session, prompt_ids, params, np.random.default_rng(seed),
+                              vocab_size=vocab_size, logits_processor=logits_processor)
+        try:
+            yield from text_chunks(tokenizer, prompt_ids, steps, **text)
+        finally:
+            steps.close()
+
+
+def text_chunks(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Iterator[int], *, max_new_tokens: int,
+                max_seq_len: int, stop: Sequence[str] = (), stop_ids=frozenset(),
+                reused_prompt_tokens: int = 0) -> Iterator[GenerationChunk]:
+    """The text of the ids `token_ids` yields after `prompt_ids` (from any source: generate_step, a
+    BatchEngine's TokenStream), one GenerationChunk per id, the last with the finish reason and
+    the statistics. It reads no further than the generation goes; the caller closes the source.
+
+    Text that might be the start of a stop string is held back until it is clearly not one. A
+    stop id ends with "stop" (it counts as generated, its text is not given); a generation that
+    fills the context (`max_seq_len`) ends with "length" and `stats.context_full` set.
+
+    >>> [c.text for c in text_chunks(tokenizer, [2], iter([651, 6037]), max_new_tokens=2,
+    ...                              max_seq_len=64)]                              # doctest: +SKIP
+    ['The', ' sky', '']
+    """
+    timer = _Timer(len(prompt_ids), reused_prompt_tokens)
+    if max_new_tokens == 0:
+        yield GenerationChunk("", None, "length", timer.stats())
+        return
+    decoder = tokenizer.decoder(list(prompt_ids)[-8:])
+    held, finish, context_full = "", "length", False
+    for count, token in enumerate(token_ids, start=1):
+        timer.generated = count
+        timer.first_token_at = timer.first_token_at or time.perf_counter()
+        if token in stop_ids:
+            finish = "stop"
+            break
+        held += decoder.add(token)
+        cut = _first_stop(held, stop)
+        if cut is not None:
+            held, finish = held[:cut], "stop"
+            break
+        safe = len(held) - _stop_prefix_overlap(held, stop)
+        yield GenerationChunk(held[:safe], token, None)
+        held = held[safe:]
+        if count >= max_new_tokens:
+            break
+        if len(prompt_ids) + count > max_seq_len:  # no position left to feed this token at
+            context_full = True
+            break
+    if finish == "length":
+        held += decoder.flush()
+    yield GenerationChunk(held, None, finish, timer.stats(context_full))
 
 
 def generate(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],

@@ -8,6 +8,8 @@ The lock story, in one place:
 - Different sessions of one Model may generate in different threads. Their forward passes run
   one at a time: the decoder stack's scratch memory is shared, so `Transformer.run` holds the
   transformer's lock for each call; between forwards (sampling, decoding text) threads overlap.
+  Sessions submitted to one BatchEngine (runtime/batch.py; `Model.stream(..., batch=)`) instead
+  advance together in one batched forward; the engine holds each from submit to its last token.
 
 A session saves to a blob file (`save`) and a Model maps one back (`Model.load_session`): the
 filled KV rows, the token ids, and a fingerprint of the model that computed them, checked on load.

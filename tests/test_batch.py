@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from blobstore.convert import convert
-from blobstore.runtime import load
+from blobstore.runtime import demo, load
 from blobstore.runtime.batch import BatchEngine
 from blobstore.runtime.sampling import SamplingParams
 
@@ -163,6 +163,36 @@ def test_one_session_runs_one_request_at_a_time(q8_model):
             model.generate(ids, session=session, max_new_tokens=2)
         drain(stream)
         assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 5))) == 5   # free again
+
+
+def test_wait_after_cancel_returns_once_the_session_is_free(q8_model):
+    model = q8_model
+    session = model.new_session()
+    ids = prompts(model, 1)[0]
+    with BatchEngine(model) as engine:
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 200)
+        next(stream)
+        stream.cancel()
+        stream.wait()
+        assert stream.finish_reason == "cancelled"
+        assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 3))) == 3   # no RuntimeError
+
+
+def test_model_stream_through_an_engine_gives_the_text_of_a_lone_stream():
+    model = load(demo.demo_path(), max_seq_len=256)
+    ids = model.tokenizer.encode("And Moses said unto the people,")
+    options = dict(max_new_tokens=16, temperature=0)
+    whole = model.generate(ids, session=model.new_session(), **options).text
+    options["stop"] = [whole[len(whole) // 2:][:3]]   # a stop string that comes mid-answer
+    alone = model.generate(ids, session=model.new_session(), **options)
+    with BatchEngine(model, max_active=2) as engine:
+        rival = engine.submit(model.new_session(), model.tokenizer.encode("In the beginning"),
+                              SamplingParams(temperature=0), 30)
+        chunks = list(model.stream(ids, session=model.new_session(), batch=engine, **options))
+        rival.cancel()
+    assert alone.finish_reason == "stop" and 0 < len(alone.text) < len(whole)
+    assert "".join(c.text for c in chunks) == alone.text and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].stats.generated_tokens == alone.stats.generated_tokens
 
 
 class _FailingTransformer:

@@ -1,5 +1,6 @@
 """blob-serve under load and at its edges: concurrent clients, a full queue (503 + Retry-After),
 clients that hang up mid-stream, steady memory, and SIGINT/SIGTERM while a request is running."""
+import json
 import signal
 import threading
 import time
@@ -52,6 +53,39 @@ def test_two_interleaved_conversations_each_reuse_their_own_session(two_slots):
         for name, (messages, first_prompt) in conversations.items():
             _, usage = turn(messages + [{"role": "user", "content": "And then?"}])
             assert usage["prompt_tokens_details"]["cached_tokens"] >= first_prompt, name
+
+
+def test_two_concurrent_streamed_answers_equal_each_alone(two_slots):
+    """The two slots advance in one batched decode step; at temperature 0 each answer is the one
+    it gets alone (the prompts differ in length, so the rows sit at different positions)."""
+    url = two_slots.url
+    questions = ["Who was Moses?", "Tell me of the kings of Judah and Israel, and of their wars."]
+
+    def streamed(question, start=None):
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 40, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{url}/v1/chat/completions",
+                                                           json=body) as response:
+            assert response.status_code == 200
+            if start is not None:
+                start.wait()   # both requests are in before either reads: they run side by side
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        return text, events[-1]["usage"]["completion_tokens"]
+
+    alone = [streamed(q) for q in questions]
+    together, start = [None, None], threading.Barrier(2)
+
+    def run(i):
+        together[i] = streamed(questions[i], start)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert together == alone and all(count == 40 for _, count in alone)
 
 
 def test_8_clients_25_requests_each_complete_or_get_503_and_memory_stays_flat(two_slots):

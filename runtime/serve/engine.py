@@ -3,8 +3,8 @@
 worker thread and hands its chunks to the event loop.
 
 The HTTP layer talks to an engine through three members — `prompt_ids(job)`, `context_length`,
-`run(job, ids, logits_processor, cancelled)` — so another engine (batched decoding, say) can
-replace ModelEngine without touching the routes.
+`run(job, ids, logits_processor, cancelled)` — so another engine can replace ModelEngine without
+touching the routes.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import asyncio
 import threading
 from typing import AsyncIterator, Iterator
 
+from ..batch import BatchEngine
 from ..chat import ChatTemplateError
 from ..generate import GenerationChunk
 from .protocol import APIError, Job
@@ -23,8 +24,8 @@ class ModelEngine:
     """One Model and `sessions` Sessions of it, one per slot. A request takes the idle session whose
     history shares the longest prefix with its prompt (the next turn of a conversation, a shared
     system prompt), so that prefix is not computed again, unless that would overwrite most of
-    another conversation's history: then the least recently used session. Sessions generate in
-    parallel threads, their forward passes one at a time (see runtime/session.py).
+    another conversation's history: then the least recently used session. The slots' generations
+    advance together, one batched decode step for all of them (a BatchEngine of `sessions` rows).
 
     >>> engine = ModelEngine(load("gemma.blob"), sessions=2)                       # doctest: +SKIP
     >>> job = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, "gemma")  # doctest: +SKIP
@@ -35,6 +36,7 @@ class ModelEngine:
     def __init__(self, model, sessions: int = 1):
         self.model = model
         self._idle = [model.new_session() for _ in range(sessions)]
+        self._batch = BatchEngine(model, max_active=sessions)
         self._pool_lock = threading.Lock()
 
     @property
@@ -72,7 +74,7 @@ class ModelEngine:
         try:
             max_tokens = min(job.max_tokens or self.context_length, self.context_length)
             chunks = self.model.stream(ids, session=session, max_new_tokens=max_tokens,
-                                       logits_processor=logits_processor, **job.sampling)
+                                       logits_processor=logits_processor, batch=self._batch, **job.sampling)
             try:
                 for chunk in chunks:
                     if cancelled.is_set():
