@@ -90,7 +90,7 @@ class Model:
         >>> session = model.new_session(max_seq_len=4096)                          # doctest: +SKIP
         >>> model.generate("Hello", session=session, max_new_tokens=8).text      # doctest: +SKIP
         """
-        length = self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
+        length = self._session_length(max_seq_len, kv_dtype)
         cache = KVCache(self.config.num_layers, length, self.config.num_kv_heads, self.config.head_dim,
                         kv_dtype or self.kv_dtype)
         return Session(cache, self.fingerprint)
@@ -105,7 +105,7 @@ class Model:
         >>> model.chat(messages, session=session).stats.reused_prompt_tokens      # doctest: +SKIP
         1999
         """
-        length = self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
+        length = self._session_length(max_seq_len, kv_dtype)
         return load_session(path, self.fingerprint, max_seq_len=length, kv_dtype=kv_dtype or self.kv_dtype)
 
     @functools.cached_property
@@ -244,6 +244,9 @@ class Model:
             if token is not None:
                 ids.add(token)
         return frozenset(ids)
+
+    def _session_length(self, max_seq_len: int | None, kv_dtype: str | None) -> int:
+        return self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
 
     def _check_session(self, session: Session | None) -> Session:
         if session is None:

@@ -4,7 +4,7 @@ all of them instead of once per sequence.
 
 Each request is prefilled alone (`Transformer.run`, reusing the prefix its session's cache
 already holds), then joins the batch. Every row is sampled with its own parameters and random
-generator, over the decodable vocabulary only, exactly as `generate.token_steps` samples a lone
+generator, over the decodable vocabulary only, exactly as `generate.generate_step` samples a lone
 generation: with the same seed a request gets the same tokens batched as alone (bit-identical
 logits with quantized weights; see `Transformer.run_batch` for float weights).
 
@@ -24,9 +24,9 @@ from typing import Iterable
 
 import numpy as np
 
-from .generate import LogitsProcessor
+from .generate import LogitsProcessor, prefill, sample_next
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .session import Session
 
 _DONE = object()   # the end of a stream, after its last token
@@ -204,11 +204,7 @@ class BatchEngine:
         if request.max_new_tokens == 0:
             return self._finish(request, "length")
         try:
-            cache, ids = request.cache, request.prompt_ids
-            reuse = cache.reusable_prefix(ids)
-            cache.truncate(reuse)
-            logits = self.transformer.run(ids[reuse:], cache, start=reuse)[-1]
-            cache.token_ids.extend(ids[reuse:])
+            logits = prefill(self.transformer, request.cache, request.prompt_ids)
         except Exception as error:
             self._fail([request], error)
             return False
@@ -235,9 +231,8 @@ class BatchEngine:
         """Sample the next token from `logits`, hand it out; True when another step is due."""
         logits = logits[:self.vocab_size]
         try:
-            if request.logits_processor is not None:
-                logits = request.logits_processor(request.context[len(request.prompt_ids):], logits)
-            token = sample(logits, request.params, request.rng, request.context)
+            token = sample_next(logits, request.context, len(request.prompt_ids), request.params, request.rng,
+                                request.logits_processor)
         except Exception as error:
             self._fail([request], error)
             return False

@@ -137,19 +137,41 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     """
     prompt_ids = list(prompt_ids)
     cache = session.cache
-    reuse = session.reusable_prefix(prompt_ids)
-    cache.truncate(reuse)
-    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1, :vocab_size]
-    cache.token_ids.extend(prompt_ids[reuse:])
+    logits = prefill(transformer, cache, prompt_ids)[:vocab_size]
     context = list(prompt_ids)
     while True:
-        if logits_processor is not None:
-            logits = logits_processor(context[len(prompt_ids):], logits)
-        token = sample(logits, params, rng, context)
+        token = sample_next(logits, context, len(prompt_ids), params, rng, logits_processor)
         yield token
         context.append(token)
         logits = transformer.run([token], cache, start=cache.length)[-1, :vocab_size]
         cache.token_ids.append(token)
+
+
+def prefill(transformer: Transformer, cache, prompt_ids: list[int]) -> np.ndarray:
+    """The last prompt position's logits (vocab,), computing only the prompt tokens `cache` does
+    not already hold; the cache then holds the whole prompt.
+
+    >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
+    (262144,)
+    """
+    reuse = cache.reusable_prefix(prompt_ids)
+    cache.truncate(reuse)
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    cache.token_ids.extend(prompt_ids[reuse:])
+    return logits
+
+
+def sample_next(logits: np.ndarray, context: list[int], prompt_length: int, params: SamplingParams,
+                rng: np.random.Generator, logits_processor: Optional[LogitsProcessor] = None) -> int:
+    """The next token from `logits` (already cut to the decodable vocabulary), after `context`
+    (the prompt's `prompt_length` ids, then the generated ones), through `logits_processor`.
+
+    >>> sample_next(logits, [2, 651], 2, SamplingParams(temperature=0), rng)    # doctest: +SKIP
+    6037
+    """
+    if logits_processor is not None:
+        logits = logits_processor(context[prompt_length:], logits)
+    return sample(logits, params, rng, context)
 
 
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],

@@ -99,7 +99,7 @@ class Transformer:
 
     def _run(self, ids, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
         cache.check_room(start + len(ids))
-        long_rope = any(rope.uses_long_factors(start + len(ids)) for rope in self.config.rope)
+        long_rope = self._long_factors(start + len(ids))
         if start and cache.long_rope != long_rope:
             if len(cache.token_ids) < start:
                 raise ValueError(f"run: the cache lists {len(cache.token_ids)} token ids, not the {start} before "
@@ -138,7 +138,7 @@ class Transformer:
                                  f"{cache.length} tokens")
             cache.check_room(position + 1)
         logits = np.empty((n, self.stack.vocab), np.float32)
-        wants_long = [any(rope.uses_long_factors(p + 1) for rope in self.config.rope) for p in positions]
+        wants_long = [self._long_factors(p + 1) for p in positions]
         alone = {i for i in range(n) if positions[i] and caches[i].long_rope != wants_long[i]}
         for i in alone:
             logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False)[0]
@@ -151,6 +151,10 @@ class Transformer:
                 for i in rows:
                     caches[i].long_rope = long_rope
         return logits
+
+    def _long_factors(self, end: int) -> bool:
+        """Whether a call reaching position `end` - 1 rotates with LongRoPE's long factors."""
+        return any(rope.uses_long_factors(end) for rope in self.config.rope)
 
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool) -> np.ndarray:
         outputs = []
