@@ -155,12 +155,19 @@ def test_one_session_runs_one_request_at_a_time(q8_model):
     model = q8_model
     session = model.new_session()
     ids = prompts(model, 1)[0]
+    checked = threading.Event()
+
+    def hold_until_checked(generated, logits):   # the request cannot end before the checks ran
+        checked.wait()
+        return logits
+
     with BatchEngine(model) as engine:
-        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50)
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50, logits_processor=hold_until_checked)
         with pytest.raises(RuntimeError, match="session is generating"):
             engine.submit(session, ids, SamplingParams(temperature=0), 5)
         with pytest.raises(RuntimeError, match="session is generating"):
             model.generate(ids, session=session, max_new_tokens=2)
+        checked.set()
         drain(stream)
         assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 5))) == 5   # free again
 
@@ -169,10 +176,16 @@ def test_wait_after_cancel_returns_once_the_session_is_free(q8_model):
     model = q8_model
     session = model.new_session()
     ids = prompts(model, 1)[0]
+    cancelled = threading.Event()
+
+    def hold_until_cancelled(generated, logits):   # the request cannot run to its length first
+        cancelled.wait()
+        return logits
+
     with BatchEngine(model) as engine:
-        stream = engine.submit(session, ids, SamplingParams(temperature=0), 200)
-        next(stream)
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 200, logits_processor=hold_until_cancelled)
         stream.cancel()
+        cancelled.set()
         stream.wait()
         assert stream.finish_reason == "cancelled"
         assert len(drain(engine.submit(session, ids, SamplingParams(temperature=0), 3))) == 3   # no RuntimeError
