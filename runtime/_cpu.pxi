@@ -1,0 +1,85 @@
+# Included by _kernels.pyx: the CPU's features, the instruction-set path and the thread pool.
+
+# ---- CPU, ISA and threads ----
+
+_FEATURE_BITS = {
+    "sse4.2": 1 << 0, "avx2": 1 << 1, "fma": 1 << 2, "f16c": 1 << 3, "avx512f": 1 << 4,
+    "avx512bw": 1 << 5, "avx512vnni": 1 << 6, "avxvnni": 1 << 7, "avx512vl": 1 << 8,
+    "neon": 1 << 16, "dotprod": 1 << 17, "crc32": 1 << 18,
+}
+_ISA_NAMES = tuple(blob_isa_name(i).decode() for i in range(BLOB_NUM_ISAS))
+
+
+def cpu_features():
+    """Names of the CPU features the kernels can use, e.g. ['sse4.2', 'avx2', 'fma', 'f16c']."""
+    bits = blob_cpu_features()
+    return [name for name, bit in _FEATURE_BITS.items() if bits & bit]
+
+
+def available_isas():
+    """The instruction-set paths this CPU supports, slowest first: ['scalar', 'avx2']."""
+    return [name for i, name in enumerate(_ISA_NAMES) if blob_isa_supported(i)]
+
+
+def get_isa():
+    """The path the kernels use now: 'scalar', 'avx2' or 'neon'."""
+    return _ISA_NAMES[blob_isa_current()]
+
+
+def set_isa(name):
+    """Switch every kernel to the path `name` (for tests and benchmarks comparing paths).
+
+    >>> set_isa("scalar")           # doctest: +SKIP
+    """
+    if name not in _ISA_NAMES:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {list(_ISA_NAMES)}")
+    if blob_isa_select(_ISA_NAMES.index(name)) != BLOB_OK:
+        raise ValueError(
+            f"ISA {name!r} is not supported by this CPU ({blob_cpu_arch().decode()}, features: "
+            f"{', '.join(cpu_features()) or 'none'}); supported: {available_isas()}")
+
+
+def get_threads():
+    """Threads every kernel call runs on."""
+    return blob_threads_get()
+
+
+def set_threads(int n):
+    """Run kernels on `n` threads (the caller plus n - 1 pool workers)."""
+    if blob_threads_set(n) != BLOB_OK:
+        raise ValueError(f"threads must be between 1 and {BLOB_MAX_THREADS}, got {n}")
+
+
+def cpu_info():
+    """The CPU and the kernels' configuration.
+
+    >>> cpu_info()["isa"]           # doctest: +SKIP
+    'avx2'
+    """
+    int8_dot = None
+    if blob_isa_int8_dot():
+        int8_dot = "vnni" if get_isa() == "avx2" else "dotprod"
+    return {
+        "arch": blob_cpu_arch().decode(),
+        "features": cpu_features(),
+        "isa": get_isa(),
+        "available_isas": available_isas(),
+        "int8_dot": int8_dot,
+        "threads": get_threads(),
+        "physical_cores": physical_cores(),
+    }
+
+
+def _configure_from_environment():
+    requested = os.environ.get("BLOBSTORE_ISA", "").strip().lower()
+    if requested:
+        try:
+            set_isa(requested)
+        except ValueError as e:
+            raise ValueError(f"BLOBSTORE_ISA={requested!r}: {e}") from None
+    else:
+        blob_isa_select(blob_isa_best())
+    blob_threads_set(min(physical_cores(), BLOB_MAX_THREADS))  # in range: cannot fail
+
+
+_configure_from_environment()
