@@ -69,6 +69,12 @@ int blob_isa_int8_dot(void);       /* 1 when the current path uses a dedicated i
 int blob_threads_get(void);
 int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise */
 #define BLOB_MAX_THREADS 256
+/* The work-split trace: between begin and end, pool jobs run on the caller alone and every work
+ * item's start is timestamped into at[] (seconds) with its job's index in job[] (a job's first
+ * event is its start, the last its end). end returns the events written, or SIZE_MAX when
+ * `capacity` was too small. */
+void blob_trace_begin(double *at, uint32_t *job, size_t capacity);
+size_t blob_trace_end(void);
 
 /* ---- matrix products (matmul.c) ----
  * Y (n, rows) = X (n, cols) @ W.T; up to 8 tokens (a decode step, or a batched one) run the

@@ -21,6 +21,7 @@ static void worker_main(int ith);   /* the pool's worker loop, run by thread_sta
  * sync_int: a word the pool's threads share; sync_load, sync_store and sync_add are sequentially
  * consistent. A pool job makes a handful of these accesses, so the strongest ordering costs nothing
  * measurable and keeps the wake-up argument in publish() simple.
+ * counter_next: a work-item counter's fetch-and-add; now_seconds: a monotonic clock.
  * cpu_relax: the pause inside a spin loop; yield_thread: give the core to another thread.
  * aligned_alloc64 / aligned_free64: 64-byte aligned memory for the workspace. */
 
@@ -41,8 +42,15 @@ static sync_int sync_load(sync_int *p) {
 static void sync_store(sync_int *p, sync_int v) { InterlockedExchange(p, v); }
 static void sync_add(sync_int *p, sync_int delta) { InterlockedExchangeAdd(p, delta); }
 
-size_t blob_next_item(volatile size_t *counter) {
+static size_t counter_next(volatile size_t *counter) {
     return (size_t)InterlockedExchangeAdd64((volatile LONG64 *)counter, 1);
+}
+
+static double now_seconds(void) {
+    LARGE_INTEGER t, f;
+    QueryPerformanceCounter(&t);
+    QueryPerformanceFrequency(&f);
+    return (double)t.QuadPart / (double)f.QuadPart;
 }
 
 static void *aligned_alloc64(size_t nbytes) { return _aligned_malloc(nbytes, 64); }
@@ -91,8 +99,15 @@ static sync_int sync_load(sync_int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_
 static void sync_store(sync_int *p, sync_int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static void sync_add(sync_int *p, sync_int delta) { __atomic_add_fetch(p, delta, __ATOMIC_SEQ_CST); }
 
-size_t blob_next_item(volatile size_t *counter) {
+static size_t counter_next(volatile size_t *counter) {
     return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+}
+
+#include <time.h>
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 static void *aligned_alloc64(size_t nbytes) {
@@ -278,7 +293,61 @@ int blob_threads_set(int n) {
     return BLOB_OK;
 }
 
+/* ---- the work-split trace ----
+ * While on, every pool job runs on the caller alone and each blob_next_item call is timestamped:
+ * the gaps between one job's calls are its work items as planned for pool.nthreads threads, which
+ * bench/simulate_threads.py replays on any number of threads. The planned split, not this
+ * machine's core count, decides how evenly 8 or 16 threads share a step. */
+static struct {
+    double *at;          /* [capacity] event times, seconds */
+    uint32_t *job;       /* [capacity] the job of each event; a job's first event is its start */
+    size_t capacity, length;
+    uint32_t jobs;
+    int on, overflow;
+    int in_job;          /* the caller is inside a traced pool job: the serial work outside is not items */
+} trace;
+
+static void trace_event(void) {
+    if (trace.length == trace.capacity) {
+        trace.overflow = 1;
+        return;
+    }
+    trace.at[trace.length] = now_seconds();
+    trace.job[trace.length++] = trace.jobs - 1;
+}
+
+size_t blob_next_item(volatile size_t *counter) {
+    if (trace.in_job) trace_event();
+    return counter_next(counter);
+}
+
+void blob_trace_begin(double *at, uint32_t *job, size_t capacity) {
+    blob_call_lock();
+    trace.at = at;
+    trace.job = job;
+    trace.capacity = capacity;
+    trace.length = trace.overflow = 0;
+    trace.jobs = 0;
+    trace.on = 1;
+    blob_call_unlock();
+}
+
+size_t blob_trace_end(void) {
+    blob_call_lock();
+    trace.on = 0;
+    blob_call_unlock();
+    return trace.overflow ? (size_t)-1 : trace.length;
+}
+
 void blob_pool_run(blob_task_fn task, void *ctx) {
+    if (trace.on) {
+        trace.jobs++;
+        trace_event();
+        trace.in_job = 1;
+        task(ctx, 0, 1);
+        trace.in_job = 0;
+        return;
+    }
     if (pool.nthreads > 1 && pool.running != pool.nthreads - 1) start_workers();
     if (pool.nthreads == 1) {
         task(ctx, 0, 1);

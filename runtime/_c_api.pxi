@@ -72,6 +72,8 @@ cdef extern from "kernels.h" nogil:
     int blob_isa_int8_dot()
     int blob_threads_get()
     int blob_threads_set(int n)
+    void blob_trace_begin(double *at, uint32_t *job, size_t capacity)
+    size_t blob_trace_end()
     int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                     float *y, size_t y_stride)
     int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out)

@@ -83,3 +83,25 @@ def _configure_from_environment():
 
 
 _configure_from_environment()
+
+
+def trace_work_split(fn, size_t capacity=1 << 20):
+    """Run fn() with every thread-pool job on the calling thread, timestamping each work item
+    as it is planned for get_threads() threads; returns (fn's result, times, jobs): the event
+    times in seconds (float64) and each event's job index (uint32), a job's first event being
+    its start and its last one its end (bench/simulate_threads.py replays them on N threads).
+
+    >>> result, times, jobs = trace_work_split(lambda: matmul(Matrix(np.eye(64, dtype=np.float32)), np.ones(64, np.float32)))
+    """
+    times = np.zeros(capacity, np.float64)
+    jobs = np.zeros(capacity, np.uint32)
+    cdef double[::1] tv = times
+    cdef uint32_t[::1] jv = jobs
+    blob_trace_begin(&tv[0], &jv[0], capacity)
+    try:
+        result = fn()
+    finally:
+        count = blob_trace_end()
+    if count == <size_t>-1:
+        raise ValueError(f"trace_work_split: more than {capacity} work items; pass a larger capacity")
+    return result, times[:count], jobs[:count]

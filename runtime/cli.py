@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the logits of tokens already seen by this (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     p.add_argument("-t", "--threads", type=int, default=None,
-                   help=f"compute threads (default: physical cores, {kernels.physical_cores()} here)")
+                   help=f"compute threads (default: physical performance cores, {kernels.physical_cores()} here)")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length to allocate (default: the model's, capped to fit in RAM)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

@@ -1,9 +1,10 @@
-"""How many physical cores this process may use: the kernels' default thread count.
+"""How many physical performance cores this process may use: the kernels' default thread count.
 
 Hyper-threads are counted once: two threads on one core share its load ports and caches, and a
-decode step is bound by memory, so they only add barrier waits. On a Mac, only the performance
-cores count (the efficiency cores would make every thread-pool job wait for the slowest core).
-Every platform falls back to os.cpu_count() when it cannot tell.
+decode step is bound by memory, so they only add barrier waits. On a hybrid CPU (Intel P/E cores,
+Arm big.LITTLE, Apple silicon) only the performance cores count: every thread-pool job ends at a
+barrier, so a thread on a slower core makes the job wait for it, and the memory-bound decode gains
+nothing from the extra cores. Every platform falls back to os.cpu_count() when it cannot tell.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ RELATION_PROCESSOR_CORE = 0   # LOGICAL_PROCESSOR_RELATIONSHIP value of a core r
 
 
 def physical_cores() -> int:
-    """Physical cores this process may run on, at least 1.
+    """Physical performance cores this process may run on, at least 1.
 
     >>> physical_cores() >= 1
     True
@@ -29,19 +30,60 @@ def physical_cores() -> int:
     return max(1, found or os.cpu_count() or 1)
 
 
-def _linux_cores() -> int:
-    """Distinct (package, core) pairs among the CPUs of this process's affinity mask."""
+def _linux_cores(sysfs: str = "/sys/devices", allowed: set[int] | None = None) -> int:
+    """Distinct (package, core) pairs among the performance CPUs of this process's affinity mask
+    (all of its CPUs when none of them is a performance CPU)."""
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    cpus = (allowed & performance_cpus(sysfs, allowed)) or allowed
     cores = set()
-    for cpu in sorted(os.sched_getaffinity(0)):
+    for cpu in sorted(cpus):
         try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
-                core = f.read().strip()
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
-                package = f.read().strip()
+            core = _read(f"{sysfs}/system/cpu/cpu{cpu}/topology/core_id")
+            package = _read(f"{sysfs}/system/cpu/cpu{cpu}/topology/physical_package_id")
             cores.add((package, core))
         except OSError:
             cores.add(("cpu", cpu))
     return len(cores)
+
+
+def performance_cpus(sysfs: str, cpus: set[int]) -> set[int]:
+    """The performance CPUs among `cpus`: Intel's hybrid parts list them under `cpu_core` (their
+    efficiency CPUs under `cpu_atom`); Arm kernels give each CPU a `cpu_capacity`, the biggest
+    cores the highest. All of `cpus` when the CPU is not hybrid or says nothing.
+
+    >>> performance_cpus("/nonexistent", {0, 1}) == {0, 1}
+    True
+    """
+    try:
+        return parse_cpu_list(_read(f"{sysfs}/cpu_core/cpus"))
+    except OSError:
+        pass
+    capacity = {}
+    for cpu in cpus:
+        try:
+            capacity[cpu] = int(_read(f"{sysfs}/system/cpu/cpu{cpu}/cpu_capacity"))
+        except (OSError, ValueError):
+            return set(cpus)
+    top = max(capacity.values(), default=0)
+    return {cpu for cpu, c in capacity.items() if c == top}
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """The CPUs of a kernel cpu list such as "0-7,16,18-19".
+
+    >>> sorted(parse_cpu_list("0-2,5"))
+    [0, 1, 2, 5]
+    """
+    cpus = set()
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _macos_cores() -> int | None:
@@ -75,13 +117,20 @@ def _windows_cores() -> int | None:
 
 
 def count_core_records(records: bytes) -> int:
-    """Core records in a SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX array: each record starts with
-    its Relationship and its Size in bytes (two little-endian DWORDs)."""
-    count, offset = 0, 0
+    """Performance-core records in a SYSTEM_LOGICAL_PROCESSOR_INFORMATION_EX array: each record
+    starts with its Relationship and its Size in bytes (two little-endian DWORDs); a core record's
+    PROCESSOR_RELATIONSHIP then has its Flags and EfficiencyClass bytes, the class being higher
+    on faster cores (all 0 on a CPU that is not hybrid).
+
+    >>> count_core_records(b"")
+    0
+    """
+    classes, offset = [], 0
     while offset + 8 <= len(records):
         relationship, size = struct.unpack_from("<II", records, offset)
         if size < 8:
             raise ValueError(f"processor record of {size} bytes at offset {offset}")
-        count += relationship == RELATION_PROCESSOR_CORE
+        if relationship == RELATION_PROCESSOR_CORE:
+            classes.append(records[offset + 9] if size >= 10 else 0)
         offset += size
-    return count
+    return classes.count(max(classes)) if classes else 0

@@ -301,6 +301,27 @@ def test_threads_bit_identical(threads, dtype):
         assert np.array_equal(results[0], results[1])
 
 
+def test_work_split_trace_times_the_items_planned_for_many_threads(threads):
+    """trace_work_split runs each pool job on the caller with its items as planned for
+    get_threads() threads: the results stay those of a normal run, and every job's events are its
+    start, one per item, and its end (bench/simulate_threads.py replays them)."""
+    rng = np.random.default_rng(3)
+    m, _ = make_weight("q8_0", 4096, 256, rng)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    K.set_threads(16)
+    plain = K.matmul(m, x)
+    traced, times, jobs = K.trace_work_split(lambda: K.matmul(m, x))
+    assert np.array_equal(traced, plain)
+    assert set(jobs.tolist()) == {0} and np.all(np.diff(times) >= 0)
+    assert len(times) - 2 >= 4 * 16          # a decode product plans at least 4 items a thread
+    K.set_threads(1)
+    _, times, jobs = K.trace_work_split(lambda: (K.matmul(m, x), K.matmul(m, x)))
+    assert np.bincount(jobs).tolist() == [6, 6]   # 4 items each at one thread
+    with pytest.raises(ValueError, match="more than 3 work items"):
+        K.trace_work_split(lambda: K.matmul(m, x), capacity=3)
+    assert np.array_equal(K.matmul(m, x), plain)   # the trace is off again
+
+
 def test_paths_agree_on_quantized_activations():
     """Every path quantizes activations identically, so q8_0 results differ only by float
     summation order between paths."""
@@ -586,6 +607,43 @@ def test_physical_cores_counts_each_core_once():
     assert cores.count_core_records(records) == 2
     with pytest.raises(ValueError, match="record of 0 bytes"):
         cores.count_core_records(core + (0).to_bytes(4, "little"))
+    # a hybrid CPU: PROCESSOR_RELATIONSHIP's EfficiencyClass (its second byte) is 1 on the 2 performance cores
+    hybrid = b"".join(core + (48).to_bytes(4, "little") + bytes([0, efficiency]) + b"\0" * 38
+                      for efficiency in (1, 0, 0, 1, 0))
+    assert cores.count_core_records(hybrid) == 2
+
+
+def fake_sysfs(root, topology, cpu_core=None, capacity=None):
+    """A /sys/devices tree: topology {cpu: (package, core)}, Intel's cpu_core list, Arm capacities."""
+    for cpu, (package, core) in topology.items():
+        folder = root / "system" / "cpu" / f"cpu{cpu}"
+        (folder / "topology").mkdir(parents=True)
+        (folder / "topology" / "core_id").write_text(f"{core}\n")
+        (folder / "topology" / "physical_package_id").write_text(f"{package}\n")
+        if capacity:
+            (folder / "cpu_capacity").write_text(f"{capacity[cpu]}\n")
+    if cpu_core is not None:
+        (root / "cpu_core").mkdir()
+        (root / "cpu_core" / "cpus").write_text(cpu_core + "\n")
+    return str(root)
+
+
+def test_linux_default_threads_are_the_performance_cores(tmp_path):
+    from blobstore.runtime import cores
+
+    # Intel hybrid: 2 P-cores with hyper-threads (cpus 0-3) and 4 E-cores (cpus 4-7)
+    intel = {0: (0, 0), 1: (0, 0), 2: (0, 4), 3: (0, 4), 4: (0, 8), 5: (0, 9), 6: (0, 10), 7: (0, 11)}
+    sysfs = fake_sysfs(tmp_path / "intel", intel, cpu_core="0-3")
+    assert cores._linux_cores(sysfs, set(intel)) == 2
+    assert cores._linux_cores(sysfs, {4, 5, 6}) == 3          # pinned to E-cores only: those
+    # Arm big.LITTLE: 4 little (capacity 400), 2 big (1024)
+    arm = {cpu: (0, cpu) for cpu in range(6)}
+    sysfs = fake_sysfs(tmp_path / "arm", arm, capacity={0: 400, 1: 400, 2: 400, 3: 400, 4: 1024, 5: 1024})
+    assert cores._linux_cores(sysfs, set(arm)) == 2
+    # not hybrid: every core, hyper-threads once
+    plain = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}
+    assert cores._linux_cores(fake_sysfs(tmp_path / "plain", plain), set(plain)) == 2
+    assert cores.parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
 
 
 # ---- a model whose matrices are stored in GGUF's block types ----

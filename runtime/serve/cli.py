@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require the header 'Authorization: Bearer KEY' on /v1 (default: the environment "
                         "variable BLOB_SERVE_API_KEY, else no key)")
     p.add_argument("-t", "--threads", type=int, default=None,
-                   help=f"compute threads (default: physical cores, {kernels.physical_cores()} here)")
+                   help=f"compute threads (default: physical performance cores, {kernels.physical_cores()} here)")
     return p
 
 
