@@ -1,6 +1,7 @@
 """The public Model: load() a blob file, then forward / generate / stream / chat."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -21,6 +22,7 @@ from .model import Transformer
 from .sampling import SamplingParams
 from .session import ModelFingerprint, Session, load_session
 from .tokenizer import Tokenizer
+from .tool_calls import ToolCallFormat, format_for_template
 
 KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
 
@@ -195,7 +197,9 @@ class Model:
 
         `tools`, `documents` and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the
         template as in apply_chat_template; the other options are generate()'s. Returns a
-        GenerationResult, or an iterator of GenerationChunk with stream=True. The cached prefix
+        GenerationResult, or an iterator of GenerationChunk with stream=True. With `tools`, the
+        result's `tool_calls` are the calls its text makes in the template's format
+        (`tool_call_format`); its `text` stays what the model wrote. The cached prefix
         of the previous turn (in the session: `session=`, default the model's) is reused, so a
         long conversation is not recomputed each turn.
 
@@ -203,7 +207,21 @@ class Model:
         """
         text = self.apply_chat_template(messages, tools=tools, documents=documents, **(chat_template_kwargs or {}))
         prompt = self.tokenizer.encode(text, add_bos=False)  # the template writes BOS where the model wants it
-        return self.stream(prompt, **options) if stream else self.generate(prompt, **options)
+        if stream:
+            return self.stream(prompt, **options)
+        result = self.generate(prompt, **options)
+        if not tools or self.tool_call_format is None:
+            return result
+        return dataclasses.replace(result, tool_calls=self.tool_call_format.parse(result.text)[1])
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """How this model's chat template has it write tool calls (None: the template has no tools).
+
+        >>> model.tool_call_format.name        # doctest: +SKIP
+        'hermes'
+        """
+        return format_for_template(self._chat_template())
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
                             tools: Sequence[Mapping] | None = None, documents: Sequence[Mapping] | None = None,

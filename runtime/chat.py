@@ -54,9 +54,25 @@ _LLAMA3 = r"""
 {%- endif -%}
 """
 
+# ChatML; with tools, the Hermes-style calls runtime/tool_calls.py parses (Qwen's own templates
+# teach the same <tool_call> blocks)
 _CHATML = r"""
+{%- if tools -%}
+  {%- set has_system = messages and messages[0]['role'] == 'system' -%}
+  {{- '<|im_start|>system\n' + (messages[0]['content'] + '\n\n' if has_system else '') -}}
+  {{- 'You can call these functions, given as JSON schemas:\n<tools>\n' -}}
+  {%- for tool in tools -%}{{- tool | tojson + '\n' -}}{%- endfor -%}
+  {{- '</tools>\nTo call one, answer with <tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call> for each call.<|im_end|>\n' -}}
+  {%- if has_system -%}{%- set messages = messages[1:] -%}{%- endif -%}
+{%- endif -%}
 {%- for message in messages -%}
-  {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+  {%- set ns = namespace(text=message['content'] if message['content'] is string else '') -%}
+  {%- for call in message['tool_calls'] or [] -%}
+    {%- set call = call['function'] if call['function'] is defined else call -%}
+    {%- set arguments = call['arguments'] if call['arguments'] is string else call['arguments'] | tojson -%}
+    {%- set ns.text = ns.text + ('\n' if ns.text else '') + '<tool_call>\n{"name": "' + call['name'] + '", "arguments": ' + arguments + '}\n</tool_call>' -%}
+  {%- endfor -%}
+  {{- '<|im_start|>' + message['role'] + '\n' + ns.text + '<|im_end|>\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
   {{- '<|im_start|>assistant\n' -}}

@@ -65,6 +65,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     stats: GenerationStats | None = None
+    tool_calls: list = field(default_factory=list)   # Model.chat(tools=...): the ToolCalls found in `text`
 
 
 @dataclass

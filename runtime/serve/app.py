@@ -1,5 +1,5 @@
 """The HTTP layer: Starlette routes for OpenAI's API, bearer-key auth, body limits, SSE streaming.
-It knows the engine only through ModelEngine's three methods (see engine.py)."""
+It knows the engine only through ModelEngine's public methods and properties (see engine.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from .engine import Admission, Generation
 from .grammar import Grammars
+from ..tool_calls import ToolCallFormat
 from .protocol import APIError, Job, Reply, parse_chat, parse_completion, usage
 
 MAX_BODY_BYTES = 4 << 20   # a request body larger than this is refused with 413
@@ -115,25 +116,42 @@ class _Server:
 
     async def _complete(self, request: Request, job: Job) -> Response:
         ids = await run_in_threadpool(self.engine.prompt_ids, job)
-        processor = self._grammar(job)
+        calls_format = self._tool_call_format(job)
+        processor = self._grammar(job, calls_format)
         await self.admission.acquire()
         generation = Generation(self.engine, self.admission, job, ids, processor)
         reply = Reply(self.model_id, chat=job.is_chat)
         if job.stream:
-            return StreamingResponse(self._events(generation, reply, job, len(ids)), media_type="text/event-stream",
+            events = self._events(generation, reply, job, len(ids), calls_format)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text, last = await self._collect(request, generation)
         finally:
             generation.cancel()
-        return JSONResponse(reply.whole(text, last.finish_reason, _usage(len(ids), last)))
+        prose, calls = calls_format.parse(text) if calls_format else (text, [])
+        return JSONResponse(reply.whole(prose, last.finish_reason, _usage(len(ids), last), calls))
 
-    def _grammar(self, job: Job):
-        if job.response_format is None:
+    def _tool_call_format(self, job: Job) -> Optional[ToolCallFormat]:
+        """The format a chat answer's tool calls are read in: None without tools or with
+        tool_choice none, or when the model's template teaches none (then a required call is a 400)."""
+        if not job.tools or job.tool_choice == "none":
+            return None
+        calls_format = self.engine.tool_call_format
+        if calls_format is None and job.tool_choice == "required":
+            raise APIError(400, "this model's chat template has no tool-call format, so a tool call cannot be "
+                                "required (tool_choice auto passes the tools to the template)", param="tool_choice")
+        return calls_format
+
+    def _grammar(self, job: Job, calls_format: Optional[ToolCallFormat]):
+        if job.response_format is None and job.tool_choice != "required":
             return None
         if self.grammars is None:
-            raise APIError(400, "response_format needs llguidance, which this server could not load",
-                           param="response_format")
+            param = "response_format" if job.response_format is not None else "tool_choice"
+            raise APIError(400, f"{param} needs llguidance, which this server could not load", param=param)
+        if job.tool_choice == "required":
+            tools = [t for t in job.tools if job.tool_name in (None, t["function"]["name"])]
+            return self.grammars.tool_processor(calls_format, tools, job.parallel_tool_calls)
         return self.grammars.processor(job.response_format)
 
     async def _collect(self, request: Request, generation: Generation):
@@ -147,19 +165,29 @@ class _Server:
                     raise ClientDisconnect()
         return "".join(texts), last
 
-    async def _events(self, generation: Generation, reply: Reply, job: Job, prompt_tokens: int):
-        """Server-sent events as OpenAI streams them: `data: {chunk}` blocks, then `data: [DONE]`."""
+    async def _events(self, generation: Generation, reply: Reply, job: Job, prompt_tokens: int,
+                      calls_format: Optional[ToolCallFormat]):
+        """Server-sent events as OpenAI streams them: `data: {chunk}` blocks, then `data: [DONE]`.
+        With a tool-call format, text from where a call may start is held back until the end, then
+        sent as the calls (one delta) or, when it holds none, as text."""
         try:
             if job.is_chat:
                 yield _event(reply.chunk(role=True))
+            text, shown = "", 0
             async for chunk in generation.chunks():
+                text += chunk.text
                 if chunk.finish_reason is None:
-                    if chunk.text:
-                        yield _event(reply.chunk(chunk.text))
+                    visible = calls_format.holds_back(text) if calls_format else len(text)
+                    if visible > shown:
+                        yield _event(reply.chunk(text[shown:visible]))
+                        shown = visible
                     continue
-                if chunk.text:
-                    yield _event(reply.chunk(chunk.text))
-                yield _event(reply.chunk(finish_reason=chunk.finish_reason))
+                prose, calls = calls_format.parse(text) if calls_format else (text, [])
+                if len(prose) > shown:
+                    yield _event(reply.chunk(prose[shown:]))
+                if calls:
+                    yield _event(reply.tool_calls_chunk(calls))
+                yield _event(reply.chunk(finish_reason="tool_calls" if calls else chunk.finish_reason))
                 if job.include_usage:
                     yield _event(reply.usage_chunk(_usage(prompt_tokens, chunk)))
         except APIError as error:

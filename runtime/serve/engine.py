@@ -43,6 +43,11 @@ class ModelEngine:
     def context_length(self) -> int:
         return self.model.max_seq_len
 
+    @property
+    def tool_call_format(self):
+        """The format the model's chat template has tool calls written in, or None."""
+        return self.model.tool_call_format
+
     def prompt_ids(self, job: Job) -> list[int]:
         """The prompt's token ids: chat messages through the chat template, else the prompt as given.
         A prompt that does not fit the context is a 400 naming both lengths."""

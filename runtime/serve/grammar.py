@@ -1,6 +1,6 @@
-"""Structured output: response_format (json_object / json_schema) becomes an llguidance grammar
-whose token mask is applied to the logits before every sampled token, through the runtime's
-public `logits_processor` hook. Once the grammar is complete only EOS is allowed, so the
+"""Structured output: response_format (json_object / json_schema), or a required tool call,
+becomes an llguidance grammar whose token mask is applied to the logits before every sampled
+token, through the runtime's public `logits_processor` hook. Once the grammar is complete only EOS is allowed, so the
 generation stops there and the text parses and validates (unless max_tokens cut it short)."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Grammars:
     """
 
     def __init__(self, model):
-        tokenizer = model.tokenizer
+        tokenizer = self._tokenizer = model.tokenizer
         if tokenizer.eos_id is None:
             raise ValueError("structured output needs an EOS token to end on, and this tokenizer has none")
         if "tokenizer.json" in model.reader:  # llguidance reads Hugging Face tokenizers natively
@@ -51,6 +51,21 @@ class Grammars:
         if matcher.is_error():
             raise APIError(400, f"response_format: cannot use this JSON schema: {matcher.get_error()}",
                            param="response_format")
+        return GrammarMask(matcher)
+
+    def tool_processor(self, calls_format, tools, parallel: bool = True) -> "GrammarMask":
+        """A fresh logits processor that makes the answer a call of `tools` (one or more with
+        `parallel`), written in `calls_format` (runtime/tool_calls.py) with arguments valid for
+        each tool's parameters."""
+        marker = self._tokenizer.token_to_id(calls_format.marker)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(calls_format.lark(tools, marker, parallel))
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise APIError(400, f"tools: cannot build a grammar from these parameters: {error}", param="tools") from None
+        if matcher.is_error():
+            raise APIError(400, f"tools: cannot build a grammar from these parameters: {matcher.get_error()}",
+                           param="tools")
         return GrammarMask(matcher)
 
 

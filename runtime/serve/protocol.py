@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -34,6 +34,9 @@ class Job:
     """One request, checked: what to generate (chat messages or a completion prompt) and how."""
     messages: Optional[list] = None             # chat: rendered by the model's chat template
     tools: Optional[list] = None                # chat: passed to the template
+    tool_choice: str = "auto"                   # "auto": calls parsed from the answer; "none"; "required"
+    tool_name: Optional[str] = None             # tool_choice naming one function: a call of it is required
+    parallel_tool_calls: bool = True            # a required call may be several
     prompt: Any = None                          # completion: a str, or a list of token ids
     max_tokens: Optional[int] = None            # None: until the context is full
     sampling: dict = field(default_factory=dict)  # Model.stream's options: temperature, top_p, seed, stop, ...
@@ -58,13 +61,48 @@ def parse_chat(body: Any, model_id: str) -> Job:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
     for index, message in enumerate(messages):
         _check_message(index, message)
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise APIError(400, "tools must be a list of {type: function, function: {...}} objects", param="tools")
+    tools = _tools(body.get("tools"))
+    tool_choice, tool_name = _tool_choice(body.get("tool_choice"), tools)
+    response_format = _response_format(body.get("response_format"))
+    if response_format is not None and (tool_choice == "required" or tool_name):
+        raise APIError(400, "response_format and a required tool call cannot both constrain one answer",
+                       param="tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if type(parallel) is not bool:
+        raise APIError(400, f"parallel_tool_calls must be true or false, got {parallel!r}", param="parallel_tool_calls")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return Job(messages=messages, tools=tools or None, max_tokens=_max_tokens(max_tokens),
-               sampling=_sampling(body), response_format=_response_format(body.get("response_format")),
+    return Job(messages=messages, tools=tools, tool_choice=tool_choice, tool_name=tool_name, parallel_tool_calls=parallel,
+               max_tokens=_max_tokens(max_tokens), sampling=_sampling(body), response_format=response_format,
                **_streaming(body))
+
+
+def _tools(tools: Any) -> Optional[list]:
+    def named(tool):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        return isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
+
+    if tools is not None and not (isinstance(tools, list) and all(named(t) for t in tools)):
+        raise APIError(400, "tools must be a list of {type: function, function: {name, parameters}} objects",
+                       param="tools")
+    return tools or None
+
+
+def _tool_choice(choice: Any, tools: Optional[list]) -> tuple[str, Optional[str]]:
+    """("auto" | "none" | "required", the function a call must name or None)."""
+    if choice is None:
+        return "auto", None
+    if choice in ("auto", "none", "required"):
+        if choice == "required" and not tools:
+            raise APIError(400, "tool_choice is 'required' but the request has no tools", param="tool_choice")
+        return choice, None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise APIError(400, "tool_choice must be auto, none, required or {type: function, function: {name}}",
+                       param="tool_choice")
+    if name not in [t["function"]["name"] for t in tools or []]:
+        raise APIError(400, f"tool_choice names {name!r}, which is not among the request's tools",
+                       param="tool_choice")
+    return "required", name
 
 
 def parse_completion(body: Any, model_id: str) -> Job:
@@ -204,11 +242,14 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
                 "choices": choices, "usage": usage}
 
-    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
-        """The non-streamed response."""
+    def whole(self, text: str, finish_reason: str, usage: dict, tool_calls: Sequence = ()) -> dict:
+        """The non-streamed response; with `tool_calls` (ToolCalls), `text` is the prose before them."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": [c.openai() for c in tool_calls]}
+                finish_reason = "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
             return self._envelope("chat.completion", [choice], usage)
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], usage)
@@ -221,6 +262,12 @@ class Reply:
             return self._envelope("chat.completion.chunk", [choice], None)
         choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], None)
+
+    def tool_calls_chunk(self, tool_calls: Sequence) -> dict:
+        """The streamed tool calls, whole, in one delta (OpenAI's `index` tells them apart)."""
+        calls = [{"index": i, **call.openai()} for i, call in enumerate(tool_calls)]
+        choice = {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+        return self._envelope("chat.completion.chunk", [choice], None)
 
     def usage_chunk(self, usage: dict) -> dict:
         """stream_options.include_usage: the last chunk, with no choices."""
