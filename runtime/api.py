@@ -187,9 +187,10 @@ class Model:
         session (a Session from new_session / load_session; default the model's own).
         Speculative decoding (runtime/speculative.py; the same tokens at temperature 0, the same
         distribution when sampling): lookup=N (1..7) drafts up to N tokens by prompt lookup;
-        with a draft model (load(..., draft=)) draft_tokens=N (default 4, 0 = off) drafts up to N
-        tokens with it; with both, the draft model drafts when lookup finds no match. The stats
-        count the drafted and accepted tokens.
+        with a draft model (load(..., draft=)) draft_tokens=N (default 4, 0 = off; with batch= it
+        is off unless given, and speculation with batch= is an error) drafts up to N tokens with
+        it; with both, the draft model drafts when lookup finds no match. The stats count the
+        drafted and accepted tokens.
         A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
         that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
         decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or
@@ -232,7 +233,7 @@ class Model:
         options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
                        stop=list(stop or ()), stop_ids=frozenset() if ignore_eos else self._stop_ids(),
                        logits_processor=logits_processor, batch=batch,
-                       drafter=self._drafter(session, lookup, draft_tokens))
+                       drafter=self._drafter(session, lookup, draft_tokens, batched=batch is not None))
         return (self.transformer, self.tokenizer, session, ids, params), options
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,
@@ -291,12 +292,13 @@ class Model:
                 ids.add(token)
         return frozenset(ids)
 
-    def _drafter(self, session: Session, lookup: int, draft_tokens: int | None):
-        """The drafter of speculative decoding for these options (None: plain decoding)."""
+    def _drafter(self, session: Session, lookup: int, draft_tokens: int | None, batched: bool):
+        """The drafter of speculative decoding for these options (None: plain decoding). The draft
+        model drafts by default, except in a BatchEngine's generations, which decode plainly."""
         drafters = [PromptLookup(lookup)] if lookup else []
         if draft_tokens and self.draft is None:
             raise ValueError(f"draft_tokens={draft_tokens} needs a draft model: load(path, draft=SMALL_MODEL)")
-        if self.draft is not None and draft_tokens != 0:
+        if self.draft is not None and draft_tokens != 0 and not (batched and draft_tokens is None):
             cache = self._draft_caches.get(session)
             if cache is None:
                 cache = self._draft_caches[session] = self.draft.new_session(session.max_seq_len, session.kv_dtype).cache

@@ -47,10 +47,12 @@ if TYPE_CHECKING:   # generate.py runs speculative_step: importing it back here 
 # position's logits equal to a one-token decode's (csrc/kernels.h), so greedy output stays exact.
 MAX_DRAFT_TOKENS = kernels.DECODE_TILES_MAX_TOKENS - 1
 
-# n-gram lengths prompt lookup matches, longest first: a longer match predicts better; a single
-# token still matches often in code and repeated text, and a refused draft costs little (see
-# bench/bench_speculative.py).
-LOOKUP_NGRAMS = (3, 2, 1)
+# n-gram lengths prompt lookup matches, longest first: a longer match predicts better. No single
+# tokens: they match nearly everywhere, and a refused drafted token is not free (the verify
+# forward's decode tiles run token by token: on Gemma 3 270M q8_0, 2 threads, 5 tokens cost 2.3
+# one-token steps). Replaying greedy outputs of bench/bench_speculative.py's prompts, (4, 3, 2)
+# needed the fewest forwards: code edit 1.9x plain at 4 tokens against 1.8x with (3, 2, 1).
+LOOKUP_NGRAMS = (4, 3, 2)
 
 
 @dataclass
@@ -104,21 +106,22 @@ class Drafter(Protocol):
 
 class PromptLookup:
     """Drafts the up to `max_tokens` tokens that followed the latest earlier occurrence of the
-    context's last n-gram (LOOKUP_NGRAMS, longest first). One per generation: its index follows
-    the context as it grows, at O(1) a token.
+    context's last n-gram (of the lengths `ngrams`, longest first). One per generation: its index
+    follows the context as it grows, at O(1) a token.
 
     >>> PromptLookup(3).propose([5, 6, 7, 8, 5, 6], 3, sampler).tokens          # doctest: +SKIP
     [7, 8, 5]
     """
 
-    def __init__(self, max_tokens: int):
+    def __init__(self, max_tokens: int, ngrams: Sequence[int] = LOOKUP_NGRAMS):
         self.max_tokens = _check_draft_tokens("lookup", max_tokens)
-        self._continuation = {n: {} for n in LOOKUP_NGRAMS}   # n-gram -> where its latest continuation starts
+        self.ngrams = sorted(ngrams, reverse=True)
+        self._continuation = {n: {} for n in self.ngrams}   # n-gram -> where its latest continuation starts
         self._indexed = 0
 
     def propose(self, context: list[int], limit: int, sampler: Sampler) -> Draft:
         self._index(context)
-        for n in LOOKUP_NGRAMS:
+        for n in self.ngrams:
             start = self._continuation[n].get(tuple(context[-n:])) if len(context) >= n else None
             if start is not None:
                 return Draft(context[start:start + min(limit, self.max_tokens)])
@@ -126,7 +129,7 @@ class PromptLookup:
 
     def _index(self, context: list[int]):
         for end in range(max(self._indexed, 1), len(context)):
-            for n in LOOKUP_NGRAMS:
+            for n in self.ngrams:
                 if end >= n:
                     self._continuation[n][tuple(context[end - n:end])] = end
         self._indexed = len(context)

@@ -85,7 +85,9 @@ def test_prompt_lookup_drafts_what_followed_the_longest_then_latest_match():
     assert lookup.propose([5, 6, 7, 8, 5, 6], 3, None).tokens == [7, 8, 5]
     assert lookup.propose([5, 6, 7, 8, 5, 6], 1, None).tokens == [7]             # the room given
     # the bigram (1, 2) was followed by 3; the later unigram (2) by 4: the longer match wins
-    assert PromptLookup(2).propose([1, 2, 3, 9, 2, 4, 1, 2], 7, None).tokens == [3, 9]
+    assert PromptLookup(2, ngrams=(1, 2)).propose([1, 2, 3, 9, 2, 4, 1, 2], 7, None).tokens == [3, 9]
+    assert PromptLookup(2, ngrams=(1,)).propose([1, 2, 3, 9, 2, 4, 1, 2], 7, None).tokens == [4, 1]
+    assert PromptLookup(2).propose([1, 2, 3, 9, 2, 4, 6, 2], 7, None).tokens == []   # no unigrams by default
     # a longer context: its index grows with it, and the latest occurrence wins
     grown = [5, 6, 7, 8, 5, 6, 9, 1, 5, 6]
     assert lookup.propose(grown, 3, None).tokens == [9, 1, 5]
@@ -373,6 +375,11 @@ def test_speculative_options_are_checked(tiny, demo_model):
     from blobstore.runtime import BatchEngine
     with BatchEngine(demo_model) as engine, pytest.raises(ValueError, match="not in a BatchEngine"):
         list(demo_model.stream("And", lookup=2, batch=engine, max_new_tokens=4))
+    with BatchEngine(model) as engine:   # a model's draft drafts by default, but not in an engine
+        batched = "".join(c.text for c in model.stream([2, 5], batch=engine, max_new_tokens=4, temperature=0))
+        with pytest.raises(ValueError, match="not in a BatchEngine"):
+            list(model.stream([2, 5], batch=engine, draft_tokens=2, max_new_tokens=4))
+    assert batched == model.generate([2, 5], max_new_tokens=4, temperature=0).text
 
 
 def test_a_draft_loaded_from_a_path_is_closed_with_the_model(tiny):
