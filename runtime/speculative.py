@@ -74,6 +74,12 @@ class SpeculationCounts:
 
 @dataclass(frozen=True)
 class Draft:
+    """Tokens a drafter proposes, with the distributions it drew them from.
+
+    >>> Draft([7, 8]).tokens
+    [7, 8]
+    """
+
     tokens: list[int]
     # each token's draft distribution (candidate ids, probabilities); None for a deterministic draft
     distributions: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
@@ -82,7 +88,12 @@ class Draft:
 @dataclass
 class Sampler:
     """How one generation turns logits into tokens: the params, its random generator and logits
-    processor, applied alike to the model's and the draft's logits."""
+    processor, applied alike to the model's and the draft's logits.
+
+    >>> sampler = Sampler(SamplingParams(temperature=0), np.random.default_rng(0), prompt_length=1)
+    >>> sampler.draw(*sampler.distribution(np.array([0.5, 2.0, 1.0]), [0]))
+    1
+    """
 
     params: SamplingParams
     rng: np.random.Generator
@@ -109,7 +120,7 @@ class PromptLookup:
     context's last n-gram (of the lengths `ngrams`, longest first). One per generation: its index
     follows the context as it grows, at O(1) a token.
 
-    >>> PromptLookup(3).propose([5, 6, 7, 8, 5, 6], 3, sampler).tokens          # doctest: +SKIP
+    >>> PromptLookup(3).propose([5, 6, 7, 8, 5, 6], limit=3, sampler=None).tokens
     [7, 8, 5]
     """
 
@@ -220,7 +231,11 @@ def speculative_step(transformer: Transformer, session: Session, prompt_ids: Seq
 def draft_room(transformer: Transformer, cache: KVCache) -> int:
     """How many drafted tokens the next verify forward (the pending token at cache.length, then
     the draft) may hold: within MAX_DRAFT_TOKENS and the cache, and on the pending token's side of
-    a LongRoPE factor switch, so that every position computes as in one-token decoding."""
+    a LongRoPE factor switch, so that every position computes as in one-token decoding.
+
+    >>> draft_room(transformer, session.cache)                                   # doctest: +SKIP
+    7
+    """
     start = cache.length
     room = min(MAX_DRAFT_TOKENS, cache.max_seq_len - start - 1)
     long_rope = transformer.uses_long_factors(start + 1)
