@@ -77,9 +77,11 @@ void blob_trace_begin(double *at, uint32_t *job, size_t capacity);
 size_t blob_trace_end(void);
 
 /* ---- matrix products (matmul.c) ----
- * Y (n, rows) = X (n, cols) @ W.T; up to 8 tokens (a decode step, or a batched one) run the
- * decode matvec tiles token after token over each item's rows, each token's row bit-identical to
- * its own n == 1 product; more run the tiled prefill matmul. */
+ * Y (n, rows) = X (n, cols) @ W.T; up to BLOB_DECODE_TILES_MAX_TOKENS tokens (a decode step, a
+ * batched one, a speculative verify) run the decode matvec tiles token after token over each
+ * item's rows, each token's row bit-identical to its own n == 1 product; more run the tiled
+ * prefill matmul. */
+#define BLOB_DECODE_TILES_MAX_TOKENS 8
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);
 /* The products of up to BLOB_MAX_GROUP matrices with the same X, as one job (a transformer's

@@ -41,8 +41,7 @@ static int matvec_by_single_rows(const blob_matrix *w) { return w->row_stride_by
  * gets exactly its lone decode's results. The matmul tile over so few tokens reads its
  * interleaved rows at a fraction of the bandwidth (Gemma 3 270M's 262144 x 640 q8_0 head: 4
  * tokens took 4.5-5 times one token's matvec). */
-#define DECODE_TILES_MAX_TOKENS 8
-static int decode_tiles(size_t n) { return n <= DECODE_TILES_MAX_TOKENS; }
+static int decode_tiles(size_t n) { return n <= BLOB_DECODE_TILES_MAX_TOKENS; }
 
 /* One matrix of a job: its items come after those of the parts before it. */
 typedef struct {

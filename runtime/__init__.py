@@ -4,7 +4,7 @@
 >>> model = load("gemma-3-270m.blob")                                  # doctest: +SKIP
 >>> print(model.generate("The sky is", max_new_tokens=16).text)        # doctest: +SKIP
 """
-from .api import Model, load
+from .api import Model, VocabularyMismatch, load
 from .batch import BatchEngine, TokenStream
 from .chat import ChatTemplateError
 from .generate import GenerationChunk, GenerationResult, GenerationStats
@@ -15,4 +15,5 @@ from .session import Session, SessionMismatch
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __all__ = ["load", "Model", "BatchEngine", "TokenStream", "GenerationResult", "GenerationChunk", "GenerationStats", "SamplingParams",
-           "Session", "SessionMismatch", "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info"]
+           "Session", "SessionMismatch", "Tokenizer", "IncrementalDecoder", "ChatTemplateError", "ContextFull", "cpu_info",
+           "VocabularyMismatch"]

@@ -7,7 +7,7 @@ cdef extern from "cpu.h" nogil:
 
 cdef extern from "kernels.h" nogil:
     int BLOB_F32, BLOB_F16, BLOB_MAX_PLANES
-    int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS
+    int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS, BLOB_DECODE_TILES_MAX_TOKENS
     int BLOB_ACT_SILU, BLOB_ACT_GELU_TANH
 
     ctypedef struct blob_matrix:

@@ -164,6 +164,12 @@ cdef int _check(int status, str what) except -1:
 
 # ---- matrix products ----
 
+# A product over at most this many tokens gives each token exactly its lone product's result
+# (csrc/kernels.h): a batched decode or a speculative verify this wide matches one-token decoding
+# bit for bit, whatever the weights' dtype.
+DECODE_TILES_MAX_TOKENS = BLOB_DECODE_TILES_MAX_TOKENS
+
+
 def matmul(Matrix w, x, out=None):
     """Y = X @ W.T: x (cols,) -> (rows,) (decode matvec) or (n, cols) -> (n, rows) (prefill).
 

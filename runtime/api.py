@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import time
+import weakref
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,20 +22,32 @@ from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
 from .session import ModelFingerprint, Session, load_session
+from .speculative import DraftModel, FirstOf, PromptLookup
 from .tokenizer import Tokenizer
 from .tool_calls import ToolCallFormat, format_for_template
 
 KV_CACHE_RAM_SHARE = 8  # by default the KV cache may use at most 1/8 of the machine's memory
+DEFAULT_DRAFT_TOKENS = 4  # tokens a draft model proposes per verify forward unless draft_tokens= says
+
+
+class VocabularyMismatch(ValueError):
+    """A draft model whose vocabulary is not the model's: its tokens would mean other text."""
 
 
 def load(path=None, *, threads: int | None = None, max_seq_len: int | None = None, kv_dtype: str = "f32",
-         verbose: bool = False) -> "Model":
+         verbose: bool = False, draft=None) -> "Model":
     """Map a blob file and get a model ready to run: the file is validated, every tensor the
     architecture needs is checked, and no weight is copied. Without a path, the built-in demo
     model (see blobstore.runtime.demo) is loaded, and a notice on stderr says so.
 
+    `draft` (a blob file, or a loaded Model) is a smaller model of the same vocabulary for
+    speculative decoding: generate / stream / chat then let it propose `draft_tokens` tokens per
+    forward of this model (see runtime/speculative.py); the output stays this model's. A draft
+    of another vocabulary raises VocabularyMismatch.
+
     >>> model = load("gemma-3-270m.blob")                         # doctest: +SKIP
     >>> model.generate("The capital of France is", max_new_tokens=8).text   # doctest: +SKIP
+    >>> big = load("gemma-3-4b.blob", draft="gemma-3-270m.blob")   # doctest: +SKIP
     """
     started = time.perf_counter()
     if path is None:
@@ -42,18 +55,36 @@ def load(path=None, *, threads: int | None = None, max_seq_len: int | None = Non
         print(demo.NOTICE, file=sys.stderr)
     if threads is not None:
         kernels.set_threads(threads)
+    draft_model = _draft(draft, kv_dtype)
     reader = open_blob(path)
     try:
-        model = Model(reader, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
+        model = Model(reader, max_seq_len=max_seq_len, kv_dtype=kv_dtype, draft=draft_model,
+                      close_draft=draft_model is not draft)
     except BaseException:
         reader.close()
+        if draft_model is not draft:
+            draft_model.close()
         raise
     if verbose:
         info = kernels.cpu_info()
+        drafting = f", draft {os.path.basename(model.draft.reader.path)}" if model.draft is not None else ""
         print(f"Loaded {os.fspath(path)} in {(time.perf_counter() - started) * 1000:.1f} ms "
               f"({model.config.arch}, {info['isa']} kernels, {kernels.get_threads()} threads, "
-              f"context {model.max_seq_len})", file=sys.stderr)
+              f"context {model.max_seq_len}{drafting})", file=sys.stderr)
     return model
+
+
+def _draft(draft, kv_dtype: str) -> "Model | None":
+    """The draft Model for load(draft=): as given, or mapped from a path (its own sessions unused:
+    a tiny context)."""
+    if draft is None or isinstance(draft, Model):
+        return draft
+    reader = open_blob(draft)
+    try:
+        return Model(reader, max_seq_len=1, kv_dtype=kv_dtype)
+    except BaseException:
+        reader.close()
+        raise
 
 
 class Model:
@@ -61,7 +92,8 @@ class Model:
     that generate / stream / chat use unless given another. Which calls may run at the same time:
     see runtime/session.py (a session: one generation at a time; sessions: a forward at a time)."""
 
-    def __init__(self, reader, *, max_seq_len: int | None = None, kv_dtype: str = "f32"):
+    def __init__(self, reader, *, max_seq_len: int | None = None, kv_dtype: str = "f32", draft: "Model | None" = None,
+                 close_draft: bool = False):
         if "model" not in reader.metadata:
             raise FormatError(f"{reader.path}: no model config in the metadata; was it written by blob-pack convert?")
         self.reader = reader
@@ -76,6 +108,11 @@ class Model:
         self.kv_dtype = kv_dtype
         self.max_seq_len = _context_length(self.config, max_seq_len, kv_dtype)
         self.session = self.new_session()
+        self.draft = draft   # a Model of the same vocabulary for speculative decoding, or None
+        self._close_draft = close_draft   # load() mapped it: close() closes it too
+        self._draft_caches = weakref.WeakKeyDictionary()   # session -> the draft model's KV cache for it
+        if draft is not None:
+            check_same_vocabulary(self, draft)
 
     @property
     def cache(self) -> KVCache:
@@ -150,6 +187,12 @@ class Model:
         Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
         from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos,
         session (a Session from new_session / load_session; default the model's own).
+        Speculative decoding (runtime/speculative.py; the same tokens at temperature 0, the same
+        distribution when sampling): lookup=N (1..7) drafts up to N tokens by prompt lookup;
+        with a draft model (load(..., draft=)) draft_tokens=N (default 4, 0 = off; with batch= it
+        is off unless given, and speculation with batch= is an error) drafts up to N tokens with
+        it; with both, the draft model drafts when lookup finds no match. The stats count the
+        drafted and accepted tokens.
         A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
         that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
         decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or
@@ -157,6 +200,8 @@ class Model:
 
         >>> model.generate("The sky is", max_new_tokens=8, temperature=0).finish_reason   # doctest: +SKIP
         'length'
+        >>> model.generate(text + "\\nSummary:", lookup=4).stats.accepted_tokens      # doctest: +SKIP
+        93
         """
         arguments, options = self._generation(prompt, **options)
         return layers.generate(*arguments, **options)
@@ -178,7 +223,8 @@ class Model:
     def _generation(self, prompt, *, max_new_tokens: int = 256, temperature=None, top_k=None, top_p=None,
                     min_p=None, repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
                     ignore_eos: bool = False, session: Session | None = None,
-                    logits_processor: layers.LogitsProcessor | None = None, batch=None):
+                    logits_processor: layers.LogitsProcessor | None = None, batch=None, lookup: int = 0,
+                    draft_tokens: int | None = None):
         """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -188,7 +234,8 @@ class Model:
         session = self._check_session(session)
         options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
                        stop=list(stop or ()), stop_ids=frozenset() if ignore_eos else self._stop_ids(),
-                       logits_processor=logits_processor, batch=batch)
+                       logits_processor=logits_processor, batch=batch,
+                       drafter=self._drafter(session, lookup, draft_tokens, batched=batch is not None))
         return (self.transformer, self.tokenizer, session, ids, params), options
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,
@@ -263,6 +310,20 @@ class Model:
                 ids.add(token)
         return frozenset(ids)
 
+    def _drafter(self, session: Session, lookup: int, draft_tokens: int | None, batched: bool):
+        """The drafter of speculative decoding for these options (None: plain decoding). The draft
+        model drafts by default, except in a BatchEngine's generations, which decode plainly."""
+        drafters = [PromptLookup(lookup)] if lookup else []
+        if draft_tokens and self.draft is None:
+            raise ValueError(f"draft_tokens={draft_tokens} needs a draft model: load(path, draft=SMALL_MODEL)")
+        if self.draft is not None and draft_tokens != 0 and not (batched and draft_tokens is None):
+            cache = self._draft_caches.get(session)
+            if cache is None:
+                cache = self._draft_caches[session] = self.draft.new_session(session.max_seq_len, session.kv_dtype).cache
+            drafters.append(DraftModel(self.draft.transformer, cache, self.decodable_vocab_size,
+                                       DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens))
+        return None if not drafters else drafters[0] if len(drafters) == 1 else FirstOf(*drafters)
+
     def _session_length(self, max_seq_len: int | None, kv_dtype: str | None) -> int:
         return self.max_seq_len if max_seq_len is None else _context_length(self.config, max_seq_len, kv_dtype)
 
@@ -289,6 +350,8 @@ class Model:
 
     def close(self):
         self.reader.close()
+        if self._close_draft:
+            self.draft.close()
 
     def __enter__(self):
         return self
@@ -328,3 +391,26 @@ def _total_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 8 << 30  # platforms without sysconf (Windows): assume a modest laptop
+
+
+def check_same_vocabulary(model: Model, draft: Model):
+    """VocabularyMismatch unless `draft` decodes every id `model` may sample to the same piece.
+
+    >>> check_same_vocabulary(load("gemma-3-4b.blob"), load("gemma-3-270m.blob"))   # doctest: +SKIP
+    """
+    ours, theirs = model.reader.path, draft.reader.path
+    if model.decodable_vocab_size != draft.decodable_vocab_size:
+        raise VocabularyMismatch(f"draft model {theirs}: its vocabulary has {draft.decodable_vocab_size} tokens, "
+                                 f"that of {ours} {model.decodable_vocab_size}; a draft model needs the same one")
+    if _tokenizer_crc32c(model) == _tokenizer_crc32c(draft):   # the same packed tokenizer file
+        return
+    for token_id in range(model.decodable_vocab_size):
+        piece, draft_piece = model.tokenizer.id_to_token(token_id), draft.tokenizer.id_to_token(token_id)
+        if piece != draft_piece:
+            raise VocabularyMismatch(f"draft model {theirs}: token {token_id} is {draft_piece!r} there and {piece!r} "
+                                     f"in {ours}; a draft model needs the same vocabulary")
+
+
+def _tokenizer_crc32c(model: Model) -> tuple:
+    return tuple(model.reader.info(name).crc32c for name in ("tokenizer.model", "tokenizer.json")
+                 if name in model.reader)

@@ -24,8 +24,9 @@ from typing import Iterable
 
 import numpy as np
 
-from .generate import LogitsProcessor, prefill, sample_next
+from .generate import LogitsProcessor, sample_next
 from .kv_cache import KVCache
+from .model import prefill
 from .sampling import SamplingParams
 from .session import Session
 

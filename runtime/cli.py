@@ -4,6 +4,8 @@
     blob-run -p "And God said"                 (the built-in demo model)
     blob-run MODEL --chat                      (interactive)
     blob-run MODEL --prompt-cache sys.session -p "$(cat long-prompt.txt)"   (reuses the prompt's KV rows)
+    blob-run MODEL --lookup 4 -p "$(cat code.py) Rename x to count:"       (speculative: prompt lookup)
+    blob-run BIG.blob --draft SMALL.blob -p "..."                          (speculative: a draft model)
 """
 from __future__ import annotations
 
@@ -51,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "when FILE exists and was saved from this model, the part of the prompt it already holds "
                         "is not recomputed (the stats say how many tokens were reused); after generating, FILE is "
                         "rewritten with this run's prompt and output. A FILE from another model is an error")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="speculative decoding by prompt lookup: draft up to N (1..7) tokens per forward from the "
+                        "tokens that followed the last few tokens earlier in the prompt or output; the same text at "
+                        "--temp 0, the same distribution when sampling; pays off when the answer repeats the "
+                        "prompt (summaries, code edits)")
+    p.add_argument("--draft", metavar="FILE", default=None,
+                   help="speculative decoding with a draft model: a smaller .blob of the same vocabulary proposes "
+                        "tokens that MODEL checks in one forward (the same text at --temp 0, the same distribution "
+                        "when sampling)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="N",
+                   help="tokens the --draft model proposes per forward (1..7, default 4)")
     p.add_argument("--stats-json", action="store_true", help="also print the statistics as one JSON line on stderr")
     return p
 
@@ -60,7 +73,7 @@ def main(argv=None) -> int:
     if args.isa:
         kernels.set_isa(args.isa)
     try:
-        model = load(args.model, threads=args.threads, max_seq_len=args.ctx, verbose=True)
+        model = load(args.model, threads=args.threads, max_seq_len=args.ctx, verbose=True, draft=args.draft)
     except (FormatError, OSError, ValueError) as error:
         print(f"blob-run: error: {error}", file=sys.stderr)
         return 1
@@ -70,7 +83,8 @@ def main(argv=None) -> int:
         print(f"blob-run: error: --prompt-cache: {error}", file=sys.stderr)
         return 1
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, session=session)
+                   min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, session=session,
+                   lookup=args.lookup, draft_tokens=args.draft_tokens)
     try:
         if args.chat and args.prompt is None:
             return _interactive(model, args.system, options, args.stats_json, args.prompt_cache)

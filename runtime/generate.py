@@ -1,5 +1,6 @@
-"""Generation in three layers: generate_step (ids out of the weights and a session) → stream (text
-chunks, stop conditions) → generate (one result with statistics). Each takes what it uses as
+"""Generation in three layers: generate_step (ids out of the weights and a session; with a drafter,
+speculative.speculative_step) → stream (text chunks, stop conditions) → generate (one result with
+statistics). Each takes what it uses as
 arguments (weights, tokenizer, session, sampling); `Model.generate / stream / chat` are thin
 wrappers. Which calls may run at the same time: see runtime/session.py."""
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .model import Transformer
+from .model import Transformer, prefill
 from .sampling import SamplingParams, sample
 from .session import Session
+from .speculative import Drafter, SpeculationCounts, speculative_step
 from .tokenizer import Tokenizer
 
 
@@ -28,6 +30,9 @@ class GenerationStats:
     # the KV cache (max_seq_len) had no room for another token before max_new_tokens were made;
     # finish_reason is "length" either way, as OpenAI's API defines it
     context_full: bool = False
+    # speculative decoding: drafted tokens the model checked, and those it kept (0 and 0 without)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -40,14 +45,25 @@ class GenerationStats:
         steps = self.generated_tokens - 1
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafted tokens the model kept (0 without speculative decoding)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def _acceptance(self) -> str:
+        if not self.drafted_tokens:
+            return ""
+        return (f", drafts: {self.accepted_tokens} of {self.drafted_tokens} tokens accepted "
+                f"({self.acceptance_rate:.0%})")
+
     def report(self, file=None):
         """The llama.cpp / mlx-lm style summary lines, on `file` (default: the current sys.stderr)."""
         file = file or sys.stderr
         reused = f" ({self.reused_prompt_tokens} reused from the cache)" if self.reused_prompt_tokens else ""
         print(f"Prompt: {self.prompt_tokens} tokens{reused}, {self.prefill_tokens_per_second:.3f} tokens-per-sec",
               file=file)
-        print(f"Generation: {self.generated_tokens} tokens, {self.decode_tokens_per_second:.3f} tokens-per-sec",
-              file=file)
+        print(f"Generation: {self.generated_tokens} tokens, {self.decode_tokens_per_second:.3f} tokens-per-sec"
+              f"{self._acceptance()}", file=file)
         print(f"Peak memory: {self.peak_rss_bytes / 1e9:.3f} GB", file=file)
 
 
@@ -75,12 +91,14 @@ class _Timer:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float = 0.0
     generated: int = 0
+    speculation: SpeculationCounts | None = None
 
     def stats(self, context_full: bool = False) -> GenerationStats:
         now = time.perf_counter()
         first = self.first_token_at or now
+        counts = self.speculation or SpeculationCounts()
         return GenerationStats(self.prompt_tokens, self.reused, first - self.started, self.generated,
-                               now - first, peak_rss_bytes(), context_full)
+                               now - first, peak_rss_bytes(), context_full, counts.drafted, counts.accepted)
 
 
 def peak_rss_bytes() -> int:
@@ -148,20 +166,6 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
         cache.token_ids.append(token)
 
 
-def prefill(transformer: Transformer, cache, prompt_ids: list[int]) -> np.ndarray:
-    """The last prompt position's logits (vocab,), computing only the prompt tokens `cache` does
-    not already hold; the cache then holds the whole prompt.
-
-    >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
-    (262144,)
-    """
-    reuse = cache.reusable_prefix(prompt_ids)
-    cache.truncate(reuse)
-    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
-    cache.token_ids.extend(prompt_ids[reuse:])
-    return logits
-
-
 def sample_next(logits: np.ndarray, context: list[int], prompt_length: int, params: SamplingParams,
                 rng: np.random.Generator, logits_processor: Optional[LogitsProcessor] = None) -> int:
     """The next token from `logits` (already cut to the decodable vocabulary), after `context`
@@ -178,14 +182,17 @@ def sample_next(logits: np.ndarray, context: list[int], prompt_length: int, para
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
            stop: Sequence[str] = (), stop_ids=frozenset(),
-           logits_processor: Optional[LogitsProcessor] = None, batch=None) -> Iterator[GenerationChunk]:
+           logits_processor: Optional[LogitsProcessor] = None, batch=None,
+           drafter: Optional[Drafter] = None) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
     The ids come from generate_step, or with `batch` (a runtime.batch.BatchEngine) from a request
     submitted to it, advancing in one batched step with the engine's other requests; the text is
-    the same either way (text_chunks). Breaking out of the loop stops the generation; the cache
-    keeps what was computed. Sampled ids stay below `vocab_size` (see generate_step), which is
+    the same either way (text_chunks). With `drafter` (runtime/speculative.py: PromptLookup,
+    DraftModel) the ids come from speculative_step instead: the same tokens at temperature 0, the
+    same distribution when sampling, and the statistics count the drafted and accepted tokens.
+    Breaking out of the loop stops the generation; the cache keeps what was computed. Sampled ids stay below `vocab_size` (see generate_step), which is
     also the length of the logits a `logits_processor` gets.
 
     >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
@@ -198,6 +205,8 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
     session.cache.check_room(len(prompt_ids))
     text = dict(max_new_tokens=max_new_tokens, max_seq_len=session.max_seq_len, stop=stop, stop_ids=stop_ids,
                 reused_prompt_tokens=session.reusable_prefix(prompt_ids))
+    if batch is not None and drafter is not None:
+        raise ValueError("speculative decoding (lookup, a draft model) runs a generation alone, not in a BatchEngine")
     if batch is not None and max_new_tokens > 0:
         # the engine holds the session from submit until it lets go of the request (wait())
         tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor)
@@ -208,8 +217,14 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
             tokens.wait()
         return
     with session.in_use():
-        steps = generate_step(transformer, session, prompt_ids, params, np.random.default_rng(seed),
-                              vocab_size=vocab_size, logits_processor=logits_processor)
+        rng = np.random.default_rng(seed)
+        if drafter is None:
+            steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
+                                  logits_processor=logits_processor)
+        else:
+            text["speculation"] = SpeculationCounts()
+            steps = speculative_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
+                                     drafter=drafter, counts=text["speculation"], logits_processor=logits_processor)
         try:
             yield from text_chunks(tokenizer, prompt_ids, steps, **text)
         finally:
@@ -218,7 +233,8 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
 
 def text_chunks(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Iterator[int], *, max_new_tokens: int,
                 max_seq_len: int, stop: Sequence[str] = (), stop_ids=frozenset(),
-                reused_prompt_tokens: int = 0) -> Iterator[GenerationChunk]:
+                reused_prompt_tokens: int = 0,
+                speculation: Optional[SpeculationCounts] = None) -> Iterator[GenerationChunk]:
     """The text of the ids `token_ids` yields after `prompt_ids` (from any source: generate_step, a
     BatchEngine's TokenStream), one GenerationChunk per id, the last with the finish reason and
     the statistics. It reads no further than the generation goes; the caller closes the source.
@@ -226,12 +242,13 @@ def text_chunks(tokenizer: Tokenizer, prompt_ids: Sequence[int], token_ids: Iter
     Text that might be the start of a stop string is held back until it is clearly not one. A
     stop id ends with "stop" (it counts as generated, its text is not given); a generation that
     fills the context (`max_seq_len`) ends with "length" and `stats.context_full` set.
+    `speculation`, the counts a speculative_step adds up, go into the statistics.
 
     >>> [c.text for c in text_chunks(tokenizer, [2], iter([651, 6037]), max_new_tokens=2,
     ...                              max_seq_len=64)]                              # doctest: +SKIP
     ['The', ' sky', '']
     """
-    timer = _Timer(len(prompt_ids), reused_prompt_tokens)
+    timer = _Timer(len(prompt_ids), reused_prompt_tokens, speculation=speculation)
     if max_new_tokens == 0:
         yield GenerationChunk("", None, "length", timer.stats())
         return

@@ -99,7 +99,7 @@ class Transformer:
 
     def _run(self, ids, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
         cache.check_room(start + len(ids))
-        long_rope = self._long_factors(start + len(ids))
+        long_rope = self.uses_long_factors(start + len(ids))
         if start and cache.long_rope != long_rope:
             if len(cache.token_ids) < start:
                 raise ValueError(f"run: the cache lists {len(cache.token_ids)} token ids, not the {start} before "
@@ -138,7 +138,7 @@ class Transformer:
                                  f"{cache.length} tokens")
             cache.check_room(position + 1)
         logits = np.empty((n, self.stack.vocab), np.float32)
-        wants_long = [self._long_factors(p + 1) for p in positions]
+        wants_long = [self.uses_long_factors(p + 1) for p in positions]
         alone = {i for i in range(n) if positions[i] and caches[i].long_rope != wants_long[i]}
         for i in alone:
             logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False)[0]
@@ -152,8 +152,13 @@ class Transformer:
                     caches[i].long_rope = long_rope
         return logits
 
-    def _long_factors(self, end: int) -> bool:
-        """Whether a call reaching position `end` - 1 rotates with LongRoPE's long factors."""
+    def uses_long_factors(self, end: int) -> bool:
+        """Whether a call reaching position `end` - 1 rotates with LongRoPE's long factors (never
+        for models without LongRoPE): a call's positions all rotate as its last one does.
+
+        >>> transformer.uses_long_factors(4097)                                  # doctest: +SKIP
+        True
+        """
         return any(rope.uses_long_factors(end) for rope in self.config.rope)
 
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool) -> np.ndarray:
@@ -167,6 +172,20 @@ class Transformer:
                 outputs.append(logits)
         cache.long_rope = long_rope
         return np.concatenate(outputs)
+
+
+def prefill(transformer: Transformer, cache: KVCache, prompt_ids: list[int]) -> np.ndarray:
+    """The last prompt position's logits (vocab,), computing only the prompt tokens `cache` does
+    not already hold; the cache then holds the whole prompt.
+
+    >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
+    (262144,)
+    """
+    reuse = cache.reusable_prefix(prompt_ids)
+    cache.truncate(reuse)
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    cache.token_ids.extend(prompt_ids[reuse:])
+    return logits
 
 
 def _frequencies(rope: RopeParams, head_dim: int) -> dict:

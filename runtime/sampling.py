@@ -114,6 +114,20 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     return ids, weights / weights.sum()
 
 
+def distribution(logits: np.ndarray, params: SamplingParams, context_ids: Iterable[int] = ()):
+    """What `sample` draws from: the candidate ids and their probabilities after the repetition
+    penalty (over `context_ids`) and `candidates`' filters. Speculative decoding compares the
+    target's and the draft's distributions through it.
+
+    >>> ids, probs = distribution(np.log([0.5, 0.3, 0.2]), SamplingParams(top_k=2))
+    >>> ids.tolist(), np.round(probs, 3).tolist()
+    ([0, 1], [0.625, 0.375])
+    """
+    if params.repetition_penalty != 1:
+        logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
+    return candidates(logits, params)
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            context_ids: Iterable[int] = ()) -> int:
     """Pick the next token id from one position's `logits`. `context_ids` (prompt and output so
@@ -122,9 +136,15 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     >>> sample(np.array([0.1, 3.0, 0.2]), SamplingParams(temperature=0), np.random.default_rng(0))
     1
     """
-    if params.repetition_penalty != 1:
-        logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
-    ids, probs = candidates(logits, params)
+    return draw(*distribution(logits, params, context_ids), rng)
+
+
+def draw(ids: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One id of `ids` drawn with weights `probs` (which need not sum to 1), with one rng.random().
+
+    >>> draw(np.array([7, 9]), np.array([0.0, 2.0]), np.random.default_rng(0))
+    9
+    """
     # inverse CDF; side="right" can never land on a zero-probability token
     pick = np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right")
     return int(ids[min(pick, np.flatnonzero(probs)[-1])])
