@@ -39,7 +39,10 @@ int blob_isa_supported(int isa) {
     return (blob_cpu_features() & need) == need;
 }
 
+/* avx512 runs avx2's VNNI tiles (EVEX-encoded) but for bf16, whose 512-bit tiles were faster on
+ * Zen 4 (kernels_avx512.c): never slower, so it comes first. */
 int blob_isa_best(void) {
+    if (blob_isa_supported(BLOB_ISA_AVX512)) return BLOB_ISA_AVX512;
     if (blob_isa_supported(BLOB_ISA_AVX2)) return BLOB_ISA_AVX2;
     if (blob_isa_supported(BLOB_ISA_NEON)) return BLOB_ISA_NEON;
     return BLOB_ISA_SCALAR;

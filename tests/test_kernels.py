@@ -584,6 +584,9 @@ def test_avx512_path_needs_its_features():
 
 def test_isa_environment_variable(tmp_path):
     code = "from blobstore.runtime import kernels; print(kernels.get_isa())"
+    unset = {k: v for k, v in os.environ.items() if k != "BLOBSTORE_ISA"}
+    out = subprocess.run([sys.executable, "-c", code], env=unset, capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == ISAS[-1], out.stderr   # by default the fastest path the CPU has
     for name in ISAS:   # each path this CPU has can be forced
         env = dict(os.environ, BLOBSTORE_ISA=name.upper())
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
