@@ -58,8 +58,10 @@ static uint32_t detect(void) {
         if (zmm_ok && (r[1] & (1u << 30))) f |= BLOB_CPU_AVX512BW;
         if (zmm_ok && (r[2] & (1u << 11))) f |= BLOB_CPU_AVX512VNNI;
         if (zmm_ok && (r[1] & (1u << 31))) f |= BLOB_CPU_AVX512VL;
+        if (zmm_ok && (r[1] & (1u << 17))) f |= BLOB_CPU_AVX512DQ;
         cpuid(7, 1, r);
         if (ymm_ok && (r[0] & (1u << 4))) f |= BLOB_CPU_AVXVNNI;
+        if (zmm_ok && (r[0] & (1u << 5))) f |= BLOB_CPU_AVX512BF16;
     }
 #elif defined(BLOB_ARM64)
     f |= BLOB_CPU_NEON;

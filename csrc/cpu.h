@@ -15,6 +15,8 @@ enum blob_cpu_feature {
     BLOB_CPU_AVX512VNNI = 1u << 6,
     BLOB_CPU_AVXVNNI    = 1u << 7,
     BLOB_CPU_AVX512VL   = 1u << 8,   /* x86: AVX-512 forms on 256-bit registers (VNNI on ymm needs it) */
+    BLOB_CPU_AVX512DQ   = 1u << 9,
+    BLOB_CPU_AVX512BF16 = 1u << 10,  /* x86: VDPBF16PS (reported; no path needs it, see dispatch.c) */
     BLOB_CPU_NEON       = 1u << 16,  /* arm64: always present */
     BLOB_CPU_DOTPROD    = 1u << 17,  /* arm64: SDOT/UDOT */
     BLOB_CPU_ARMCRC32   = 1u << 18   /* arm64: CRC32C instructions */

@@ -3,12 +3,17 @@
 #include "cpu.h"
 #include "kernels_impl.h"
 
-static const char *const isa_names[BLOB_NUM_ISAS] = {"scalar", "avx2", "neon"};
+static const char *const isa_names[BLOB_NUM_ISAS] = {"scalar", "avx2", "neon", "avx512"};
 
 /* Features each path needs; scalar needs none. */
 static uint32_t isa_requirements(int isa) {
     switch (isa) {
     case BLOB_ISA_AVX2: return BLOB_CPU_AVX2 | BLOB_CPU_FMA | BLOB_CPU_F16C;
+    /* VNNI for the integer dot products; not AVX512-BF16, which no kernel uses: its VDPBF16PS
+     * would round the activations to bf16 as well (kernels_avx512.c), so Ice / Tiger Lake run it */
+    case BLOB_ISA_AVX512:
+        return BLOB_CPU_AVX2 | BLOB_CPU_FMA | BLOB_CPU_F16C | BLOB_CPU_AVX512F | BLOB_CPU_AVX512BW |
+               BLOB_CPU_AVX512VL | BLOB_CPU_AVX512DQ | BLOB_CPU_AVX512VNNI;
     case BLOB_ISA_NEON: return BLOB_CPU_NEON;
     default: return 0;
     }
@@ -19,6 +24,7 @@ static int compiled_in(int isa) {
     case BLOB_ISA_SCALAR: return 1;
 #if defined(BLOB_HAVE_X86)
     case BLOB_ISA_AVX2: return 1;
+    case BLOB_ISA_AVX512: return 1;
 #endif
 #if defined(BLOB_HAVE_ARM64)
     case BLOB_ISA_NEON: return 1;
@@ -33,7 +39,10 @@ int blob_isa_supported(int isa) {
     return (blob_cpu_features() & need) == need;
 }
 
+/* avx512 runs avx2's VNNI tiles (EVEX-encoded) but for bf16, whose 512-bit tiles were faster on
+ * Zen 4 (kernels_avx512.c): never slower, so it comes first. */
 int blob_isa_best(void) {
+    if (blob_isa_supported(BLOB_ISA_AVX512)) return BLOB_ISA_AVX512;
     if (blob_isa_supported(BLOB_ISA_AVX2)) return BLOB_ISA_AVX2;
     if (blob_isa_supported(BLOB_ISA_NEON)) return BLOB_ISA_NEON;
     return BLOB_ISA_SCALAR;
@@ -53,6 +62,7 @@ static const blob_isa_ops *table_for(int isa) {
         /* the VNNI kernels use the EVEX vpdpbusd on ymm registers, which needs AVX512VL */
         if ((f & BLOB_CPU_AVX512VNNI) && (f & BLOB_CPU_AVX512VL)) return &blob_ops_avx2_vnni;
         return &blob_ops_avx2;
+    case BLOB_ISA_AVX512: return &blob_ops_avx512;
 #endif
 #if defined(BLOB_HAVE_ARM64)
     case BLOB_ISA_NEON:
@@ -87,7 +97,7 @@ const blob_isa_ops *blob_ops(void) {
 int blob_isa_int8_dot(void) {
     const blob_isa_ops *ops = blob_ops();
 #if defined(BLOB_HAVE_X86)
-    if (ops == &blob_ops_avx2_vnni) return 1;
+    if (ops == &blob_ops_avx2_vnni || ops == &blob_ops_avx512) return 1;
 #endif
 #if defined(BLOB_HAVE_ARM64)
     if (ops == &blob_ops_neon_dotprod) return 1;

@@ -36,8 +36,8 @@ enum blob_dtype {
      {64, 16, 2, 2}, {64, 32, 12, 2}, {128, 12, 2, 2}, {128, 32, 12, 2, 2}, {128, 64, 16, 2}}
 
 /* Instruction-set paths; a path is usable when the CPU has every feature it needs. */
-enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2 };
-#define BLOB_NUM_ISAS 3
+enum blob_isa { BLOB_ISA_SCALAR = 0, BLOB_ISA_AVX2 = 1, BLOB_ISA_NEON = 2, BLOB_ISA_AVX512 = 3 };
+#define BLOB_NUM_ISAS 4
 
 /* Status codes returned by the kernels. */
 enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };

@@ -499,6 +499,7 @@ extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)
 extern const blob_isa_ops blob_ops_avx2;
 extern const blob_isa_ops blob_ops_avx2_vnni;
+extern const blob_isa_ops blob_ops_avx512;
 #endif
 #if defined(BLOB_HAVE_ARM64)
 extern const blob_isa_ops blob_ops_neon;

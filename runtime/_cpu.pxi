@@ -5,6 +5,7 @@
 _FEATURE_BITS = {
     "sse4.2": 1 << 0, "avx2": 1 << 1, "fma": 1 << 2, "f16c": 1 << 3, "avx512f": 1 << 4,
     "avx512bw": 1 << 5, "avx512vnni": 1 << 6, "avxvnni": 1 << 7, "avx512vl": 1 << 8,
+    "avx512dq": 1 << 9, "avx512bf16": 1 << 10,
     "neon": 1 << 16, "dotprod": 1 << 17, "crc32": 1 << 18,
 }
 _ISA_NAMES = tuple(blob_isa_name(i).decode() for i in range(BLOB_NUM_ISAS))
@@ -17,12 +18,12 @@ def cpu_features():
 
 
 def available_isas():
-    """The instruction-set paths this CPU supports, slowest first: ['scalar', 'avx2']."""
+    """The instruction-set paths this CPU supports, slowest first: ['scalar', 'avx2', 'avx512']."""
     return [name for i, name in enumerate(_ISA_NAMES) if blob_isa_supported(i)]
 
 
 def get_isa():
-    """The path the kernels use now: 'scalar', 'avx2' or 'neon'."""
+    """The path the kernels use now: 'scalar', 'avx2', 'avx512' or 'neon'."""
     return _ISA_NAMES[blob_isa_current()]
 
 
@@ -58,7 +59,7 @@ def cpu_info():
     """
     int8_dot = None
     if blob_isa_int8_dot():
-        int8_dot = "vnni" if get_isa() == "avx2" else "dotprod"
+        int8_dot = "dotprod" if get_isa() == "neon" else "vnni"
     return {
         "arch": blob_cpu_arch().decode(),
         "features": cpu_features(),

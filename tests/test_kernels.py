@@ -31,6 +31,8 @@ from blobstore.runtime import kernels as K
 from kquant_blocks import random_planes
 
 ISAS = K.available_isas()
+# Every path of this architecture's build: one the CPU lacks is reported as skipped, not left out
+BUILT_ISAS = {"x86_64": ["scalar", "avx2", "avx512"], "arm64": ["scalar", "neon"]}.get(K.cpu_info()["arch"], ["scalar"])
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 # GGUF's block types: rows of whole blocks, so shapes are given in blocks
 BLOCK_DTYPES = [d.label for d in blobstore.DType if d.spec.whole_blocks and d.spec.matmul]
@@ -42,8 +44,10 @@ def stable_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=BUILT_ISAS)
 def isa(request):
+    if request.param not in ISAS:
+        pytest.skip(f"path {request.param}: this CPU lacks its features (it has {', '.join(K.cpu_features())})")
     previous = K.get_isa()
     K.set_isa(request.param)
     yield request.param
@@ -584,11 +588,30 @@ def test_isa_choice():
         K.set_threads(0)
 
 
+@pytest.mark.skipif(K.cpu_info()["arch"] != "x86_64", reason="the avx512 path is x86-64's")
+def test_avx512_path_needs_its_features():
+    """Offered exactly when the CPU (and the OS, which must save the zmm state) has AVX-512 F / BW / VL / DQ
+    and VNNI beside AVX2; not AVX512-BF16, which no kernel uses. Its int8 dot product is VNNI."""
+    needed = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"}
+    assert ("avx512" in ISAS) == (needed <= set(K.cpu_features()))
+    if "avx512" in ISAS:
+        previous = K.get_isa()
+        try:
+            K.set_isa("avx512")
+            assert K.cpu_info()["int8_dot"] == "vnni"
+        finally:
+            K.set_isa(previous)
+
+
 def test_isa_environment_variable(tmp_path):
     code = "from blobstore.runtime import kernels; print(kernels.get_isa())"
-    env = dict(os.environ, BLOBSTORE_ISA="scalar")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert out.stdout.strip() == "scalar", out.stderr
+    unset = {k: v for k, v in os.environ.items() if k != "BLOBSTORE_ISA"}
+    out = subprocess.run([sys.executable, "-c", code], env=unset, capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == ISAS[-1], out.stderr   # by default the fastest path the CPU has
+    for name in ISAS:   # each path this CPU has can be forced
+        env = dict(os.environ, BLOBSTORE_ISA=name.upper())
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert out.stdout.strip() == name, out.stderr
     env["BLOBSTORE_ISA"] = "mmx"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "BLOBSTORE_ISA='mmx'" in out.stderr and "unknown ISA" in out.stderr

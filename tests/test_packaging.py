@@ -97,12 +97,14 @@ def test_instruction_classification():
             1013:\tvmcall
             1016:\tvaddss %xmm1,%xmm0,%xmm0
             101a:\tkmovw %k1,%eax
+            101e:\tvfmadd231ps %zmm24,%zmm1,%zmm19
         """)
-    found = [(mnemonic, isa.is_avx(mnemonic, operands), isa.is_vnni(mnemonic))
+    found = [(mnemonic, isa.is_avx(mnemonic, operands), isa.is_vnni(mnemonic), isa.is_zmm(operands))
              for _, mnemonic, operands in isa.parse_instructions(listing)]
-    assert found == [("vmovups", True, False), ("vpdpbusd", True, True), ("stos", False, False),
-                     ("jmp", False, False), ("movaps", False, False), ("vmcall", False, False),
-                     ("vaddss", True, False), ("kmovw", True, False)]
+    assert found == [("vmovups", True, False, False), ("vpdpbusd", True, True, False), ("stos", False, False, False),
+                     ("jmp", False, False, False), ("movaps", False, False, False), ("vmcall", False, False, False),
+                     ("vaddss", True, False, False), ("kmovw", True, False, False),
+                     ("vfmadd231ps", True, False, True)]
 
 
 def test_symbols_belong_to_the_file_symbol_before_them():
@@ -163,7 +165,11 @@ def test_installed_kernels_hold_avx_only_in_dispatched_functions():
     # the dispatched kernels are there and were seen: the check is not passing on an empty listing
     assert functions_from(kernels.avx_functions, "kernels_avx2.c")
     assert functions_from(kernels.avx_functions, "kernels_avx2_vnni.c")
-    assert kernels.vnni_functions and all(fn.source == "kernels_avx2_vnni.c" for fn in kernels.vnni_functions)
+    assert functions_from(kernels.avx_functions, "kernels_avx512.c")
+    assert functions_from(kernels.vnni_functions, "kernels_avx2_vnni.c")
+    assert all(fn.source in ("kernels_avx2_vnni.c", "kernels_avx512.c") for fn in kernels.vnni_functions)
+    assert functions_from(kernels.zmm_functions, "kernels_avx512.c")
+    assert all(fn.source in ("kernels_avx2_vnni.c", "kernels_avx512.c") for fn in kernels.zmm_functions)
     assert native.avx_functions == {}
 
 
@@ -176,7 +182,7 @@ def test_command_line_checks_a_wheel(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "check_wheel_isa.py"), str(wheel)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"{wheel}!blobstore/_kernels" in done.stdout and "in kernels_avx2_vnni.c; VNNI in" in done.stdout
+    assert f"{wheel}!blobstore/_kernels" in done.stdout and "in kernels_avx512.c; VNNI in" in done.stdout
 
 
 # As in csrc: dispatched functions are static, reached through an exported table of pointers.
@@ -196,6 +202,13 @@ DISPATCHED = {
             _mm256_storeu_si256((__m256i *)acc, sum);
         }
         void *const ops_vnni = (void *)dot_vnni;
+        """,
+    "kernels_avx512.c": """
+        #include <immintrin.h>
+        __attribute__((target("avx512f"))) static void scale_zmm(float *x, float a) {
+            _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(a)));
+        }
+        void *const ops_avx512 = (void *)scale_zmm;
         """,
     "kernels_scalar.c": """
         static void scale(float *x, float a) { x[0] *= a; }
@@ -243,12 +256,23 @@ def test_vnni_outside_its_source_fails(tmp_path):
     assert report.violations() == [
         f"{tmp_path / 'ext.so'}: dot_in_avx2 (kernels_avx2.c) holds VNNI instruction "
         f"'{report.vnni_functions[next(fn for fn in report.vnni_functions if fn.name == 'dot_in_avx2')]}'; "
-        "only functions from kernels_avx2_vnni.c may"]
+        "only functions from kernels_avx2_vnni.c / kernels_avx512.c may"]
+
+
+@requires_isa_check
+def test_512_bit_registers_outside_their_source_fail(tmp_path):
+    """The AVX2 path runs on CPUs without AVX-512: a zmm register there would fault."""
+    zmm_in_avx2 = DISPATCHED["kernels_avx512.c"].replace("#include <immintrin.h>", "").replace("scale_zmm", "scale_in_avx2").replace("ops_avx512", "ops_in_avx2")
+    sources = dict(DISPATCHED, **{"kernels_avx2.c": DISPATCHED["kernels_avx2.c"] + zmm_in_avx2})
+    (report,) = isa.check_paths([build_extension(tmp_path, sources)])
+    assert [line.split(" holds ")[0] for line in report.violations()] == [f"{tmp_path / 'ext.so'}: scale_in_avx2 (kernels_avx2.c)"]
+    assert report.violations()[0].endswith("only functions from kernels_avx2_vnni.c / kernels_avx512.c may")
+    assert {fn.name for fn in report.zmm_functions} == {"scale_zmm", "scale_in_avx2"}
 
 
 @requires_isa_check
 def test_an_extension_without_the_dispatched_sources_is_refused(tmp_path):
     """A stripped or LTO build loses the FILE symbols: the check must not pass by default."""
     extension = build_extension(tmp_path, {"kernels_scalar.c": DISPATCHED["kernels_scalar.c"]})
-    with pytest.raises(isa.CheckError, match="names kernels_avx2.c and kernels_avx2_vnni.c"):
+    with pytest.raises(isa.CheckError, match="names kernels_avx2.c, kernels_avx2_vnni.c, kernels_avx512.c"):
         isa.check_paths([extension])

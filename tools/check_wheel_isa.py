@@ -3,12 +3,14 @@
     python tools/check_wheel_isa.py dist/blobstore_runtime-*.whl      # every extension in a wheel
     python tools/check_wheel_isa.py path/to/_kernels.cpython-*.so      # or extension files
 
-The kernels are compiled per instruction set: csrc/kernels_avx2.c and csrc/kernels_avx2_vnni.c
-carry target attributes and run only after csrc/cpu.c has seen the CPU support them; every other
-function must be baseline x86-64 code. This disassembles each ELF extension with objdump and
-fails if a function outside those two sources holds an AVX instruction (any VEX/EVEX-encoded one:
-a "v" mnemonic, a ymm/zmm register or an AVX-512 mask register), or a function outside the VNNI
-source holds a VNNI dot product (VPDPBUSD and kin).
+The kernels are compiled per instruction set: csrc/kernels_avx2.c, csrc/kernels_avx2_vnni.c and
+csrc/kernels_avx512.c carry target attributes and run only after csrc/cpu.c has seen the CPU
+support them; every other function must be baseline x86-64 code. This disassembles each ELF
+extension with objdump and fails if a function outside those sources holds an AVX instruction (any
+VEX/EVEX-encoded one: a "v" mnemonic, a ymm/zmm register or an AVX-512 mask register), a function
+outside the sources compiled for AVX-512 holds a VNNI dot product (VPDPBUSD and kin) or a 512-bit
+zmm register (kernels_avx2.c runs on CPUs without AVX-512; the VNNI variant of the AVX2 path is
+chosen only on CPUs with AVX512-VNNI, whose target lets the compiler use zmm for copies).
 
 Functions are attributed to sources through the ELF symbol table: the compiler's FILE symbol
 names each object's source, and that object's local (static) symbols follow it. The kernels'
@@ -31,8 +33,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-AVX_SOURCES = ("kernels_avx2.c", "kernels_avx2_vnni.c")
-VNNI_SOURCES = ("kernels_avx2_vnni.c",)
+AVX_SOURCES = ("kernels_avx2.c", "kernels_avx2_vnni.c", "kernels_avx512.c")
+AVX512_SOURCES = ("kernels_avx2_vnni.c", "kernels_avx512.c")   # may hold VNNI and zmm
 
 # Privileged VMX/SVM instructions and verr/verw: mnemonics that start with "v" but are not AVX.
 NOT_AVX = frozenset({
@@ -41,6 +43,7 @@ NOT_AVX = frozenset({
 })
 # ymm/zmm vectors and the AVX-512 mask registers k0-k7 (kmovw and kin do not start with "v")
 AVX_REGISTER = re.compile(r"%(?:[yz]mm\d|k[0-7]\b)")
+ZMM_REGISTER = re.compile(r"%zmm\d")
 # objdump -d line: "  1f2c0:\tvmovups %ymm0,(%rax)"; prefixes such as "rep" or "{vex}" precede the mnemonic.
 INSTRUCTION = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
 PREFIXES = frozenset({"rep", "repz", "repnz", "repe", "repne", "lock", "notrack", "bnd", "data16", "addr32"})
@@ -69,6 +72,7 @@ class Report:
     functions: int
     avx_functions: dict  # Function -> first AVX instruction seen in it
     vnni_functions: dict
+    zmm_functions: dict
     sources: set  # every source named by a FILE symbol
 
     def violations(self) -> list[str]:
@@ -76,8 +80,11 @@ class Report:
                  f"{' / '.join(AVX_SOURCES)} may" for fn, insn in self.avx_functions.items()
                  if fn.source not in AVX_SOURCES]
         found += [f"{self.path}: {fn.label()} holds VNNI instruction '{insn}'; only functions from "
-                  f"{' / '.join(VNNI_SOURCES)} may" for fn, insn in self.vnni_functions.items()
-                  if fn.source not in VNNI_SOURCES]
+                   f"{' / '.join(AVX512_SOURCES)} may" for fn, insn in self.vnni_functions.items()
+                  if fn.source not in AVX512_SOURCES]
+        found += [f"{self.path}: {fn.label()} holds 512-bit instruction '{insn}'; only functions from "
+                  f"{' / '.join(AVX512_SOURCES)} may" for fn, insn in self.zmm_functions.items()
+                  if fn.source not in AVX512_SOURCES]
         return found
 
 
@@ -139,6 +146,10 @@ def is_vnni(mnemonic: str) -> bool:
     return mnemonic.startswith("vpdp")  # vpdpbusd(s), vpdpwssd(s) and the AVX-VNNI-INT8/16 forms
 
 
+def is_zmm(operands: str) -> bool:
+    return bool(ZMM_REGISTER.search(operands))
+
+
 def function_at(functions: list[Function], starts: list[int], address: int) -> Function:
     i = bisect.bisect_right(starts, address) - 1
     if i >= 0 and address < functions[i].start + functions[i].size:
@@ -152,13 +163,15 @@ def check_extension(path: Path, shown_as: str | None = None) -> Report:
     if not functions:
         raise CheckError(f"{path}: no function symbols (stripped?); cannot tell dispatched code from baseline")
     starts = [fn.start for fn in functions]
-    report = Report(shown_as or str(path), len(functions), {}, {}, sources)
+    report = Report(shown_as or str(path), len(functions), {}, {}, {}, sources)
     for address, mnemonic, operands in parse_instructions(objdump(path, "-d", "--no-show-raw-insn")):
         if is_avx(mnemonic, operands):
             fn = function_at(functions, starts, address)
             report.avx_functions.setdefault(fn, f"{mnemonic} {operands}".strip())
             if is_vnni(mnemonic):
                 report.vnni_functions.setdefault(fn, f"{mnemonic} {operands}".strip())
+            if is_zmm(operands):
+                report.zmm_functions.setdefault(fn, f"{mnemonic} {operands}".strip())
     return report
 
 
@@ -176,7 +189,7 @@ def check_paths(paths: list[Path]) -> list[Report]:
     for path in paths:
         reports += check_wheel(path) if path.suffix == ".whl" else [check_extension(path)]
     if not any(set(AVX_SOURCES) <= report.sources for report in reports):
-        raise CheckError(f"none of {', '.join(map(str, paths))} names {' and '.join(AVX_SOURCES)} in its "
+        raise CheckError(f"none of {', '.join(map(str, paths))} names {', '.join(AVX_SOURCES)} in its "
                          "symbol table: not the kernels extension, or built with LTO / stripped")
     return reports
 
@@ -187,7 +200,8 @@ def summary(report: Report) -> str:
     dispatched = ", ".join(f"{count(report.avx_functions, source)} in {source}" for source in AVX_SOURCES
                            if source in report.sources)
     return (f"{report.path}: {report.functions} functions; AVX in {len(report.avx_functions)}"
-            + (f" ({dispatched}; VNNI in {len(report.vnni_functions)})" if dispatched else ""))
+            + (f" ({dispatched}; VNNI in {len(report.vnni_functions)}, zmm in {len(report.zmm_functions)})"
+               if dispatched else ""))
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 # The C kernel test program (csrc/tests/test_kernels.c) on every path, outside Python:
 #   1. natively with gcc, and with clang when installed (-Wall -Wextra -Werror);
 #   2. the portable-build check: in the x86-64 objects, AVX registers appear only in the
-#      dispatched AVX2 sources and VPDPBUSD / VPDPWSSD only in the VNNI one;
+#      dispatched AVX2 / AVX-512 sources, VPDPBUSD / VPDPWSSD and 512-bit registers only in
+#      those compiled for AVX-512 (the VNNI variant of avx2, and avx512);
 #   3. arm64: cross-compiled with aarch64-linux-gnu-gcc and run under qemu-aarch64 twice,
 #      -cpu max (NEON with dotprod) and -cpu cortex-a53 (NEON without it), plus the same
 #      object check for SDOT; and cross-compiled with clang too when installed;
@@ -50,8 +51,9 @@ case $(uname -m) in
 x86_64)
     build_and_run gcc test_gcc
     if command -v clang >/dev/null 2>&1; then build_and_run clang test_clang; fi
-    check_objects gcc objdump '%[yz]mm' '^kernels_avx2(_vnni)?\.o$'
-    check_objects gcc objdump 'vpdpbusd|vpdpwssd' '^kernels_avx2_vnni\.o$'
+    check_objects gcc objdump '%[yz]mm' '^kernels_avx(2|2_vnni|512)\.o$'
+    check_objects gcc objdump 'vpdpbusd|vpdpwssd' '^kernels_avx(2_vnni|512)\.o$'
+    check_objects gcc objdump '%zmm' '^kernels_avx(2_vnni|512)\.o$'
     ;;
 aarch64)
     build_and_run gcc test_gcc

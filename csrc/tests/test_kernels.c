@@ -1,7 +1,8 @@
 /* Every SIMD path of this machine against the scalar reference, without Python: natively on
  * x86-64, and for arm64 under qemu-aarch64 (tools/test_kernels_native.sh).
  *
- * Checked per path (including the int8-dot variants VNNI / SDOT when the CPU has them):
+ * Checked per path (including the int8-dot variants VNNI / SDOT and the 512-bit path when the
+ * CPU has them; a path the CPU lacks is reported as skipped):
  * - activation quantization, int8 and int16 levels: bytes and scales identical to scalar;
  * - matvec and matmul tiles of every dtype on odd shapes (q4_1 .. q6_k: whole blocks, random planes):
  *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
@@ -906,6 +907,7 @@ int main(void) {
 #if defined(BLOB_HAVE_X86)
         {"avx2", &blob_ops_avx2, blob_isa_supported(BLOB_ISA_AVX2)},
         {"avx2+vnni", &blob_ops_avx2_vnni, blob_isa_supported(BLOB_ISA_AVX2) && (f & BLOB_CPU_AVX512VNNI) && (f & BLOB_CPU_AVX512BW)},
+        {"avx512", &blob_ops_avx512, blob_isa_supported(BLOB_ISA_AVX512)},
 #endif
 #if defined(BLOB_HAVE_ARM64)
         {"neon", &blob_ops_neon, blob_isa_supported(BLOB_ISA_NEON)},
@@ -931,7 +933,10 @@ int main(void) {
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
     for (int isa = 0; isa < BLOB_NUM_ISAS; isa++) {
-        if (!blob_isa_supported(isa)) continue;
+        if (!blob_isa_supported(isa)) {
+            printf("api  %-13s skipped: not built for or not supported by this CPU\n", blob_isa_name(isa));
+            continue;
+        }
         int before = failures;
         check_api(isa);
         check_forward_batch(isa);
