@@ -72,8 +72,9 @@ int blob_threads_set(int n);       /* 1..BLOB_MAX_THREADS; BLOB_EINVAL otherwise
 
 /* ---- matrix products (matmul.c) ----
  * Y (n, rows) = X (n, cols) @ W.T; up to 8 tokens (a decode step, or a batched one) run the
- * decode matvec tiles token after token over each item's rows, each token's row bit-identical to
- * its own n == 1 product; more run the tiled prefill matmul. */
+ * decode matvec tiles over each item's rows (a few tokens at once for quantized rows read one
+ * per tile), each token's row bit-identical to its own n == 1 product; more run the tiled
+ * prefill matmul. */
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);
 /* The products of up to BLOB_MAX_GROUP matrices with the same X, as one job (a transformer's

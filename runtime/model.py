@@ -113,7 +113,7 @@ class Transformer:
         which must hold exactly that many tokens (positions[i] == caches[i].length) and have room
         for one more. Returns float32 logits (len(tokens), vocab), row i equal to what
         `run([tokens[i]], caches[i], start=positions[i])` returns, bit for bit up to 8 sequences
-        (their products run the decode tiles token by token, csrc/matmul.c); past 8 the prefill
+        (their products run the decode tiles, each token's sums as alone, csrc/matmul.c); past 8 the prefill
         tiles sum float weights in another order, to rounding. Like `run`, it leaves the caches'
         id lists to the caller.
 
