@@ -78,9 +78,9 @@ size_t blob_trace_end(void);
 
 /* ---- matrix products (matmul.c) ----
  * Y (n, rows) = X (n, cols) @ W.T; up to BLOB_DECODE_TILES_MAX_TOKENS tokens (a decode step, a
- * batched one, a speculative verify) run the decode matvec tiles token after token over each
- * item's rows, each token's row bit-identical to its own n == 1 product; more run the tiled
- * prefill matmul. */
+ * batched one, a speculative verify) run the decode matvec tiles over each item's rows (a few
+ * tokens at once for quantized rows read one per tile), each token's row bit-identical to its
+ * own n == 1 product; more run the tiled prefill matmul. */
 #define BLOB_DECODE_TILES_MAX_TOKENS 8
 int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
                 float *y, size_t y_stride);

@@ -386,6 +386,11 @@ typedef struct blob_isa_ops {
      * matvec_row: rows r0 .. r0+nr-1 (any nr) one at a time x 1 token, for rows too long for
      * matvec's (see matmul.c) */
     blob_tile_fn matvec[BLOB_NUM_DTYPES], matmul[BLOB_NUM_DTYPES], matvec_row[BLOB_NUM_DTYPES];
+    /* matvec_tokens: rows r0 .. r0+nr-1 (any nr) one at a time x up to BLOB_MVT_TOKENS tokens,
+     * each block of a row loaded once for all of them (a batched decode step), every output
+     * bit-identical to matvec_row's. Quantized types only (NULL for f32 / f16 / bf16, whose
+     * one-row tile sums in an order of its own). */
+    blob_tile_fn matvec_tokens[BLOB_NUM_DTYPES];
     int mv_rows, mm_rows, mm_tokens;
     /* X (n,) -> ceil(n/32) blocks of 32 levels (zero-padded) with f32 scales d = amax/QMAX and
      * levels rint(x * (1/d)): int8 with QMAX 127, int16 with QMAX 32639 */
@@ -420,12 +425,13 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
 
-/* A path's tile functions, one per (dtype, tile shape): mv_<type>, mm_<type> and mv1_<type>
- * (matvec, matmul, matvec_row). BLOB_DEFINE_TILES defines those of the five original types,
- * each calling the path's generic float_tile or quant_tile with constants the compiler
- * specializes on; `attr` is the path's target attribute. A path defines the q4_1 .. q6_k ones
- * with its own tiles, or with BLOB_SCALAR_TILES(type), which forwards to the scalar
- * reference. BLOB_TILE_TABLE lists them all in blob_isa_ops order. */
+/* A path's tile functions, one per (dtype, tile shape): mv_<type>, mm_<type>, mv1_<type> and
+ * mvt_<type> (matvec, matmul, matvec_row, matvec_tokens; no mvt_ for the float types).
+ * BLOB_DEFINE_TILES defines those of the five original types, each calling the path's generic
+ * float_tile or quant_tile with constants the compiler specializes on; `attr` is the path's
+ * target attribute. A path defines the q4_1 .. q6_k ones with its own tiles, or with
+ * BLOB_SCALAR_TILES(type), which forwards to the scalar reference. BLOB_TILE_TABLE lists them
+ * all in blob_isa_ops order. */
 #define BLOB_TILE_FN(attr, name, body, dtype, R, T)                                            \
     static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
                           size_t t0, size_t nt, float *y, size_t ys) {                         \
@@ -437,6 +443,26 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
                           size_t t0, size_t nt, float *y, size_t ys) {                         \
         for (size_t r = r0; r < r0 + nr; r++) body(w, r, 1, a, t0, nt, y, ys, dtype, 1, 1);  \
+    }
+/* The one-row tile over nr rows in turn, each against the nt <= BLOB_MVT_TOKENS tokens at
+ * once: a row's blocks are loaded once for all of them, and each (row, token) output is the
+ * same sum, in the same order, as the one-token tile's (every path's quantized tiles form each
+ * output alone, whatever the tile shape); the independent sums also hide the latency of each
+ * one's chain of adds. A tile of exactly nt tokens: a full one would repeat the last token's
+ * work. */
+#define BLOB_MVT_TOKENS 4
+_Static_assert(BLOB_MVT_TOKENS <= BLOB_TILE_MAX_TOKENS, "the switch below takes 1 .. 4 tokens");
+#define BLOB_TOKENS_FN(attr, name, body, dtype)                                                \
+    static attr void name(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
+                          size_t t0, size_t nt, float *y, size_t ys) {                         \
+        for (size_t r = r0; r < r0 + nr; r++) {                                                \
+            switch (nt) {                                                                      \
+            case 1: body(w, r, 1, a, t0, 1, y, ys, dtype, 1, 1); break;                        \
+            case 2: body(w, r, 1, a, t0, 2, y, ys, dtype, 1, 2); break;                        \
+            case 3: body(w, r, 1, a, t0, 3, y, ys, dtype, 1, 3); break;                        \
+            default: body(w, r, 1, a, t0, 4, y, ys, dtype, 1, 4); break;                       \
+            }                                                                                  \
+        }                                                                                      \
     }
 #define BLOB_DEFINE_TILES(attr, mv_rows, mm_rows, mm_tokens)                                   \
     _Static_assert(mv_rows <= BLOB_TILE_MAX_ROWS && mm_rows <= BLOB_TILE_MAX_ROWS &&           \
@@ -455,11 +481,13 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     BLOB_ROWS_FN(attr, mv1_f16, float_tile, BLOB_F16)                                          \
     BLOB_ROWS_FN(attr, mv1_bf16, float_tile, BLOB_BF16)                                        \
     BLOB_ROWS_FN(attr, mv1_q8_0, quant_tile, BLOB_Q8_0)                                        \
-    BLOB_ROWS_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0)
+    BLOB_ROWS_FN(attr, mv1_q4_0, quant_tile, BLOB_Q4_0)                                        \
+    BLOB_TOKENS_FN(attr, mvt_q8_0, quant_tile, BLOB_Q8_0)                                      \
+    BLOB_TOKENS_FN(attr, mvt_q4_0, quant_tile, BLOB_Q4_0)
 
 /* The scalar reference tile of a q4_1 .. q6_k type (kernels_scalar.c): any nr rows and
- * nt <= BLOB_TILE_MAX_TOKENS tokens, so it serves as every path's matvec, matmul and
- * matvec_row tile of the type until the path has its own. */
+ * nt <= BLOB_TILE_MAX_TOKENS tokens, so it serves as every path's matvec, matmul, matvec_row
+ * and matvec_tokens tile of the type until the path has its own. */
 #define BLOB_DECLARE_SCALAR_TILE(type)                                                         \
     void blob_scalar_tile_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, \
                                  size_t t0, size_t nt, float *y, size_t ys);
@@ -483,6 +511,10 @@ BLOB_DECLARE_SCALAR_TILE(q6_k)
     static void mv1_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,     \
                            size_t t0, size_t nt, float *y, size_t ys) {                        \
         blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
+    }                                                                                          \
+    static void mvt_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,     \
+                           size_t t0, size_t nt, float *y, size_t ys) {                        \
+        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
     }
 
 /* One tile array of blob_isa_ops, indexed by dtype (NULL for u8 .. i64). */
@@ -492,8 +524,15 @@ BLOB_DECLARE_SCALAR_TILE(q6_k)
      [BLOB_Q5_0] = shape##_q5_0, [BLOB_Q5_1] = shape##_q5_1, [BLOB_Q2_K] = shape##_q2_k,       \
      [BLOB_Q3_K] = shape##_q3_k, [BLOB_Q4_K] = shape##_q4_k, [BLOB_Q5_K] = shape##_q5_k,       \
      [BLOB_Q6_K] = shape##_q6_k}
+/* The quantized types' tiles of one shape, NULL for the float types. */
+#define BLOB_QUANT_TILES(shape)                                                                \
+    {[BLOB_Q8_0] = shape##_q8_0, [BLOB_Q4_0] = shape##_q4_0, [BLOB_Q4_1] = shape##_q4_1,       \
+     [BLOB_Q5_0] = shape##_q5_0, [BLOB_Q5_1] = shape##_q5_1, [BLOB_Q2_K] = shape##_q2_k,       \
+     [BLOB_Q3_K] = shape##_q3_k, [BLOB_Q4_K] = shape##_q4_k, [BLOB_Q5_K] = shape##_q5_k,       \
+     [BLOB_Q6_K] = shape##_q6_k}
 #define BLOB_TILE_TABLE(mv_rows, mm_rows, mm_tokens)                                           \
-    BLOB_DTYPE_TILES(mv), BLOB_DTYPE_TILES(mm), BLOB_DTYPE_TILES(mv1), mv_rows, mm_rows, mm_tokens
+    BLOB_DTYPE_TILES(mv), BLOB_DTYPE_TILES(mm), BLOB_DTYPE_TILES(mv1), BLOB_QUANT_TILES(mvt),  \
+    mv_rows, mm_rows, mm_tokens
 
 extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)

@@ -35,12 +35,16 @@ static int is_valid(const blob_matrix *w) {
  * most 256 bytes keep the multi-row tile: four of them span 16 lines, read nearly in order. */
 static int matvec_by_single_rows(const blob_matrix *w) { return w->row_stride_bytes > 256; }
 
-/* A few tokens — a batched decode step, one token per sequence — run the matvec tiles token
- * after token over each item's rows: the item's weights come from memory once, in the
- * matvec's prefetcher-friendly order, and from the cache for the other tokens, and every token
- * gets exactly its lone decode's results. The matmul tile over so few tokens reads its
- * interleaved rows at a fraction of the bandwidth (Gemma 3 270M's 262144 x 640 q8_0 head: 4
- * tokens took 4.5-5 times one token's matvec). */
+/* A few tokens — a batched decode step, one token per sequence — run the decode tiles over each
+ * item's rows, in the matvec's prefetcher-friendly order, and every token gets exactly its lone
+ * decode's results. Quantized rows that go one per tile take the few-token tile
+ * (matvec_tokens): each block loaded and widened once for up to BLOB_MVT_TOKENS tokens, whose
+ * independent sums also overlap the latency of each one's chain of adds (Gemma 3 270M's
+ * 262144 x 640 q8_0 head at one thread: 4 tokens took 3.5 times one token's matvec run token
+ * after token, 2.1 times with it). The other tiles run token after token, the weights of an
+ * item from the cache after the first. The matmul tile over so few tokens reads its
+ * interleaved rows at a fraction of the bandwidth (the same head, 2 threads: 4 tokens took
+ * 4.5-5 times one token's matvec). */
 static int decode_tiles(size_t n) { return n <= BLOB_DECODE_TILES_MAX_TOKENS; }
 
 /* One matrix of a job: its items come after those of the parts before it. */
@@ -49,7 +53,7 @@ typedef struct {
     float *y;
     size_t y_stride;
     blob_tile_fn tile;
-    int tile_rows;
+    int tile_rows, tile_tokens;
     size_t rows_per_call;   /* tile_rows, or a whole chunk for the one-row tiles */
     size_t chunk_rows, nchunks, first_item;
 } matmul_part;
@@ -59,7 +63,6 @@ typedef struct {
     size_t nparts;
     blob_acts acts;
     size_t n, token_tile, nitems;
-    int tile_tokens;
     volatile size_t next;
 } matmul_job;
 
@@ -72,9 +75,9 @@ static void run_item(const matmul_job *j, size_t item) {
     const size_t t_begin = (local / p->nchunks) * j->token_tile;
     const size_t t_end = blob_min(t_begin + j->token_tile, j->n);
     for (size_t r = r_begin; r < r_end; r += p->rows_per_call)
-        for (size_t t = t_begin; t < t_end; t += j->tile_tokens)
+        for (size_t t = t_begin; t < t_end; t += p->tile_tokens)
             p->tile(p->w, r, blob_min(p->rows_per_call, r_end - r), &j->acts, t,
-                    blob_min(j->tile_tokens, t_end - t), p->y, p->y_stride);
+                    blob_min((size_t)p->tile_tokens, t_end - t), p->y, p->y_stride);
 }
 
 static void matmul_task(void *ctx, int ith, int nth) {
@@ -154,11 +157,14 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
                       float *y, size_t y_stride) {
     const size_t n = job->n;
     const int decode = decode_tiles(n), row_tiles = decode && matvec_by_single_rows(w);
+    const blob_tile_fn few_tokens = row_tiles && n > 1 ? ops->matvec_tokens[w->dtype] : NULL;
     p->w = w;
     p->y = y;
     p->y_stride = y_stride;
-    p->tile = row_tiles ? ops->matvec_row[w->dtype] : decode ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
+    p->tile = few_tokens ? few_tokens : row_tiles ? ops->matvec_row[w->dtype]
+            : decode ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
     p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
+    p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1 : ops->mm_tokens;
     size_t chunk_rows = MATMUL_CHUNK_ROWS;
     if (decode)   /* the item's bytes read by all its tokens: 1 MiB */
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / n / w->row_stride_bytes,
@@ -185,9 +191,8 @@ int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t
     job.acts.x = x;
     job.acts.x_stride = x_stride;
     job.n = n;
-    job.tile_tokens = decode_tiles(n) ? 1 : ops->mm_tokens;
     size_t act_row_bytes = quantized ? cols * (size_t)(blob_act_bits(w[0]->dtype) / 8) + cols / 8 : 4 * cols;
-    job.token_tile = blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), job.tile_tokens));
+    job.token_tile = decode_tiles(n) ? n : blob_min(n, round_down_to(ACT_TILE_BYTES / (act_row_bytes + 1), ops->mm_tokens));
     for (size_t i = 0; i < count; i++)
         if (w[i]->rows > 0) plan_part(ops, &job, &job.parts[job.nparts++], w[i], y[i], y_stride[i]);
     if (job.nitems == 0) return BLOB_OK;

@@ -29,6 +29,23 @@ def packed_batch(checkpoints, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def wide_gemma3(spm_model, tmp_path_factory):
+    """dtype → a Gemma 3 blob with the real 270M's 640 columns: its q8_0 and q4_0 rows of 640 and 320
+    bytes go one per decode tile, so a batched step runs the few-token tile (csrc/matmul.c)."""
+    from conftest import build_checkpoint
+    root = tmp_path_factory.mktemp("wide_gemma3")
+    folder = build_checkpoint(root / "ckpt", "gemma3", spm_model, hidden_size=640, intermediate_size=320)
+    done = {}
+
+    def get(dtype):
+        if dtype not in done:
+            done[dtype] = root / f"{dtype}.blob"
+            convert(folder, done[dtype], dtype=dtype, quiet=True)
+        return done[dtype]
+    return get
+
+
 def prefilled_caches(model, count, seed=0):
     """`count` caches holding prompts of different lengths (3, 10, 17, ...: past Gemma 2's and 3's
     8-token windows), and the next token of each."""
@@ -58,8 +75,8 @@ def lone_and_batched(model, count):
 @pytest.mark.parametrize("dtype", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_batched_step_equals_lone_steps_bit_for_bit(packed_batch, name, dtype):
-    """Up to 8 rows the products run the decode tiles token by token, so every weight type gives
-    exactly the lone step's numbers (csrc/matmul.c, decode_tiles)."""
+    """Up to 8 rows the products run the decode tiles, each token's sums as alone, so every weight
+    type gives exactly the lone step's numbers (csrc/matmul.c, decode_tiles)."""
     model = load(packed_batch(name, dtype))
     for count in range(1, 6):
         lone, batched, lone_kv, batched_kv = lone_and_batched(model, count)
@@ -96,6 +113,17 @@ def drain(stream, timeout=30):
 @pytest.fixture(scope="module")
 def q8_model(packed_batch):
     return load(packed_batch("gemma3", "q8_0"))
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_a_batched_step_over_long_rows_equals_lone_steps_bit_for_bit(wide_gemma3, dtype):
+    """Rows of more than 256 bytes: 2..8 sequences' products run the few-token tile, up to four
+    tokens at once, and still give each sequence exactly its lone step's logits and cache rows."""
+    model = load(wide_gemma3(dtype))
+    for count in (2, 3, 5, 8):
+        lone, batched, lone_kv, batched_kv = lone_and_batched(model, count)
+        assert np.array_equal(batched, lone), f"{count} sequences: max |difference| {np.abs(batched - lone).max()}"
+        assert np.array_equal(batched_kv, lone_kv)
 
 
 def test_four_batched_greedy_streams_equal_each_alone(q8_model):

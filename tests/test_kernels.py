@@ -187,6 +187,27 @@ def test_matvec_equals_prefill_rows_bitwise(isa, dtype, shape):
             magnitude = np.abs(w.astype(np.float64)) @ np.abs(x[t].astype(np.float64))
             assert np.all(np.abs(K.matmul(m, x[t]) - prefill[t]) <= 4 * np.finfo(np.float32).eps * magnitude)
 
+@pytest.mark.parametrize("dtype,nblocks", [("q8_0", 20), ("q4_0", 20), *((d, 20) for d in BLOCK_DTYPES if
+                                            blobstore.DType.parse(d).spec.block == 32),
+                                           *((d, 5) for d in BLOCK_DTYPES if blobstore.DType.parse(d).spec.block == 256)])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8])
+def test_batched_decode_equals_lone_decode_bitwise(isa, threads, dtype, nblocks, n):
+    """A batched decode step of 2..8 tokens over quantized rows of more than 256 bytes runs the
+    few-token tile (matvec_tokens, csrc/matmul.c), up to four tokens per call: each token's row
+    equals its lone decode matvec bit for bit, at 1 and 2 threads, and the product is right."""
+    kind = blobstore.DType.parse(dtype)
+    shape = (23, nblocks * kind.spec.block)
+    assert layout(kind, shape).row_stride > 256, "rows the one-row decode tile reads"
+    rng = np.random.default_rng(stable_seed(dtype, n, "batched"))
+    m, w = make_weight(dtype, *shape, rng)
+    x = rng.standard_normal((n, shape[1])).astype(np.float32)
+    lone = np.stack([K.matmul(m, row) for row in x])
+    for count in (1, 2):
+        K.set_threads(count)
+        np.testing.assert_array_equal(K.matmul(m, x), lone)
+    check_matmul(dtype, w, x, lone.astype(np.float64))
+
+
 # ---- GGUF's block types (q4_1 .. q6_k): rows of whole blocks of 32 or 256 ----
 
 def block_weight(dtype: str, rows: int, nblocks: int, rng):

@@ -6,10 +6,13 @@
  * - activation quantization, int8 and int16 levels: bytes and scales identical to scalar;
  * - matvec and matmul tiles of every dtype on odd shapes (q4_1 .. q6_k: whole blocks, random planes):
  *   equal to scalar up to float summation order (1e-5 of sum |w x|); the one-row matvec tile equal
- *   to matvec's exactly for quantized types; q4_1 .. q6_k also against ggml's dequantization
- *   (written out here from its block loops) times the quantized activations, summed in double;
- * - q4_1 .. q6_k: every tile (matvec, matvec_row, matmul) bit-identical to the scalar tile, on rows
- *   of whole groups of eight blocks and of a remainder, and in q6_k's int32-overflow case;
+ *   to matvec's exactly for quantized types, and the few-token tile (a batched decode step, 2..8
+ *   tokens) to the one-row tile's token after token exactly; q4_1 .. q6_k also against ggml's
+ *   dequantization (written out here from its block loops) times the quantized activations,
+ *   summed in double;
+ * - q4_1 .. q6_k: every tile (matvec, matvec_row, matvec_tokens, matmul) bit-identical to the
+ *   scalar tile, on rows of whole groups of eight blocks and of a remainder, and in q6_k's
+ *   int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's;
@@ -39,6 +42,10 @@ static void fail(const char *what, const char *path, double got, double want, do
 static void expect_close(const char *what, const char *path, double got, double want, double tol) {
     checks++;
     if (!(fabs(got - want) <= tol)) fail(what, path, got, want, tol);
+}
+
+static void expect_identical(const char *what, const char *path, const float *got, const float *want, size_t count) {
+    for (size_t i = 0; i < count; i++) expect_close(what, path, got[i], want[i], 0.0);
 }
 
 /* ---- deterministic random data ---- */
@@ -344,15 +351,22 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     return qa;
 }
 
-/* Y = X @ W.T through the path's tiles; one_row picks the one-row matvec tile (n == 1). */
+/* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
+ * token; or the few-token tile (matvec_tokens, quantized types), three rows to a call. */
+enum { TILES_MATVEC_OR_MATMUL = 0, TILES_ONE_ROW = 1, TILES_FEW_TOKENS = 2 };
+
+/* Y = X @ W.T through the path's tiles of `shape`. */
 static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y,
-                      int one_row) {
+                      int shape) {
     const int bits = blob_act_bits(w->m.dtype);
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
                    qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split};
-    blob_tile_fn tile = one_row ? ops->matvec_row[w->m.dtype] : n == 1 ? ops->matvec[w->m.dtype] : ops->matmul[w->m.dtype];
-    size_t R = (size_t)(one_row ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows), T = n == 1 ? 1 : (size_t)ops->mm_tokens;
+    const int dtype = w->m.dtype;
+    blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
+                      : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
+    size_t R = (size_t)(shape == TILES_FEW_TOKENS ? 3 : shape == TILES_ONE_ROW ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows);
+    size_t T = (size_t)(shape == TILES_FEW_TOKENS ? BLOB_MVT_TOKENS : shape == TILES_ONE_ROW || n == 1 ? 1 : ops->mm_tokens);
     for (size_t r = 0; r < w->m.rows; r += R)
         for (size_t t = 0; t < n; t += T)
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
@@ -411,7 +425,7 @@ static void check_against_dequantized(const blob_isa_ops *ops, const test_weight
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
-    const size_t token_counts[] = {1, 2, 3, 5};
+    const size_t token_counts[] = {1, 2, 3, 5, 8};
     for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
         if (!blob_dtype_block(dtype)) continue;
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -422,8 +436,8 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
                 float *x = (float *)malloc(n * cols * sizeof(float));
                 float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
                 for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
-                run_tiles(ops, &w, x, n, y, 0);
-                run_tiles(&blob_ops_scalar, &w, x, n, ref, 0);
+                run_tiles(ops, &w, x, n, y, TILES_MATVEC_OR_MATMUL);
+                run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
                 char what[64];
                 snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
                 for (size_t t = 0; t < n; t++)
@@ -436,13 +450,20 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
                 if (n == 1) {   /* the one-row tile forms the very same quantized sums; float rows
                                    it sums with four accumulators (equal to rounding) */
                     const int exact = blob_dtype_block(dtype) > 1 || ops == &blob_ops_scalar;
-                    run_tiles(ops, &w, x, n, ref, 1);
+                    run_tiles(ops, &w, x, n, ref, TILES_ONE_ROW);
                     snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
                     for (size_t r = 0; r < rows; r++) {
                         double slack = 0;
                         for (size_t k = 0; k < cols; k++) slack += w.abs_values[r * cols + k] * fabs(x[k]);
                         expect_close(what, path, ref[r], y[r], exact ? 0 : 1e-6 * slack);
                     }
+                }
+                if (n > 1 && blob_dtype_block(dtype) > 1) {   /* a batched decode step: each token's
+                                                                 sums of the one-row tile, exactly */
+                    run_tiles(ops, &w, x, n, y, TILES_ONE_ROW);
+                    run_tiles(ops, &w, x, n, ref, TILES_FEW_TOKENS);
+                    snprintf(what, sizeof what, "matvec_tokens %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
+                    expect_identical(what, path, ref, y, n * rows);
                 }
                 free(x), free(y), free(ref);
             }
@@ -487,16 +508,12 @@ static void free_block_weight(test_weight *w) {
     for (int p = 0; p < BLOB_MAX_PLANES; p++) free((void *)w->m.plane[p]);
 }
 
-static void expect_identical(const char *what, const char *path, const float *got, const float *want, size_t count) {
-    for (size_t i = 0; i < count; i++) expect_close(what, path, got[i], want[i], 0.0);
-}
-
 /* Every tile shape of the path (matvec, matvec_row, matmul) against the scalar tile, bit for
  * bit, at token counts that leave partial token tiles, on rows of whole groups of eight blocks
  * and (q5_0) of a remainder; then the extreme case above against activations all at +amax. */
 static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t q32_cols[] = {32, 96, 256, 640, 2144}, k_cols[] = {256, 512, 2304};
-    const size_t row_counts[] = {1, 5, 13}, token_counts[] = {1, 2, 3, 5};
+    const size_t row_counts[] = {1, 5, 13}, token_counts[] = {1, 2, 3, 5, 8};
     for (int dtype = BLOB_Q4_1; dtype < BLOB_NUM_DTYPES; dtype++) {
         const int k_quant = blob_dtype_block(dtype) == BLOB_KBLOCK;
         const size_t *col_list = k_quant ? k_cols : q32_cols;
@@ -513,13 +530,17 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
                     if (cols >= 64) memset(x + 32, 0, 32 * sizeof(float));   /* an all-zero block */
                     char what[64];
                     snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
-                    run_tiles(ops, &w, x, n, y, 0);
-                    run_tiles(&blob_ops_scalar, &w, x, n, ref, 0);
+                    run_tiles(ops, &w, x, n, y, TILES_MATVEC_OR_MATMUL);
+                    run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
                     expect_identical(what, path, y, ref, n * rows);
                     if (n == 1) {
                         snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
-                        run_tiles(ops, &w, x, n, y, 1);
+                        run_tiles(ops, &w, x, n, y, TILES_ONE_ROW);
                         expect_identical(what, path, y, ref, rows);
+                    } else {
+                        snprintf(what, sizeof what, "matvec_tokens %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
+                        run_tiles(ops, &w, x, n, y, TILES_FEW_TOKENS);
+                        expect_identical(what, path, y, ref, n * rows);
                     }
                     free(x), free(y), free(ref);
                 }
@@ -529,10 +550,12 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
         test_weight w = make_block_weight(dtype, rows, cols, 1);
         float x[2 * 512], y[2 * 3], ref[2 * 3];
         for (size_t k = 0; k < 2 * cols; k++) x[k] = 1.0f;
-        run_tiles(ops, &w, x, 2, y, 0);
-        run_tiles(&blob_ops_scalar, &w, x, 2, ref, 0);
+        run_tiles(ops, &w, x, 2, y, TILES_MATVEC_OR_MATMUL);
+        run_tiles(&blob_ops_scalar, &w, x, 2, ref, TILES_MATVEC_OR_MATMUL);
         expect_identical("matmul extreme levels", path, y, ref, 2 * rows);
-        run_tiles(ops, &w, x, 1, y, 1);
+        run_tiles(ops, &w, x, 2, y, TILES_FEW_TOKENS);
+        expect_identical("matvec_tokens extreme levels", path, y, ref, 2 * rows);
+        run_tiles(ops, &w, x, 1, y, TILES_ONE_ROW);
         expect_identical("matvec_row extreme levels", path, y, ref, rows);
         free_block_weight(&w);
     }
