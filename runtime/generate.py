@@ -117,7 +117,7 @@ LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequence[int], params: SamplingParams,
                   rng: np.random.Generator, *, vocab_size: int,
-                  logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
+                  logits_processor: Optional[LogitsProcessor] = None, images: Sequence = ()) -> Iterator[int]:
     """Layer 1: yield sampled token ids forever (the caller stops); the session's cache follows
     every token, and the leading prompt tokens it already holds are not recomputed.
 
@@ -129,6 +129,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     leaves the session consistent: the next call recomputes from the last complete position.
     The caller holds the session (Session.in_use).
     `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
+    `images`: the prompt's ImageSpans (runtime/image_prompt.py), when it holds pictures.
 
     >>> steps = generate_step(transformer, session, [2, 651], SamplingParams(temperature=0),
     ...                       np.random.default_rng(0), vocab_size=262144)     # doctest: +SKIP
@@ -137,7 +138,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     """
     prompt_ids = list(prompt_ids)
     cache = session.cache
-    logits = prefill(transformer, cache, prompt_ids)[:vocab_size]
+    logits = prefill(transformer, cache, prompt_ids, images)[:vocab_size]
     context = list(prompt_ids)
     while True:
         token = sample_next(logits, context, len(prompt_ids), params, rng, logits_processor)
@@ -147,17 +148,19 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
         cache.token_ids.append(token)
 
 
-def prefill(transformer: Transformer, cache, prompt_ids: list[int]) -> np.ndarray:
+def prefill(transformer: Transformer, cache, prompt_ids: list[int], images: Sequence = ()) -> np.ndarray:
     """The last prompt position's logits (vocab,), computing only the prompt tokens `cache` does
-    not already hold; the cache then holds the whole prompt.
+    not already hold; the cache then holds the whole prompt, and its ImageSpans `images`.
 
     >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
     (262144,)
     """
-    reuse = cache.reusable_prefix(prompt_ids)
+    reuse = cache.reusable_prefix(prompt_ids, images)
     cache.truncate(reuse)
-    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    new_images = [span for span in images if span.begin >= reuse]
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse, images=new_images)[-1]
     cache.token_ids.extend(prompt_ids[reuse:])
+    cache.images.extend(new_images)
     return logits
 
 
@@ -177,7 +180,8 @@ def sample_next(logits: np.ndarray, context: list[int], prompt_length: int, para
 def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, prompt_ids: Sequence[int],
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
            stop: Sequence[str] = (), stop_ids=frozenset(),
-           logits_processor: Optional[LogitsProcessor] = None, batch=None) -> Iterator[GenerationChunk]:
+           logits_processor: Optional[LogitsProcessor] = None, batch=None, images: Sequence = ()
+           ) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
@@ -185,7 +189,7 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
     submitted to it, advancing in one batched step with the engine's other requests; the text is
     the same either way (text_chunks). Breaking out of the loop stops the generation; the cache
     keeps what was computed. Sampled ids stay below `vocab_size` (see generate_step), which is
-    also the length of the logits a `logits_processor` gets.
+    also the length of the logits a `logits_processor` gets. `images`: the prompt's ImageSpans.
 
     >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
     ...                     vocab_size=262144, max_new_tokens=8):               # doctest: +SKIP
@@ -196,10 +200,11 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
     prompt_ids = list(prompt_ids)
     session.cache.check_room(len(prompt_ids))
     text = dict(max_new_tokens=max_new_tokens, max_seq_len=session.max_seq_len, stop=stop, stop_ids=stop_ids,
-                reused_prompt_tokens=session.reusable_prefix(prompt_ids))
+                reused_prompt_tokens=session.reusable_prefix(prompt_ids, images))
     if batch is not None and max_new_tokens > 0:
         # the engine holds the session from submit until it lets go of the request (wait())
-        tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor)
+        tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor,
+                              images=images)
         try:
             yield from text_chunks(tokenizer, prompt_ids, tokens, **text)
         finally:
@@ -208,7 +213,7 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
         return
     with session.in_use():
         steps = generate_step(transformer, session, prompt_ids, params, np.random.default_rng(seed),
-                              vocab_size=vocab_size, logits_processor=logits_processor)
+                              vocab_size=vocab_size, logits_processor=logits_processor, images=images)
         try:
             yield from text_chunks(tokenizer, prompt_ids, steps, **text)
         finally:

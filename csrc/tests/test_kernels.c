@@ -641,7 +641,7 @@ static void attention_via_api(int kv_dtype, size_t window, float softcap, const 
     }
     const void *k = kv_dtype == BLOB_F16 ? (const void *)k16 : (const void *)k32;
     const void *v = kv_dtype == BLOB_F16 ? (const void *)v16 : (const void *)v32;
-    blob_attention a = {8, 2, 40, kv_dtype, k, v, 40, 64 * 40, 40, 64 * 40, 0.3f, softcap, window};
+    blob_attention a = {8, 2, 40, kv_dtype, k, v, 40, 64 * 40, 40, 64 * 40, 0.3f, softcap, window, NULL, 0};
     if (blob_attention_run(&a, q, n, p0, out) != BLOB_OK) fail("blob_attention_run status", "api", 1, 0, 0);
 }
 
@@ -851,6 +851,7 @@ static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, 
     const size_t cache_bytes = FW_LAYERS * FW_SEQ * FW_KV_HEADS * FW_HD * blob_cache_elem_size(kv_dtype);
     void *scratch = malloc(blob_forward_scratch_bytes(&t->m, FW_SEQ));
     blob_sequence seqs[FW_MAX_SEQS];
+    memset(seqs, 0, sizeof seqs);   /* no image spans */
     blob_kv_cache lone[FW_MAX_SEQS];
     int64_t prompt[FW_SEQ], step_ids[FW_MAX_SEQS];
     float batched[FW_MAX_SEQS * FW_VOCAB], alone[FW_VOCAB];
