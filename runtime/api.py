@@ -190,16 +190,16 @@ class Model:
         if images is not None:
             pictures = self.image_encoder.pictures(_listed(images, "images"), _pan_and_scan(pan_and_scan))
             crops = [len(picture) - 1 for picture in pictures]
-            keys, features = self.image_encoder.features(np.concatenate(pictures))
+            features = self.image_encoder.features(np.concatenate(pictures))
         else:
-            features = [np.asarray(f, np.float32) for f in _listed(image_features, "image_features")]
-            crops, keys = [0] * len(features), [image_prompt.picture_key(f) for f in features]
+            features = _listed(image_features, "image_features")
+            crops = [0] * len(features)
         if isinstance(prompt, str):
             ids, begins = image_prompt.expand_text(self.tokenizer, prompt, tokens, crops, add_bos)
         else:
             ids = [int(i) for i in prompt]
             begins = image_prompt.runs_in_ids(ids, tokens)
-        return ids, image_prompt.spans(begins, features, keys, tokens, self.config.hidden_size)
+        return ids, image_prompt.spans(begins, features, tokens, self.config.hidden_size)
 
     # ---- text ----
 
@@ -210,7 +210,8 @@ class Model:
 
         Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
         from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos,
-        session (a Session from new_session / load_session; default the model's own).
+        session (a Session from new_session / load_session; default the model's own), add_bos (a str
+        prompt's BOS: None follows the tokenizer).
         A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
         that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
         decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or

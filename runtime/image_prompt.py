@@ -31,8 +31,9 @@ _PLACEHOLDER = "\x00image\x00"   # stands for one image's soft tokens while the 
 @dataclass(frozen=True)
 class ImageSpan:
     """One picture's soft tokens in a sequence: positions begin .. end-1, their input vectors
-    `embeds` (end - begin, hidden) float32, and `key`, a digest of the picture, which tells the
-    KV cache's prefix reuse one picture from another (runtime/kv_cache.py).
+    `embeds` (end - begin, hidden) float32, and `key`, a digest of those embeddings (the same
+    picture gives the same ones, whatever form it came in), which tells the KV cache's prefix
+    reuse one picture from another (runtime/kv_cache.py).
 
     >>> ImageSpan(5, 9, "ab12", np.zeros((4, 64), np.float32)).end
     9
@@ -75,9 +76,9 @@ class ImageTokens:
         return cls(*(config[name] for name in names))
 
 
-def picture_key(pixels: np.ndarray) -> str:
-    """A digest of one picture's pixel values (or of its features, when given as such)."""
-    data = np.ascontiguousarray(pixels, np.float32)
+def picture_key(values: np.ndarray) -> str:
+    """A digest of one picture's pixel values or features (float32)."""
+    data = np.ascontiguousarray(values, np.float32)
     return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()[:32]
 
 
@@ -135,18 +136,17 @@ def runs_in_ids(ids: Sequence[int], tokens: ImageTokens) -> list[int]:
     return begins
 
 
-def spans(begins: Sequence[int], features: Sequence[np.ndarray], keys: Sequence[str], tokens: ImageTokens,
-          hidden: int) -> list[ImageSpan]:
+def spans(begins: Sequence[int], features: Sequence[np.ndarray], tokens: ImageTokens, hidden: int) -> list[ImageSpan]:
     """One ImageSpan per picture: features[i] (per_image, hidden) at begins[i]."""
     if len(begins) != len(features):
         raise ValueError(f"the prompt holds {len(begins)} picture(s) (image token runs) but {len(features)} "
                          f"were given")
     made = []
-    for i, (begin, embeds, key) in enumerate(zip(begins, features, keys)):
+    for i, (begin, embeds) in enumerate(zip(begins, features)):
         embeds = np.ascontiguousarray(embeds, np.float32)
         if embeds.shape != (tokens.per_image, hidden):
             raise ValueError(f"image features {i}: expected shape ({tokens.per_image}, {hidden}), found {embeds.shape}")
-        made.append(ImageSpan(begin, begin + tokens.per_image, key, embeds))
+        made.append(ImageSpan(begin, begin + tokens.per_image, picture_key(embeds), embeds))
     return made
 
 
@@ -157,7 +157,7 @@ class ImageEncoder:
 
     >>> encoder = ImageEncoder(reader)                                   # doctest: +SKIP
     >>> pixels = encoder.pictures(["cat.png"], pan_and_scan=None)        # doctest: +SKIP
-    >>> keys, features = encoder.features(np.concatenate(pixels))       # doctest: +SKIP
+    >>> features = encoder.features(np.concatenate(pixels))             # doctest: +SKIP
     """
 
     MEMO = 16
@@ -180,9 +180,9 @@ class ImageEncoder:
         size = self.tower().image_size
         return [preprocess(image, size, pan_and_scan) for image in images]
 
-    def features(self, pixels: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
-        """(key, projected features (mm_tokens_per_image, text hidden)) of each picture of
-        `pixels` (n, 3, S, S); only pictures not in the memo are encoded, in one call."""
+    def features(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """The projected features (mm_tokens_per_image, text hidden) of each picture of `pixels`
+        (n, 3, S, S); only pictures not in the memo (by pixel digest) are encoded, in one call."""
         keys = [picture_key(picture) for picture in pixels]
         with self._lock:
             missing = [i for i, key in enumerate(keys) if key not in self._memo]
@@ -195,7 +195,7 @@ class ImageEncoder:
                 found.append(self._memo[key])
             while len(self._memo) > self.MEMO:
                 self._memo.popitem(last=False)
-        return keys, found
+        return found
 
 
 def images_in_messages(messages: Sequence[Mapping]) -> tuple[list[dict], list]:

@@ -66,7 +66,7 @@ def vision_checkpoint(tmp_path_factory):
     _tokenizer_json(folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<bos>",
                                                               "eos_token": "<eos>"}))
-    blob = folder.parent / "gemma3_vision.blob"
+    blob = tmp_path_factory.mktemp("gemma3_vision_blob") / "gemma3_vision.blob"
     convert(folder, blob, dtype="f32", quiet=True)
     reference = transformers.Gemma3ForConditionalGeneration.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager").eval()

@@ -114,19 +114,20 @@ class _Server:
         return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="request_too_large")
 
     async def _complete(self, request: Request, job: Job) -> Response:
-        ids = await run_in_threadpool(self.engine.prompt_ids, job)
+        prompt = await run_in_threadpool(self.engine.prompt, job)
         processor = self._grammar(job)
         await self.admission.acquire()
-        generation = Generation(self.engine, self.admission, job, ids, processor)
+        generation = Generation(self.engine, self.admission, job, prompt, processor)
         reply = Reply(self.model_id, chat=job.is_chat)
         if job.stream:
-            return StreamingResponse(self._events(generation, reply, job, len(ids)), media_type="text/event-stream",
+            return StreamingResponse(self._events(generation, reply, job, len(prompt.ids)),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text, last = await self._collect(request, generation)
         finally:
             generation.cancel()
-        return JSONResponse(reply.whole(text, last.finish_reason, _usage(len(ids), last)))
+        return JSONResponse(reply.whole(text, last.finish_reason, _usage(len(prompt.ids), last)))
 
     def _grammar(self, job: Job):
         if job.response_format is None:
