@@ -51,9 +51,9 @@ class KVCache:
         n = 0
         while n < limit and self.token_ids[n] == ids[n]:
             n += 1
-        held = set(self.images)
-        for span in list(self.images) + list(images):
-            if span.begin < n and (span not in held or span.end > n or span not in images):
+        in_both = set(self.images) & set(images)   # the same picture at the same positions
+        for span in [*self.images, *images]:
+            if span.begin < n and (span not in in_both or span.end > n):
                 n = span.begin
         return n
 

@@ -267,3 +267,62 @@ def test_a_text_only_blob_refuses_images(checkpoints, tmp_path):
             text_model.generate("<start_of_image>What is it?", images=[np.zeros((4, 4, 3), np.uint8)])
         with pytest.raises(FormatError, match="has no vision component"):
             text_model.chat([{"role": "user", "content": [{"type": "image", "image": "x.png"}]}])
+
+
+def test_reusable_prefix_stops_at_the_first_picture_that_differs():
+    from blobstore.runtime.image_prompt import ImageSpan
+    from blobstore.runtime.kv_cache import KVCache
+    cache = KVCache(num_layers=1, max_seq_len=32, num_kv_heads=1, head_dim=4)
+    ids = [2, 5, BOI] + [IMAGE] * 4 + [EOI, 9, 10, BOI] + [IMAGE] * 4 + [EOI, 11, 12]
+    a, b, c = ImageSpan(3, 7, "a"), ImageSpan(12, 16, "b"), ImageSpan(12, 16, "c")
+    cache.token_ids[:] = ids
+    cache.images[:] = [a, b]
+    assert cache.reusable_prefix(ids + [13], [a, b]) == len(ids)       # the same pictures: all of it
+    assert cache.reusable_prefix(ids + [13], [a, c]) == 12              # another second picture
+    assert cache.reusable_prefix(ids + [13], [ImageSpan(3, 7, "z"), b]) == 3
+    assert cache.reusable_prefix(ids + [13], []) == 3                   # the soft-token ids as text
+    assert cache.reusable_prefix(ids[:14] + [40] * 5, [a, b]) == 12     # a prefix never ends inside one
+    cache.truncate(14)
+    assert cache.images == [a]
+
+
+@pytest.mark.parametrize("images", [[[3, 2, "k"]], [[0, 99, "k"]], [[1, 3, 7]], "k", [[1, 3, "k"], [2, 5, "k"]]])
+def test_a_session_file_with_bad_pictures_is_refused(vision_checkpoint, model, processor, tmp_path, images):
+    from blobstore import open as open_blob
+    from blobstore.writer import BlobWriter
+    inputs = processor(text=PROMPT_ONE, images=_pictures(1), return_tensors="np")
+    session = model.new_session()
+    model.generate(PROMPT_ONE, image_features=list(_features(vision_checkpoint[2], inputs["pixel_values"])),
+                   max_new_tokens=1, session=session)
+    session.save(tmp_path / "good.session")
+    with open_blob(tmp_path / "good.session") as saved, BlobWriter(tmp_path / "bad.session") as writer:
+        for name in ("session.k", "session.v", "session.token_ids"):
+            writer.add(name, np.array(saved[name]), component="session")
+        writer.metadata["session"] = {**saved.metadata["session"], "images": images}
+    with pytest.raises(FormatError, match="session.images"):
+        model.load_session(tmp_path / "bad.session")
+
+
+def test_q8_0_top1_agrees_with_transformers(vision_checkpoint, processor, tmp_path):
+    """The language model at q8_0 with transformers' image features: the greedy choice at every
+    position of a two-image prompt is transformers' float32 one (measured: 61 of 61)."""
+    folder, _, reference = vision_checkpoint
+    convert(folder, tmp_path / "q8.blob", dtype="q8_0", quiet=True)
+    inputs = processor(text=PROMPT_TWO, images=_pictures(2, seed=7), return_tensors="np")
+    features = list(_features(reference, inputs["pixel_values"]))
+    with load(tmp_path / "q8.blob", max_seq_len=256) as quantized:
+        ours = quantized.forward(PROMPT_TWO, image_features=features)
+    expected = _reference_logits(reference, inputs)
+    assert (ours.argmax(1) == expected.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("spans, message", [
+    ([(2, 12, None)], "crosses the call's positions 0..7"),
+    ([(4, 6, None), (1, 3, None)], "spans sorted, disjoint"),
+    ([(3, 3, None)], "begin < end"),
+    ([(2, 4, np.zeros((3, 64), np.float32))], r"embeds must be \(2, 64\)"),
+    ([(2, 4, np.zeros((2, 64), np.float64))], "must be float32")])
+def test_the_stack_refuses_bad_spans(model, spans, message):
+    cache = model.new_session(max_seq_len=16).cache
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.transformer.stack.run([2] * 8, cache.k, cache.v, 0, spans=spans)
