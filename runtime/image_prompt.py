@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import FormatError
 from .images import preprocess
 
-MARKER = "<start_of_image>"   # what a prompt's text (and the Gemma 3 chat template) writes per image
+MARKER = "<start_of_image>"   # Gemma 3's image marker (its boi token): what a prompt writes per image
 _PLACEHOLDER = "\x00image\x00"   # stands for one image's soft tokens while the text is tokenized
 
 
@@ -88,14 +88,15 @@ def expand_text(tokenizer, text: str, tokens: ImageTokens, crops: Sequence[int],
     pan-and-scan crops by the original's run and one per crop. The text between runs is
     tokenized piece by piece, as transformers' tokenizer splits at its special tokens.
 
-    >>> expand_text(tokenizer, "Look: <start_of_image>", tokens, [0])   # doctest: +SKIP
-    ([2, 5112, 236787, 108, 255999, 262144, 262144, ..., 256000, 108], [5])
+    >>> ids, begins = expand_text(tokenizer, "Look: <start_of_image>", tokens, [0])   # doctest: +SKIP
+    >>> ids[begins[0] - 1:begins[0] + 2], ids[begins[0] + 256]                      # doctest: +SKIP
+    ([255999, 262144, 262144], 256000)
     """
-    pieces = text.split(MARKER)
+    boi, eoi = tokenizer.id_to_token(tokens.boi), tokenizer.id_to_token(tokens.eoi)   # boi is the marker
+    pieces = text.split(boi)
     if len(pieces) - 1 != len(crops):
-        raise ValueError(f"the prompt has {len(pieces) - 1} image marker(s) ({MARKER}) but {len(crops)} image(s) "
+        raise ValueError(f"the prompt has {len(pieces) - 1} image marker(s) ({boi}) but {len(crops)} image(s) "
                          f"were given; write one marker per image")
-    boi, eoi = tokenizer.id_to_token(tokens.boi), tokenizer.id_to_token(tokens.eoi)
     run = f"\n\n{boi}{_PLACEHOLDER}{eoi}\n\n"
     expanded = pieces[0] + "".join(_replacement(run, count) + piece for count, piece in zip(crops, pieces[1:]))
     ids, begins = [], []
