@@ -1,4 +1,4 @@
-/* Causal grouped-query attention over KV caches (f32 or f16), for one decode token, a prefill
+/* Causal grouped-query attention (bidirectional inside image spans) over KV caches (f32 or f16), for one decode token, a prefill
  * batch, or one token of each of several sequences (a batched decode step), in one job. One work
  * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
  * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
@@ -53,6 +53,14 @@ static float softmax_scores(const blob_attention *a, float *scores, size_t count
     return 1.0f / total;
 }
 
+/* The last key position p sees: its own, or the last of the image span holding it (a few
+ * spans at most: a scan; none for text). */
+static size_t last_visible(const blob_attention *a, size_t p) {
+    for (size_t i = 0; i < a->n_spans; i++)
+        if (a->spans[i].begin <= p && p < a->spans[i].end) return a->spans[i].end - 1;
+    return p;
+}
+
 /* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j], for the
  * heads h0 .. h0 + heads - 1, which share one KV head; row i of the job is query i - row0 of
  * sequence s. */
@@ -61,7 +69,7 @@ static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size
     const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
     const size_t p = j->p0[s] + i - row0;
     const size_t first = (a->window > 0 && p + 1 > a->window) ? p + 1 - a->window : 0;
-    const size_t count = p + 1 - first;
+    const size_t count = last_visible(a, p) + 1 - first;
     const size_t kv_head = h0 / (a->n_heads / a->n_kv_heads);
     const uint8_t *k = (const uint8_t *)a->k + (kv_head * a->k_head_stride + first * a->k_pos_stride) * es;
     const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
@@ -112,6 +120,12 @@ int blob_attention_run_batch(const blob_attention *a, size_t count, const float 
             return BLOB_EINVAL;
         job.rows += n[s];
         if (p0[s] + n[s] > job.scores_stride) job.scores_stride = p0[s] + n[s];
+        for (size_t i = 0; i < a[s].n_spans; i++) {   /* a query inside a span reads up to its end */
+            const blob_span *span = &a[s].spans[i];
+            if (span->begin >= span->end) return BLOB_EINVAL;
+            if (span->begin < p0[s] + n[s] && span->end > p0[s] && span->end > job.scores_stride)
+                job.scores_stride = span->end;
+        }
     }
     if (job.rows == 0) return BLOB_OK;
     job.a = a;

@@ -180,7 +180,8 @@ static int attend_sequences(const blob_model *m, activations *a, size_t layer) {
         const size_t layer_offset = layer * c->max_seq * width * blob_cache_elem_size(c->dtype);
         const blob_attention view = {m->n_heads, m->n_kv_heads, hd, c->dtype,
                                      (const uint8_t *)c->k + layer_offset, (const uint8_t *)c->v + layer_offset,
-                                     width, hd, width, hd, m->attn_scale, m->attn_softcap, l->window};
+                                     width, hd, width, hd, m->attn_scale, m->attn_softcap, l->window,
+                                     a->seqs[s].spans, a->seqs[s].n_spans};
         a->views[s] = view;
         a->seq_n[s] = a->seqs[s].n;
         a->seq_start[s] = a->seqs[s].start;
@@ -251,9 +252,35 @@ static int head(const blob_model *m, activations *a, size_t n, size_t rows, floa
     return status;
 }
 
+/* Spans sorted, disjoint, inside the cache, and each one that overlaps the call's positions
+ * wholly inside them (its keys are all written before any of its queries attends). */
+static int valid_spans(const blob_sequence *q) {
+    const size_t end = q->start + q->n;
+    if (q->n_spans > 0 && q->spans == NULL) return 0;
+    for (size_t i = 0; i < q->n_spans; i++) {
+        const blob_span *span = &q->spans[i];
+        if (span->begin >= span->end || span->end > q->cache.max_seq) return 0;
+        if (i > 0 && span->begin < q->spans[i - 1].end) return 0;
+        const int overlaps = span->begin < end && span->end > q->start;
+        if (overlaps && (span->begin < q->start || span->end > end)) return 0;
+    }
+    return 1;
+}
+
 static int valid_sequence(const blob_sequence *q) {
     const blob_kv_cache *c = &q->cache;
-    return q->n > 0 && q->start + q->n <= c->max_seq && (c->dtype == BLOB_F32 || c->dtype == BLOB_F16);
+    return q->n > 0 && q->start + q->n <= c->max_seq && (c->dtype == BLOB_F32 || c->dtype == BLOB_F16) &&
+           valid_spans(q);
+}
+
+/* The embeds of each span inside the call in place of its rows of X (the sequence's n rows). */
+static void place_span_embeds(const blob_model *m, const blob_sequence *q, float *x) {
+    for (size_t i = 0; i < q->n_spans; i++) {
+        const blob_span *span = &q->spans[i];
+        if (span->embeds && span->begin >= q->start && span->end <= q->start + q->n)
+            memcpy(x + (span->begin - q->start) * m->hidden, span->embeds,
+                   (span->end - span->begin) * m->hidden * sizeof(float));
+    }
 }
 
 int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
@@ -274,6 +301,8 @@ int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_
     blob_embed(&m->embed, ids, n, a.x);
     if (m->embedding_scale != 1.0f)
         for (size_t e = 0; e < n * m->hidden; e++) a.x[e] *= m->embedding_scale;
+    for (size_t s = 0, row = 0; s < n_seqs; row += seqs[s].n, s++)
+        place_span_embeds(m, &seqs[s], a.x + row * m->hidden);
     int status = BLOB_OK;
     for (size_t i = 0; i < m->n_layers && status == BLOB_OK; i++) {
         status = attention_block(m, i, &a, n);
@@ -286,6 +315,6 @@ int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
                  size_t start, size_t logit_rows, float *logits, void *scratch) {
     if (n == 0) return BLOB_OK;
-    const blob_sequence one = {*cache, start, n};
+    const blob_sequence one = {*cache, start, n, NULL, 0};
     return blob_forward_batch(m, &one, 1, ids, logit_rows, logits, scratch);
 }

@@ -92,13 +92,23 @@ int blob_matmul(const blob_matrix *w, const float *x, size_t x_stride, size_t n,
 int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t *y_stride, size_t count,
                       const float *x, size_t x_stride, size_t n);
 
+/* Positions begin .. end-1 of a sequence that hold one image's tokens (Gemma 3): they see each
+ * other both ways, and when `embeds` is not NULL, its rows (end - begin, hidden) are their input
+ * vectors in place of their tokens' embeddings (taken as given: the embedding scale is not applied). */
+typedef struct blob_span {
+    size_t begin, end;
+    const float *embeds;
+} blob_span;
+
 /* ---- attention (attention.c) ----
  * Causal attention of n queries at positions p0 .. p0+n-1 over a KV cache holding positions
  * 0 .. p0+n-1. Element (pos, kv_head, d) of K is at k + pos*k_pos_stride + kv_head*k_head_stride + d
  * (likewise V); the cache dtype is BLOB_F32 or BLOB_F16. Query head h reads kv head
- * h / (n_heads / n_kv_heads). A key at position j is visible from position p when j <= p and,
- * with window > 0, p - j < window. Scores are (q . k) * scale, then softcap * tanh(s / softcap)
- * when softcap > 0. Q and OUT are (n, n_heads, head_dim), contiguous. */
+ * h / (n_heads / n_kv_heads). A key at position j is visible from position p when j <= p, or
+ * both lie in one of the n_spans bidirectional spans (spans: NULL when n_spans is 0), and, with
+ * window > 0, p - j < window (transformers' Gemma 3: AND(window, OR(causal, same image))). The
+ * cache must hold every span's keys that a query inside it sees. Scores are (q . k) * scale, then
+ * softcap * tanh(s / softcap) when softcap > 0. Q and OUT are (n, n_heads, head_dim), contiguous. */
 typedef struct blob_attention {
     size_t n_heads, n_kv_heads, head_dim;
     int kv_dtype;
@@ -106,6 +116,8 @@ typedef struct blob_attention {
     size_t k_pos_stride, k_head_stride, v_pos_stride, v_head_stride;
     float scale, softcap;
     size_t window;
+    const blob_span *spans;
+    size_t n_spans;
 } blob_attention;
 
 int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out);
@@ -175,10 +187,15 @@ typedef struct blob_kv_cache {
 } blob_kv_cache;
 
 /* One sequence's share of a forward call: n >= 1 tokens at positions start .. start+n-1 of its
- * own cache, which must hold positions 0 .. start-1 already. */
+ * own cache, which must hold positions 0 .. start-1 already. Its image spans (n_spans of them,
+ * sorted and disjoint; spans NULL when none) may lie anywhere in the sequence, but a span that
+ * overlaps the call's positions must lie wholly inside them: its tokens see each other's keys,
+ * so they are computed in one call. Text-only sequences have none. */
 typedef struct blob_sequence {
     blob_kv_cache cache;
     size_t start, n;
+    const blob_span *spans;
+    size_t n_spans;
 } blob_sequence;
 
 /* Runs the tokens of n_seqs sequences through every layer, writing each one's keys and values
@@ -189,7 +206,8 @@ typedef struct blob_sequence {
  * sequence against its own cache; up to 8 sequences, each one's logits and cache rows are
  * bit-identical to its lone step's. LOGITS receives (logit_rows, vocab): the logits of the call's last
  * logit_rows <= n_tokens tokens (0: none, a prompt chunk whose logits nobody reads; n_seqs for
- * a decode step). ids must be in range. SCRATCH holds the activations:
+ * a decode step). ids must be in range; an image span's ids are embedded, then replaced by its
+ * embeds. SCRATCH holds the activations:
  * blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so that a model's steps
  * reuse one buffer (fresh pages would cost a page fault each) and two models can run at once.
  * blob_forward is the one-sequence case: ids[0..n) at positions start .. start+n-1. */

@@ -16,6 +16,10 @@ cdef extern from "kernels.h" nogil:
         size_t row_stride_bytes
         size_t rows, cols
 
+    ctypedef struct blob_span:
+        size_t begin, end
+        const float *embeds
+
     ctypedef struct blob_attention:
         size_t n_heads, n_kv_heads, head_dim
         int kv_dtype
@@ -24,6 +28,8 @@ cdef extern from "kernels.h" nogil:
         size_t k_pos_stride, k_head_stride, v_pos_stride, v_head_stride
         float scale, softcap
         size_t window
+        const blob_span *spans
+        size_t n_spans
 
     ctypedef struct blob_layer:
         blob_matrix q, k, v, o, gate, up, down
@@ -59,6 +65,8 @@ cdef extern from "kernels.h" nogil:
     ctypedef struct blob_sequence:
         blob_kv_cache cache
         size_t start, n
+        const blob_span *spans
+        size_t n_spans
 
     size_t blob_forward_scratch_bytes(const blob_model *m, size_t n)
     int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,

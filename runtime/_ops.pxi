@@ -2,6 +2,43 @@
 
 # ---- attention ----
 
+cdef class _SpanTable:
+    """Image spans for the C kernels (blob_span, csrc/kernels.h): (begin, end) position pairs, or
+    (begin, end, embeds) with embeds float32 (end - begin, width) or None; sorted and disjoint.
+    Holds the table and the embeddings it points at for as long as a call uses them."""
+    cdef blob_span *table
+    cdef size_t count
+    cdef list _keep
+
+    def __cinit__(self):
+        self.table = NULL
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self.table)
+
+    def __init__(self, spans, size_t limit, size_t width, str what):
+        spans = list(spans)
+        self._keep = []
+        self.table = <blob_span *>calloc(max(1, len(spans)), sizeof(blob_span))
+        if self.table == NULL:
+            raise MemoryError(f"{what}: out of memory for the span table")
+        previous_end = 0
+        for i, span in enumerate(spans):
+            begin, end, embeds = (tuple(span) + (None,))[:3]
+            if not previous_end <= begin < end <= limit:
+                raise ValueError(f"{what}: span {i} ({begin}, {end}) must satisfy {previous_end} <= begin < end <= "
+                                 f"{limit} (spans sorted, disjoint, inside the cache)")
+            self.table[i].begin, self.table[i].end = begin, end
+            previous_end = end
+            if embeds is not None:
+                e = _contiguous(_float_array(embeds, f"{what}: span {i} embeds", 2), f"{what}: span {i} embeds")
+                if e.shape[0] != end - begin or e.shape[1] != width:
+                    raise ValueError(f"{what}: span {i} embeds must be ({end - begin}, {width}), found {e.shape}")
+                self._keep.append(e)
+                self.table[i].embeds = <const float *><uintptr_t>_address(e)
+        self.count = len(spans)
+
 def _cache_view(c, what):
     c = np.asarray(c)
     if c.dtype not in (np.float32, np.float16):
@@ -15,13 +52,15 @@ def _cache_view(c, what):
     return c
 
 
-def attention(q, k, v, *, int p0, float scale, int window=0, float softcap=0.0, out=None):
+def attention(q, k, v, *, int p0, float scale, int window=0, float softcap=0.0, spans=(), out=None):
     """Causal grouped-query attention of queries at positions p0 .. p0+n-1.
 
     q: (n, n_heads, head_dim) float32, C-contiguous. k, v: the cache, (positions, n_kv_heads,
     head_dim) float32 or float16 with positions >= p0 + n; rows may be strided (pass a transposed
     view of a head-major cache). window > 0 limits each query to the `window` latest keys (its own
     included); softcap > 0 applies softcap * tanh(score / softcap) to the scaled scores.
+    `spans`: (begin, end) position pairs, sorted and disjoint, inside which attention is
+    bidirectional (one image's tokens); the cache must hold every key they make visible.
     Returns out (n, n_heads, head_dim).
     """
     qa = _contiguous(_float_array(q, "attention: q", 3), "attention: q")
@@ -42,7 +81,9 @@ def attention(q, k, v, *, int p0, float scale, int window=0, float softcap=0.0, 
     result = _output(out, qa.shape, "attention")
     if n == 0 or head_dim == 0:
         return result
+    cdef _SpanTable table = _SpanTable(spans, ka.shape[0], 0, "attention")
     cdef blob_attention a
+    a.spans, a.n_spans = table.table, table.count
     item = ka.itemsize
     a.n_heads, a.n_kv_heads, a.head_dim = n_heads, n_kv, head_dim
     a.kv_dtype = BLOB_F16 if ka.dtype == np.float16 else BLOB_F32

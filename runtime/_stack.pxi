@@ -133,11 +133,15 @@ cdef class DecoderStack:
         c.v = <void *><uintptr_t>_address(v_cache)
         c.max_seq = k_cache.shape[1]
 
-    def run(self, ids, k_cache, v_cache, size_t start, size_t logit_rows=1, bint long_rope=False):
+    def run(self, ids, k_cache, v_cache, size_t start, size_t logit_rows=1, bint long_rope=False, spans=()):
         """Run `ids` at positions start.. through every layer, their keys and values going into
         the caches (n_layers, max_seq, n_kv_heads, head_dim), which must already hold positions
         0..start-1. Returns the float32 logits (logit_rows, vocab) of the last logit_rows tokens.
-        `long_rope` rotates with the layers' inv_freq_long where they have one."""
+        `long_rope` rotates with the layers' inv_freq_long where they have one.
+        `spans`: the sequence's image spans, (begin, end, embeds) with embeds float32
+        (end - begin, hidden) or None, sorted and disjoint, in positions of the whole sequence:
+        attention is bidirectional inside each, and a span inside this call takes its embeds in
+        place of its ids' embeddings; one overlapping the call must lie wholly inside it."""
         ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
         cdef size_t n = ia.shape[0]
         if logit_rows > n:
@@ -149,8 +153,15 @@ cdef class DecoderStack:
         logits = np.empty((logit_rows, self.vocab), np.float32)
         if n == 0:
             return logits
+        cdef _SpanTable table = _SpanTable(spans, c.max_seq, self.m.hidden, "forward")
+        for i in range(table.count):
+            begin, end = table.table[i].begin, table.table[i].end
+            if begin < start + n and end > start and (begin < start or end > start + n):
+                raise ValueError(f"forward: span ({begin}, {end}) crosses the call's positions {start}..{start + n - 1}; "
+                                 f"a span's tokens are computed in one call")
         cdef blob_sequence one
         one.cache, one.start, one.n = c, start, n
+        one.spans, one.n_spans = table.table, table.count
         return self._locked_run(ia, &one, 1, logit_rows, logits, long_rope)
 
     def run_batch(self, ids, k_caches, v_caches, positions, bint long_rope=False):

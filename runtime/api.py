@@ -17,7 +17,10 @@ from ..reader import open as open_blob
 from . import chat as chat_templates
 from . import demo, kernels
 from . import generate as layers
+from . import image_prompt
 from .generate import GenerationChunk, GenerationResult
+from .image_prompt import ImageEncoder, ImageSpan, ImageTokens
+from .images import PanAndScan
 from .kv_cache import KVCache
 from .model import Transformer
 from .sampling import SamplingParams
@@ -113,6 +116,7 @@ class Model:
         self._draft_caches = weakref.WeakKeyDictionary()   # session -> the draft model's KV cache for it
         if draft is not None:
             check_same_vocabulary(self, draft)
+        self.image_encoder = ImageEncoder(reader)   # builds the vision tower when the first image comes
 
     @property
     def cache(self) -> KVCache:
@@ -166,33 +170,93 @@ class Model:
         """
         return min(self.config.vocab_size, self.tokenizer.vocab_size)
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits (len(ids), config.vocab_size) at every position, from an empty cache
-        (of the model's KV dtype): every row, padding rows included, as transformers returns
-        them. The generation state is left alone.
+    def forward(self, prompt, *, images=None, image_features=None, pan_and_scan=False) -> np.ndarray:
+        """float32 logits (len(ids), config.vocab_size) at every position of the prompt (token ids,
+        or a str encoded with the tokenizer's BOS setting), from an empty cache (of the model's KV
+        dtype): every row, padding rows included, as transformers returns them. With images,
+        the positions are those of the expanded prompt (see `encode_prompt`). The generation state
+        is left alone.
 
         >>> model.forward(model.tokenizer.encode("Hello")).shape   # doctest: +SKIP
         (2, 262144)
+        >>> model.forward("<start_of_image>What is this?", images=["cat.png"]).shape   # doctest: +SKIP
+        (270, 262208)
         """
+        ids, spans = self.encode_prompt(prompt, images=images, image_features=image_features,
+                                        pan_and_scan=pan_and_scan)
         ids = self._check_ids(ids, self.config.vocab_size)
         scratch = KVCache(self.config.num_layers, max(len(ids), 1), self.config.num_kv_heads,
                           self.config.head_dim, self.kv_dtype)
-        return self.transformer.run(ids, scratch, start=0, all_logits=True)
+        return self.transformer.run(ids, scratch, start=0, all_logits=True, images=spans)
+
+    # ---- images ----
+
+    @functools.cached_property
+    def image_tokens(self) -> ImageTokens:
+        """The ids of the image markers and soft tokens per picture (the blob's "projector"
+        component config); FormatError when the blob has no vision component.
+
+        >>> model.image_tokens.per_image     # doctest: +SKIP
+        256
+        """
+        return ImageTokens.of(self.reader)
+
+    def encode_prompt(self, prompt, *, images=None, image_features=None, pan_and_scan=False,
+                      add_bos: bool | None = None) -> tuple[list[int], list[ImageSpan]]:
+        """(token ids, ImageSpans) of a prompt that may hold images (Gemma 3 vision blobs).
+
+        A str prompt writes one `<start_of_image>` marker per image; each becomes the token run
+        transformers' Gemma3Processor writes (`\\n\\n<start_of_image>`, mm_tokens_per_image image
+        soft tokens, `<end_of_image>\\n\\n`). A list of ids is taken as the processor's
+        input_ids: it already holds one run of soft tokens per picture. `images` are paths,
+        bytes, PIL images or (H, W, 3) uint8 arrays, preprocessed as transformers does and
+        encoded by the blob's vision tower; `pan_and_scan` (True, or an images.PanAndScan)
+        adds transformers' crops of long images. `image_features` instead gives each picture's
+        projected features (mm_tokens_per_image, hidden) float32 directly, as transformers'
+        get_image_features returns them. Without either, the prompt is text only.
+        ValueError when markers and images do not pair up; FormatError when the blob has no
+        vision component.
+
+        >>> ids, spans = model.encode_prompt("<start_of_image>Describe it.", images=["cat.png"])  # doctest: +SKIP
+        >>> spans[0].end - spans[0].begin                                                          # doctest: +SKIP
+        256
+        """
+        if images is None and image_features is None:
+            return (self.tokenizer.encode(prompt, add_bos) if isinstance(prompt, str) else list(prompt)), []
+        if images is not None and image_features is not None:
+            raise ValueError("give images or image_features, not both")
+        tokens = self.image_tokens
+        if images is not None:
+            pictures = self.image_encoder.pictures(_listed(images, "images"), _pan_and_scan(pan_and_scan))
+            crops = [len(picture) - 1 for picture in pictures]
+            features = self.image_encoder.features(np.concatenate(pictures))
+        else:
+            features = _listed(image_features, "image_features")
+            crops = [0] * len(features)
+        if isinstance(prompt, str):
+            ids, begins = image_prompt.expand_text(self.tokenizer, prompt, tokens, crops, add_bos)
+        else:
+            ids = [int(i) for i in prompt]
+            begins = image_prompt.runs_in_ids(ids, tokens)
+        return ids, image_prompt.spans(begins, features, tokens, self.config.hidden_size)
 
     # ---- text ----
 
     def generate(self, prompt, **options) -> GenerationResult:
         """Generate a completion of `prompt` (a str, or a list of token ids used as given).
+        `images=[...]` (and `pan_and_scan`, or `image_features`) as in encode_prompt: one
+        `<start_of_image>` marker in the prompt per image.
 
         Options: max_new_tokens=256, temperature, top_k, top_p, min_p, repetition_penalty (defaults
         from the model's generation_config; temperature 0 is greedy), seed, stop (strings), ignore_eos,
-        session (a Session from new_session / load_session; default the model's own).
+        session (a Session from new_session / load_session; default the model's own), add_bos (a str
+        prompt's BOS: None follows the tokenizer).
         Speculative decoding (runtime/speculative.py; the same tokens at temperature 0, the same
-        distribution when sampling): lookup=N (1..7) drafts up to N tokens by prompt lookup;
-        with a draft model (load(..., draft=)) draft_tokens=N (default 4, 0 = off; with batch= it
-        is off unless given, and speculation with batch= is an error) drafts up to N tokens with
-        it; with both, the draft model drafts when lookup finds no match. The stats count the
-        drafted and accepted tokens.
+        distribution when sampling; text prompts): lookup=N (1..7) drafts up to N tokens by prompt
+        lookup; with a draft model (load(..., draft=)) draft_tokens=N (default 4, 0 = off; with
+        batch= it is off unless given, and speculation with batch= is an error) drafts up to N
+        tokens with it; with both, the draft model drafts when lookup finds no match. The stats
+        count the drafted and accepted tokens.
         A str is encoded with the tokenizer's BOS setting, and no second BOS is added to text
         that starts with one (such as apply_chat_template's output). Only ids the tokenizer can
         decode are sampled (see decodable_vocab_size). The result's finish_reason is "stop" or
@@ -202,6 +266,7 @@ class Model:
         'length'
         >>> model.generate(text + "\\nSummary:", lookup=4).stats.accepted_tokens      # doctest: +SKIP
         93
+        >>> model.generate("<start_of_image>Describe this image.", images=["cat.png"]).text   # doctest: +SKIP
         """
         arguments, options = self._generation(prompt, **options)
         return layers.generate(*arguments, **options)
@@ -224,17 +289,19 @@ class Model:
                     min_p=None, repetition_penalty=None, seed: int | None = None, stop: Sequence[str] | None = None,
                     ignore_eos: bool = False, session: Session | None = None,
                     logits_processor: layers.LogitsProcessor | None = None, batch=None, lookup: int = 0,
-                    draft_tokens: int | None = None):
+                    draft_tokens: int | None = None, images=None, image_features=None, pan_and_scan=False,
+                    add_bos: bool | None = None):
         """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty)
-        ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
-                              self.decodable_vocab_size)
+        ids, spans = self.encode_prompt(prompt, images=images, image_features=image_features,
+                                        pan_and_scan=pan_and_scan, add_bos=add_bos)
+        ids = self._check_ids(ids, self.config.vocab_size if spans else self.decodable_vocab_size)
         session = self._check_session(session)
         options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
                        stop=list(stop or ()), stop_ids=frozenset() if ignore_eos else self._stop_ids(),
-                       logits_processor=logits_processor, batch=batch,
+                       logits_processor=logits_processor, batch=batch, images=spans,
                        drafter=self._drafter(session, lookup, draft_tokens, batched=batch is not None))
         return (self.transformer, self.tokenizer, session, ids, params), options
 
@@ -243,7 +310,11 @@ class Model:
         """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template.
 
         `tools`, `documents` and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the
-        template as in apply_chat_template; the other options are generate()'s. Returns a
+        template as in apply_chat_template; the other options are generate()'s. A message's
+        content may be a list of parts, {"type": "text", "text": …} and {"type": "image",
+        "image": …} (a path, bytes, a PIL image, an array; or "path", or a data: "url"; OpenAI's
+        {"type": "image_url", "image_url": {"url": "data:…"}} too): the template writes an image
+        marker per image part, and the images go with the prompt in that order. Returns a
         GenerationResult, or an iterator of GenerationChunk with stream=True. With `tools`, the
         result's `tool_calls` are the calls its text makes in the template's format
         (`tool_call_format`); its `text` stays what the model wrote. The cached prefix
@@ -251,12 +322,17 @@ class Model:
         long conversation is not recomputed each turn.
 
         >>> model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=16).text   # doctest: +SKIP
+        >>> model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+        ...                                          {"type": "text", "text": "What is this?"}]}]).text  # doctest: +SKIP
         """
+        messages, images = image_prompt.images_in_messages(messages)
+        if images:
+            options["images"] = images
         text = self.apply_chat_template(messages, tools=tools, documents=documents, **(chat_template_kwargs or {}))
-        prompt = self.tokenizer.encode(text, add_bos=False)  # the template writes BOS where the model wants it
+        # the template writes BOS where the model wants it
         if stream:
-            return self.stream(prompt, **options)
-        result = self.generate(prompt, **options)
+            return self.stream(text, add_bos=False, **options)
+        result = self.generate(text, add_bos=False, **options)
         if not tools or self.tool_call_format is None:
             return result
         return dataclasses.replace(result, tool_calls=self.tool_call_format.parse(result.text)[1])
@@ -358,6 +434,18 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _listed(values, what: str) -> list:
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{what} must be a list (one entry per image), got {type(values).__name__}")
+    return list(values)
+
+
+def _pan_and_scan(setting) -> PanAndScan | None:
+    if isinstance(setting, PanAndScan):
+        return setting
+    return PanAndScan() if setting else None
 
 
 def _tokenizer(reader, info: Mapping) -> Tokenizer:

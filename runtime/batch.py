@@ -43,6 +43,7 @@ class _Request:
     stop_ids: frozenset
     rng: np.random.Generator
     logits_processor: LogitsProcessor | None
+    images: list                    # the prompt's ImageSpans (runtime/image_prompt.py)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     context: list[int] = field(default_factory=list)   # prompt and tokens so far (repetition penalty)
     generated: int = 0
@@ -127,11 +128,12 @@ class BatchEngine:
 
     def submit(self, session: Session, prompt_ids: Iterable[int], params: SamplingParams = SamplingParams(),
                max_new_tokens: int = 256, stop_ids: Iterable[int] = (), seed: int | None = None,
-               logits_processor: LogitsProcessor | None = None) -> TokenStream:
+               logits_processor: LogitsProcessor | None = None, images=()) -> TokenStream:
         """Queue a generation of `prompt_ids` in `session` (the prefix of the prompt its cache holds
         is reused); returns its TokenStream. RuntimeError when the session is in use.
         `logits_processor(generated_ids, logits)`, as generate's, returns the logits to sample
-        from; it runs on the engine's thread, and an exception from it ends this request only."""
+        from; it runs on the engine's thread, and an exception from it ends this request only.
+        `images`: the prompt's ImageSpans, when it holds pictures (prefilled with the prompt)."""
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("submit: the prompt is empty: give at least one token")
@@ -144,7 +146,7 @@ class BatchEngine:
                 raise RuntimeError("submit: this BatchEngine is closed")
             holding.__enter__()   # left by the engine's thread when the request ends
             request = _Request(session.cache, holding, prompt_ids, params, max_new_tokens, frozenset(stop_ids),
-                               np.random.default_rng(seed), logits_processor, context=list(prompt_ids))
+                               np.random.default_rng(seed), logits_processor, list(images), context=list(prompt_ids))
             self._waiting.append(request)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="blobstore-batch", daemon=True)
@@ -205,7 +207,7 @@ class BatchEngine:
         if request.max_new_tokens == 0:
             return self._finish(request, "length")
         try:
-            logits = prefill(self.transformer, request.cache, request.prompt_ids)
+            logits = prefill(self.transformer, request.cache, request.prompt_ids, request.images)
         except Exception as error:
             self._fail([request], error)
             return False

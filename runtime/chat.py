@@ -24,8 +24,18 @@ class ChatTemplateError(ValueError):
 # Built-in templates. Jinja string escapes ('\n') are kept raw here; all output comes from
 # {{ }} expressions so that block whitespace never leaks into the prompt.
 _GEMMA = r"""
+{%- macro content(message) -%}
+  {%- if message['content'] is string -%}
+    {{- message['content'] | trim -}}
+  {%- else -%}
+    {%- for part in message['content'] -%}
+      {%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}
+      {%- elif part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
 {%- if messages and messages[0]['role'] == 'system' -%}
-  {%- set system_prefix = messages[0]['content'] | trim + '\n\n' -%}
+  {%- set system_prefix = content(messages[0]) + '\n\n' -%}
   {%- set turns = messages[1:] -%}
 {%- else -%}
   {%- set system_prefix = '' -%}
@@ -37,7 +47,7 @@ _GEMMA = r"""
     {{- raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') -}}
   {%- endif -%}
   {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
-  {{- '<start_of_turn>' + role + '\n' + (system_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' -}}
+  {{- '<start_of_turn>' + role + '\n' + (system_prefix if loop.first else '') + content(message) + '<end_of_turn>\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
   {{- '<start_of_turn>model\n' -}}

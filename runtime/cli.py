@@ -6,6 +6,7 @@
     blob-run MODEL --prompt-cache sys.session -p "$(cat long-prompt.txt)"   (reuses the prompt's KV rows)
     blob-run MODEL --lookup 4 -p "$(cat code.py) Rename x to count:"       (speculative: prompt lookup)
     blob-run BIG.blob --draft SMALL.blob -p "..."                          (speculative: a draft model)
+    blob-run gemma-3-4b.blob --image cat.jpg -p "Describe this image."     (a vision blob: Gemma 3)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from .. import FormatError
 from . import kernels
 from .api import load
+from .image_prompt import MARKER
 from .kv_cache import ContextFull
 
 
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "when sampling)")
     p.add_argument("--draft-tokens", type=int, default=None, metavar="N",
                    help="tokens the --draft model proposes per forward (1..7, default 4)")
+    p.add_argument("--image", metavar="PATH", action="append", default=[],
+                   help="an image for the prompt (repeat for several; needs a vision blob, such as a converted "
+                        "Gemma3ForConditionalGeneration, and Pillow). Each <start_of_image> in the prompt marks "
+                        "where one goes; a prompt without markers gets them at its start. With --chat the "
+                        "images open the first user message")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="also show the model crops of long images (transformers' do_pan_and_scan)")
     p.add_argument("--stats-json", action="store_true", help="also print the statistics as one JSON line on stderr")
     return p
 
@@ -84,13 +93,16 @@ def main(argv=None) -> int:
         return 1
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                    min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, session=session,
-                   lookup=args.lookup, draft_tokens=args.draft_tokens)
+                   lookup=args.lookup, draft_tokens=args.draft_tokens, pan_and_scan=args.pan_and_scan)
     try:
         if args.chat and args.prompt is None:
-            return _interactive(model, args.system, options, args.stats_json, args.prompt_cache)
+            return _interactive(model, args.system, options, args.stats_json, args.prompt_cache, args.image)
         prompt = sys.stdin.read() if args.prompt == "-" else (args.prompt or "")
         if args.chat:
-            chunks = model.chat(_messages(args.system, [("user", prompt)]), stream=True, **options)
+            chunks = model.chat(_messages(args.system, [("user", _with_images(prompt, args.image))]), stream=True,
+                                **options)
+        elif args.image:
+            chunks = model.stream(_with_markers(prompt, len(args.image)), images=args.image, **options)
         else:
             chunks = model.stream(prompt, **options)
         _print_stream(chunks, model, args.stats_json)
@@ -101,7 +113,7 @@ def main(argv=None) -> int:
     except ContextFull as error:
         print(f"blob-run: error: {error} (--ctx N sets the context length)", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:   # ImportError: image input without Pillow
         print(f"blob-run: error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -148,12 +160,24 @@ def _report_full_context(model, stats) -> None:
           f"{model.config.max_position_embeddings})", file=sys.stderr)
 
 
+def _with_markers(prompt: str, images: int) -> str:
+    """The prompt, with one image marker per image at its start when it has none."""
+    return prompt if MARKER in prompt else MARKER * images + prompt
+
+
+def _with_images(text: str, images: list):
+    """A user message's content: the images as image parts, then the text."""
+    if not images:
+        return text
+    return [{"type": "image", "path": path} for path in images] + [{"type": "text", "text": text}]
+
+
 def _messages(system, turns):
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": role, "content": content} for role, content in turns]
 
 
-def _interactive(model, system, options, stats_json, prompt_cache) -> int:
+def _interactive(model, system, options, stats_json, prompt_cache, images) -> int:
     turns = []
     print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -163,7 +187,7 @@ def _interactive(model, system, options, stats_json, prompt_cache) -> int:
             return 0
         if not line.strip():
             return 0
-        turns.append(("user", line))
+        turns.append(("user", line if turns else _with_images(line, images)))
         started = time.perf_counter()
         try:
             reply = _print_stream(model.chat(_messages(system, turns), stream=True, **options), model, stats_json)

@@ -136,7 +136,7 @@ LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequence[int], params: SamplingParams,
                   rng: np.random.Generator, *, vocab_size: int,
-                  logits_processor: Optional[LogitsProcessor] = None) -> Iterator[int]:
+                  logits_processor: Optional[LogitsProcessor] = None, images: Sequence = ()) -> Iterator[int]:
     """Layer 1: yield sampled token ids forever (the caller stops); the session's cache follows
     every token, and the leading prompt tokens it already holds are not recomputed.
 
@@ -148,6 +148,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     leaves the session consistent: the next call recomputes from the last complete position.
     The caller holds the session (Session.in_use).
     `logits_processor(generated_ids, logits)`, when given, returns the logits to sample from.
+    `images`: the prompt's ImageSpans (runtime/image_prompt.py), when it holds pictures.
 
     >>> steps = generate_step(transformer, session, [2, 651], SamplingParams(temperature=0),
     ...                       np.random.default_rng(0), vocab_size=262144)     # doctest: +SKIP
@@ -156,7 +157,7 @@ def generate_step(transformer: Transformer, session: Session, prompt_ids: Sequen
     """
     prompt_ids = list(prompt_ids)
     cache = session.cache
-    logits = prefill(transformer, cache, prompt_ids)[:vocab_size]
+    logits = prefill(transformer, cache, prompt_ids, images)[:vocab_size]
     context = list(prompt_ids)
     while True:
         token = sample_next(logits, context, len(prompt_ids), params, rng, logits_processor)
@@ -183,7 +184,7 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
            params: SamplingParams, *, vocab_size: int, max_new_tokens: int, seed: int | None = None,
            stop: Sequence[str] = (), stop_ids=frozenset(),
            logits_processor: Optional[LogitsProcessor] = None, batch=None,
-           drafter: Optional[Drafter] = None) -> Iterator[GenerationChunk]:
+           drafter: Optional[Drafter] = None, images: Sequence = ()) -> Iterator[GenerationChunk]:
     """Layer 2: text chunks of a generation on `session`; the last chunk has the finish reason and
     the statistics. The session is held (Session.in_use) from the first chunk to the last.
 
@@ -192,8 +193,9 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
     the same either way (text_chunks). With `drafter` (runtime/speculative.py: PromptLookup,
     DraftModel) the ids come from speculative_step instead: the same tokens at temperature 0, the
     same distribution when sampling, and the statistics count the drafted and accepted tokens.
-    Breaking out of the loop stops the generation; the cache keeps what was computed. Sampled ids stay below `vocab_size` (see generate_step), which is
-    also the length of the logits a `logits_processor` gets.
+    Breaking out of the loop stops the generation; the cache keeps what was computed. Sampled ids
+    stay below `vocab_size` (see generate_step), which is also the length of the logits a
+    `logits_processor` gets. `images`: the prompt's ImageSpans.
 
     >>> for chunk in stream(transformer, tokenizer, session, ids, SamplingParams(temperature=0),
     ...                     vocab_size=262144, max_new_tokens=8):               # doctest: +SKIP
@@ -204,12 +206,15 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
     prompt_ids = list(prompt_ids)
     session.cache.check_room(len(prompt_ids))
     text = dict(max_new_tokens=max_new_tokens, max_seq_len=session.max_seq_len, stop=stop, stop_ids=stop_ids,
-                reused_prompt_tokens=session.reusable_prefix(prompt_ids))
+                reused_prompt_tokens=session.reusable_prefix(prompt_ids, images))
     if batch is not None and drafter is not None:
         raise ValueError("speculative decoding (lookup, a draft model) runs a generation alone, not in a BatchEngine")
+    if images and drafter is not None:
+        raise ValueError("speculative decoding (lookup, a draft model) takes text prompts only, not images")
     if batch is not None and max_new_tokens > 0:
         # the engine holds the session from submit until it lets go of the request (wait())
-        tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor)
+        tokens = batch.submit(session, prompt_ids, params, max_new_tokens, seed=seed, logits_processor=logits_processor,
+                              images=images)
         try:
             yield from text_chunks(tokenizer, prompt_ids, tokens, **text)
         finally:
@@ -220,7 +225,7 @@ def stream(transformer: Transformer, tokenizer: Tokenizer, session: Session, pro
         rng = np.random.default_rng(seed)
         if drafter is None:
             steps = generate_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,
-                                  logits_processor=logits_processor)
+                                  logits_processor=logits_processor, images=images)
         else:
             text["speculation"] = SpeculationCounts()
             steps = speculative_step(transformer, session, prompt_ids, params, rng, vocab_size=vocab_size,

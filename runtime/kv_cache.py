@@ -30,6 +30,7 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.dtype = dtype
         self.token_ids: list[int] = []  # the tokens whose keys and values are at positions 0..length-1
+        self.images: list = []  # the ImageSpans (runtime/image_prompt.py) among those positions, in order
         self.long_rope = False  # its keys were rotated with LongRoPE's long factors (Transformer.run)
 
     @property
@@ -40,18 +41,26 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def reusable_prefix(self, ids: list[int]) -> int:
-        """How many leading tokens of `ids` are already cached; at least one token is always
-        left to compute, because its logits are needed."""
+    def reusable_prefix(self, ids: list[int], images=()) -> int:
+        """How many leading tokens of `ids` (holding the ImageSpans `images`) are already cached;
+        at least one token is always left to compute, because its logits are needed. Image soft
+        tokens share one id: a picture counts as cached only where the cache holds the same one
+        (same key) at the same positions, and the prefix never ends inside a picture (its tokens
+        attend to each other, so they are computed together)."""
         limit = min(len(self.token_ids), len(ids) - 1)
         n = 0
         while n < limit and self.token_ids[n] == ids[n]:
             n += 1
+        in_both = set(self.images) & set(images)   # the same picture at the same positions
+        for span in [*self.images, *images]:
+            if span.begin < n and (span not in in_both or span.end > n):
+                n = span.begin
         return n
 
     def truncate(self, length: int):
         """Forget everything from position `length` on."""
         del self.token_ids[length:]
+        self.images = [span for span in self.images if span.end <= length]
 
     def check_room(self, needed: int):
         if needed > self.max_seq_len:

@@ -84,8 +84,11 @@ class Transformer:
 
     # ---- running tokens ----
 
-    def run(self, ids, cache: KVCache, start: int, all_logits: bool = False) -> np.ndarray:
+    def run(self, ids, cache: KVCache, start: int, all_logits: bool = False, images=()) -> np.ndarray:
         """Process `ids` at positions start.. (their keys and values go into `cache`).
+        `images`: the ImageSpans among these positions (runtime/image_prompt.py), whose embeddings
+        replace their tokens' and whose tokens attend to each other both ways; a prefill chunk
+        never splits one.
 
         Returns float32 logits (len(ids), vocab) when `all_logits`, else (1, vocab) for the last token.
         A LongRoPE model picks its short or long factors once per call, from the call's last
@@ -95,18 +98,22 @@ class Transformer:
         a sequence first outgrows the original context. Calls from several threads run one at a time.
         """
         with self._lock:  # sessions in other threads wait for their turn (runtime/session.py)
-            return self._run(ids, cache, start, all_logits)
+            return self._run(ids, cache, start, all_logits, list(images))
 
-    def _run(self, ids, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
+    def _run(self, ids, cache: KVCache, start: int, all_logits: bool, images: list) -> np.ndarray:
         cache.check_room(start + len(ids))
         long_rope = self.uses_long_factors(start + len(ids))
         if start and cache.long_rope != long_rope:
             if len(cache.token_ids) < start:
                 raise ValueError(f"run: the cache lists {len(cache.token_ids)} token ids, not the {start} before "
                                  f"position {start} that must be recomputed with the other LongRoPE factors")
-            logits = self._run_chunks(cache.token_ids[:start] + list(ids), cache, 0, all_logits, long_rope)
+            if any(span.embeds is None for span in cache.images):
+                raise ValueError("run: the cache holds pictures without their embeddings (a loaded session); "
+                                 "they cannot be recomputed with the other LongRoPE factors")
+            logits = self._run_chunks(cache.token_ids[:start] + list(ids), cache, 0, all_logits, long_rope,
+                                      cache.images + images)
             return logits[start:] if all_logits else logits
-        return self._run_chunks(ids, cache, start, all_logits, long_rope)
+        return self._run_chunks(ids, cache, start, all_logits, long_rope, images)
 
     def run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
         """One decode step of several sequences: tokens[i] at position positions[i] of caches[i],
@@ -146,7 +153,7 @@ class Transformer:
             return self._step_rows(tokens, caches, positions, range(n), wants_long[0])
         logits = np.empty((n, self.stack.vocab), np.float32)
         for i in alone:
-            logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False)[0]
+            logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False, images=[])[0]
         for long_rope in (False, True):
             rows = [i for i in range(n) if wants_long[i] == long_rope and i not in alone]
             if rows:
@@ -170,31 +177,51 @@ class Transformer:
         """
         return any(rope.uses_long_factors(end) for rope in self.config.rope)
 
-    def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool) -> np.ndarray:
+    def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool,
+                    images: list) -> np.ndarray:
         outputs = []
-        for chunk_start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[chunk_start:chunk_start + PREFILL_CHUNK]
-            last_chunk = chunk_start + PREFILL_CHUNK >= len(ids)
-            rows = len(chunk) if all_logits else int(last_chunk)
-            logits = self.stack.run(chunk, cache.k, cache.v, start + chunk_start, logit_rows=rows, long_rope=long_rope)
+        for begin, end in _chunks(len(ids), start, images):
+            rows = end - begin if all_logits else int(end == len(ids))
+            spans = [(span.begin, span.end, span.embeds) for span in images
+                     if span.begin < start + end and span.end > start + begin]
+            logits = self.stack.run(ids[begin:end], cache.k, cache.v, start + begin, logit_rows=rows,
+                                    long_rope=long_rope, spans=spans)
             if rows:
                 outputs.append(logits)
         cache.long_rope = long_rope
         return np.concatenate(outputs)
 
 
-def prefill(transformer: Transformer, cache: KVCache, prompt_ids: list[int]) -> np.ndarray:
+def prefill(transformer: Transformer, cache: KVCache, prompt_ids: list[int], images=()) -> np.ndarray:
     """The last prompt position's logits (vocab,), computing only the prompt tokens `cache` does
-    not already hold; the cache then holds the whole prompt.
+    not already hold; the cache then holds the whole prompt, and its ImageSpans `images`.
 
     >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
     (262144,)
     """
-    reuse = cache.reusable_prefix(prompt_ids)
+    reuse = cache.reusable_prefix(prompt_ids, images)
     cache.truncate(reuse)
-    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse)[-1]
+    new_images = [span for span in images if span.begin >= reuse]
+    logits = transformer.run(prompt_ids[reuse:], cache, start=reuse, images=new_images)[-1]
     cache.token_ids.extend(prompt_ids[reuse:])
+    cache.images.extend(new_images)
     return logits
+
+
+def _chunks(n: int, start: int, images: list):
+    """(begin, end) of the prefill chunks of n tokens at positions start..: PREFILL_CHUNK tokens
+    each, a chunk ending early before a picture that it would split (a picture longer than a
+    chunk gets a chunk of its own): a picture's tokens see each other's keys, so they are
+    computed in one call."""
+    begin = 0
+    while begin < n:
+        end = min(begin + PREFILL_CHUNK, n)
+        for span in images:
+            first, last = span.begin - start, span.end - start
+            if first < end < last:
+                end = first if first > begin else last
+        yield begin, end
+        begin = end
 
 
 def _frequencies(rope: RopeParams, head_dim: int) -> dict:

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import FormatError, InvalidTensor
 from ..reader import open as open_blob
 from ..writer import BlobWriter
+from .image_prompt import ImageSpan
 from .kv_cache import ContextFull, KVCache
 
 SESSION_VERSION = 1
@@ -99,10 +100,10 @@ class Session:
     def kv_dtype(self) -> str:
         return self.cache.dtype
 
-    def reusable_prefix(self, ids) -> int:
-        """How many leading tokens of `ids` this session's cache already holds (one is always
-        left to compute, since its logits are needed)."""
-        return self.cache.reusable_prefix(list(ids))
+    def reusable_prefix(self, ids, images=()) -> int:
+        """How many leading tokens of `ids` (holding the ImageSpans `images`) this session's cache
+        already holds (one is always left to compute, since its logits are needed)."""
+        return self.cache.reusable_prefix(list(ids), images)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator["Session"]:
@@ -135,6 +136,8 @@ class Session:
                     "version": SESSION_VERSION, "tokens": n, "kv_dtype": self.kv_dtype,
                     "long_rope": self.cache.long_rope, "model_file": self.model.to_json(),
                     "model": dict(self.model.config)}
+                if self.cache.images:   # which picture each image token run holds, for prefix reuse
+                    writer.metadata["session"]["images"] = [[s.begin, s.end, s.key] for s in self.cache.images]
 
 
 def load_session(path, model: ModelFingerprint, *, max_seq_len: int, kv_dtype: str) -> Session:
@@ -168,6 +171,7 @@ def load_session(path, model: ModelFingerprint, *, max_seq_len: int, kv_dtype: s
             raise InvalidTensor(f"{reader.path}: tensor 'session.token_ids': ids must be in 0..{config['vocab_size'] - 1}, "
                                 f"found {token_ids.min()}..{token_ids.max()}")
         cache.token_ids.extend(token_ids.tolist())
+        cache.images.extend(_images(reader.path, saved.get("images", []), n))
         cache.long_rope = saved["long_rope"]
     return Session(cache, model)
 
@@ -184,6 +188,19 @@ def _session_metadata(reader) -> dict:
         raise FormatError(f"{reader.path}: session version {saved['version']}; this runtime reads version "
                           f"{SESSION_VERSION}")
     return saved
+
+
+def _images(path, saved, tokens: int) -> list[ImageSpan]:
+    """The session's pictures: [begin, end, key] each, sorted, disjoint, inside its tokens."""
+    spans, previous_end = [], 0
+    for entry in saved if isinstance(saved, list) else [saved]:
+        if not (isinstance(entry, list) and len(entry) == 3 and all(type(v) is int for v in entry[:2])
+                and isinstance(entry[2], str) and previous_end <= entry[0] < entry[1] <= tokens):
+            raise FormatError(f"{path}: metadata field session.images: expected sorted [begin, end, key] entries "
+                              f"inside the {tokens} tokens, found {entry!r}")
+        spans.append(ImageSpan(*entry))
+        previous_end = entry[1]
+    return spans
 
 
 def _check_fields(path, section: str, values: dict, expected: dict):

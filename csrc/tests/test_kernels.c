@@ -665,7 +665,7 @@ static void attention_via_api(int kv_dtype, size_t window, float softcap, const 
     }
     const void *k = kv_dtype == BLOB_F16 ? (const void *)k16 : (const void *)k32;
     const void *v = kv_dtype == BLOB_F16 ? (const void *)v16 : (const void *)v32;
-    blob_attention a = {8, 2, 40, kv_dtype, k, v, 40, 64 * 40, 40, 64 * 40, 0.3f, softcap, window};
+    blob_attention a = {8, 2, 40, kv_dtype, k, v, 40, 64 * 40, 40, 64 * 40, 0.3f, softcap, window, NULL, 0};
     if (blob_attention_run(&a, q, n, p0, out) != BLOB_OK) fail("blob_attention_run status", "api", 1, 0, 0);
 }
 
@@ -875,6 +875,7 @@ static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, 
     const size_t cache_bytes = FW_LAYERS * FW_SEQ * FW_KV_HEADS * FW_HD * blob_cache_elem_size(kv_dtype);
     void *scratch = malloc(blob_forward_scratch_bytes(&t->m, FW_SEQ));
     blob_sequence seqs[FW_MAX_SEQS];
+    memset(seqs, 0, sizeof seqs);   /* no image spans */
     blob_kv_cache lone[FW_MAX_SEQS];
     int64_t prompt[FW_SEQ], step_ids[FW_MAX_SEQS];
     float batched[FW_MAX_SEQS * FW_VOCAB], alone[FW_VOCAB];
@@ -906,6 +907,58 @@ static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, 
     free(scratch);
 }
 
+/* Image spans: positions 3..7 of a 12-token prompt take given vectors and attend both ways. A
+ * change in the span's last vector reaches its first position but no earlier one; vectors equal
+ * to the tokens' scaled embeddings give the logits of the span without vectors; a span crossing
+ * the call, or spans out of order, are refused. */
+enum { SP_N = 12, SP_BEGIN = 3, SP_END = 8 };
+
+static void forward_with_spans(const tiny_model *t, const int64_t *ids, const blob_span *spans, size_t n_spans,
+                               float *logits, void *scratch, const char *path) {
+    blob_sequence q = {new_cache(BLOB_F32), 0, SP_N, spans, n_spans};
+    if (blob_forward_batch(&t->m, &q, 1, ids, SP_N, logits, scratch) != BLOB_OK)
+        fail("blob_forward_batch with a span: status", path, 1, 0, 0);
+    free(q.cache.k), free(q.cache.v);
+}
+
+static void check_image_spans(const tiny_model *t, const char *path) {
+    static float embeds[SP_END - SP_BEGIN][FW_HIDDEN], scaled[SP_END - SP_BEGIN][FW_HIDDEN];
+    static float base[SP_N * FW_VOCAB], changed[SP_N * FW_VOCAB], plain[SP_N * FW_VOCAB];
+    void *scratch = malloc(blob_forward_scratch_bytes(&t->m, SP_N));
+    int64_t ids[SP_N];
+    for (size_t i = 0; i < SP_N; i++) ids[i] = (int64_t)(next_u32() % FW_VOCAB);
+    for (size_t r = 0; r < SP_END - SP_BEGIN; r++) random_vector(embeds[r], FW_HIDDEN);
+    blob_span span = {SP_BEGIN, SP_END, &embeds[0][0]};
+    forward_with_spans(t, ids, &span, 1, base, scratch, path);
+    for (size_t r = 1; r < SP_END - SP_BEGIN; r++) random_vector(embeds[r], FW_HIDDEN);   /* all but the first */
+    forward_with_spans(t, ids, &span, 1, changed, scratch, path);
+    checks++;
+    if (memcmp(base, changed, SP_BEGIN * FW_VOCAB * sizeof(float)) != 0)
+        fail("a span's vectors do not reach the positions before it", path, 1, 0, 0);
+    float most = 0.0f;
+    for (size_t v = 0; v < FW_VOCAB; v++)
+        most = fmaxf(most, fabsf(base[SP_BEGIN * FW_VOCAB + v] - changed[SP_BEGIN * FW_VOCAB + v]));
+    checks++;
+    if (most < 1e-4f) fail("a span's first position sees the span's later vectors", path, most, 1e-4, 0);
+
+    blob_embed(&t->m.embed, ids + SP_BEGIN, SP_END - SP_BEGIN, &scaled[0][0]);
+    for (size_t e = 0; e < (SP_END - SP_BEGIN) * FW_HIDDEN; e++) (&scaled[0][0])[e] *= t->m.embedding_scale;
+    const blob_span given = {SP_BEGIN, SP_END, &scaled[0][0]}, implied = {SP_BEGIN, SP_END, NULL};
+    forward_with_spans(t, ids, &given, 1, changed, scratch, path);
+    forward_with_spans(t, ids, &implied, 1, plain, scratch, path);
+    expect_identical("span vectors equal to the scaled embeddings == a span without vectors", path, changed, plain,
+                     SP_N * FW_VOCAB);
+
+    blob_sequence crossing = {new_cache(BLOB_F32), 0, 5, &implied, 1};
+    const blob_span unsorted[2] = {{6, 8, NULL}, {1, 3, NULL}};
+    blob_sequence disorder = {crossing.cache, 0, SP_N, unsorted, 2};
+    checks++;
+    if (blob_forward_batch(&t->m, &crossing, 1, ids, 0, NULL, scratch) != BLOB_EINVAL ||
+        blob_forward_batch(&t->m, &disorder, 1, ids, 0, NULL, scratch) != BLOB_EINVAL)
+        fail("a span crossing the call, or spans out of order: BLOB_EINVAL", path, 0, 1, 0);
+    free(crossing.cache.k), free(crossing.cache.v), free(scratch);
+}
+
 static void check_forward_batch(int isa) {
     const int dtypes[] = {BLOB_F32, BLOB_Q8_0};
     tiny_model *t = malloc(sizeof *t);
@@ -917,6 +970,7 @@ static void check_forward_batch(int isa) {
             for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++)
                 for (size_t count = 1; count <= FW_MAX_SEQS; count++)
                     check_batched_step(t, kv_dtype, count, blob_isa_name(isa));
+            check_image_spans(t, blob_isa_name(isa));
         }
         free_tiny_model(t);
     }

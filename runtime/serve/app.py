@@ -115,14 +115,14 @@ class _Server:
         return APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="request_too_large")
 
     async def _complete(self, request: Request, job: Job) -> Response:
-        ids = await run_in_threadpool(self.engine.prompt_ids, job)
+        prompt = await run_in_threadpool(self.engine.prompt, job)
         calls_format = self._tool_call_format(job)
         processor = self._grammar(job, calls_format)
         await self.admission.acquire()
-        generation = Generation(self.engine, self.admission, job, ids, processor)
+        generation = Generation(self.engine, self.admission, job, prompt, processor)
         reply = Reply(self.model_id, chat=job.is_chat)
         if job.stream:
-            events = self._events(generation, reply, job, len(ids), calls_format)
+            events = self._events(generation, reply, job, len(prompt.ids), calls_format)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -130,7 +130,7 @@ class _Server:
         finally:
             generation.cancel()
         prose, calls = calls_format.parse(text) if calls_format else (text, [])
-        return JSONResponse(reply.whole(prose, last.finish_reason, _usage(len(ids), last), calls))
+        return JSONResponse(reply.whole(prose, last.finish_reason, _usage(len(prompt.ids), last), calls))
 
     def _tool_call_format(self, job: Job) -> Optional[ToolCallFormat]:
         """The format a chat answer's tool calls are read in: None without tools or with

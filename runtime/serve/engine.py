@@ -2,22 +2,32 @@
 (slots and a bounded queue: 503 when full) and the bridge that runs a blocking generation in a
 worker thread and hands its chunks to the event loop.
 
-The HTTP layer talks to an engine through three members — `prompt_ids(job)`, `context_length`,
-`run(job, ids, logits_processor, cancelled)` — so another engine can replace ModelEngine without
+The HTTP layer talks to an engine through three members — `prompt(job)`, `context_length`,
+`run(job, prompt, logits_processor, cancelled)` — so another engine can replace ModelEngine without
 touching the routes.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
 from ..batch import BatchEngine
 from ..chat import ChatTemplateError
 from ..generate import GenerationChunk
+from ..image_prompt import images_in_messages
 from .protocol import APIError, Job
 
 RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt: its token ids and the ImageSpans among them (runtime/image_prompt.py:
+    the pictures of its image_url parts, encoded)."""
+    ids: list[int]
+    images: list = field(default_factory=list)
 
 
 class ModelEngine:
@@ -29,8 +39,8 @@ class ModelEngine:
 
     >>> engine = ModelEngine(load("gemma.blob"), sessions=2)                       # doctest: +SKIP
     >>> job = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, "gemma")  # doctest: +SKIP
-    >>> ids = engine.prompt_ids(job)                                               # doctest: +SKIP
-    >>> "".join(c.text for c in engine.run(job, ids, None, threading.Event()))    # doctest: +SKIP
+    >>> prompt = engine.prompt(job)                                                # doctest: +SKIP
+    >>> "".join(c.text for c in engine.run(job, prompt, None, threading.Event()))  # doctest: +SKIP
     """
 
     def __init__(self, model, sessions: int = 1):
@@ -48,37 +58,43 @@ class ModelEngine:
         """The format the model's chat template has tool calls written in, or None."""
         return self.model.tool_call_format
 
-    def prompt_ids(self, job: Job) -> list[int]:
-        """The prompt's token ids: chat messages through the chat template, else the prompt as given.
-        A prompt that does not fit the context is a 400 naming both lengths."""
-        tokenizer = self.model.tokenizer
+    def prompt(self, job: Job) -> Prompt:
+        """The prompt's token ids: chat messages through the chat template (their image_url parts,
+        base64 data: URLs, encoded by the model's vision tower), else the prompt as given. A prompt
+        that does not fit the context, or images the model cannot take, are a 400."""
+        images = []
         try:
             if job.is_chat:
-                text = self.model.apply_chat_template(job.messages, tools=job.tools)
-                ids = tokenizer.encode(text, add_bos=False)  # the template writes BOS where the model wants it
+                messages, pictures = images_in_messages(job.messages)
+                text = self.model.apply_chat_template(messages, tools=job.tools)
+                # the template writes BOS where the model wants it
+                ids, images = self.model.encode_prompt(text, images=pictures or None, add_bos=False)
             elif isinstance(job.prompt, str):
-                ids = tokenizer.encode(job.prompt)
+                ids = self.model.tokenizer.encode(job.prompt)
             else:
                 ids = list(job.prompt)
         except ChatTemplateError as error:
             raise APIError(400, str(error), param="messages") from None
-        bad = [i for i in ids if not 0 <= i < self.model.decodable_vocab_size]
+        except ValueError as error:   # an image that is not a data: URL or not an image, a text-only model
+            raise APIError(400, str(error), param="messages") from None
+        limit = self.model.config.vocab_size if images else self.model.decodable_vocab_size
+        bad = [i for i in ids if not 0 <= i < limit]
         if bad:
-            limit = self.model.decodable_vocab_size
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{limit - 1})", param="prompt")
         if len(ids) > self.context_length:
             raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the context of "
                                 f"{self.context_length} tokens", param="messages" if job.is_chat else "prompt",
                            code="context_length_exceeded")
-        return ids
+        return Prompt(ids, images)
 
-    def run(self, job: Job, ids: list[int], logits_processor, cancelled: threading.Event) -> Iterator[GenerationChunk]:
+    def run(self, job: Job, prompt: Prompt, logits_processor, cancelled: threading.Event) -> Iterator[GenerationChunk]:
         """The generation's chunks (blocking; call from a worker thread that holds a slot). Stops
         within a token of `cancelled` being set."""
-        session = self._take_session(ids)
+        session = self._take_session(prompt)
         try:
             max_tokens = min(job.max_tokens or self.context_length, self.context_length)
-            chunks = self.model.stream(ids, session=session, max_new_tokens=max_tokens,
+            features = [span.embeds for span in prompt.images] or None
+            chunks = self.model.stream(prompt.ids, image_features=features, session=session, max_new_tokens=max_tokens,
                                        logits_processor=logits_processor, batch=self._batch, **job.sampling)
             try:
                 for chunk in chunks:
@@ -91,14 +107,16 @@ class ModelEngine:
             with self._pool_lock:
                 self._idle.append(session)
 
-    def _take_session(self, ids: list[int]):
+    def _take_session(self, prompt: Prompt):
+        def reusable(session):
+            return session.reusable_prefix(prompt.ids, prompt.images)
         with self._pool_lock:
             if not self._idle:
                 raise RuntimeError("no idle session: more generations run than the engine has sessions "
                                    "(give ModelEngine as many sessions as the server has slots)")
             # the idle list runs from least to most recently used, and max() keeps the first of equals
-            best = max(self._idle, key=lambda session: session.reusable_prefix(ids))
-            if 2 * best.reusable_prefix(ids) < len(best.token_ids):
+            best = max(self._idle, key=reusable)
+            if 2 * reusable(best) < len(best.token_ids):
                 # not this conversation's next turn, only a shared opening (a chat template's header):
                 # keep its history for its own next turn, and take the longest-idle session
                 best = self._idle[0]
@@ -144,18 +162,18 @@ class Generation:
     worker gives it back once the generation has really stopped. `cancel()` (a client that went
     away, a shutdown) stops it at its next token.
 
-    >>> generation = Generation(engine, admission, job, ids)      # doctest: +SKIP
+    >>> generation = Generation(engine, admission, job, prompt)   # doctest: +SKIP
     >>> async for chunk in generation.chunks(): ...                 # doctest: +SKIP
     """
 
     _DONE = object()
 
-    def __init__(self, engine, admission: Admission, job: Job, ids: list[int], logits_processor=None):
+    def __init__(self, engine, admission: Admission, job: Job, prompt: Prompt, logits_processor=None):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self._admission = admission
-        worker = threading.Thread(target=self._work, args=(engine, job, ids, logits_processor),
+        worker = threading.Thread(target=self._work, args=(engine, job, prompt, logits_processor),
                                   name="blob-serve generation", daemon=True)
         worker.start()
 
@@ -171,9 +189,9 @@ class Generation:
         finally:
             self.cancel()
 
-    def _work(self, engine, job, ids, logits_processor) -> None:
+    def _work(self, engine, job, prompt, logits_processor) -> None:
         try:
-            for chunk in engine.run(job, ids, logits_processor, self._cancelled):
+            for chunk in engine.run(job, prompt, logits_processor, self._cancelled):
                 self._deliver(chunk)
         except BaseException as error:  # handed to the request, which answers it
             self._deliver(error)

@@ -145,11 +145,21 @@ def _check_message(index: int, message: Any) -> None:
     content = message.get("content")
     if content is None and not message.get("tool_calls"):
         raise APIError(400, f"{where}.content is missing", param=f"{where}.content")
-    parts_ok = isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                                 and isinstance(p.get("text"), str) for p in content)
+    parts_ok = isinstance(content, list) and all(_text_part(p) or _image_part(p) for p in content)
     if content is not None and not isinstance(content, str) and not parts_ok:
-        raise APIError(400, f"{where}.content must be a string or a list of text parts "
-                            f"([{{type: text, text: ...}}]); this server reads text only", param=f"{where}.content")
+        raise APIError(400, f"{where}.content must be a string or a list of parts: {{type: text, text: ...}} or "
+                            f"{{type: image_url, image_url: {{url: \"data:image/...;base64,...\"}}}}",
+                       param=f"{where}.content")
+
+
+def _text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _image_part(part: Any) -> bool:
+    """An image_url part; its URL is checked (a base64 data: URL) when the image is read."""
+    url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+    return isinstance(url, dict) and isinstance(url.get("url"), str)
 
 
 def _max_tokens(value: Any) -> Optional[int]:
