@@ -19,7 +19,8 @@
  *   positions of their own caches) bit-identical to lone blob_forward steps: f32 and q8_0 weights, f32 and
  *   f16 caches, a sliding-window layer and a global one, on every selectable path;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
- *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
+ *   rotation of the first 2*n_freq dimensions against a double-precision rotation;
+ * - LayerNorm (plain C, one path) against a double-precision one, rows far from 0 included.
  * Exit status 0 when everything passed.
  */
 #include <stdio.h>
@@ -776,6 +777,31 @@ static void check_rope(void) {
     }
 }
 
+/* blob_layer_norm (plain C, one path) against a double-precision LayerNorm, on rows around 0
+ * and around 1000 (where a float mean would be off by its ulp), and in place. */
+static void check_layer_norm(void) {
+    enum { N = 2, D = 77 };
+    float x[N * D], w[D], b[D], out[N * D];
+    for (size_t k = 0; k < D; k++) {
+        w[k] = next_float();
+        b[k] = next_float();
+    }
+    for (size_t e = 0; e < N * D; e++) x[e] = next_float() + (e >= D ? 1000.0f : 0.0f);
+    blob_layer_norm(x, w, b, N, D, 1e-6f, out);
+    for (size_t i = 0; i < N; i++) {
+        double mean = 0, var = 0;
+        for (size_t k = 0; k < D; k++) mean += x[i * D + k];
+        mean /= D;
+        for (size_t k = 0; k < D; k++) var += (x[i * D + k] - mean) * (x[i * D + k] - mean);
+        const double inv_std = 1.0 / sqrt(var / D + 1e-6);
+        for (size_t k = 0; k < D; k++)
+            expect_close("layer_norm vs double", "layer_norm", out[i * D + k], (x[i * D + k] - mean) * inv_std * w[k] + b[k],
+                         1e-5);
+    }
+    blob_layer_norm(x, w, b, N, D, 1e-6f, x);
+    for (size_t e = 0; e < N * D; e++) expect_close("layer_norm in place", "layer_norm", x[e], out[e], 0.0);
+}
+
 /* ---- the forward pass: a batched decode step against lone steps ---- */
 
 enum { FW_LAYERS = 2, FW_HIDDEN = 64, FW_HEADS = 4, FW_KV_HEADS = 2, FW_HD = 16, FW_FFN = 96, FW_VOCAB = 50,
@@ -943,6 +969,9 @@ int main(void) {
     before = failures;
     check_rope();
     printf("rope               %s\n", failures == before ? "ok" : "FAILED");
+    before = failures;
+    check_layer_norm();
+    printf("layer_norm         %s\n", failures == before ? "ok" : "FAILED");
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }
