@@ -1,7 +1,7 @@
 /* The small per-token ops, plain C on the calling thread: a decode step spends its time in the
- * matrix products. The gated activation, whose exp would cost as much as all of these, and
- * RMSNorm, which a Gemma prompt runs six times a layer, run on the instruction-set path
- * (blob_isa_ops). LayerNorm, the vision encoder's, is plain C: vision.c shares its rows out
+ * matrix products. The gated activation, whose exp would cost as much as all of these, RMSNorm,
+ * which a Gemma prompt runs six times a layer, and softmax, which the vision encoder runs over
+ * millions of scores, run on the instruction-set path (blob_isa_ops). LayerNorm, the vision encoder's, is plain C: vision.c shares its rows out
  * over the threads. */
 #include "kernels_impl.h"
 
@@ -58,16 +58,8 @@ void blob_gated_act(const float *gate, const float *up, size_t count, int act, f
 }
 
 void blob_softmax(float *x, size_t n, size_t d) {
-    for (size_t i = 0; i < n; i++) {
-        float *row = x + i * d, max_value = -INFINITY, total = 0.0f;
-        for (size_t k = 0; k < d; k++) max_value = fmaxf(max_value, row[k]);
-        for (size_t k = 0; k < d; k++) {
-            row[k] = expf(row[k] - max_value);
-            total += row[k];
-        }
-        const float inv_total = 1.0f / total;
-        for (size_t k = 0; k < d; k++) row[k] *= inv_total;
-    }
+    const blob_isa_ops *ops = blob_ops();
+    for (size_t i = 0; i < n; i++) ops->softmax_row(x + i * d, d, 1.0f);
 }
 
 void blob_softcap(const float *x, size_t count, float cap, float *out) {

@@ -101,8 +101,7 @@ static void run_row(const rows_job *j, size_t i) {
         for (size_t k = 0; k < j->d; k++) out[k] += x[k] + j->b[k];
         break;
     case ROW_SCALED_SOFTMAX:
-        for (size_t k = 0; k < j->d; k++) out[k] *= j->scale;
-        blob_softmax(out, 1, j->d);
+        blob_ops()->softmax_row(out, j->d, j->scale);
         break;
     }
 }

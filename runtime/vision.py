@@ -8,6 +8,7 @@ Preprocessing (resizing, normalizing) and placing the tokens in a prompt happen 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,7 @@ class VisionTower:
         self.channels = channels
         self.mm_tokens_per_image = stack.tokens
         self.text_hidden = stack.text_hidden
+        self._lock = threading.Lock()   # one encode at a time: the stack's scratch memory is shared
 
     @classmethod
     def from_reader(cls, reader) -> "VisionTower":
@@ -104,12 +106,14 @@ class VisionTower:
 
     def encode(self, pixel_values) -> np.ndarray:
         """float32 pixel values (n_images, channels, image_size, image_size), already normalized
-        -> float32 image-token embeddings (n_images, mm_tokens_per_image, text_hidden).
+        -> float32 image-token embeddings (n_images, mm_tokens_per_image, text_hidden). Calls
+        from several threads run one at a time.
 
         >>> tower.encode(pixels).shape     # doctest: +SKIP
         (2, 256, 2560)
         """
-        return self.stack.encode(pixel_values)
+        with self._lock:
+            return self.stack.encode(pixel_values)
 
     def __repr__(self):
         return (f"VisionTower(image_size={self.image_size}, patch_size={self.patch_size}, "

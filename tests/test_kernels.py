@@ -501,7 +501,7 @@ def test_gated_activations():
         K.gated_act(gate, up, "relu")
 
 
-def test_softmax_softcap_add():
+def test_softmax_softcap_add(isa):
     rng = np.random.default_rng(15)
     x = (rng.standard_normal((4, 33)) * 30).astype(np.float32)
     e = np.exp(x - x.max(-1, keepdims=True))

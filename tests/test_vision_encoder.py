@@ -14,6 +14,7 @@ Tolerances, as a share of the reference's largest magnitude:
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -217,3 +218,21 @@ def test_missing_and_old_style_tensors_are_listed(tiny, tmp_path):
     assert "vision.encoder.layers.1.mlp.fc2.bias: missing (expected shape [32])" in message
     assert "projector.mm_input_projection.weight: missing" in message
     assert "converted by an older blob-pack; convert it again" in message
+
+
+def test_threads_share_a_tower(tiny):
+    """Encodes from two threads at once both finish, each with its own images' result."""
+    _, blobs, _ = tiny
+    with blobstore.open(blobs["f32"]) as reader:
+        tower = VisionTower.from_reader(reader)
+        want = [tower.encode(pixels(1, seed=s)) for s in (6, 7)]
+        got = [None, None]
+
+        def run(i):
+            got[i] = tower.encode(pixels(1, seed=6 + i))
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))

@@ -11,7 +11,7 @@
  *   of whole groups of eight blocks and of a remainder, and in q6_k's int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
- * - RMSNorm rows bit-identical to scalar's;
+ * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
@@ -609,6 +609,22 @@ static void check_gated_act(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* softmax_row vs scalar's (libm expf, summed in order): the polynomial exp and the lanes' sums
+ * move an element by a few ulp of it, on rows of the vector loop and a tail, scaled scores of a
+ * wide range (some below exp's clamp at -87), and a row shorter than a vector. */
+static void check_softmax(const blob_isa_ops *ops, const char *path) {
+    enum { N = 203 };
+    const size_t lengths[] = {N, 8, 3};
+    float mine[N], ref[N];
+    for (size_t li = 0; li < sizeof lengths / sizeof *lengths; li++) {
+        const size_t d = lengths[li];
+        for (size_t k = 0; k < d; k++) mine[k] = ref[k] = next_float() * 40.0f;
+        ops->softmax_row(mine, d, 0.75f);
+        blob_ops_scalar.softmax_row(ref, d, 0.75f);
+        for (size_t k = 0; k < d; k++) expect_close("softmax_row", path, mine[k], ref[k], 1e-5 * ref[k] + 1e-30);
+    }
+}
+
 static void check_read_sum(const blob_isa_ops *ops, const char *path) {
     enum { WORDS = 4096 };
     static _Alignas(64) uint64_t words[WORDS];
@@ -953,6 +969,7 @@ int main(void) {
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
+        check_softmax(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
