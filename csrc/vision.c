@@ -24,7 +24,8 @@ typedef struct {
     int64_t *ids;          /* (n_patches,) 0 .. n_patches-1: the position rows to read */
 } vision_activations;
 
-static size_t grid_of(const blob_vision_model *m) { return m->image_size / m->patch_size; }
+/* patches per side; 0 for a patch size of 0, which valid_model rejects (the scratch size is asked first) */
+static size_t grid_of(const blob_vision_model *m) { return m->patch_size ? m->image_size / m->patch_size : 0; }
 
 static size_t patch_width(const blob_vision_model *m) { return m->channels * m->patch_size * m->patch_size; }
 
