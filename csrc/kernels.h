@@ -149,6 +149,9 @@ void blob_softmax(float *x, size_t n, size_t d);
 void blob_softcap(const float *x, size_t count, float cap, float *out);
 /* out = a + b, element-wise. */
 void blob_add(const float *a, const float *b, size_t count, float *out);
+/* out = (x - mean(x)) / sqrt(var(x) + eps) * w + b per row: LayerNorm with bias, the biased
+ * variance as torch's nn.LayerNorm; mean and variance summed in double. */
+void blob_layer_norm(const float *x, const float *w, const float *b, size_t n, size_t d, float eps, float *out);
 /* OUT (n, cols) = rows ids[0..n) of W, dequantized to f32 (ids already range-checked). */
 void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out);
 
@@ -216,6 +219,43 @@ int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_
                        size_t logit_rows, float *logits, void *scratch);
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
                  size_t start, size_t logit_rows, float *logits, void *scratch);
+
+/* ---- the vision encoder (vision.c) ----
+ * A second block kind beside the decoder's: SigLIP's encoder layer (pre-LayerNorm with bias,
+ * bidirectional multi-head attention with q/k/v/o biases, GELU-tanh MLP fc1/fc2 with biases),
+ * then Gemma 3's projector. Vectors are float32: norms and biases of `hidden` values (fc1_bias
+ * of `ffn`). */
+typedef struct blob_vision_layer {
+    blob_matrix q, k, v, o, fc1, fc2;               /* (hidden, hidden) x4, (ffn, hidden), (hidden, ffn) */
+    const float *norm1, *norm1_bias, *norm2, *norm2_bias;
+    const float *q_bias, *k_bias, *v_bias, *o_bias, *fc1_bias, *fc2_bias;
+} blob_vision_layer;
+
+/* An image (channels, image_size, image_size) becomes grid x grid patches (grid = image_size /
+ * patch_size, row-major), each embedded by a matmul over its unfolded pixels in (channel, y, x)
+ * order (the convolution's weight, stride = kernel = patch) plus its learned position row; the
+ * encoder layers and post-LayerNorm follow; the projector averages each (grid / tokens_per_side)^2
+ * square of patches into one of tokens_per_side^2 image tokens, RMSNorms them with Gemma's
+ * (1 + w) and projects them into the text model's hidden size. */
+typedef struct blob_vision_model {
+    size_t n_layers, hidden, n_heads, head_dim, ffn;
+    size_t channels, image_size, patch_size, tokens_per_side;
+    float norm_eps;                  /* every LayerNorm's, and the projector's RMSNorm's */
+    blob_matrix patch;               /* (hidden, channels * patch_size^2) */
+    const float *patch_bias;         /* (hidden,) */
+    blob_matrix position;            /* (grid^2, hidden), any dtype: rows dequantized as embeddings are */
+    const blob_vision_layer *layers; /* n_layers of them */
+    const float *post_norm, *post_norm_bias;
+    const float *projection_norm;    /* (hidden,) used as 1 + w */
+    blob_matrix projection;          /* (text_hidden, hidden) */
+} blob_vision_model;
+
+/* The scratch blob_vision_encode needs (one image's activations at a time). */
+size_t blob_vision_scratch_bytes(const blob_vision_model *m);
+/* PIXELS (n_images, channels, image_size, image_size), normalized, -> OUT (n_images,
+ * tokens_per_side^2, text_hidden). BLOB_EINVAL when the shapes do not fit together (the patch
+ * grid not divisible into the token grid, matrices of the wrong size). */
+int blob_vision_encode(const blob_vision_model *m, const float *pixels, size_t n_images, float *out, void *scratch);
 
 /* STREAM-style read of `nbytes` (a multiple of 64, 64-byte aligned) on every thread,
  * for the bandwidth benchmark; returns a checksum so the reads cannot be optimized away. */

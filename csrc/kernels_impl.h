@@ -404,6 +404,9 @@ typedef struct blob_isa_ops {
     void (*gated_act)(const float *gate, const float *up, size_t count, int act, float *out);
     /* out = x * blob_inv_rms(sum of x[k]^2 in double) * (offset + w), one row of d; out may be x */
     void (*rms_norm_row)(const float *x, const float *w, size_t d, float eps, float offset, float *out);
+    /* x = softmax(x * scale), one row of d in place; vector paths exponentiate with the
+     * polynomial (BLOB_EXP_*) and sum in lanes */
+    void (*softmax_row)(float *x, size_t d, float scale);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
 } blob_isa_ops;

@@ -235,7 +235,22 @@ static void rms_norm_row(const float *x, const float *w, size_t d, float eps, fl
     for (k = 0; k < d; k++) out[k] = x[k] * inv_rms * (offset + w[k]);
 }
 
+/* libm's expf, summed in order: the reference of the vector paths */
+static void softmax_row(float *x, size_t d, float scale) {
+    float max_value = -INFINITY, total = 0.0f;
+    for (size_t k = 0; k < d; k++) {
+        x[k] *= scale;
+        max_value = fmaxf(max_value, x[k]);
+    }
+    for (size_t k = 0; k < d; k++) {
+        x[k] = expf(x[k] - max_value);
+        total += x[k];
+    }
+    const float inv_total = 1.0f / total;
+    for (size_t k = 0; k < d; k++) x[k] *= inv_total;
+}
+
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, read_sum,
+    quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, softmax_row, read_sum,
 };

@@ -1,13 +1,29 @@
 /* The small per-token ops, plain C on the calling thread: a decode step spends its time in the
- * matrix products. The gated activation, whose exp would cost as much as all of these, and
- * RMSNorm, which a Gemma prompt runs six times a layer, run on the instruction-set path
- * (blob_isa_ops). */
+ * matrix products. The gated activation, whose exp would cost as much as all of these, RMSNorm,
+ * which a Gemma prompt runs six times a layer, and softmax, which the vision encoder runs over
+ * millions of scores, run on the instruction-set path (blob_isa_ops). LayerNorm, the vision encoder's, is plain C: vision.c shares its rows out
+ * over the threads. */
 #include "kernels_impl.h"
 
 void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps, float offset,
                    float *out) {
     const blob_isa_ops *ops = blob_ops();
     for (size_t i = 0; i < n; i++) ops->rms_norm_row(x + i * d, w, d, eps, offset, out + i * d);
+}
+
+/* Two passes, both in double: the mean, then the variance around it (one pass of sum and sum of
+ * squares loses the variance of large-offset rows to cancellation). */
+void blob_layer_norm(const float *x, const float *w, const float *b, size_t n, size_t d, float eps, float *out) {
+    for (size_t i = 0; i < n; i++) {
+        const float *row = x + i * d;
+        double total = 0.0, squares = 0.0;
+        for (size_t k = 0; k < d; k++) total += row[k];
+        const double mean = total / (double)d;
+        for (size_t k = 0; k < d; k++) squares += ((double)row[k] - mean) * ((double)row[k] - mean);
+        const double inv_std = 1.0 / sqrt(squares / (double)d + (double)eps);
+        /* centred in double too: a float mean of large values is off by their ulp */
+        for (size_t k = 0; k < d; k++) out[i * d + k] = (float)(((double)row[k] - mean) * inv_std) * w[k] + b[k];
+    }
 }
 
 void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq, float scale,
@@ -42,16 +58,8 @@ void blob_gated_act(const float *gate, const float *up, size_t count, int act, f
 }
 
 void blob_softmax(float *x, size_t n, size_t d) {
-    for (size_t i = 0; i < n; i++) {
-        float *row = x + i * d, max_value = -INFINITY, total = 0.0f;
-        for (size_t k = 0; k < d; k++) max_value = fmaxf(max_value, row[k]);
-        for (size_t k = 0; k < d; k++) {
-            row[k] = expf(row[k] - max_value);
-            total += row[k];
-        }
-        const float inv_total = 1.0f / total;
-        for (size_t k = 0; k < d; k++) row[k] *= inv_total;
-    }
+    const blob_isa_ops *ops = blob_ops();
+    for (size_t i = 0; i < n; i++) ops->softmax_row(x + i * d, d, 1.0f);
 }
 
 void blob_softcap(const float *x, size_t count, float cap, float *out) {

@@ -87,6 +87,8 @@ cdef extern from "kernels.h" nogil:
     int blob_attention_run(const blob_attention *a, const float *q, size_t n, size_t p0, float *out)
     void blob_rms_norm(const float *x, const float *w, size_t n, size_t d, float eps,
                        float offset, float *out)
+    void blob_layer_norm(const float *x, const float *w, const float *b, size_t n, size_t d, float eps,
+                         float *out)
     void blob_rope_angles(const int64_t *positions, size_t n, const float *inv_freq, size_t n_freq,
                           float scale, float *cos_sin)
     void blob_rope(float *x, size_t n, size_t n_heads, size_t head_dim, const float *cos_sin, size_t n_freq)
@@ -95,4 +97,33 @@ cdef extern from "kernels.h" nogil:
     void blob_softcap(const float *x, size_t count, float cap, float *out)
     void blob_add(const float *a, const float *b, size_t count, float *out)
     void blob_embed(const blob_matrix *w, const int64_t *ids, size_t n, float *out)
+    ctypedef struct blob_vision_layer:
+        blob_matrix q, k, v, o, fc1, fc2
+        const float *norm1
+        const float *norm1_bias
+        const float *norm2
+        const float *norm2_bias
+        const float *q_bias
+        const float *k_bias
+        const float *v_bias
+        const float *o_bias
+        const float *fc1_bias
+        const float *fc2_bias
+
+    ctypedef struct blob_vision_model:
+        size_t n_layers, hidden, n_heads, head_dim, ffn
+        size_t channels, image_size, patch_size, tokens_per_side
+        float norm_eps
+        blob_matrix patch
+        const float *patch_bias
+        blob_matrix position
+        const blob_vision_layer *layers
+        const float *post_norm
+        const float *post_norm_bias
+        const float *projection_norm
+        blob_matrix projection
+
+    size_t blob_vision_scratch_bytes(const blob_vision_model *m)
+    int blob_vision_encode(const blob_vision_model *m, const float *pixels, size_t n_images, float *out,
+                           void *scratch)
     double blob_read_bandwidth_probe(const void *data, size_t nbytes)

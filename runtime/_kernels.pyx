@@ -11,7 +11,8 @@ by the environment variable BLOBSTORE_ISA (scalar, avx2 or neon).
 
 One extension module (one thread pool, one ISA choice), written as one file per job:
 _c_api.pxi (the C declarations), _cpu.pxi (features, ISA, threads), _matrix.pxi (Matrix and
-matmul), _ops.pxi (attention and the small ops, one call each), _stack.pxi (DecoderStack).
+matmul), _ops.pxi (attention and the small ops, one call each), _stack.pxi (DecoderStack),
+_vision.pxi (VisionStack: the vision encoder and projector).
 """
 import os
 import threading
@@ -30,3 +31,4 @@ include "_cpu.pxi"
 include "_matrix.pxi"
 include "_ops.pxi"
 include "_stack.pxi"
+include "_vision.pxi"

@@ -126,6 +126,33 @@ def rms_norm(x, w, float eps, float offset=0.0, out=None):
     return result
 
 
+def layer_norm(x, w, b, float eps, out=None):
+    """out = (x - mean(x)) / sqrt(var(x) + eps) * w + b over the last axis of x (..., d), as
+    torch's nn.LayerNorm (biased variance).
+
+    >>> layer_norm(np.array([1, 2, 3], np.float32), np.ones(3, np.float32), np.zeros(3, np.float32), 0.0)
+    array([-1.2247449,  0.       ,  1.2247449], dtype=float32)
+    """
+    xa = _contiguous(_float_array(x, "layer_norm: x"), "layer_norm: x")
+    wa = _contiguous(_float_array(w, "layer_norm: w", 1), "layer_norm: w")
+    ba = _contiguous(_float_array(b, "layer_norm: b", 1), "layer_norm: b")
+    if xa.ndim == 0 or xa.shape[-1] != wa.shape[0] or ba.shape != wa.shape:
+        raise ValueError(f"layer_norm: x's last axis, w and b must have one length; found x {xa.shape}, "
+                         f"w {wa.shape}, b {ba.shape}")
+    result = _output(out, xa.shape, "layer_norm")
+    cdef size_t d = wa.shape[0]
+    cdef size_t n = xa.size // d if d else 0
+    if n == 0:
+        return result
+    cdef const float[::1] xv = xa.reshape(-1)
+    cdef const float[::1] wv = wa
+    cdef const float[::1] bv = ba
+    cdef float[::1] ov = result.reshape(-1)
+    with nogil:
+        blob_layer_norm(&xv[0], &wv[0], &bv[0], n, d, eps, &ov[0])
+    return result
+
+
 def rope(x, positions, inv_freq, float scale=1.0):
     """Rotate x (n, n_heads, head_dim) in place, HF half-split layout; returns x.
 

@@ -77,13 +77,14 @@ def build_checkpoint(folder, name: str, spm_model: bytes, **overrides):
     return folder
 
 
-def build_multimodal_gemma3(folder, spm_model: bytes):
+def build_multimodal_gemma3(folder, spm_model: bytes, mm_tokens_per_image: int = 4, **vision_overrides):
+    """A tiny Gemma3ForConditionalGeneration; `vision_overrides` change its SigLIP config."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     text = {**_TINY, "head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    vision = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14), **vision_overrides}
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config)
     _randomize(model, torch)

@@ -217,12 +217,21 @@ def test_gemma3_multimodal_keeps_vision_and_projector_components(checkpoints, tm
     with blobstore.open(out) as blob:
         for name in vision + projector:
             stored = name.replace("vision_tower.", "vision.").replace("multi_modal_projector.", "projector.")
+            expected = source[name]
+            if stored == "projector.mm_input_projection_weight":   # x @ W in transformers: stored as W.T
+                stored, expected = "projector.mm_input_projection.weight", expected.T
+            if stored.endswith("patch_embedding.weight"):   # the convolution as a matrix over unfolded patches
+                expected = expected.reshape(expected.shape[0], -1)
             assert blob.info(stored).component == stored.split(".")[0]
-            np.testing.assert_array_equal(blob.float32(stored), source[name])
+            np.testing.assert_array_equal(blob.float32(stored), expected)
         np.testing.assert_array_equal(blob.float32("layers.1.post_ffn_norm"),
                                       source["language_model.model.layers.1.post_feedforward_layernorm.weight"])
-        assert blob.metadata["components"]["vision"]["config"]["patch_size"] == 14
-        assert blob.metadata["components"]["projector"]["config"]["mm_tokens_per_image"] == 4
+        vision_config = blob.metadata["components"]["vision"]["config"]
+        assert vision_config["patch_size"] == 14
+        assert vision_config["layer_norm_eps"] == 1e-6 and vision_config["num_channels"] == 3  # class defaults
+        assert blob.metadata["components"]["projector"]["config"] == {
+            "mm_tokens_per_image": 4, "boi_token_index": 255_999, "eoi_token_index": 256_000,
+            "image_token_index": 262_144}
 
 
 def test_text_only_leaves_out_vision_and_says_so(checkpoints, tmp_path):

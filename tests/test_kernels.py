@@ -461,6 +461,27 @@ def test_rms_norm(offset):
     np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6)
 
 
+def test_layer_norm():
+    """Against numpy in float64, rows with a large offset included (a one-pass variance would
+    lose them to cancellation), in place too."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, 5, 41)).astype(np.float32)
+    x[1] += 1000.0
+    w, b = rng.standard_normal(41).astype(np.float32), rng.standard_normal(41).astype(np.float32)
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6) * w + b
+    np.testing.assert_allclose(K.layer_norm(x, w, b, 1e-6), want, rtol=1e-5, atol=1e-5)
+    K.layer_norm(x, w, b, 1e-6, out=x)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+    constant = np.full((2, 41), 3.0, np.float32)          # zero variance: eps keeps it finite
+    np.testing.assert_array_equal(K.layer_norm(constant, w, b, 1e-6), np.broadcast_to(b, (2, 41)))
+    with pytest.raises(ValueError, match=r"one length; found x \(3, 5, 41\), w \(41,\), b \(40,\)"):
+        K.layer_norm(x, w, b[:40], 1e-6)
+    with pytest.raises(TypeError, match="layer_norm: x must be float32, found float64"):
+        K.layer_norm(x64, w, b, 1e-6)
+
+
 def rotate_half_reference(x, positions, inv_freq, scale=1.0):
     """HF's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin over the rotated dimensions,
     cos and sin times `scale` (LongRoPE's attention factor)."""
@@ -526,7 +547,7 @@ def test_gated_activations():
         K.gated_act(gate, up, "relu")
 
 
-def test_softmax_softcap_add():
+def test_softmax_softcap_add(isa):
     rng = np.random.default_rng(15)
     x = (rng.standard_normal((4, 33)) * 30).astype(np.float32)
     e = np.exp(x - x.max(-1, keepdims=True))

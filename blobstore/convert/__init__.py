@@ -23,7 +23,8 @@ from ..quant import bf16_to_f32, planes_from_ggml
 from ..writer import BlobWriter
 from . import tokenizer
 from .families import family_for_hf
-from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES, Options, Plan, make_plan, resolved_embed_dtype, stored_type_of
+from .plan import (DTYPE_CHOICES, KEEP, WEIGHT_DTYPES, Options, Plan, in_form, make_plan, resolved_embed_dtype,
+                   stored_type_of)
 from .problems import ConversionError, Problems
 from .sources import open_source, provenance
 
@@ -198,7 +199,7 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
             writer.add_tie(name, target, source=None)
         for name, data in tok.files.items():
             writer.add_file(name, data)
-        writer.metadata.update(_metadata(source, plan, options, tok))
+        writer.metadata.update(_metadata(source, family.variant(source.config), plan, options, tok))
 
 
 def _read_once(source):
@@ -225,6 +226,8 @@ def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, e
     array, stored = read(entry.source, raw)
     if entry.rows is not None:  # a row holds whole ggml blocks, so a raw slice is a slice of every plane
         array = array[entry.rows[0]:entry.rows[1]]
+    if entry.form:  # only safetensors components: float values, never ggml blocks
+        array = in_form(array, entry.form)
     if source.kind == "gguf" and entry.component == "text":
         array = family.gguf_sanitize(entry.name, array, config)
     if raw:
@@ -240,19 +243,25 @@ def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, e
     writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source_label)
 
 
-def _metadata(source, plan: Plan, options: Options, tok) -> dict:
+def _component_metadata(raw: dict, variant, plan: Plan) -> dict:
+    """The vision and projector components present: their tensor counts and configs, the class
+    defaults config.json omits filled in."""
+    configs = {"vision": {**variant.vision_defaults, **(raw.get("vision_config") or {})},
+               "projector": {k: raw.get(k, v) for k, v in variant.projector_defaults.items()}}
+    components = {}
+    for name, config in configs.items():
+        count = sum(e.component == name for e in plan.entries)
+        if count:
+            components[name] = {"tensors": count, "config": config, "required": False}
+    return components
+
+
+def _metadata(source, variant, plan: Plan, options: Options, tok) -> dict:
     from .. import __version__
 
     components = {"text": {"tensors": sum(e.component == "text" for e in plan.entries)}}
     if source.kind == "safetensors":
-        raw = source.config
-        for name in ("vision", "projector"):
-            count = sum(e.component == name for e in plan.entries)
-            if count:
-                config = raw.get("vision_config") if name == "vision" else {
-                    k: v for k, v in raw.items() if k in ("mm_tokens_per_image", "boi_token_index",
-                                                          "eoi_token_index", "image_token_index")}
-                components[name] = {"tensors": count, "config": config, "required": False}
+        components.update(_component_metadata(source.config, variant, plan))
     source_info = {"format": source.kind, "name": source.path.name, "packer": f"blob-pack {__version__}",
                    "files": provenance(source.provenance_files())}
     if source.hub:

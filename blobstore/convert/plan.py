@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..format import DType, dtype_of_ggml
-from .families import GGUF_ROPE_TENSORS, map_component_name, map_gguf_name, map_text_name
+from .families import GGUF_ROPE_TENSORS, STORED_FORMS, map_component_name, map_gguf_name, map_text_name
 from .problems import Problems, classify
 
 FLOAT_SOURCE_DTYPES = ("f32", "f16", "bf16")
@@ -87,6 +87,7 @@ class Entry:
     shape: tuple
     dtype: str         # stored dtype
     rows: tuple | None = None  # (start, stop): the rows of a fused source tensor this one is, else None
+    form: str | None = None    # "transpose" | "flatten": stored in another form than the source's (STORED_FORMS)
 
     @property
     def source_label(self) -> str:
@@ -95,7 +96,8 @@ class Entry:
         >>> Entry("layers.0.k", "qkv_proj.weight", "text", (8, 16), "f32", rows=(16, 24)).source_label
         'qkv_proj.weight[16:24]'
         """
-        return self.source if self.rows is None else f"{self.source}[{self.rows[0]}:{self.rows[1]}]"
+        label = self.source if self.rows is None else f"{self.source}[{self.rows[0]}:{self.rows[1]}]"
+        return f"{label} ({self.form}d)" if self.form else label
 
 
 @dataclass
@@ -124,7 +126,9 @@ def make_plan(source, config: ModelConfig, variant, options: Options, problems: 
             name = names[0]
             if component == "text" and name in expected and name != "lm_head" and ref.shape != expected[name]:
                 problems.mismatched.append((name, expected[name], ref.shape, src))
-            entries = [Entry(name, src, component, ref.shape, target_dtype(name, ref.shape, options, ref.dtype))]
+            form = STORED_FORMS.get(name) if component != "text" else None
+            shape = stored_shape(ref.shape, form)
+            entries = [Entry(name, src, component, shape, target_dtype(name, shape, options, ref.dtype), form=form)]
         if ref.dtype not in FLOAT_SOURCE_DTYPES and source.kind == "safetensors":
             problems.bad_dtypes.append((" + ".join(names), ref.dtype, src))
             continue
@@ -176,6 +180,24 @@ def _split(src: str, names: tuple, component: str, ref, expected: dict, options:
         entries.append(Entry(name, src, component, part, target_dtype(name, part, options, ref.dtype), rows=rows))
         start += part[0]
     return entries
+
+
+def stored_shape(shape: tuple, form: str | None) -> tuple:
+    """The shape a source tensor is stored in, in `form` (STORED_FORMS) or as it is.
+
+    >>> stored_shape((32, 3, 4, 4), "flatten"), stored_shape((32, 64), "transpose")
+    ((32, 48), (64, 32))
+    """
+    if form == "transpose":
+        return tuple(reversed(shape))
+    return (shape[0], int(np.prod(shape[1:]))) if form == "flatten" else tuple(shape)
+
+
+def in_form(array: np.ndarray, form: str | None) -> np.ndarray:
+    """A source tensor's values in its stored form (stored_shape)."""
+    if form is None:
+        return array
+    return np.ascontiguousarray(array.T if form == "transpose" else array.reshape(stored_shape(array.shape, form)))
 
 
 def target_dtype(name: str, shape: tuple, options: Options, source_dtype: str) -> str:

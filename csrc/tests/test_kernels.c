@@ -15,7 +15,7 @@
  *   int32-overflow case;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
- * - RMSNorm rows bit-identical to scalar's;
+ * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
@@ -23,7 +23,8 @@
  *   positions of their own caches) bit-identical to lone blob_forward steps: f32 and q8_0 weights, f32 and
  *   f16 caches, a sliding-window layer and a global one, on every selectable path;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
- *   rotation of the first 2*n_freq dimensions against a double-precision rotation.
+ *   rotation of the first 2*n_freq dimensions against a double-precision rotation;
+ * - LayerNorm (plain C, one path) against a double-precision one, rows far from 0 included.
  * Exit status 0 when everything passed.
  */
 #include <stdio.h>
@@ -632,6 +633,22 @@ static void check_gated_act(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* softmax_row vs scalar's (libm expf, summed in order): the polynomial exp and the lanes' sums
+ * move an element by a few ulp of it, on rows of the vector loop and a tail, scaled scores of a
+ * wide range (some below exp's clamp at -87), and a row shorter than a vector. */
+static void check_softmax(const blob_isa_ops *ops, const char *path) {
+    enum { N = 203 };
+    const size_t lengths[] = {N, 8, 3};
+    float mine[N], ref[N];
+    for (size_t li = 0; li < sizeof lengths / sizeof *lengths; li++) {
+        const size_t d = lengths[li];
+        for (size_t k = 0; k < d; k++) mine[k] = ref[k] = next_float() * 40.0f;
+        ops->softmax_row(mine, d, 0.75f);
+        blob_ops_scalar.softmax_row(ref, d, 0.75f);
+        for (size_t k = 0; k < d; k++) expect_close("softmax_row", path, mine[k], ref[k], 1e-5 * ref[k] + 1e-30);
+    }
+}
+
 static void check_read_sum(const blob_isa_ops *ops, const char *path) {
     enum { WORDS = 4096 };
     static _Alignas(64) uint64_t words[WORDS];
@@ -798,6 +815,31 @@ static void check_rope(void) {
             }
         }
     }
+}
+
+/* blob_layer_norm (plain C, one path) against a double-precision LayerNorm, on rows around 0
+ * and around 1000 (where a float mean would be off by its ulp), and in place. */
+static void check_layer_norm(void) {
+    enum { N = 2, D = 77 };
+    float x[N * D], w[D], b[D], out[N * D];
+    for (size_t k = 0; k < D; k++) {
+        w[k] = next_float();
+        b[k] = next_float();
+    }
+    for (size_t e = 0; e < N * D; e++) x[e] = next_float() + (e >= D ? 1000.0f : 0.0f);
+    blob_layer_norm(x, w, b, N, D, 1e-6f, out);
+    for (size_t i = 0; i < N; i++) {
+        double mean = 0, var = 0;
+        for (size_t k = 0; k < D; k++) mean += x[i * D + k];
+        mean /= D;
+        for (size_t k = 0; k < D; k++) var += (x[i * D + k] - mean) * (x[i * D + k] - mean);
+        const double inv_std = 1.0 / sqrt(var / D + 1e-6);
+        for (size_t k = 0; k < D; k++)
+            expect_close("layer_norm vs double", "layer_norm", out[i * D + k], (x[i * D + k] - mean) * inv_std * w[k] + b[k],
+                         1e-5);
+    }
+    blob_layer_norm(x, w, b, N, D, 1e-6f, x);
+    for (size_t e = 0; e < N * D; e++) expect_close("layer_norm in place", "layer_norm", x[e], out[e], 0.0);
 }
 
 /* ---- the forward pass: a batched decode step against lone steps ---- */
@@ -1006,6 +1048,7 @@ int main(void) {
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
+        check_softmax(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
@@ -1025,6 +1068,9 @@ int main(void) {
     before = failures;
     check_rope();
     printf("rope               %s\n", failures == before ? "ok" : "FAILED");
+    before = failures;
+    check_layer_norm();
+    printf("layer_norm         %s\n", failures == before ? "ok" : "FAILED");
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

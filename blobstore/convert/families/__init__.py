@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ...config import ConfigError
-from .base import GGUF_ROPE_TENSORS, Family, Variant, architecture_of, map_component_name, map_gguf_name, map_text_name
+from .base import (GGUF_ROPE_TENSORS, STORED_FORMS, Family, Variant, architecture_of, map_component_name,
+                   map_gguf_name, map_text_name)
 from .gemma import GEMMA
 from .llama import LLAMA
 from .phi3 import PHI3
@@ -35,4 +36,4 @@ def family_for_gguf(metadata: dict) -> Family:
 
 
 __all__ = ["FAMILIES", "GGUF_ROPE_TENSORS", "Family", "Variant", "family_for_gguf", "family_for_hf",
-           "map_component_name", "map_gguf_name", "map_text_name", "supported_architectures"]
+           "STORED_FORMS", "map_component_name", "map_gguf_name", "map_text_name", "supported_architectures"]

@@ -62,10 +62,24 @@ GGUF_LAYER_NAMES = {
 GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 GGUF_GLOBAL_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "final_norm", "output.weight": "lm_head"}
 # Multimodal components and where their tensors live in HF checkpoints.
+# The hub's checkpoints nest the tower one level deeper (vision_tower.vision_model.…) than
+# transformers 5 saves it (model.vision_tower.…); both store as vision.….
 COMPONENT_NAMES = {
-    "vision": re.compile(r"^(?:model\.)?vision_tower\.(.+)$"),
+    "vision": re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$"),
     "projector": re.compile(r"^(?:model\.)?multi_modal_projector\.(.+)$"),
 }
+# Component weights stored in the (out, in) form the kernels multiply rather than the source's:
+# source-derived name → (name stored under, form). "transpose": transformers multiplies Gemma 3's
+# projection as x @ W with W (in, out); stored as W.T (a quantized row then holds one output's
+# weights) under an nn.Linear-style name, so that no reader mistakes the orientation. "flatten":
+# SigLIP's patch embedding is a convolution with stride = kernel, a matrix over unfolded patches;
+# stored (out, channels * kh * kw), whose rows the file's padding of each row of a 4-D tensor's last
+# axis would otherwise break up (its ndim tells the two forms apart).
+COMPONENT_MATRIX_FORMS = {
+    "projector.mm_input_projection_weight": ("projector.mm_input_projection.weight", "transpose"),
+    "vision.embeddings.patch_embedding.weight": ("vision.embeddings.patch_embedding.weight", "flatten"),
+}
+STORED_FORMS = {stored: form for stored, form in COMPONENT_MATRIX_FORMS.values()}   # stored name → form
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "half": "float16", "float": "float32"}
@@ -91,6 +105,10 @@ class Variant:
     rope_type_aliases: dict = field(default_factory=dict)  # older rope type names this family's class renames
     gguf_layer_names: dict = field(default_factory=lambda: GGUF_LAYER_NAMES)  # GGUF suffix after "blk.N." → part(s)
     multimodal: bool = False              # text config nested under text_config; vision tower expected
+    # multimodal: the class defaults config.json may omit, of the vision config and of the top-level
+    # projector keys; the converter stores them filled in as the components' configs
+    vision_defaults: dict = field(default_factory=dict)
+    projector_defaults: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,11 +171,17 @@ def _layer_names(index: int, part) -> str | tuple[str, ...] | None:
 
 
 def map_component_name(name: str) -> tuple[str, str] | None:
-    """(component, stored name) of a multimodal tensor: `vision.…` / `projector.…`, suffixes kept as they are."""
+    """(component, stored name) of a multimodal tensor: `vision.…` / `projector.…`, suffixes kept as
+    they are but for COMPONENT_MATRIX_FORMS.
+
+    >>> map_component_name("vision_tower.vision_model.post_layernorm.weight")
+    ('vision', 'vision.post_layernorm.weight')
+    """
     for component, pattern in COMPONENT_NAMES.items():
         match = pattern.match(name)
         if match:
-            return component, f"{component}.{match.group(1)}"
+            stored = f"{component}.{match.group(1)}"
+            return component, COMPONENT_MATRIX_FORMS.get(stored, (stored,))[0]
     return None
 
 

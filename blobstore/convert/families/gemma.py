@@ -22,6 +22,12 @@ _GEMMA2 = dict(_SHARED, vocab_size=256000, hidden_size=2304, intermediate_size=9
 _GEMMA3 = dict(_GEMMA2, vocab_size=262208, max_position_embeddings=131072, final_logit_softcapping=None,
                attn_logit_softcapping=None)
 
+# SiglipVisionConfig's class defaults, and Gemma3Config's for the projector keys.
+_SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+               image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+_GEMMA3_PROJECTOR = dict(mm_tokens_per_image=256, boi_token_index=255_999, eoi_token_index=256_000,
+                         image_token_index=262_144)
+
 _GEMMA = dict(norm_offset=1.0, scale_embeddings=True, legacy_activation={"gelu": "gelu_tanh"})
 # Gemma 1 blocks are Llama-shaped; Gemma 2 and 3 norm before and after attention and MLP.
 _GEMMA1_VARIANT = Variant(_GEMMA1, PLAIN_BLOCK_NAMES, all_full, **_GEMMA)
@@ -69,6 +75,7 @@ GEMMA = Family(
         "Gemma2ForCausalLM": _GEMMA2_VARIANT,
         "Gemma3ForCausalLM": Variant(_GEMMA3, SANDWICH_BLOCK_NAMES, _GEMMA3_PATTERN, **_GEMMA3_TRAITS),
         "Gemma3ForConditionalGeneration": Variant(_GEMMA3, SANDWICH_BLOCK_NAMES, _GEMMA3_PATTERN, multimodal=True,
+                                                  vision_defaults=_SIGLIP, projector_defaults=_GEMMA3_PROJECTOR,
                                                   **_GEMMA3_TRAITS),
     },
     gguf_arches={"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"},
