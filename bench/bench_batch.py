@@ -28,7 +28,7 @@ import numpy as np
 
 import blobstore
 from blobstore.runtime import BatchEngine, SamplingParams, kernels, load
-from blobstore.runtime.model import _matrix
+from blobstore.runtime.model import bound_matrix
 
 CORPUS = Path(__file__).resolve().parent / "quality_corpus.txt"
 GREEDY = SamplingParams(temperature=0)
@@ -70,7 +70,7 @@ def step_breakdown(model, path, prompt_length: int, counts) -> list[tuple[int, f
         session.cache.token_ids.extend(ids)
     best = {}
     with blobstore.open(path) as reader:
-        head = _matrix(reader, "lm_head")
+        head = bound_matrix(reader, "lm_head")
         for _ in range(5):   # n = 1, 2, 4 taking turns, as the rounds above
             for n in counts:
                 caches = [s.cache for s in sessions[:n]]

@@ -67,7 +67,7 @@ class Transformer:
         frequencies = {rope: _frequencies(rope, config.head_dim) for rope in set(config.rope)}
         layers = [self._bind_layer(reader, i, frequencies[config.rope[i]]) for i in range(config.num_layers)]
         self.stack = kernels.DecoderStack(    # holds the bound weights from here on
-            _matrix(reader, "embed"), _matrix(reader, "lm_head"), _vector(reader, "final_norm"), layers,
+            bound_matrix(reader, "embed"), bound_matrix(reader, "lm_head"), bound_vector(reader, "final_norm"), layers,
             n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
             ffn=config.intermediate_size,
             rms_eps=config.rms_norm_eps, norm_offset=config.norm_offset,
@@ -78,8 +78,8 @@ class Transformer:
 
     def _bind_layer(self, reader, i: int, rope: dict) -> Layer:
         name = f"layers.{i}.".__add__
-        matrices = {part: _matrix(reader, name(part)) for part in ("q", "k", "v", "o", "gate", "up", "down")}
-        vectors = {part: _vector(reader, name(part)) for part in VECTOR_PARTS if name(part) in reader}
+        matrices = {part: bound_matrix(reader, name(part)) for part in ("q", "k", "v", "o", "gate", "up", "down")}
+        vectors = {part: bound_vector(reader, name(part)) for part in VECTOR_PARTS if name(part) in reader}
         return Layer(**matrices, **vectors, **rope, window=self.config.sliding_window[i])
 
     # ---- running tokens ----
@@ -230,15 +230,25 @@ def _frequencies(rope: RopeParams, head_dim: int) -> dict:
     return {"inv_freq": rope.inv_freq(head_dim), "inv_freq_long": long, "rope_scale": rope.attention_factor}
 
 
-def _matrix(reader, name: str) -> kernels.Matrix:
+def bound_matrix(reader, name: str) -> kernels.Matrix:
+    """Tensor `name` of an open blob bound for the kernels, zero copy (the decoder's and the
+    vision tower's weights alike).
+
+    >>> bound_matrix(reader, "lm_head")           # doctest: +SKIP
+    Matrix('lm_head', q8_0, rows=262144, cols=640)
+    """
     info = reader.info(name)
     view = reader[name]
     return kernels.Matrix(view, dtype=None if info.dtype.is_quantized else info.dtype.label, name=name)
 
 
-def _vector(reader, name: str) -> np.ndarray:
+def bound_vector(reader, name: str) -> np.ndarray:
     """A norm weight or bias as float32: the mapped view itself when stored as f32 (the packer's
-    default), else a float32 copy of these few values."""
+    default), else a float32 copy of these few values.
+
+    >>> bound_vector(reader, "final_norm").dtype   # doctest: +SKIP
+    dtype('float32')
+    """
     if reader.info(name).dtype is DType.F32:
         return reader[name]
     return reader.float32(name)

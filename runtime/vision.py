@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import MissingTensor
 from . import kernels
-from .model import MATRIX_DTYPES, _matrix, _vector
+from .model import MATRIX_DTYPES, bound_matrix, bound_vector
 
 ENCODER_ACTIVATION = "gelu_pytorch_tanh"   # the MLP activation csrc/vision.c computes
 LAYER = "vision.encoder.layers.{i}."
@@ -96,9 +96,9 @@ class VisionTower:
             raise ValueError(f"{reader.path}: projector config field mm_tokens_per_image: expected a square, "
                              f"found {tokens}")
         stack = kernels.VisionStack(
-            _matrix(reader, PATCH), _vector(reader, PATCH_BIAS), _matrix(reader, POSITION),
-            [_bind_layer(reader, i) for i in range(layers)], _vector(reader, POST_NORM),
-            _vector(reader, POST_NORM_BIAS), _vector(reader, PROJECTION_NORM), _matrix(reader, PROJECTION),
+            bound_matrix(reader, PATCH), bound_vector(reader, PATCH_BIAS), bound_matrix(reader, POSITION),
+            [_bind_layer(reader, i) for i in range(layers)], bound_vector(reader, POST_NORM),
+            bound_vector(reader, POST_NORM_BIAS), bound_vector(reader, PROJECTION_NORM), bound_matrix(reader, PROJECTION),
             n_heads=int(vision["num_attention_heads"]), ffn=int(vision["intermediate_size"]),
             channels=int(vision["num_channels"]), image_size=image_size, patch_size=patch_size,
             tokens_per_side=side, norm_eps=float(vision["layer_norm_eps"]))
@@ -164,5 +164,5 @@ def _check_tensors(reader, hidden, ffn, layers, channels, image_size, patch_size
 
 def _bind_layer(reader, i: int) -> VisionLayer:
     prefix = LAYER.format(i=i)
-    return VisionLayer(**{part: _matrix(reader, prefix + name) for part, name in LAYER_MATRICES.items()},
-                       **{part: _vector(reader, prefix + name) for part, name in LAYER_VECTORS.items()})
+    return VisionLayer(**{part: bound_matrix(reader, prefix + name) for part, name in LAYER_MATRICES.items()},
+                       **{part: bound_vector(reader, prefix + name) for part, name in LAYER_VECTORS.items()})

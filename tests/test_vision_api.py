@@ -1,11 +1,8 @@
 """Gemma 3 image input through the public surfaces: `images=` of forward / generate / chat,
-`blob-run --image`, the server's image_url parts.
-
-The vision encoder is blobstore.runtime.vision.VisionTower, built in C by its own change; here
-transformers' own tower and projector stand behind the same interface (`ReferenceTower`), so
-these tests check everything around it: preprocessing, the token runs, where the features go,
-the memo, and that the logits equal transformers' Gemma3ForConditionalGeneration given the
-processor's pixel values.
+`blob-run --image`, the server's image_url parts, end to end: preprocessing, the blob's own
+vision tower and projector on the C kernels (VisionTower), the token runs, where the features go,
+the memo; the logits equal transformers' Gemma3ForConditionalGeneration given the processor's
+pixel values.
 """
 from __future__ import annotations
 
@@ -26,29 +23,23 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-class ReferenceTower:
-    """transformers' vision tower and projector behind VisionTower's interface."""
+class CountingTower:
+    """The model's own VisionTower, counting its encode calls (the memo's test)."""
 
-    def __init__(self, reference):
-        self.reference = reference
-        vision = reference.config.vision_config
-        self.image_size, self.patch_size = vision.image_size, vision.patch_size
-        self.mm_tokens_per_image = reference.config.mm_tokens_per_image
-        self.text_hidden = reference.config.text_config.hidden_size
-        self.calls = 0
+    def __init__(self, tower):
+        self.tower, self.calls = tower, 0
+        self.image_size = tower.image_size
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         self.calls += 1
-        with torch.no_grad():
-            return self.reference.model.get_image_features(torch.from_numpy(pixel_values), return_dict=True) \
-                .pooler_output.numpy()
+        return self.tower.encode(pixel_values)
 
 
 @pytest.fixture
-def tower(vision_checkpoint, monkeypatch):
-    tower = ReferenceTower(vision_checkpoint[2])
-    monkeypatch.setattr(ImageEncoder, "tower", lambda self: tower)
-    return tower
+def tower(model, monkeypatch):
+    counting = CountingTower(model.image_encoder.tower())
+    monkeypatch.setattr(ImageEncoder, "tower", lambda self: counting)
+    return counting
 
 
 @pytest.fixture
