@@ -337,6 +337,9 @@ typedef struct blob_acts {
     /* q4_1 .. q6_k: the int16 levels split in two int8 planes (blob_split_levels), token t's
      * at split + t * 2 * q_stride: block b's 32 hi bytes at 64b, its 32 lo bytes at 64b + 32 */
     const int8_t *split;
+    /* q4_1 .. q6_k prefill (blob_isa_ops.mm_any_tokens): the int16 levels rearranged by
+     * blob_pair_levels, token t's at pairs + t * blob_pair_stride(nblocks) */
+    const int16_t *pairs;
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -369,6 +372,19 @@ static inline void blob_split_levels(const int16_t *q, size_t nblocks, int8_t *o
             out[64 * b + k] = (int8_t)hi;
             out[64 * b + 32 + k] = (int8_t)(x - 256 * hi);
         }
+}
+
+/* The int16 levels of each group of eight blocks (256 levels) rearranged so that vector i of
+ * the group (16 levels) holds, in its int32 lane j, levels 2i and 2i + 1 of block j: a
+ * multiply-add of pairs (VPMADDWD) against weights arranged alike then sums each block in a lane
+ * of its own. A last partial group is completed with zeros: out holds blob_pair_stride levels. */
+static inline size_t blob_pair_stride(size_t nblocks) { return blob_div_up(nblocks, 8) * 8 * BLOB_QBLOCK; }
+static inline void blob_pair_levels(const int16_t *q, size_t nblocks, int16_t *out) {
+    for (size_t g = 0; g < blob_div_up(nblocks, 8); g++)
+        for (size_t i = 0; i < 16; i++)
+            for (size_t j = 0; j < 8; j++)
+                for (size_t e = 0; e < 2; e++)
+                    out[256 * g + 16 * i + 2 * j + e] = 8 * g + j < nblocks ? q[256 * g + 32 * j + 2 * i + e] : 0;
 }
 
 /* Token t's activation levels for `dtype` weights: int8_t or int16_t, per blob_act_bits. */
@@ -409,6 +425,9 @@ typedef struct blob_isa_ops {
     void (*softmax_row)(float *x, size_t d, float scale);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
+    /* Per dtype, 1 when its matmul tile takes any number of tokens (mm_rows x nt), so that it
+     * unpacks each weight block once for all of them; 0: at most mm_tokens per call. */
+    unsigned char mm_any_tokens[BLOB_NUM_DTYPES];
 } blob_isa_ops;
 
 /* Largest tile any path uses (sizes the tile kernels' local arrays). */

@@ -253,4 +253,5 @@ static void softmax_row(float *x, size_t d, float scale) {
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
     quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, softmax_row, read_sum,
+    .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
 };

@@ -95,6 +95,7 @@ typedef struct {
     float *d, *sums;
     int32_t *half_sums;
     int8_t *split;                  /* q4_1 .. q6_k: the levels as two int8 planes, or NULL */
+    int16_t *pairs;                 /* q4_1 .. q6_k prefill: the levels in pairs, or NULL */
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
@@ -111,6 +112,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
             j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
             if (j->half_sums) blob_half_sums((const int16_t *)q, j->nblocks, j->half_sums + t * 2 * j->nblocks);
             if (j->split) blob_split_levels((const int16_t *)q, j->nblocks, j->split + t * j->q_stride_bytes);
+            if (j->pairs) blob_pair_levels((const int16_t *)q, j->nblocks, j->pairs + t * blob_pair_stride(j->nblocks));
         } else {
             j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
             blob_level_sums((const int8_t *)q, j->nblocks, j->sums + t * j->nblocks);
@@ -122,21 +124,25 @@ static void quantize_task(void *ctx, int ith, int nth) {
 /* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
  * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32 and, for
  * int8 levels, their block sums (n, nblocks) f32; for q4_1 .. q6_k in that place the sums of
- * each half block (n, 2 * nblocks) int32, and the levels split in bytes (n, 2 * q_stride)
- * between the levels and the scales. */
+ * each half block (n, 2 * nblocks) int32, and between the levels and the scales the levels
+ * split in bytes (n, 2 * q_stride) and, for a path whose matmul tile takes any number of
+ * tokens, in pairs (n, blob_pair_stride) int16 (blob_pair_levels). */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
-    const int block32 = blob_is_block32_type(dtype);
+    const int block32 = blob_is_block32_type(dtype), paired = !decode_tiles(n) && ops->mm_any_tokens[dtype];
     const size_t split_bytes = block32 ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + 3 * n * nblocks * sizeof(float));
+    const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + pair_bytes +
+                                               3 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
     int8_t *split = block32 ? (int8_t *)(space + n * q_stride_bytes) : NULL;
-    float *d = (float *)(space + n * q_stride_bytes + split_bytes);
+    int16_t *pairs = paired ? (int16_t *)(space + n * q_stride_bytes + split_bytes) : NULL;
+    float *d = (float *)(space + n * q_stride_bytes + split_bytes + pair_bytes);
     int32_t *half_sums = block32 ? (int32_t *)(d + n * nblocks) : NULL;
     quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
-                        split, q_stride_bytes, nblocks, 0};
+                        split, pairs, q_stride_bytes, nblocks, 0};
     if (decode_tiles(n)) quantize_task(&job, 0, 1);   /* a decode step's few tokens: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
@@ -145,6 +151,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     acts->sums = bits == 8 ? job.sums : NULL;
     acts->half_sums = half_sums;
     acts->split = split;
+    acts->pairs = pairs;
     acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;
@@ -164,7 +171,8 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
     p->tile = few_tokens ? few_tokens : row_tiles ? ops->matvec_row[w->dtype]
             : decode ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
     p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
-    p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1 : ops->mm_tokens;
+    p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1
+                   : ops->mm_any_tokens[w->dtype] ? (int)job->token_tile : ops->mm_tokens;
     size_t chunk_rows = MATMUL_CHUNK_ROWS;
     if (decode)   /* the item's bytes read by all its tokens: 1 MiB */
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / n / w->row_stride_bytes,

@@ -230,16 +230,18 @@ def test_block_types_against_numpy(isa, dtype, rows, nblocks, n):
 
 @pytest.mark.parametrize("dtype", BLOCK_DTYPES)
 def test_block_types_decode_equals_prefill_and_threads(isa, threads, dtype):
-    """Each token's row of a prefill equals its decode matvec bit for bit, at 1, 2 and 3 threads alike."""
+    """Each token's row of a prefill equals its decode matvec bit for bit, at 1, 2 and 3 threads
+    alike: 6 tokens run the decode tiles token by token, 12 the prefill tile."""
     rng = np.random.default_rng(stable_seed(dtype, "decode"))
     m, w = block_weight(dtype, 41, 3, rng)
-    x = rng.standard_normal((6, w.shape[1])).astype(np.float32)
+    x = rng.standard_normal((12, w.shape[1])).astype(np.float32)
     results = []
     for count in (1, 2, 3):
         K.set_threads(count)
         results.append(K.matmul(m, x))
         for t in range(len(x)):
             np.testing.assert_array_equal(K.matmul(m, x[t]), results[-1][t])
+        np.testing.assert_array_equal(K.matmul(m, x[:6]), results[-1][:6])
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
 
@@ -251,18 +253,20 @@ def test_block_types_every_path_bit_identical_to_scalar(dtype, rows, nblocks):
     block, the same float operations in the same order (kernels_scalar.c's block32_tile). Shapes:
     q4_1 .. q5_1 rows of 2 blocks (the SIMD tiles' remainder alone) and 20 (two groups of eight
     and a remainder), k-quant rows of 2 and 20 super-blocks; 20 blocks make rows of more than
-    256 bytes, which decode reads with the one-row tile."""
+    256 bytes, which decode reads with the one-row tile. Tokens: one (decode), 5 (a batched decode
+    step) and 70 (a prefill, which the x86 tile takes 64 tokens at a time)."""
     rng = np.random.default_rng(stable_seed(dtype, rows, nblocks, "paths"))
     m, w = block_weight(dtype, rows, nblocks, rng)
-    x = rng.standard_normal((5, w.shape[1])).astype(np.float32)
+    x = rng.standard_normal((70, w.shape[1])).astype(np.float32)
+    products = [lambda: K.matmul(m, x), lambda: K.matmul(m, x[:5]), lambda: K.matmul(m, x[0])]
     previous = K.get_isa()
     try:
         K.set_isa("scalar")
-        reference = [K.matmul(m, x), K.matmul(m, x[0])]
+        reference = [product() for product in products]
         for name in ISAS:
             K.set_isa(name)
-            np.testing.assert_array_equal(K.matmul(m, x), reference[0], err_msg=name)
-            np.testing.assert_array_equal(K.matmul(m, x[0]), reference[1], err_msg=name)
+            for product, expected in zip(products, reference):
+                np.testing.assert_array_equal(product(), expected, err_msg=name)
     finally:
         K.set_isa(previous)
 

@@ -326,6 +326,7 @@ typedef struct {
     float *d, *sums;
     int32_t *half_sums;   /* int16 levels: the sum of each 16 */
     int8_t *split;        /* int16 levels as bytes, blob_split_levels */
+    int16_t *pairs;       /* int16 levels in pairs, blob_pair_levels */
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -339,11 +340,13 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.sums = (float *)calloc(n * qa.nblocks, sizeof(float));
     qa.half_sums = (int32_t *)calloc(2 * n * qa.nblocks, sizeof(int32_t));
     qa.split = (int8_t *)calloc(n, qa.q_stride * 2);
+    qa.pairs = (int16_t *)calloc(n, blob_pair_stride(qa.nblocks) * sizeof(int16_t));
     for (size_t t = 0; t < n; t++) {
         if (bits == 16) {
             ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
             blob_split_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.split + 2 * t * qa.q_stride);
+            blob_pair_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.pairs + t * blob_pair_stride(qa.nblocks));
         } else {
             ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
@@ -362,12 +365,13 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int bits = blob_act_bits(w->m.dtype);
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs};
     const int dtype = w->m.dtype;
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
     size_t R = (size_t)(shape == TILES_FEW_TOKENS ? 3 : shape == TILES_ONE_ROW ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows);
-    size_t T = (size_t)(shape == TILES_FEW_TOKENS ? BLOB_MVT_TOKENS : shape == TILES_ONE_ROW || n == 1 ? 1 : ops->mm_tokens);
+    size_t T = shape == TILES_FEW_TOKENS ? BLOB_MVT_TOKENS : shape == TILES_ONE_ROW || n == 1 ? 1
+             : ops->mm_any_tokens[dtype] ? n : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
         for (size_t t = 0; t < n; t += T)
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
@@ -376,6 +380,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     free(qa.sums);
     free(qa.half_sums);
     free(qa.split);
+    free(qa.pairs);
 }
 
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0", [BLOB_Q4_1] = "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
@@ -395,7 +400,7 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
                 fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
-            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(mine.split), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums), free(ref.split);
+            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(mine.split), free(mine.pairs), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums), free(ref.split), free(ref.pairs);
         }
         free(x);
     }
@@ -421,12 +426,12 @@ static void check_against_dequantized(const blob_isa_ops *ops, const test_weight
             expect_close(label, path, y[t * rows + r], sum, 1e-5 * slack + 1e-6);
         }
     }
-    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split);
+    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
 }
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
-    const size_t token_counts[] = {1, 2, 3, 5, 8};
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 70};   /* 70: the x86 prefill tile of q4_1 .. q6_k in two runs */
     for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
         if (!blob_dtype_block(dtype)) continue;
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
