@@ -71,7 +71,7 @@ def build_checkpoint(folder, name: str, spm_model: bytes, **overrides):
     config = getattr(transformers, config_cls)(**{**_TINY, **extra, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config)
-    _randomize(model, torch)
+    randomize(model, torch)
     model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
     _write_tokenizer(folder, spm_model)
     return folder
@@ -87,13 +87,14 @@ def build_multimodal_gemma3(folder, spm_model: bytes, mm_tokens_per_image: int =
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=mm_tokens_per_image)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config)
-    _randomize(model, torch)
+    randomize(model, torch)
     model.save_pretrained(folder, safe_serialization=True)
     _write_tokenizer(folder, spm_model)
     return folder
 
 
-def _randomize(model, torch):
+def randomize(model, torch):
+    """Weights N(0, 0.5): a tiny model's logits then spread enough for greedy parity tests to bite."""
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.5)

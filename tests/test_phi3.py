@@ -20,6 +20,7 @@ import blobstore
 from blobstore.config import ModelConfig
 from blobstore.convert import ConversionError, convert
 from blobstore.runtime import load
+from conftest import randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,9 +49,7 @@ def build_phi3(folder, spm_model: bytes, *, legacy: bool, partial_rotary_factor:
             "partial_rotary_factor": partial_rotary_factor}, **overrides)
     torch.manual_seed(0)
     model = transformers.Phi3ForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.5)
+    randomize(model, torch)
     model.save_pretrained(folder, safe_serialization=True)
     if legacy:
         path = folder / "config.json"

@@ -18,6 +18,7 @@ from blobstore.convert import convert
 from blobstore.errors import FormatError
 from blobstore.runtime import kernels, load
 from blobstore.runtime.image_prompt import images_in_messages, runs_in_ids
+from conftest import randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -59,9 +60,7 @@ def vision_checkpoint(tmp_path_factory):
                                        boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.5)
+    randomize(model, torch)
     model.save_pretrained(folder, safe_serialization=True)
     _tokenizer_json(folder / "tokenizer.json")
     (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<bos>",
