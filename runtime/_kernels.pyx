@@ -7,7 +7,8 @@ released. Weights are bound once as a `Matrix` straight over the reader's read-o
 nothing is copied.
 
 The instruction-set path is chosen at import: the best one the CPU supports, or the one named
-by the environment variable BLOBSTORE_ISA (scalar, avx2 or neon).
+by the environment variable BLOBSTORE_ISA (scalar, avx2, avx512 or neon; `available_isas()` lists
+the ones of this build).
 
 One extension module (one thread pool, one ISA choice), written as one file per job:
 _c_api.pxi (the C declarations), _cpu.pxi (features, ISA, threads), _matrix.pxi (Matrix and
