@@ -521,23 +521,15 @@ BLOB_DECLARE_SCALAR_TILE(q3_k)
 BLOB_DECLARE_SCALAR_TILE(q4_k)
 BLOB_DECLARE_SCALAR_TILE(q5_k)
 BLOB_DECLARE_SCALAR_TILE(q6_k)
-#define BLOB_SCALAR_TILES(type)                                                                \
-    static void mv_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
-                          size_t t0, size_t nt, float *y, size_t ys) {                         \
-        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
-    }                                                                                          \
-    static void mm_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,      \
-                          size_t t0, size_t nt, float *y, size_t ys) {                         \
-        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
-    }                                                                                          \
-    static void mv1_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,     \
-                           size_t t0, size_t nt, float *y, size_t ys) {                        \
-        blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
-    }                                                                                          \
-    static void mvt_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,     \
-                           size_t t0, size_t nt, float *y, size_t ys) {                        \
+/* A tile of `shape` (mv, mm, mv1, mvt) that forwards to the scalar reference of `type`. */
+#define BLOB_SCALAR_TILE(shape, type)                                                          \
+    static void shape##_##type(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, \
+                               size_t t0, size_t nt, float *y, size_t ys) {                    \
         blob_scalar_tile_##type(w, r0, nr, a, t0, nt, y, ys);                                  \
     }
+#define BLOB_SCALAR_TILES(type)                                                                \
+    BLOB_SCALAR_TILE(mv, type) BLOB_SCALAR_TILE(mm, type) BLOB_SCALAR_TILE(mv1, type)          \
+    BLOB_SCALAR_TILE(mvt, type)
 
 /* One tile array of blob_isa_ops, indexed by dtype (NULL for u8 .. i64). */
 #define BLOB_DTYPE_TILES(shape)                                                                \

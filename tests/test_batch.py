@@ -179,18 +179,21 @@ def test_a_cancelled_or_dropped_stream_frees_its_slot(q8_model):
         assert len(drain(engine.submit(model.new_session(), third, SamplingParams(temperature=0), 5))) == 5
 
 
+def held_until(event: threading.Event):
+    """A logits processor that holds its request's first token until `event` is set."""
+    def processor(generated, logits):
+        event.wait()
+        return logits
+    return processor
+
+
 def test_one_session_runs_one_request_at_a_time(q8_model):
     model = q8_model
     session = model.new_session()
     ids = prompts(model, 1)[0]
     checked = threading.Event()
-
-    def hold_until_checked(generated, logits):   # the request cannot end before the checks ran
-        checked.wait()
-        return logits
-
-    with BatchEngine(model) as engine:
-        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50, logits_processor=hold_until_checked)
+    with BatchEngine(model) as engine:   # the request cannot end before the checks ran
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50, logits_processor=held_until(checked))
         with pytest.raises(RuntimeError, match="session is generating"):
             engine.submit(session, ids, SamplingParams(temperature=0), 5)
         with pytest.raises(RuntimeError, match="session is generating"):
@@ -205,13 +208,9 @@ def test_wait_after_cancel_returns_once_the_session_is_free(q8_model):
     session = model.new_session()
     ids = prompts(model, 1)[0]
     cancelled = threading.Event()
-
-    def hold_until_cancelled(generated, logits):   # the request cannot run to its length first
-        cancelled.wait()
-        return logits
-
-    with BatchEngine(model) as engine:
-        stream = engine.submit(session, ids, SamplingParams(temperature=0), 200, logits_processor=hold_until_cancelled)
+    with BatchEngine(model) as engine:   # the request cannot run to its length first
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 200,
+                               logits_processor=held_until(cancelled))
         stream.cancel()
         cancelled.set()
         stream.wait()
