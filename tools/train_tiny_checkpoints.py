@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 import torch
 import transformers
