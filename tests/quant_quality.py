@@ -1,56 +1,67 @@
-"""Quantization quality of whole models: a blob whose weight matrices went through a stored type
-(quantized, then dequantized back to f32) and the KL divergence / top-1 agreement of its
-next-token distributions with the f32 model's. Shared by tests/test_kquant_mixes.py and
+"""Quantization quality of whole trained models, through the runtime: each model converted with
+`blob-pack convert --dtype D` and run by the real kernels, against the same model converted to f32,
+over held-out text none of them was trained on. Shared by tests/test_kquant_mixes.py and
 bench/quant_quality.py (which writes the table of docs/CONVERT.md).
-
-Weights only: the copy runs the runtime's f32 forward pass, so activations are not quantized.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 import blobstore
-from blobstore import quant
-from blobstore.convert.plan import Options, target_dtype
+from blobstore.convert import convert
 from blobstore.format import DType
-from blobstore.writer import BlobWriter
+from blobstore.runtime import load
+from test_demo_model import HELD_OUT  # Revelation 21-22: text no model here was trained on
 
-def round_trip(values: np.ndarray, label: str) -> np.ndarray:
-    """values (rows, cols) float32 → the float32 values a tensor stored as `label` holds."""
-    dtype = DType.parse(label)
-    if dtype.is_quantized:
-        return quant.dequantize(quant.quantize(values, dtype), values.shape[1], dtype)
-    if dtype is DType.F16:
-        return values.astype(np.float16).astype(np.float32)
-    return values
-
-
-def converter_choice(dtype: str, embed_dtype: str | None = None):
-    """name, shape → the type `blob-pack convert --dtype dtype` stores that tensor in."""
-    options = Options(dtype=dtype, embed_dtype=embed_dtype)
-    return lambda name, shape: target_dtype(name, shape, options, "f32")
+FIXTURES = Path(__file__).parent / "fixtures"
+# Trained checkpoints (random ones are chaotic: any rounding flips their top tokens, docs/CONVERT.md):
+# the demo model (tools/train_demo_model.py) and two 256-wide ones on the same text and tokenizer
+# (tools/train_tiny_checkpoints.py), one with its own output head.
+TRAINED = {"demo model": FIXTURES / "demo-gemma3", "tiny llama": FIXTURES / "tiny-llama",
+           "tiny qwen3": FIXTURES / "tiny-qwen3"}
 
 
-def weights_through(src, out, dtype_of) -> dict:
-    """Copy the f32 blob `src` to `out` with every matrix rounded through the type
-    `dtype_of(name, shape)` names (and kept in f32). Returns name → type used."""
-    used = {}
-    with blobstore.open(src) as blob, BlobWriter(out) as writer:
-        writer.metadata.update(blob.metadata)
+@dataclass(frozen=True)
+class Quality:
+    kld: float   # mean KL divergence of the next-token distributions from the f32 model's
+    top1: float  # share of positions whose most likely token is the f32 model's
+    bits: float  # per weight of the 2-D matrices, scales included
+    worst_flip: float  # the f32 model's top-two logit gap at the most decided position whose top token changed
+
+
+def f32_reference(folder: Path, work: Path, text: str = HELD_OUT) -> tuple[list, np.ndarray]:
+    """(token ids of `text`, the f32 model's logits at each of them) for the checkpoint `folder`."""
+    blob = work / f"{folder.name}-f32.blob"
+    convert(folder, blob, dtype="f32", quiet=True, force=True)
+    with load(blob) as model:
+        ids = model.tokenizer.encode(text)
+        return ids, model.forward(ids)
+
+
+def measure(folder: Path, dtype: str, ids: list, reference: np.ndarray, work: Path,
+            embed_dtype: str | None = None) -> Quality:
+    """The quality of `folder` converted with --dtype `dtype` (and --embed-dtype `embed_dtype`),
+    against its f32 `reference` logits at `ids`."""
+    blob = work / f"{folder.name}-{dtype}-{embed_dtype}.blob"
+    convert(folder, blob, dtype=dtype, embed_dtype=embed_dtype, quiet=True, force=True)
+    with load(blob) as model:
+        logits = model.forward(ids)
+    return Quality(*divergence(reference, logits), bits_per_weight(blob), worst_flip(reference, logits))
+
+
+def bits_per_weight(path: Path) -> float:
+    """Stored bits per value of a blob's 2-D matrices (ties not counted twice), scales included."""
+    values = bits = 0
+    with blobstore.open(path) as blob:
         for info in blob.infos():
-            if info.tie:
-                writer.add_tie(info.name, info.tie, component=info.component, source=info.source)
-            elif info.dtype is DType.U8:
-                writer.add_file(info.name, blob.file_bytes(info.name), component=info.component)
-            else:
-                values = blob.float32(info.name)
-                label = dtype_of(info.name, info.shape)
-                used[info.name] = label
-                if values.ndim == 2:
-                    values = round_trip(values, label)
-                writer.add(info.name, np.ascontiguousarray(values, np.float32), component=info.component,
-                           source=info.source)
-    return used
+            if len(info.shape) == 2 and not info.tie and info.dtype is not DType.U8:
+                spec = info.dtype.spec
+                values += np.prod(info.shape)
+                bits += np.prod(info.shape) * spec.block_bytes * 8 / spec.block
+    return float(bits / values)
 
 
 def divergence(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
@@ -61,3 +72,11 @@ def divergence(reference: np.ndarray, logits: np.ndarray) -> tuple[float, float]
     p_log, q_log = log_softmax(reference), log_softmax(logits)
     kld = (np.exp(p_log) * (p_log - q_log)).sum(axis=1).mean()
     return float(kld), float((reference.argmax(axis=1) == logits.argmax(axis=1)).mean())
+
+
+def worst_flip(reference: np.ndarray, logits: np.ndarray) -> float:
+    """The largest gap between the reference's top two logits at a position whose top token differs
+    in `logits` (0 if none): how decided a prediction rounding changed."""
+    flipped = reference.argmax(axis=1) != logits.argmax(axis=1)
+    top_two = np.sort(reference[flipped], axis=1)[:, -2:]
+    return float((top_two[:, 1] - top_two[:, 0]).max(initial=0.0))

@@ -39,8 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "e.g. 'layers.0.*' 'lm_head'")
     parser.add_argument("--embed-dtype", choices=(KEEP, *WEIGHT_DTYPES), default=None, metavar="D",
                         help="stored type of the embedding and output head (a tied head shares it). Default: "
-                             "q8_0 when --dtype is 4-bit (q4_0), since the head's rounding error decides the top "
-                             "token and it costs ~4 bits more per weight of that one matrix; otherwise as --dtype")
+                             "q8_0 when --dtype is 4-bit (q4_0, q4_k_m), since the head's rounding error decides the "
+                             "top token and it costs ~4 bits more per weight of that one matrix; q6_k under "
+                             "q5_k_m; otherwise as --dtype")
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")
     parser.add_argument("--allow-unknown", action="store_true",

@@ -34,10 +34,12 @@ REQUANTIZE_TO = {
     **dict.fromkeys(("Q6_K", "Q8_1", "Q8_K"), ("q8_0",)),
     **dict.fromkeys(("F64", "I8", "I16", "I32", "I64"), ("f32",)),
 }
-# Under a 4-bit --dtype the embedding and output head default to q8_0, as llama.cpp's 4-bit files
-# keep the output head at 6 bits: every logit is a dot with one of its rows, so its error decides
-# the top token directly. Mean KL divergence to f32 (bench/bench_quality.py): Gemma 3 270M (from its
-# Q4_K_M GGUF) 0.50 with q4_0 throughout, 0.38 with a q8_0 embedding; the demo model 0.041 and 0.020.
+# Under a 4-bit --dtype, and a mix of a 4-bit base (q4_k_m), the embedding and output head default
+# to q8_0, as llama.cpp's 4-bit files keep the output head at 6 bits: every logit is a dot with one
+# of its rows, so its error decides the top token directly. Mean KL divergence to f32
+# (bench/bench_quality.py): Gemma 3 270M (from its Q4_K_M GGUF) 0.50 with q4_0 throughout, 0.38
+# with a q8_0 embedding; the demo model 0.041 and 0.020. q4_k_m with a q6_k embedding instead: 1.5x
+# the KL divergence on the tiny trained checkpoints, whose embeddings are half their weights (docs/CONVERT.md).
 FOUR_BIT_DTYPES = tuple(label for label in WEIGHT_DTYPES if DType.parse(label).spec.bits <= 4)
 FOUR_BIT_EMBED_DTYPE = "q8_0"
 
@@ -45,19 +47,21 @@ FOUR_BIT_EMBED_DTYPE = "q8_0"
 @dataclass(frozen=True)
 class Mix:
     """A per-tensor mix under one --dtype name, as llama.cpp's Q4_K_M / Q5_K_M: most matrices in
-    `base`; in `more`, the ones the output is most sensitive to (MORE_BITS)."""
+    `base`; in `more`, the ones the output is most sensitive to (MORE_BITS), and the embedding
+    unless the base is 4-bit (resolved_embed_dtype)."""
 
     base: str
     more: str
 
 
 MIXES = {"q4_k_m": Mix("q4_k", "q6_k"), "q5_k_m": Mix("q5_k", "q6_k")}
-# Which matrices a mix gives more bits, by measurement on the demo model (KL divergence to f32,
+# Which matrices a mix gives more bits, by measurement on trained models (KL divergence to f32,
 # docs/CONVERT.md): the embedding / output head (every logit is a dot with one of its rows), and
-# the attention V and FFN down of every layer. Those two in only llama.cpp's layers (first and
-# last eighth, every third between) lost 55 % more, in the first half of the layers 10 % more:
-# the first layers mattered most, and no layer's V or down was cheap to leave at 4 bits.
-MORE_BITS = re.compile(r"layers\.\d+\.(v|down)")
+# the attention K, V and FFN down of every layer. One class at a time in q4_k, K and V cost the most
+# KL divergence per weight (under grouped-query attention they are also the smallest matrices), and
+# down the most of the large ones; V and down in only llama.cpp's layers (first and last eighth,
+# every third between) lost 55 % more on the demo model.
+MORE_BITS = re.compile(r"layers\.\d+\.(k|v|down)")
 DTYPE_CHOICES = WEIGHT_DTYPES + tuple(MIXES)  # choices for --dtype
 # A row that is not a whole number of its type's blocks (Gemma 3 270M's 640 columns and 256-value
 # k-quant super-blocks) takes the type llama.cpp falls back to; q4_0 and q8_0 pad a last partial block.
@@ -272,13 +276,18 @@ def _requantized(entry: Entry, source_dtype: str, options: Options) -> bool:
 
 
 def resolved_embed_dtype(options: Options) -> str:
-    """The stored type of embed and lm_head: --embed-dtype when given, else a mix's `more` type,
-    else q8_0 under a 4-bit --dtype, else --dtype."""
+    """The stored type of embed and lm_head: --embed-dtype when given, else q8_0 under a 4-bit --dtype
+    or a mix of a 4-bit base, else a mix's `more` type, else --dtype.
+
+    >>> [resolved_embed_dtype(Options(dtype=d)) for d in ("q4_k_m", "q5_k_m", "q6_k")]
+    ['q8_0', 'q6_k', 'q6_k']
+    """
     if options.embed_dtype:
         return options.embed_dtype
-    if options.dtype in MIXES:
-        return MIXES[options.dtype].more
-    return FOUR_BIT_EMBED_DTYPE if options.dtype in FOUR_BIT_DTYPES else options.dtype
+    mix = MIXES.get(options.dtype)
+    if (mix.base if mix else options.dtype) in FOUR_BIT_DTYPES:
+        return FOUR_BIT_EMBED_DTYPE
+    return mix.more if mix else options.dtype
 
 
 def _map_names(source, variant, options: Options, plan: Plan, problems: Problems) -> dict:
