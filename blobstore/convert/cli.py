@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import convert
+from ..format import PLANAR, DType, layouts_of
 from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
@@ -41,6 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="stored type of the embedding and output head (a tied head shares it). Default: "
                              "q8_0 when --dtype is 4-bit (q4_0), since the head's rounding error decides the top "
                              "token and it costs ~4 bits more per weight of that one matrix; otherwise as --dtype")
+    parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=PLANAR,
+                        help="how q8_0 tensors are arranged: planar (row after row) or interleave8 (rows in groups "
+                             "of eight, block by block: the tile the matrix kernels read fastest; needs a reader of "
+                             "format 1.2). Default: planar")
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")
     parser.add_argument("--allow-unknown", action="store_true",
@@ -74,6 +79,7 @@ def run(args) -> int:
                           keep_f32=args.keep_f32, text_only=args.text_only, allow_unknown=args.allow_unknown,
                           align=args.align, force=args.force, dry_run=args.dry_run, quiet=args.quiet,
                           revision=args.revision, offline=args.offline, gguf_file=args.gguf_file, strict=args.strict,
+                          layout=args.layout,
                           log=lambda line: print(line, file=sys.stdout if args.dry_run else sys.stderr))
     except (ValueError, OSError) as error:
         print(f"blob-pack convert: error: {error}", file=sys.stderr)
