@@ -73,13 +73,20 @@ class QuantizedTensor:
             raise KeyError(f"{self.dtype.label} has no plane {name!r}; its planes are {names}")
         return self.planes[names.index(name)]
 
+    def planar(self) -> tuple[np.ndarray, ...]:
+        """The planes in the planar arrangement (FORMAT.md §5.2): these views for a planar tensor, a
+        rearranged copy (quant.deinterleave8) for an interleave8 one.
+
+        >>> quant.ggml_from_planes(t.dtype, t.planar())   # the ggml blocks, whatever the layout  # doctest: +SKIP
+        """
+        if self.layout == INTERLEAVE8:
+            return quant.deinterleave8(*self.planes, rows=math.prod(self.shape[:-1]))
+        return self.planes
+
     def dequantize(self) -> np.ndarray:
         """A float32 copy of the tensor's values, of shape `shape`."""
         cols = self.shape[-1] if self.shape else 1
-        planes = self.planes
-        if self.layout == INTERLEAVE8:
-            planes = quant.deinterleave8(*planes, rows=math.prod(self.shape[:-1]))
-        return quant.dequantize(planes, cols, self.dtype).reshape(self.shape)
+        return quant.dequantize(self.planar(), cols, self.dtype).reshape(self.shape)
 
 
 def open(path, verify: str = "header") -> "BlobReader":  # noqa: A001 - the public name is blobstore.open

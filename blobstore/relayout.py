@@ -5,12 +5,9 @@ Every other tensor, tie and the metadata are copied as they are; the source is c
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from . import quant
-from .format import INTERLEAVE8, DType, layouts_of
+from .format import DType, layouts_of
 from .reader import open as open_blob
 from .writer import BlobWriter
 
@@ -32,7 +29,7 @@ def relayout(src, out, layout: str) -> int:
             elif info.dtype.is_quantized:
                 target = layout if info.dtype is DType.Q8_0 else None
                 changed += target is not None and target != info.layout
-                writer.add_quantized(info.name, _planar_planes(reader[info.name]), dtype=info.dtype, shape=info.shape,
+                writer.add_quantized(info.name, reader[info.name].planar(), dtype=info.dtype, shape=info.shape,
                                      component=info.component, source=info.source, layout=target)
             else:
                 values = np.ascontiguousarray(reader[info.name]).reshape(-1).view(np.uint8)
@@ -40,10 +37,3 @@ def relayout(src, out, layout: str) -> int:
                            component=info.component, source=info.source)
         writer.metadata.update(reader.metadata)
     return changed
-
-
-def _planar_planes(tensor):
-    """A reader's QuantizedTensor as planar planes, whatever its arrangement."""
-    if tensor.layout == INTERLEAVE8:
-        return quant.deinterleave8(*tensor.planes, rows=math.prod(tensor.shape[:-1]))
-    return tensor.planes

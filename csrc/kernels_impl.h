@@ -539,7 +539,7 @@ BLOB_DECLARE_SCALAR_TILE(q3_k)
 BLOB_DECLARE_SCALAR_TILE(q4_k)
 BLOB_DECLARE_SCALAR_TILE(q5_k)
 BLOB_DECLARE_SCALAR_TILE(q6_k)
-/* The scalar reference's tile of interleaved q8_0 rows: the NEON paths' too. */
+/* The scalar reference's tile of interleaved q8_0 rows. */
 void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                   size_t nt, float *y, size_t ys);
 /* A tile of `shape` (mv, mm, mv1, mvt) that forwards to the scalar reference of `type`. */

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
-from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, PLANAR, DType, is_power_of_two, layouts_of
+from ..format import INTERLEAVE8, MAX_ALIGNMENT, MIN_ALIGNMENT, DType, is_power_of_two, layouts_of
 from ..quant import bf16_to_f32, planes_from_ggml
 from ..writer import BlobWriter
 from . import tokenizer
@@ -58,14 +58,15 @@ class Summary:
 def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
             allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
             quiet: bool = False, revision: str | None = None, offline: bool = False, gguf_file: str | None = None,
-            strict: bool = False, layout: str = PLANAR, log=None) -> Summary:
+            strict: bool = False, layout: str = INTERLEAVE8, log=None) -> Summary:
     """Convert `src` (HF model folder, .gguf file, or a Hub id such as "google/gemma-3-270m") into
     the blob file `out`; see `blob-pack convert --help`.
 
     `dtype` None is "keep" for a GGUF (every matrix in its own type where the kernels multiply it,
     its bytes copied; `strict` refuses the others instead of re-quantizing them) and "q8_0" for a
     Hugging Face folder, where "keep" means its float type. `layout` arranges the q8_0 tensors'
-    bytes: "planar", or "interleave8", the tile the matrix kernels read fastest (docs/FORMAT.md).
+    bytes: "interleave8", the tile the matrix kernels read fastest (docs/FORMAT.md §5.5), or
+    "planar", which readers of format 1.0 read.
 
     Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
     config asks for — is checked before the first tensor is converted (also for a dry run); every

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import convert
-from ..format import PLANAR, DType, layouts_of
+from ..format import INTERLEAVE8, DType, layouts_of
 from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
@@ -42,10 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="stored type of the embedding and output head (a tied head shares it). Default: "
                              "q8_0 when --dtype is 4-bit (q4_0), since the head's rounding error decides the top "
                              "token and it costs ~4 bits more per weight of that one matrix; otherwise as --dtype")
-    parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=PLANAR,
-                        help="how q8_0 tensors are arranged: planar (row after row) or interleave8 (rows in groups "
-                             "of eight, block by block: the tile the matrix kernels read fastest; needs a reader of "
-                             "format 1.2). Default: planar")
+    parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=INTERLEAVE8,
+                        help="how q8_0 tensors are arranged: interleave8 (rows in groups of eight, block by block: "
+                             "the tile the matrix kernels read fastest; needs a reader of format 1.2) or planar (row "
+                             "after row, as format 1.0 stores them). Default: interleave8")
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")
     parser.add_argument("--allow-unknown", action="store_true",
