@@ -109,7 +109,10 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
             const int16_t *xw = act_block(blob_act_levels(a, tokens[t], dtype), b, dtype, buffer);
             float dx = a->d[tokens[t] * nb + b];
             BLOB_UNROLL
-            for (int r = 0; r < R; r++) acc[r][t] += (float)dot_block(wl[r], xw) * (dw[r] * dx);
+            for (int r = 0; r < R; r++) {
+                const float product = (float)dot_block(wl[r], xw) * (dw[r] * dx);
+                acc[r][t] += product;   /* a statement of its own: no compiler fuses it into an FMA */
+            }
         }
     }
     for (size_t r = 0; r < nr; r++)
@@ -133,7 +136,8 @@ void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, co
                 const float dw = blob_interleave8_scale(w, r, b);
                 for (size_t t = 0; t < count; t++) {
                     const int16_t *x = a->q16 + (tc + t) * a->q_stride + BLOB_QBLOCK * b;
-                    acc[t] += (float)dot_block(levels, x) * (dw * a->d[(tc + t) * nb + b]);
+                    const float product = (float)dot_block(levels, x) * (dw * a->d[(tc + t) * nb + b]);
+                    acc[t] += product;   /* as in quant_tile: never fused into an FMA */
                 }
             }
             for (size_t t = 0; t < count; t++) y[(tc + t) * ys + r] = acc[t];
