@@ -177,24 +177,26 @@ def quantize_gguf(python: str, source: Path, out: Path, dtype: str):
                    capture_output=True)
 
 
-def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, types, python: str | None):
-    """Per weight type: our blob converted from `source` and, with a peer, llama.cpp's GGUF
-    quantized by llama.cpp itself from `peer_source`. Both are kept in `work` between runs."""
+def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, types, python: str | None,
+                layout: str = "planar"):
+    """Per weight type: our blob converted from `source` (its q8_0 tensors arranged as `layout`)
+    and, with a peer, llama.cpp's GGUF quantized by llama.cpp itself from `peer_source`. Both are
+    kept in `work` between runs."""
     from blobstore.convert import convert
 
     for dtype in types:
-        blob = work / f"{stem}-{dtype}.blob"
+        blob = work / f"{stem}-{dtype}{'' if layout == 'planar' else '-' + layout}.blob"
         if dtype in SAME_FILE_TYPES:
             gguf = gguf_of_type(work, stem, source, peer_source, dtype, python)
             if gguf is None:
                 log(f"{stem} {dtype}: no GGUF of that type (the source is another, and llama.cpp cannot make one)")
                 continue
             if not blob.exists():
-                convert(gguf, blob, dtype="keep", quiet=True, force=True)
+                convert(gguf, blob, dtype="keep", quiet=True, force=True, layout=layout)
             yield dtype, blob, gguf if python else None
             continue
-        if not blob.exists() or _stale(blob, dtype):
-            convert(source, blob, dtype=dtype, quiet=True, force=True)
+        if not blob.exists() or _stale(blob, dtype, layout):
+            convert(source, blob, dtype=dtype, quiet=True, force=True, layout=layout)
         peer = None
         if python:
             peer = work / f"{stem}-{dtype}.gguf"
@@ -222,14 +224,15 @@ def _gguf_file_type(path: Path) -> int | None:
     return None if field is None else int(field.contents())
 
 
-def _stale(blob: Path, dtype: str) -> bool:
+def _stale(blob: Path, dtype: str, layout: str) -> bool:
     """A kept blob that today's converter would write differently (it changed defaults since)."""
     import blobstore
     from blobstore.convert.plan import Options, resolved_embed_dtype
 
     with blobstore.open(blob) as r:
         recorded = r.metadata.get("conversion", {})
-    return recorded.get("embed_dtype") != resolved_embed_dtype(Options(dtype=dtype))
+    return (recorded.get("embed_dtype") != resolved_embed_dtype(Options(dtype=dtype))
+            or recorded.get("layout", "planar") != layout)
 
 
 def gemma_model(work: Path, python: str | None):
@@ -375,7 +378,7 @@ def measure(args, work: Path, bandwidth: float) -> list[dict]:
     rows = []
     for model_name, prepare in models:
         stem, source, peer_source, hf_source = prepare(work, python)
-        for dtype, blob, peer in model_files(work, stem, source, peer_source, types, python):
+        for dtype, blob, peer in model_files(work, stem, source, peer_source, types, python, args.layout):
             limit = bandwidth / weight_bytes_per_token(blob)
             jobs = [("blobstore", sys.executable, OURS, blob)]
             if peer is not None:
@@ -484,6 +487,8 @@ def main():
                              f"{', '.join(SAME_FILE_TYPES)}: both runtimes read the same GGUF file")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated models (default all: {','.join(MODELS)}; gemma-3-270m with --quick)")
+    parser.add_argument("--layout", choices=("interleave8", "planar"), default="interleave8",
+                        help="arrangement of our blobs' q8_0 tensors (blob-pack convert --layout; default as it)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="markdown file to update (only a run of every model and type writes it)")
     args = parser.parse_args()

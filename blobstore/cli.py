@@ -3,17 +3,21 @@
     blob-pack convert SRC -o OUT.blob     a Hugging Face folder or Hub id, or a GGUF file → a blob file
     blob-pack inspect FILE [--json]     what is inside: version, metadata, every tensor
     blob-pack verify FILE               check every checksum (exit 1 names the damaged blobs)
+    blob-pack relayout SRC -o OUT --layout L   the same file with its q8_0 tensors arranged as L
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
 from .convert.cli import add_parser as add_convert_parser
 from .errors import ChecksumMismatch, FormatError
+from .format import DType, layouts_of
 from .reader import open as open_blob
+from .relayout import relayout
 
 
 def main(argv=None) -> int:
@@ -48,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                                              "when all hold, 1 when any is damaged (each one is listed).")
     verify.add_argument("file", help="the .blob file")
     verify.set_defaults(func=run_verify)
+
+    relayout = commands.add_parser("relayout", help="rewrite a blob file with its q8_0 tensors in another layout",
+                                   description="Check SRC in full, then write it again as OUT with every q8_0 tensor "
+                                               "stored in --layout (planar, or interleave8: the tile the matrix "
+                                               "kernels read fastest); everything else is copied unchanged.")
+    relayout.add_argument("src", metavar="SRC.blob", help="the blob file to read")
+    relayout.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
+    relayout.add_argument("--layout", required=True, choices=layouts_of(DType.Q8_0))
+    relayout.add_argument("--force", action="store_true", help="overwrite OUT.blob if it exists")
+    relayout.set_defaults(func=run_relayout)
     return parser
 
 
@@ -79,8 +93,21 @@ def run_verify(args) -> int:
     return 0
 
 
+def run_relayout(args) -> int:
+    if os.path.exists(args.output) and not args.force:
+        print(f"blob-pack relayout: error: {args.output} already exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    try:
+        changed = relayout(args.src, args.output, args.layout)
+    except (ValueError, OSError) as error:
+        print(f"blob-pack relayout: error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.output}: {changed} q8_0 tensor(s) rewritten as {args.layout}")
+    return 0
+
+
 def _tensor_row(info) -> dict:
-    return {"name": info.name, "dtype": info.dtype.label, "shape": list(info.shape),
+    return {"name": info.name, "dtype": info.dtype.label, "layout": info.layout, "shape": list(info.shape),
             "bytes": 0 if info.tie else info.nbytes, "offset": info.offset, "component": info.component,
             "tie": info.tie, "source": info.source}
 
@@ -95,12 +122,12 @@ def _summary(value, width=100) -> str:
 
 
 def _print_table(rows):
-    headers = ["name", "dtype", "shape", "bytes", "offset", "component"]
-    cells = [[r["name"], r["dtype"], "x".join(map(str, r["shape"])) or "scalar",
+    headers = ["name", "dtype", "layout", "shape", "bytes", "offset", "component"]
+    cells = [[r["name"], r["dtype"], r["layout"], "x".join(map(str, r["shape"])) or "scalar",
               f"→ {r['tie']}" if r["tie"] else f"{r['bytes']:,}", str(r["offset"]), r["component"]] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     for line in [headers, *cells]:
-        print("  ".join(c.ljust(w) if i in (0, 1, 2, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        print("  ".join(c.ljust(w) if i in (0, 1, 2, 3, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 MAGIC = b"BLOBST\x00\x1a"  # the NUL and 0x1A catch files mangled by text-mode transfers
 FORMAT_NAME = "blobstore"  # the manifest's format.name
 MAJOR = 1
-MINOR = 1  # the newest minor version this code reads and writes; a file says the oldest that reads it
+MINOR = 2  # the newest minor version this code reads and writes; a file says the oldest that reads it
 
 HEADER_SIZE = 64
 ROW_ALIGN = 64             # every row of every tensor starts on a 64-byte boundary
@@ -37,9 +37,18 @@ HEADER_STRUCT = struct.Struct("<8sHHIIIQQQQII")
 assert HEADER_STRUCT.size == HEADER_SIZE
 
 # Features a file may require, and the format version that introduced each. A reader refuses a
-# file requiring a feature it does not know, naming the version that added it. Besides `tie`, a
-# feature is a stored type (its DTypeSpec.feature_since, below).
+# file requiring a feature it does not know, naming the version that added it. Besides `tie` and
+# the plane arrangements below, a feature is a stored type (its DTypeSpec.feature_since).
 TIE_FEATURE = "tie"
+
+# How a tensor's bytes are arranged: its record's `layout` (FORMAT.md §4). Plain types store
+# "rows"; quantized ones "planar" (row after row, plane after plane), or for q8_0 "interleave8":
+# rows in groups of eight, each block's level pairs of the eight rows side by side (the tile the
+# matrix kernels read fastest, csrc/kernels.h BLOB_LAYOUT_INTERLEAVE8). A file holding a tensor
+# in an arrangement added after 1.0 requires it as a feature, with its version here.
+ROWS, PLANAR, INTERLEAVE8 = "rows", "planar", "interleave8"
+INTERLEAVE = 8                      # rows per group of interleave8
+LAYOUT_FEATURES = {INTERLEAVE8: "1.2"}
 
 
 class DType(enum.IntEnum):
@@ -211,7 +220,19 @@ def dtype_of_ggml(ggml_type: int) -> DType | None:
     return next((d for d, s in DTYPE_SPECS.items() if s.ggml_type == ggml_type), None)
 
 
-KNOWN_FEATURES = {TIE_FEATURE: "1.0", **{s.label: s.feature_since for s in DTYPE_SPECS.values() if s.feature_since}}
+KNOWN_FEATURES = {TIE_FEATURE: "1.0", **LAYOUT_FEATURES,
+                  **{s.label: s.feature_since for s in DTYPE_SPECS.values() if s.feature_since}}
+
+
+def layouts_of(dtype: DType) -> tuple[str, ...]:
+    """The arrangements a tensor of `dtype` may be stored in, the default first.
+
+    >>> layouts_of(DType.Q8_0), layouts_of(DType.F16)
+    (('planar', 'interleave8'), ('rows',))
+    """
+    if not dtype.is_quantized:
+        return (ROWS,)
+    return (PLANAR, INTERLEAVE8) if dtype is DType.Q8_0 else (PLANAR,)
 assert all(int(since.split(".")[1]) <= MINOR for since in KNOWN_FEATURES.values())
 
 
@@ -286,6 +307,7 @@ class Layout:
     scales_offset: int   # start of the scale plane within the blob (0 for plain dtypes)
     nbytes: int
     plane_offsets: tuple[int, ...] = (0,)   # start of each plane of DTypeSpec.planes within the blob
+    kind: str = ROWS     # the arrangement, the record's `layout`: rows, planar or interleave8
 
 
 def rows_and_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -295,16 +317,27 @@ def rows_and_cols(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def layout(dtype: DType, shape: tuple[int, ...]) -> Layout:
-    """The byte layout of a tensor; exact Python integers, so huge shapes cannot overflow.
+def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Layout:
+    """The byte layout of a tensor stored in arrangement `kind` (None: the type's default, see
+    layouts_of); exact Python integers, so huge shapes cannot overflow.
 
     >>> layout(DType.Q8_0, (3, 40))
-    Layout(rows=3, cols=40, row_stride=64, blocks=2, scales_offset=192, nbytes=204, plane_offsets=(0, 192))
+    Layout(rows=3, cols=40, row_stride=64, blocks=2, scales_offset=192, nbytes=204, plane_offsets=(0, 192), kind='planar')
+    >>> layout(DType.Q8_0, (3, 40), INTERLEAVE8)   # one group of eight rows: 2 blocks of 256 bytes
+    Layout(rows=3, cols=40, row_stride=512, blocks=2, scales_offset=512, nbytes=544, plane_offsets=(0, 512), kind='interleave8')
     """
     rows, cols = rows_and_cols(shape)
     spec = dtype.spec
+    kind = kind or layouts_of(dtype)[0]
+    if kind not in layouts_of(dtype):
+        raise ValueError(f"{dtype.label} cannot be stored as {kind!r}; its layouts are {list(layouts_of(dtype))}")
     blocks = -(-cols // spec.block)
     first, *packed = spec.planes
+    if kind == INTERLEAVE8:   # plane rows are groups of eight rows; both planes' sizes are multiples of 64
+        groups, stride = -(-rows // INTERLEAVE), blocks * INTERLEAVE * first.block_bytes
+        scales_at = groups * stride
+        return Layout(rows, cols, stride, blocks, scales_at, scales_at + groups * blocks * INTERLEAVE * 2,
+                      (0, scales_at), kind)
     stride = round_up(blocks * first.block_bytes, ROW_ALIGN)
     if not packed:
         return Layout(rows, cols, stride, 0, 0, rows * stride)
@@ -312,7 +345,7 @@ def layout(dtype: DType, shape: tuple[int, ...]) -> Layout:
     for plane in packed:
         offsets.append(round_up(end, ROW_ALIGN))
         end = offsets[-1] + rows * blocks * plane.block_bytes
-    return Layout(rows, cols, stride, blocks, offsets[1], end, tuple(offsets))
+    return Layout(rows, cols, stride, blocks, offsets[1], end, tuple(offsets), kind)
 
 
 # ---- the fixed header ----

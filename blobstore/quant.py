@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kquant
-from .format import DType, layout
+from .format import INTERLEAVE, DType, layout
 
 CHUNK_ROWS = 4096  # rows quantized at a time: bounds the temporaries to a few copies of a chunk
 
@@ -162,6 +162,44 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
         quants[start:start + n, :q[0].size] = q.reshape(n, -1)
         scales[start:start + n] = s
     return quants, scales
+
+
+def interleave8(quants: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q8_0 planes (quants (rows, >= blocks * 32) int8, scales (rows, blocks)) rearranged into the
+    interleave8 layout the kernels read fastest (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8): rows in
+    groups of eight, the last completed with zero rows; group g's block b is 256 bytes whose bytes
+    16i + 2j and 16i + 2j + 1 are levels 2i and 2i + 1 of the group's row j, its eight scales
+    likewise side by side. Returns quants (groups, blocks * 256) and scales (groups, blocks * 8).
+
+    >>> q, s = interleave8(*quantize(np.arange(80, dtype=np.float32).reshape(2, 40), "q8_0"))
+    >>> q.shape, s.shape, int(q[0, 2]), int(q[0, 3])   # row 1's levels 0 and 1 follow row 0's
+    ((1, 512), (1, 16), 72, 73)
+    """
+    rows, blocks = scales.shape
+    groups = -(-rows // INTERLEAVE)
+    grouped_q = np.zeros((groups * INTERLEAVE, blocks * 32), np.int8)
+    grouped_q[:rows] = quants[:, :blocks * 32]
+    grouped_s = np.zeros((groups * INTERLEAVE, blocks), np.float16)
+    grouped_s[:rows] = scales
+    grouped_q = grouped_q.reshape(groups, INTERLEAVE, blocks, 16, 2).transpose(0, 2, 3, 1, 4)
+    grouped_s = grouped_s.reshape(groups, INTERLEAVE, blocks).transpose(0, 2, 1)
+    return grouped_q.reshape(groups, blocks * 256), grouped_s.reshape(groups, blocks * INTERLEAVE)
+
+
+def deinterleave8(quants: np.ndarray, scales: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The planar q8_0 planes (quants (rows, blocks * 32), scales (rows, blocks)) of `rows` rows
+    stored as interleave8 planes: the inverse of interleave8.
+
+    >>> q, s = quantize(np.arange(80, dtype=np.float32).reshape(2, 40), "q8_0")
+    >>> back = deinterleave8(*interleave8(q, s), rows=2)
+    >>> bool((back[0] == q[:, :64]).all() and (back[1] == s).all())
+    True
+    """
+    groups, blocks = scales.shape[0], scales.shape[1] // INTERLEAVE
+    planar_q = quants.reshape(groups, blocks, 16, INTERLEAVE, 2).transpose(0, 3, 1, 2, 4)
+    planar_s = scales.reshape(groups, blocks, INTERLEAVE).transpose(0, 2, 1)
+    return (planar_q.reshape(groups * INTERLEAVE, blocks * 32)[:rows],
+            planar_s.reshape(groups * INTERLEAVE, blocks)[:rows])
 
 
 def _planes_of_ggml_rows(blocks: np.ndarray, dtype: DType) -> tuple[np.ndarray, ...]:

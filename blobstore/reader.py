@@ -19,7 +19,7 @@ from ._native import crc32c
 from .format import (
     FILE_ALIGN, FORMAT_NAME, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_DIM, MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE,
-    DType, Header, data_start, is_power_of_two, layout,
+    INTERLEAVE, INTERLEAVE8, LAYOUT_FEATURES, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layouts_of,
 )
 
 MAX_TENSORS = 1_000_000
@@ -41,16 +41,20 @@ class TensorInfo:
     component: str
     source: str | None
     tie: str | None = None
+    layout: str = ROWS   # how its bytes are arranged: rows, planar or interleave8 (format.py)
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """Zero-copy views of a quantized tensor's planes, in the order of its DTypeSpec.planes: the first
-    (rows, row_stride / itemsize) with its row padding, every later one (rows, blocks * per_block)."""
+    """Zero-copy views of a quantized tensor's planes, in the order of its DTypeSpec.planes. Layout
+    "planar": the first (rows, row_stride / itemsize) with its row padding, every later one (rows,
+    blocks * per_block). "interleave8" (q8_0): quants (groups, blocks * 256) and scales (groups,
+    blocks * 8), groups of eight rows (quant.interleave8 says how they are arranged)."""
 
     dtype: DType
     shape: tuple[int, ...]
     planes: tuple[np.ndarray, ...]
+    layout: str = PLANAR
 
     @property
     def quants(self) -> np.ndarray:
@@ -69,10 +73,20 @@ class QuantizedTensor:
             raise KeyError(f"{self.dtype.label} has no plane {name!r}; its planes are {names}")
         return self.planes[names.index(name)]
 
+    def planar(self) -> tuple[np.ndarray, ...]:
+        """The planes in the planar arrangement (FORMAT.md §5.2): these views for a planar tensor, a
+        rearranged copy (quant.deinterleave8) for an interleave8 one.
+
+        >>> quant.ggml_from_planes(t.dtype, t.planar())   # the ggml blocks, whatever the layout  # doctest: +SKIP
+        """
+        if self.layout == INTERLEAVE8:
+            return quant.deinterleave8(*self.planes, rows=math.prod(self.shape[:-1]))
+        return self.planes
+
     def dequantize(self) -> np.ndarray:
         """A float32 copy of the tensor's values, of shape `shape`."""
         cols = self.shape[-1] if self.shape else 1
-        return quant.dequantize(self.planes, cols, self.dtype).reshape(self.shape)
+        return quant.dequantize(self.planar(), cols, self.dtype).reshape(self.shape)
 
 
 def open(path, verify: str = "header") -> "BlobReader":  # noqa: A001 - the public name is blobstore.open
@@ -146,7 +160,12 @@ class BlobReader:
         info = self.info(name)
         if self._bytes is None:
             raise ValueError(f"{self.path}: the reader is closed")
-        lay = layout(info.dtype, info.shape)
+        lay = layout(info.dtype, info.shape, info.layout)
+        if info.layout == INTERLEAVE8:
+            groups = -(-lay.rows // INTERLEAVE)
+            quants = np.ndarray((groups, lay.row_stride), np.int8, self._bytes, info.offset)
+            scales = np.ndarray((groups, lay.blocks * INTERLEAVE), "<f2", self._bytes, info.offset + lay.scales_offset)
+            return QuantizedTensor(info.dtype, info.shape, (quants, scales), INTERLEAVE8)
         if info.dtype.is_quantized:
             first, *later = info.dtype.spec.planes
             planes = [np.ndarray((lay.rows, lay.row_stride // first.numpy.itemsize), first.numpy, self._bytes, info.offset)]
@@ -383,8 +402,18 @@ def _validate_tensors(document, h: Header, path: str) -> dict[str, TensorInfo]:
         raise errors.CorruptHeader(f"{path}: header field blob_count: expected {len(data)} (data tensors in the "
                                    f"manifest), found {h.blob_count}")
     _check_no_overlap(data.values(), path)
+    _check_layout_features(data.values(), document["features_required"], path)
     resolved = _resolve_ties(ties, data, path)
     return {name: data.get(name) or resolved[name] for name in names}
+
+
+def _check_layout_features(infos, required, path):
+    """A tensor stored in an arrangement added after format 1.0 needs the file to require it."""
+    names = {feature["name"] for feature in required}
+    for info in infos:
+        if info.layout in LAYOUT_FEATURES and info.layout not in names:
+            raise errors.CorruptManifest(f"{path}: tensor {info.name!r} has layout {info.layout!r}, but the file's "
+                                         f"features_required does not list {info.layout!r}")
 
 
 def _record_name(record, index, path):
@@ -432,12 +461,11 @@ def _data_info(record, name, h: Header, path) -> TensorInfo:
     for field in ("row_stride", "offset", "nbytes", "crc32c"):
         if not _is_int(record[field]) or record[field] < 0:
             bad(field, "a non-negative integer", record[field])
-    lay = layout(dtype, shape)  # exact integers: nothing here can overflow
+    if record["layout"] not in layouts_of(dtype):
+        bad("layout", f"one of {list(layouts_of(dtype))} for {dtype.label}", record["layout"])
+    lay = layout(dtype, shape, record["layout"])  # exact integers: nothing here can overflow
     if dtype.spec.whole_blocks and lay.cols % dtype.spec.block:
         bad("shape", f"rows of whole {dtype.spec.block}-value blocks for {dtype.label}", list(shape))
-    expected_layout = "planar" if dtype.is_quantized else "rows"
-    if record["layout"] != expected_layout:
-        bad("layout", repr(expected_layout), record["layout"])
     if record["row_stride"] != lay.row_stride:
         bad("row_stride", lay.row_stride, record["row_stride"])
     if record["nbytes"] != lay.nbytes:
@@ -451,7 +479,7 @@ def _data_info(record, name, h: Header, path) -> TensorInfo:
         bad("offset + nbytes", f"inside the data area [{data_start(h.alignment)}, {h.manifest_offset})",
             f"[{offset}, {offset + lay.nbytes})")
     return TensorInfo(name, dtype, shape, lay.row_stride, offset, lay.nbytes, record["crc32c"],
-                      record["component"], record.get("source"))
+                      record["component"], record.get("source"), layout=lay.kind)
 
 
 def _is_int(value) -> bool:
@@ -480,5 +508,5 @@ def _resolve_ties(ties, data, path) -> dict[str, TensorInfo]:
         info = data[target]
         resolved[name] = TensorInfo(name, info.dtype, info.shape, info.row_stride, info.offset, info.nbytes,
                                     info.crc32c, record.get("component") or info.component, record.get("source"),
-                                    tie=target)
+                                    tie=target, layout=info.layout)
     return resolved

@@ -49,12 +49,23 @@ enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };
  * `cols`; the other types hold whole blocks), each row padded to a multiple of 64 bytes, as the
  * file stores it, and the kernels may read that padding.
  * plane[i > 0]: packed (rows, nblocks * BLOB_DTYPE_PLANE_BYTES[dtype][i]) bytes; q8_0 / q4_0
- * have one, the block scales as float16 bits (rows, ceil(cols/32)). */
+ * have one, the block scales as float16 bits (rows, ceil(cols/32)).
+ * That is `layout` BLOB_LAYOUT_ROWS (0, what a zero-initialized field says). A q8_0 matrix may
+ * instead be BLOB_LAYOUT_INTERLEAVE8: rows in groups of eight (the last group completed with
+ * zero rows), each group's blocks one after another, block b of group g at plane[0] +
+ * (g*nblocks + b)*256, whose bytes 16i + 2j and 16i + 2j + 1 are levels 2i and 2i + 1 of the
+ * group's row j (i < 16): one int32 lane per row in each 16-byte run, so a dot-product
+ * instruction sums a row's block in a lane of its own. plane[1]: the scales (groups, nblocks, 8)
+ * as float16 bits, group g's block b at (g*nblocks + b)*8, row j's at + j. row_stride_bytes is
+ * then a row's share of its group, nblocks * 32. */
+enum blob_layout { BLOB_LAYOUT_ROWS = 0, BLOB_LAYOUT_INTERLEAVE8 = 1 };
+#define BLOB_INTERLEAVE 8      /* rows per group of BLOB_LAYOUT_INTERLEAVE8 */
 typedef struct blob_matrix {
     int dtype;
     const void *plane[BLOB_MAX_PLANES];
     size_t row_stride_bytes;
     size_t rows, cols;
+    int layout;                /* enum blob_layout */
 } blob_matrix;
 
 /* ---- run-time ISA choice (dispatch.c) ---- */

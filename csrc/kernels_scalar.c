@@ -109,7 +109,10 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
             const int16_t *xw = act_block(blob_act_levels(a, tokens[t], dtype), b, dtype, buffer);
             float dx = a->d[tokens[t] * nb + b];
             BLOB_UNROLL
-            for (int r = 0; r < R; r++) acc[r][t] += (float)dot_block(wl[r], xw) * (dw[r] * dx);
+            for (int r = 0; r < R; r++) {
+                const float product = (float)dot_block(wl[r], xw) * (dw[r] * dx);
+                acc[r][t] += product;   /* a statement of its own: no compiler fuses it into an FMA */
+            }
         }
     }
     for (size_t r = 0; r < nr; r++)
@@ -117,6 +120,29 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
 }
 
 BLOB_DEFINE_TILES(, MV_ROWS, MM_ROWS, MM_TOKENS)
+
+/* quant_tile's sums over q8_0 rows in BLOB_LAYOUT_INTERLEAVE8: each block's levels gathered
+ * from its group's pairs, then the same operations in the same order, token after token. */
+void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys) {
+    const size_t nb = a->nblocks;
+    for (size_t r = r0; r < r0 + nr; r++)
+        for (size_t tc = t0; tc < t0 + nt; tc += BLOB_TILE_MAX_TOKENS) {
+            const size_t count = blob_min(BLOB_TILE_MAX_TOKENS, t0 + nt - tc);
+            float acc[BLOB_TILE_MAX_TOKENS] = {0};
+            for (size_t b = 0; b < nb; b++) {
+                int8_t levels[BLOB_QBLOCK];
+                for (int i = 0; i < BLOB_QBLOCK; i++) levels[i] = (int8_t)blob_interleave8_level(w, r, b * BLOB_QBLOCK + i);
+                const float dw = blob_interleave8_scale(w, r, b);
+                for (size_t t = 0; t < count; t++) {
+                    const int16_t *x = a->q16 + (tc + t) * a->q_stride + BLOB_QBLOCK * b;
+                    const float product = (float)dot_block(levels, x) * (dw * a->d[(tc + t) * nb + b]);
+                    acc[t] += product;   /* as in quant_tile: never fused into an FMA */
+                }
+            }
+            for (size_t t = 0; t < count; t++) y[(tc + t) * ys + r] = acc[t];
+        }
+}
 
 /* The exact dot of 16 weight levels with 16 activation levels: |w| <= 32, |x| <= 32639. */
 BLOB_INLINE int32_t dot_half(const int8_t *w, const int16_t *x) {
@@ -254,4 +280,5 @@ const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
     quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, softmax_row, read_sum,
     .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
+    .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0},
 };

@@ -24,7 +24,8 @@ static int is_quantized(int dtype) { return blob_dtype_block(dtype) > 1; }
  * whole blocks per row (their formats have no partial block). */
 static int is_valid(const blob_matrix *w) {
     const size_t block = blob_dtype_block(w->dtype);
-    return block > 0 && (!blob_is_block32_type(w->dtype) || w->cols % block == 0);
+    const int layout_ok = w->layout == BLOB_LAYOUT_ROWS || (w->layout == BLOB_LAYOUT_INTERLEAVE8 && w->dtype == BLOB_Q8_0);
+    return block > 0 && layout_ok && (!blob_is_block32_type(w->dtype) || w->cols % block == 0);
 }
 /* A matvec tile of several rows reads them as interleaved streams one row_stride apart, which
  * the hardware prefetchers follow worse than one stream read in order (AMD Zen 3, 262144 x 640
@@ -159,11 +160,19 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
 
 static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; }
 
+/* Interleaved rows (BLOB_LAYOUT_INTERLEAVE8) have one tile for decode and prefill: two groups
+ * of eight rows against all the item's tokens, each group read as one stream. */
+static void plan_interleaved(const blob_isa_ops *ops, const matmul_job *job, matmul_part *p) {
+    p->tile = ops->interleave8[p->w->dtype];
+    p->tile_rows = BLOB_INTERLEAVE8_ROWS;
+    p->tile_tokens = (int)job->token_tile;
+}
+
 /* Fills in part `p` of the job for matrix w: its tile and how its rows split into items. */
 static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, const blob_matrix *w,
                       float *y, size_t y_stride) {
     const size_t n = job->n;
-    const int decode = decode_tiles(n), row_tiles = decode && matvec_by_single_rows(w);
+    const int decode = decode_tiles(n), row_tiles = decode && matvec_by_single_rows(w) && w->layout == BLOB_LAYOUT_ROWS;
     const blob_tile_fn few_tokens = row_tiles && n > 1 ? ops->matvec_tokens[w->dtype] : NULL;
     p->w = w;
     p->y = y;
@@ -173,6 +182,7 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
     p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
     p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1
                    : ops->mm_any_tokens[w->dtype] ? (int)job->token_tile : ops->mm_tokens;
+    if (w->layout == BLOB_LAYOUT_INTERLEAVE8) plan_interleaved(ops, job, p);
     size_t chunk_rows = MATMUL_CHUNK_ROWS;
     if (decode)   /* the item's bytes read by all its tokens: 1 MiB */
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / n / w->row_stride_bytes,

@@ -70,8 +70,8 @@ void blob_add(const float *a, const float *b, size_t count, float *out) {
     for (size_t k = 0; k < count; k++) out[k] = a[k] + b[k];
 }
 
-/* One row of W as f32: value = weight for plain dtypes, level * block scale for q8_0 / q4_0,
- * ggml's dequantization for q4_1 .. q6_k (blob_block32_value). */
+/* One row of W as f32: value = weight for plain dtypes, level * block scale for q8_0 / q4_0
+ * (in either layout), ggml's dequantization for q4_1 .. q6_k (blob_block32_value). */
 static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
     const uint8_t *row = (const uint8_t *)w->plane[0] + r * w->row_stride_bytes;
     if (blob_is_block32_type(w->dtype)) {
@@ -82,6 +82,9 @@ static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
             blob_decode_block32(w->dtype, planes, b, &block);
             for (int i = 0; i < BLOB_QBLOCK; i++) out[b * BLOB_QBLOCK + i] = blob_block32_value(&block, i);
         }
+    } else if (w->layout == BLOB_LAYOUT_INTERLEAVE8) {
+        for (size_t k = 0; k < w->cols; k++)
+            out[k] = (float)blob_interleave8_level(w, r, k) * blob_interleave8_scale(w, r, k / BLOB_QBLOCK);
     } else if (w->dtype == BLOB_Q8_0 || w->dtype == BLOB_Q4_0) {
         const uint16_t *scales = (const uint16_t *)w->plane[1] + r * blob_div_up(w->cols, BLOB_QBLOCK);
         for (size_t k = 0; k < w->cols; k++)

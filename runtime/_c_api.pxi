@@ -10,11 +10,14 @@ cdef extern from "kernels.h" nogil:
     int BLOB_NUM_ISAS, BLOB_OK, BLOB_ENOMEM, BLOB_MAX_THREADS, BLOB_DECODE_TILES_MAX_TOKENS
     int BLOB_ACT_SILU, BLOB_ACT_GELU_TANH
 
+    int BLOB_LAYOUT_ROWS, BLOB_LAYOUT_INTERLEAVE8, BLOB_INTERLEAVE
+
     ctypedef struct blob_matrix:
         int dtype
         const void *plane[5]     # BLOB_MAX_PLANES, checked at import
         size_t row_stride_bytes
         size_t rows, cols
+        int layout
 
     ctypedef struct blob_span:
         size_t begin, end

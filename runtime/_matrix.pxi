@@ -29,7 +29,9 @@ cdef class Matrix:
     `weight` is a 2-D numpy array (float32 'f32', float16 'f16', or bfloat16 bits as uint16
     'bf16'; rows may be strided, as the reader's views are over their row padding) or a
     quantized tensor with `.dtype`, `.shape` and `.planes` in DTypeSpec.planes order (the
-    reader's QuantizedTensor). `dtype` names the type when the array's own dtype does not (bf16).
+    reader's QuantizedTensor), or a q8_0 one whose `.layout` is "interleave8" (its rows
+    interleaved eight at a time, see _bind_interleaved). `dtype` names the type when the
+    array's own dtype does not (bf16).
 
     >>> w = Matrix(reader["blk.0.attn_q.weight"])        # doctest: +SKIP
     >>> y = matmul(w, x)                                 # doctest: +SKIP
@@ -70,6 +72,8 @@ cdef class Matrix:
         self._keep = array
 
     def _bind_quantized(self, tensor):
+        if getattr(tensor, "layout", "planar") == "interleave8":
+            return self._bind_interleaved(tensor)
         kind = _weight_dtype(tensor.dtype)
         if not kind.is_quantized:
             raise TypeError(f"{self.name}: quantized tensor of dtype {kind.label}; expected one of "
@@ -108,6 +112,33 @@ cdef class Matrix:
             self.m.plane[i] = <const void *><uintptr_t>_address(plane)
         self.m.row_stride_bytes = first.strides[0]
         self.m.rows, self.m.cols = rows, cols
+        self._keep = planes
+
+    def _bind_interleaved(self, tensor):
+        """q8_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8): quants
+        (groups, blocks * 256) int8 and scales (groups, blocks * 8) float16, both packed."""
+        kind = _weight_dtype(tensor.dtype)
+        if kind is not DType.Q8_0:
+            raise TypeError(f"{self.name}: the interleave8 layout is for q8_0 weights, found {kind.label}")
+        shape = tuple(tensor.shape)
+        lay = layout(kind, shape)
+        if len(shape) < 2 or lay.rows == 0 or lay.cols == 0:
+            raise ValueError(f"{self.name}: expected a non-empty weight of at least 2 dimensions, found shape {shape}")
+        groups = -(-lay.rows // BLOB_INTERLEAVE)
+        planes = tuple(np.asarray(p) for p in tensor.planes)
+        expected = ((np.dtype(np.int8), lay.blocks * 256), (np.dtype("<f2"), lay.blocks * BLOB_INTERLEAVE))
+        if len(planes) != 2 or any(p.dtype != dt or p.shape != (groups, width) or not p.flags.c_contiguous
+                                   for p, (dt, width) in zip(planes, expected)):
+            raise ValueError(f"{self.name}: interleave8 q8_0 planes must be packed int8 ({groups}, {lay.blocks * 256}) "
+                             f"and float16 ({groups}, {lay.blocks * BLOB_INTERLEAVE}); found "
+                             f"{[(str(p.dtype), p.shape) for p in planes]}")
+        self.dtype = kind.label
+        self.m.dtype = kind
+        self.m.layout = BLOB_LAYOUT_INTERLEAVE8
+        for i, plane in enumerate(planes):
+            self.m.plane[i] = <const void *><uintptr_t>_address(plane)
+        self.m.row_stride_bytes = lay.blocks * 32
+        self.m.rows, self.m.cols = lay.rows, lay.cols
         self._keep = planes
 
     @property

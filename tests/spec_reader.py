@@ -39,7 +39,7 @@ PLANE_NAMES = {  # §4: the planes of the types of §5.4, in order
     "q3_k": ("Q", "H", "S", "d"), "q4_k": ("Q", "S", "d", "m"), "q5_k": ("Q", "H", "S", "d", "m"),
     "q6_k": ("Q", "H", "S", "d"),
 }
-FEATURES = {"tie", "q8_0", "q4_0", *PLANE_NAMES}  # §6.1: format 1.0, then 1.1
+FEATURES = {"tie", "q8_0", "q4_0", *PLANE_NAMES, "interleave8"}  # §6.1: format 1.0, then 1.1, then 1.2
 NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 DATA_KEYS = {"name", "dtype", "shape", "layout", "row_stride", "offset", "nbytes", "crc32c", "component", "source"}
 TIE_KEYS = {"name", "tie", "component", "source"}
@@ -85,12 +85,15 @@ def rows_and_cols(shape):
     return math.prod(shape[:-1]), shape[-1]
 
 
-def layout(dtype: str, shape):
-    """§5.1 / §5.2: (rows, cols, blocks, row_stride, offsets of the planes, nbytes)."""
+def layout(dtype: str, shape, kind: str = ""):
+    """§5.1 / §5.2 / §5.5: (rows, cols, blocks, row_stride, offsets of the planes, nbytes)."""
     rows, cols = rows_and_cols(shape)
     block, planes = TYPES[dtype]
     (element, per_block), *later = planes
     blocks = -(-cols // block)
+    if kind == "interleave8":
+        groups = -(-rows // 8)
+        return rows, cols, blocks, blocks * 256, [0, groups * blocks * 256], groups * blocks * (256 + 16)
     row_stride = round_up(blocks * per_block * np.dtype(element).itemsize, 64)
     offsets, end = [0], rows * row_stride
     for element, per_block in later:
@@ -250,11 +253,14 @@ class SpecFile:
             raise SpecError("InvalidTensor", "shape")
         if not all(_is_int(record[k]) and record[k] >= 0 for k in ("row_stride", "offset", "nbytes", "crc32c")):
             raise SpecError("InvalidTensor", "integers")
-        _, cols, _, row_stride, _, nbytes = layout(dtype, shape)
+        default = "rows" if len(TYPES[dtype][1]) == 1 else "planar"
+        if record["layout"] not in (default, *(["interleave8"] if dtype == "q8_0" else [])):
+            raise SpecError("InvalidTensor", "layout")
+        if record["layout"] == "interleave8" and "interleave8" not in {f["name"] for f in self.manifest["features_required"]}:
+            raise SpecError("CorruptManifest", "interleave8 without its feature")
+        _, cols, _, row_stride, _, nbytes = layout(dtype, shape, record["layout"])
         if dtype in PLANE_NAMES and cols % TYPES[dtype][0]:
             raise SpecError("InvalidTensor", "shape: whole blocks")
-        if record["layout"] != ("rows" if len(TYPES[dtype][1]) == 1 else "planar"):
-            raise SpecError("InvalidTensor", "layout")
         if record["row_stride"] != row_stride or record["nbytes"] != nbytes or record["crc32c"] >= 2**32:
             raise SpecError("InvalidTensor", "row_stride / nbytes / crc32c")
         offset = record["offset"]
@@ -284,8 +290,14 @@ class SpecFile:
     def planes(self, name: str) -> list[np.ndarray]:
         """§5.2: each plane of a quantized tensor as (rows, blocks, elements per block)."""
         r = self.records[name]
-        rows, _, blocks, row_stride, offsets, nbytes = layout(r["dtype"], r["shape"])
+        rows, _, blocks, row_stride, offsets, nbytes = layout(r["dtype"], r["shape"], r["layout"])
         raw = np.frombuffer(self.blob(name), np.uint8)
+        if r["layout"] == "interleave8":   # §5.5, byte by byte
+            row, block, level = np.ix_(np.arange(rows), np.arange(blocks), np.arange(32))
+            quants = raw[(row // 8) * row_stride + 256 * block + 16 * (level // 2) + 2 * (row % 8) + level % 2]
+            scale_at = offsets[1] + 2 * (((row[..., 0] // 8) * blocks + block[..., 0]) * 8 + row[..., 0] % 8)
+            scales = raw[scale_at] | raw[scale_at + 1].astype(np.uint16) << 8
+            return [quants.view(np.int8), scales.view(np.float16)[..., None]]
         result = []
         for index, (element, per_block) in enumerate(TYPES[r["dtype"]][1]):
             size = per_block * np.dtype(element).itemsize

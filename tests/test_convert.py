@@ -127,7 +127,7 @@ def test_bf16_source_stored_as_bf16_keeps_the_raw_bits(checkpoints, tmp_path):
 
 def block_bound(blob, name, dtype):
     """Per-element error bound of a quantized tensor: half a step for q8_0, a whole one for q4_0."""
-    scales = np.abs(blob[name].scales.astype(np.float32))
+    scales = np.abs(blob[name].planar()[-1].astype(np.float32))
     per_element = np.repeat(scales, 32, axis=1)[:, :blob.info(name).shape[-1]]
     return per_element * (0.5 if dtype == "q8_0" else 1.0) * (1 + 1e-3) + 1e-7
 

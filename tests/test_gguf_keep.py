@@ -149,7 +149,7 @@ def test_every_runnable_type_keeps_its_bytes_and_values(llama_gguf, tmp_path, ke
     lines = []
     convert(path, tmp_path / "out.blob", align=64, quiet=True, log=lines.append)
     with blobstore.open(tmp_path / "out.blob", verify="full") as blob:
-        assert blob.version == (1, 1)
+        assert blob.version == (1, 2)   # 1.1 for the ggml types, 1.2 for q8_0's default layout interleave8
         assert blob.metadata["conversion"]["dtype"] == "keep"
         for gguf_name, (qtype, raw, shape) in tensors.items():
             name = stored_name(gguf_name)
@@ -163,7 +163,7 @@ def test_every_runnable_type_keeps_its_bytes_and_values(llama_gguf, tmp_path, ke
             stored = llama_rows(name, blob.float32(name))
             assert stored.tobytes() == expected.tobytes(), name  # bit for bit, -0.0 included
             if info.dtype.is_quantized:
-                blocks = quant.ggml_from_planes(info.dtype, blob[name].planes)
+                blocks = quant.ggml_from_planes(info.dtype, blob[name].planar())
                 assert np.array_equal(llama_rows(name, blocks), raw), name  # the GGUF's bytes, unchanged
     assert [line for line in lines if line.startswith("warning:")] == [
         "warning: 1 weight matrix of a GGUF type this build cannot keep is re-quantized (--strict refuses instead): "
@@ -236,7 +236,7 @@ def test_an_explicit_dtype_still_re_quantizes_but_copies_blocks_already_in_it(ll
     with blobstore.open(tmp_path / "out.blob") as blob:
         assert {i.dtype.label for i in blob.infos() if len(i.shape) == 2} == {"q8_0"}
         qtype, raw, _ = tensors["blk.1.ffn_down.weight"]
-        assert np.array_equal(quant.ggml_from_planes(DType.Q8_0, blob["layers.1.down"].planes), raw)
+        assert np.array_equal(quant.ggml_from_planes(DType.Q8_0, blob["layers.1.down"].planar()), raw)
         assert blob.metadata["conversion"]["requantized"] == {}
 
 
@@ -304,5 +304,5 @@ def test_a_gemma_gguf_keeps_its_matrices_and_takes_the_plus_one_off_its_f32_norm
             assert info.dtype.spec.ggml_type == t.tensor_type, info.name  # Q8_0 and F16 kept as they are
             assert blob.float32(info.name).tobytes() == values.tobytes(), info.name
             if info.dtype.is_quantized:
-                assert np.array_equal(quant.ggml_from_planes(info.dtype, blob[info.name].planes),
+                assert np.array_equal(quant.ggml_from_planes(info.dtype, blob[info.name].planar()),
                                       np.asarray(t.data).reshape(info.shape[0], -1)), info.name

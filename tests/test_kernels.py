@@ -208,6 +208,64 @@ def test_batched_decode_equals_lone_decode_bitwise(isa, threads, dtype, nblocks,
     check_matmul(dtype, w, x, lone.astype(np.float64))
 
 
+# ---- q8_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8) ----
+
+def q8_0_planes(rows: int, cols: int, rng):
+    """Random q8_0 planes (quants padded to the row stride, scales) and the values they stand for."""
+    planes = quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), "q8_0")
+    return planes, quant.dequantize(planes, cols, "q8_0")
+
+
+def interleave8(planes, rows: int, cols: int):
+    """q8_0 planes (quants padded to the row stride, scales) rearranged as the interleave8 layout,
+    written out from its definition: group g = rows 8g .. 8g+7 (the last completed with zero rows),
+    block b of a group 256 bytes whose bytes 16i + 2j, 16i + 2j + 1 are levels 2i, 2i + 1 of row j."""
+    nb, groups = -(-cols // 32), -(-rows // 8)
+    quants = np.zeros((groups * 8, nb * 32), np.int8)
+    quants[:rows] = planes[0][:, :nb * 32]
+    scales = np.zeros((groups * 8, nb), np.float16)
+    scales[:rows] = planes[1]
+    quants = quants.reshape(groups, 8, nb, 16, 2).transpose(0, 2, 3, 1, 4).reshape(groups, nb * 256)
+    scales = scales.reshape(groups, 8, nb).transpose(0, 2, 1).reshape(groups, nb * 8)
+    return types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(rows, cols), planes=(quants, scales),
+                                 layout="interleave8")
+
+
+@pytest.mark.parametrize("shape", [(13, 100), (24, 640), (40, 608), (1, 31)])
+@pytest.mark.parametrize("n", [1, 3, 8, 70])
+def test_interleave8_equals_planar_scalar_bitwise(isa, threads, shape, n):
+    """Every path's product over interleaved q8_0 rows, decode and prefill, at 1 and 2 threads,
+    equals the scalar path's planar product bit for bit (the same exact block sums, then the same
+    float operations in block order); embedding rows read from it equal the planar ones. The
+    layout is written out here from its definition, and quant.interleave8 must agree."""
+    rng = np.random.default_rng(stable_seed("interleave8", shape, n))
+    planes, w = q8_0_planes(*shape, rng)
+    planar = K.Matrix(types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=shape, planes=planes))
+    tensor = interleave8(planes, *shape)
+    for mine, library in zip(tensor.planes, quant.interleave8(*planes)):
+        np.testing.assert_array_equal(library, mine)
+    interleaved = K.Matrix(tensor)
+    x = rng.standard_normal((n, shape[1])).astype(np.float32)
+    K.set_isa("scalar")
+    expected = K.matmul(planar, x)
+    K.set_isa(isa)
+    for count in (1, 2):
+        K.set_threads(count)
+        np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
+    ids = np.array([0, shape[0] - 1], np.int64)
+    np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
+    check_matmul("q8_0", w, x, expected.astype(np.float64))
+
+
+def test_interleave8_binding_checks_its_planes():
+    rng = np.random.default_rng(5)
+    tensor = interleave8(q8_0_planes(9, 64, rng)[0], 9, 64)
+    with pytest.raises(TypeError, match="interleave8 layout is for q8_0"):
+        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q4_0}))
+    with pytest.raises(ValueError, match=r"int8 \(2, 512\)"):
+        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "planes": (tensor.planes[0][:1], tensor.planes[1])}))
+
+
 # ---- GGUF's block types (q4_1 .. q6_k): rows of whole blocks of 32 or 256 ----
 
 def block_weight(dtype: str, rows: int, nblocks: int, rng):

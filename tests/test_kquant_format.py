@@ -172,6 +172,6 @@ def test_inspect_shows_and_verify_checks_every_type(tmp_path, capsys):
     assert "blob file format 1.1" in table
     for dtype in NEW_TYPES:
         row = next(line for line in table.splitlines() if line.startswith(f"w.{dtype.label} "))
-        assert row.split()[1:3] == [dtype.label, f"3x{2 * dtype.spec.block}"]
+        assert row.split()[1:4] == [dtype.label, "planar", f"3x{2 * dtype.spec.block}"]
     assert cli.main(["verify", str(path)]) == 0
     assert f"{len(NEW_TYPES)} blobs match" in capsys.readouterr().out

@@ -91,6 +91,16 @@ def test_a_file_of_every_dtype_reads_alike(written):
         assert r.file_bytes("empty.bin") == spec.stored("empty.bin").tobytes() == b""
 
 
+def test_interleaved_q8_0_reads_alike(tmp_path):
+    """§5.5: q8_0 rows interleaved eight at a time, a partial group and a partial block included."""
+    values = np.random.default_rng(8).standard_normal((13, 100)).astype(np.float32)
+    with blobstore.BlobWriter(tmp_path / "i.blob") as w:
+        w.add("i", values, dtype="q8_0", layout="interleave8")
+        w.add("p", values, dtype="q8_0")
+    spec = assert_reads_alike(tmp_path / "i.blob")
+    assert same_bits(spec.float32("i"), spec.float32("p"))
+
+
 def test_the_sample_of_the_corruption_tests_reads_alike(tmp_path):
     assert_reads_alike(write_sample(tmp_path / "sample.blob"))
 

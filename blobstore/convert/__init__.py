@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
-from ..format import MAX_ALIGNMENT, MIN_ALIGNMENT, DType, is_power_of_two
+from ..format import INTERLEAVE8, MAX_ALIGNMENT, MIN_ALIGNMENT, DType, is_power_of_two, layouts_of
 from ..quant import bf16_to_f32, planes_from_ggml
 from ..writer import BlobWriter
 from . import tokenizer
@@ -58,13 +58,15 @@ class Summary:
 def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = None, keep_f32=(), text_only: bool = False,
             allow_unknown: bool = False, align: int = 4096, force: bool = False, dry_run: bool = False,
             quiet: bool = False, revision: str | None = None, offline: bool = False, gguf_file: str | None = None,
-            strict: bool = False, log=None) -> Summary:
+            strict: bool = False, layout: str = INTERLEAVE8, log=None) -> Summary:
     """Convert `src` (HF model folder, .gguf file, or a Hub id such as "google/gemma-3-270m") into
     the blob file `out`; see `blob-pack convert --help`.
 
     `dtype` None is "keep" for a GGUF (every matrix in its own type where the kernels multiply it,
     its bytes copied; `strict` refuses the others instead of re-quantizing them) and "q8_0" for a
-    Hugging Face folder, where "keep" means its float type.
+    Hugging Face folder, where "keep" means its float type. `layout` arranges the q8_0 tensors'
+    bytes: "interleave8", the tile the matrix kernels read fastest (docs/FORMAT.md §5.5), or
+    "planar", which readers of format 1.0 read.
 
     Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
     config asks for — is checked before the first tensor is converted (also for a dry run); every
@@ -74,7 +76,7 @@ def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = Non
     """
     started = time.monotonic()
     log = log or (lambda line: None)
-    options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict)
+    options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict, layout)
     out = Path(out)
     if not dry_run:
         _check_output(out, force)
@@ -100,15 +102,17 @@ def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = Non
     return summary
 
 
-def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict) -> Options:
+def _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict, layout) -> Options:
     """The checked options; a None dtype stays None until the source says which default applies."""
     for option, value, choices in (("dtype", dtype, DTYPE_CHOICES), ("embed_dtype", embed_dtype, WEIGHT_DTYPES)):
         if value is not None and value not in (KEEP, *choices):
             raise ConversionError(f"{option}: expected {KEEP} or one of {', '.join(choices)}, found {value!r}")
     if not (is_power_of_two(align) and MIN_ALIGNMENT <= align <= MAX_ALIGNMENT):
         raise ConversionError(f"--align: expected a power of two from {MIN_ALIGNMENT} to {MAX_ALIGNMENT}, found {align}")
+    if layout not in layouts_of(DType.Q8_0):
+        raise ConversionError(f"--layout: expected one of {', '.join(layouts_of(DType.Q8_0))}, found {layout!r}")
     return Options(dtype=dtype, embed_dtype=embed_dtype, keep_f32=tuple(keep_f32), text_only=text_only,
-                   allow_unknown=allow_unknown, alignment=align, strict=strict)
+                   allow_unknown=allow_unknown, alignment=align, strict=strict, layout=layout)
 
 
 def _normalize(source, problems: Problems):
@@ -192,7 +196,7 @@ def _write(out: Path, source, family, plan: Plan, options: Options, quiet: bool,
                  leave=False, desc="converting") as bar:
         for entry in plan.entries:
             bar.set_postfix_str(entry.name, refresh=False)
-            _add_tensor(writer, read, source, family, plan.config, entry)
+            _add_tensor(writer, read, source, family, plan.config, entry, options.layout)
             if entry.rows is None or entry.rows[1] == source.tensors[entry.source].shape[0]:  # the source is done
                 bar.update(source.tensors[entry.source].nbytes)
         for name, target, _ in plan.ties:
@@ -221,8 +225,9 @@ def _copies_blocks(source, entry) -> bool:
     return source.kind == "gguf" and stored.is_quantized and stored_type_of(source.tensors[entry.source].dtype) is stored
 
 
-def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, entry):
+def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, entry, layout: str):
     raw = _copies_blocks(source, entry)
+    layout = layout if DType.parse(entry.dtype) is DType.Q8_0 else None   # the only type with a choice
     array, stored = read(entry.source, raw)
     if entry.rows is not None:  # a row holds whole ggml blocks, so a raw slice is a slice of every plane
         array = array[entry.rows[0]:entry.rows[1]]
@@ -232,7 +237,7 @@ def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, e
         array = family.gguf_sanitize(entry.name, array, config)
     if raw:
         writer.add_quantized(entry.name, planes_from_ggml(entry.dtype, array), dtype=entry.dtype, shape=entry.shape,
-                             component=entry.component, source=entry.source_label)
+                             component=entry.component, source=entry.source_label, layout=layout)
         return
     if stored == "bf16":
         if entry.dtype == "bf16":  # the raw bits go in untouched
@@ -240,7 +245,8 @@ def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, e
                        shape=entry.shape, component=entry.component, source=entry.source_label)
             return
         array = bf16_to_f32(array)
-    writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source_label)
+    writer.add(entry.name, array, dtype=entry.dtype, component=entry.component, source=entry.source_label,
+               layout=layout)
 
 
 def _component_metadata(raw: dict, variant, plan: Plan) -> dict:
@@ -275,7 +281,7 @@ def _metadata(source, variant, plan: Plan, options: Options, tok) -> dict:
         "tokenizer": tok.settings,
         "components": components,
         "source": source_info,
-        "conversion": {"dtype": options.dtype, "embed_dtype": resolved_embed_dtype(options),
+        "conversion": {"dtype": options.dtype, "embed_dtype": resolved_embed_dtype(options), "layout": options.layout,
                        "keep_f32": list(options.keep_f32), "text_only": options.text_only,
                        "allow_unknown": options.allow_unknown, "dropped": {c: len(s) for c, s in plan.dropped.items()},
                        "requantized": {name: f"{src} -> {dst}" for name, src, dst in plan.requantized}},

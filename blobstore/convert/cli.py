@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import convert
+from ..format import INTERLEAVE8, DType, layouts_of
 from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
@@ -42,6 +43,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "q8_0 when --dtype is 4-bit (q4_0, q4_k_m), since the head's rounding error decides the "
                              "top token and it costs ~4 bits more per weight of that one matrix; q6_k under "
                              "q5_k_m; otherwise as --dtype")
+    parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=INTERLEAVE8,
+                        help="how q8_0 tensors are arranged: interleave8 (rows in groups of eight, block by block: "
+                             "the tile the matrix kernels read fastest; needs a reader of format 1.2) or planar (row "
+                             "after row, as format 1.0 stores them). Default: interleave8")
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")
     parser.add_argument("--allow-unknown", action="store_true",
@@ -75,6 +80,7 @@ def run(args) -> int:
                           keep_f32=args.keep_f32, text_only=args.text_only, allow_unknown=args.allow_unknown,
                           align=args.align, force=args.force, dry_run=args.dry_run, quiet=args.quiet,
                           revision=args.revision, offline=args.offline, gguf_file=args.gguf_file, strict=args.strict,
+                          layout=args.layout,
                           log=lambda line: print(line, file=sys.stdout if args.dry_run else sys.stderr))
     except (ValueError, OSError) as error:
         print(f"blob-pack convert: error: {error}", file=sys.stderr)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..format import DType, dtype_of_ggml
+from ..format import INTERLEAVE8, DType, dtype_of_ggml
 from .families import GGUF_ROPE_TENSORS, STORED_FORMS, map_component_name, map_gguf_name, map_text_name
 from .problems import Problems, classify
 
@@ -81,6 +81,7 @@ class Options:
     allow_unknown: bool = False
     alignment: int = 4096
     strict: bool = False            # under KEEP, refuse a GGUF type that cannot be kept instead of re-quantizing it
+    layout: str = INTERLEAVE8       # how q8_0 tensors are arranged: planar or interleave8 (format.layouts_of)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@
  * - q4_1 .. q6_k: every tile (matvec, matvec_row, matvec_tokens, matmul) bit-identical to the
  *   scalar tile, on rows of whole groups of eight blocks and of a remainder, and in q6_k's
  *   int32-overflow case;
+ * - q8_0 in BLOB_LAYOUT_INTERLEAVE8: each path's tile, and blob_matmul (decode and prefill, 1 and
+ *   2 threads) and blob_embed on each selectable path, bit-identical to the planar scalar tile
+ *   and rows, partial groups of rows and blocks included;
  * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
@@ -476,6 +479,100 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
             free_weight(&w);
         }
     }
+}
+
+/* ---- q8_0 in BLOB_LAYOUT_INTERLEAVE8: every path bit-identical to the planar scalar tile ---- */
+
+/* A q8_0 test weight's planes rearranged into BLOB_LAYOUT_INTERLEAVE8 (kernels.h), written out
+ * here from the layout's definition; the rows completing the last group are zero. */
+typedef struct {
+    blob_matrix m;
+    int8_t *quants;
+    uint16_t *scales;
+} interleaved_weight;
+
+static interleaved_weight interleave8(const test_weight *w) {
+    const size_t rows = w->m.rows, nb = blob_div_up(w->m.cols, BLOB_QBLOCK), groups = blob_div_up(rows, 8);
+    interleaved_weight iw;
+    iw.quants = (int8_t *)calloc(groups * nb * 256, 1);
+    iw.scales = (uint16_t *)calloc(groups * nb * 8, sizeof(uint16_t));
+    for (size_t r = 0; r < rows; r++)
+        for (size_t k = 0; k < nb * BLOB_QBLOCK; k++) {
+            const size_t i = k % BLOB_QBLOCK;
+            iw.quants[(r / 8 * nb + k / BLOB_QBLOCK) * 256 + 16 * (i / 2) + 2 * (r % 8) + i % 2] =
+                ((const int8_t *)w->plane)[r * w->m.row_stride_bytes + k];
+        }
+    for (size_t r = 0; r < rows; r++)
+        for (size_t b = 0; b < nb; b++) iw.scales[(r / 8 * nb + b) * 8 + r % 8] = w->scales[r * nb + b];
+    const blob_matrix m = {BLOB_Q8_0, {iw.quants, iw.scales}, nb * BLOB_QBLOCK, rows, w->m.cols, BLOB_LAYOUT_INTERLEAVE8};
+    iw.m = m;
+    return iw;
+}
+
+/* The path's interleave8 tile over a whole matrix, as matmul.c calls it (16 rows, all tokens),
+ * and through blob_matmul at 1 and 2 threads when `isa` is the current path's: each output equal
+ * bit for bit to the planar scalar tile's (which sums each output alone, whatever the tile shape). */
+static void check_interleave8(const blob_isa_ops *ops, const char *path) {
+    const size_t shapes[][2] = {{1, 1}, {5, 31}, {13, 100}, {17, 640}, {24, 608}, {40, 64}};
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 70};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        const size_t rows = shapes[s][0], cols = shapes[s][1];
+        test_weight w = make_weight(BLOB_Q8_0, rows, cols);
+        interleaved_weight iw = interleave8(&w);
+        for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
+            const size_t n = token_counts[c];
+            float *x = (float *)malloc(n * cols * sizeof(float));
+            float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+            for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
+            run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+            quantized_acts qa = quantize_all(ops, x, n, cols, 16);
+            blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, NULL, NULL, NULL};
+            for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
+                ops->interleave8[BLOB_Q8_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
+            char what[80];
+            snprintf(what, sizeof what, "interleave8 tile q8_0 %zux%zu n=%zu", rows, cols, n);
+            expect_identical(what, path, y, ref, n * rows);
+            free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+            free(x), free(y), free(ref);
+        }
+        free_weight(&w);
+        free(iw.quants), free(iw.scales);
+    }
+}
+
+/* blob_matmul over an interleaved matrix on the selected path: decode (n <= 8) and prefill, 1 and 2
+ * threads, equal bit for bit to the planar scalar tile; blob_embed's rows equal the planar ones. */
+static void check_interleave8_api(const char *path) {
+    const size_t rows = 67, cols = 300, n_max = 70;
+    test_weight w = make_weight(BLOB_Q8_0, rows, cols);
+    interleaved_weight iw = interleave8(&w);
+    float *x = (float *)malloc(n_max * cols * sizeof(float));
+    float *y = (float *)malloc(n_max * rows * sizeof(float)), *ref = (float *)malloc(n_max * rows * sizeof(float));
+    for (size_t k = 0; k < n_max * cols; k++) x[k] = next_float();
+    const size_t token_counts[] = {1, 4, 8, 70};
+    for (size_t c = 0; c < 4; c++) {
+        const size_t n = token_counts[c];
+        run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+        for (int threads = 1; threads <= 2; threads++) {
+            blob_threads_set(threads);
+            if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 status", path, 1, 0, 0);
+            char what[80];
+            snprintf(what, sizeof what, "blob_matmul interleave8 q8_0 n=%zu threads=%d", n, threads);
+            expect_identical(what, path, y, ref, n * rows);
+        }
+    }
+    const int64_t ids[3] = {0, 9, 66};
+    float rows_planar[3 * 300], rows_interleaved[3 * 300];
+    blob_embed(&w.m, ids, 3, rows_planar);
+    blob_embed(&iw.m, ids, 3, rows_interleaved);
+    expect_identical("blob_embed interleave8 rows", path, rows_interleaved, rows_planar, 3 * cols);
+    blob_matrix q4 = iw.m;   /* the layout is q8_0's only */
+    q4.dtype = BLOB_Q4_0;
+    checks++;
+    if (blob_matmul(&q4, x, cols, 1, y, rows) != BLOB_EINVAL) fail("blob_matmul interleaved q4_0 refused", path, 0, 0, 0);
+    free(x), free(y), free(ref);
+    free_weight(&w);
+    free(iw.quants), free(iw.scales);
 }
 
 /* ---- q4_1 .. q6_k: each path's tiles bit-identical to the scalar reference ---- */
@@ -1050,6 +1147,7 @@ int main(void) {
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
         check_block_tiles(paths[i].ops, paths[i].name);
+        check_interleave8(paths[i].ops, paths[i].name);
         check_axpy_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
@@ -1064,6 +1162,7 @@ int main(void) {
         }
         int before = failures;
         check_api(isa);
+        check_interleave8_api(blob_isa_name(isa));
         check_forward_batch(isa);
         printf("api  %-13s %s\n", blob_isa_name(isa), failures == before ? "ok" : "FAILED");
     }
