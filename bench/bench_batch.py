@@ -74,7 +74,7 @@ def step_breakdown(model, path, prompt_length: int, counts) -> list[tuple[int, f
         for _ in range(5):   # n = 1, 2, 4 taking turns, as the rounds above
             for n in counts:
                 caches = [s.cache for s in sessions[:n]]
-                step = _timed(lambda: model.transformer.run_batch([5] * n, caches, [c.length for c in caches]))
+                step = _timed(lambda: model.transformer.run_batch([[5]] * n, caches, [c.length for c in caches]))
                 x = np.random.default_rng(0).standard_normal((n, head.cols)).astype(np.float32)
                 product = _timed(lambda: kernels.matmul(head, x))
                 old = best.get(n, (float("inf"), float("inf")))
