@@ -209,8 +209,8 @@ typedef struct blob_sequence {
  * matrix products run over all the rows at once (the weights read from memory once for every
  * sequence), attention per sequence against its own cache, and each run's rows take the tiles
  * its lone call would (runs of up to BLOB_DECODE_TILES_MAX_TOKENS tokens are multiplied apart
- * from longer ones): while those short runs hold at most BLOB_DECODE_TILES_MAX_TOKENS tokens in
- * all, each sequence's logits and cache rows are bit-identical to its lone call's. LOGITS
+ * from longer ones, that many rows at a time): each sequence's logits and cache rows are
+ * bit-identical to its lone call's. LOGITS
  * receives (sum of logit_rows, vocab): sequence 0's rows, then sequence 1's, and so on. ids
  * must be in range; an image span's ids are embedded, then replaced by its embeds. SCRATCH
  * holds the activations: blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so

@@ -64,7 +64,8 @@ class Transformer:
         check_tensors(reader, config)
         self.config = config
         # one array per distinct rotary setting: layers that share it share its angles in the stack
-        frequencies = {rope: _frequencies(rope, config.head_dim) for rope in set(config.rope)}
+        self._distinct_ropes = tuple(set(config.rope))   # a few: one per layer kind, not per layer
+        frequencies = {rope: _frequencies(rope, config.head_dim) for rope in self._distinct_ropes}
         layers = [self._bind_layer(reader, i, frequencies[config.rope[i]]) for i in range(config.num_layers)]
         self.stack = kernels.DecoderStack(    # holds the bound weights from here on
             bound_matrix(reader, "embed"), bound_matrix(reader, "lm_head"), bound_vector(reader, "final_norm"), layers,
@@ -123,12 +124,10 @@ class Transformer:
         inside run i. Returns float32 logits (len(runs), vocab), row i those of run i's last token.
 
         Each run's numbers are those of `run(runs[i], caches[i], start=positions[i],
-        images=images[i])` alone (for a run of at most PREFILL_CHUNK tokens, which `run` takes in
-        one pass), bit for bit while the runs of up to 8 tokens hold at most 8 tokens in all:
-        those rows run the decode tiles, each token's sums as alone, the longer runs' rows the
-        prefill tiles, as alone (csrc/forward.c). Past 8, float weights' short-run rows go
-        through the prefill tiles, which sum them in another order: equal to rounding. Like
-        `run`, it leaves the caches' id lists to the caller.
+        images=images[i])` alone, bit for bit (for a run of at most PREFILL_CHUNK tokens, which
+        `run` takes in one pass): the rows of runs of up to 8 tokens go through the decode tiles,
+        8 rows at a time, each token's sums as alone, the longer runs' rows through the prefill
+        tiles, as alone (csrc/forward.c). Like `run`, it leaves the caches' id lists to the caller.
 
         A LongRoPE model's runs rotate with the factor set each one's lone `run` would use: a run
         whose cache must switch sets (its sequence just outgrew the original context) runs alone
@@ -186,7 +185,7 @@ class Transformer:
         >>> transformer.uses_long_factors(4097)                                  # doctest: +SKIP
         True
         """
-        return any(rope.uses_long_factors(end) for rope in self.config.rope)
+        return any(rope.uses_long_factors(end) for rope in self._distinct_ropes)
 
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool,
                     images: list) -> np.ndarray:

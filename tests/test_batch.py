@@ -126,14 +126,14 @@ def test_a_step_mixing_prompt_chunks_and_decode_tokens_equals_each_run_alone(pac
         assert np.array_equal(together, alone), f"sequence {i}: its keys and values differ"
 
 
-def test_many_short_runs_match_lone_runs_to_rounding_with_float_weights(packed_batch):
-    """Past 8 tokens of short runs, their rows share the prefill tiles: quantized weights still
-    give each run its lone numbers exactly, f32 ones to rounding."""
-    shape = [(4 + i, 1) for i in range(7)] + [(0, 6), (2, 30)]
-    quantized = lone_and_mixed(load(packed_batch("llama", "q8_0")), shape)
-    assert np.array_equal(quantized[1], quantized[0])
-    lone, batched = lone_and_mixed(load(packed_batch("llama", "f32")), shape)[:2]
-    np.testing.assert_allclose(batched, lone, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_more_than_8_short_runs_still_equal_each_run_alone(packed_batch, dtype):
+    """Short runs holding more than 8 tokens in all go through the decode tiles 8 rows at a time:
+    every run still gets exactly its lone numbers, f32 weights too."""
+    shape = [(4 + i, 1) for i in range(7)] + [(0, 6), (2, 30), (3, 1), (1, 8)]
+    lone, batched, lone_kv, batched_kv = lone_and_mixed(load(packed_batch("llama", dtype)), shape)
+    assert np.array_equal(batched, lone), f"max |difference| {np.abs(batched - lone).max()}"
+    assert all(np.array_equal(b, a) for a, b in zip(lone_kv, batched_kv))
 
 
 # ---- the engine ----
