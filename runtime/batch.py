@@ -8,8 +8,8 @@ holds), a decoding sequence the token it sampled last; the head computes each ru
 only. Newcomers thus prefill together, and alongside the sequences already decoding, as
 llama-server and vLLM batch continuously. Every row is sampled with its own parameters and random
 generator, over the decodable vocabulary only, exactly as `generate.generate_step` samples a lone
-generation: with the same seed a request gets the same tokens batched as alone (bit-identical
-logits; see `Transformer.run_batch` for the rare exceptions with float weights).
+generation: with the same seed a request gets the same tokens batched as alone (its logits are
+bit-identical to a lone run's, float weights included: see `Transformer.run_batch`).
 
 Threads (runtime/session.py tells the whole lock story): `submit` may be called from any
 thread; each returned TokenStream is read by one consumer. A request holds its Session
@@ -118,8 +118,8 @@ class TokenStream:
 
 class BatchEngine:
     """Runs the requests submitted to it, up to `max_active` at once in one batched step (prompt
-    chunks and decode tokens alike); the others wait in arrival order. The background thread starts with the first request and
-    stops at `close()`.
+    chunks and decode tokens alike); the others wait in arrival order. The background thread
+    starts with the first request and stops at `close()`.
 
     >>> engine = BatchEngine(model, max_active=4)                                   # doctest: +SKIP
     >>> streams = [engine.submit(s, ids, SamplingParams(temperature=0), 32) for s in sessions]  # doctest: +SKIP
