@@ -4,15 +4,17 @@ BatchEngine, against one `generate()` call, on one model.
 Each stream has its own session and its own --prompt-tokens prompt (bench/quality_corpus.txt from
 a different offset) and generates --new-tokens greedy tokens (ignore EOS). A round submits every
 stream at once and ends when the last token arrives; aggregate tok/s = streams x new tokens /
-wall time (their prefills, run one by one, included). `generate()` is timed the same way, one
-request in a fresh session. The ratios (N streams / 1 stream, engine-1 / generate) come from the
+wall time (their prefills included: the engine runs newcomers' prompts in its batched steps).
+`generate()` is timed the same way, one request in a fresh session. The ratios (N streams / 1 stream, engine-1 / generate) come from the
 same run; each figure is the best of --repeats rounds, and the rounds of the configurations take
 turns (generate, 1, 2, 4, generate, 1, ...) so that a busy spell on a shared machine does not
 fall on one configuration only.
 
-Then, to show where a step's time goes: one decode step of n = 1, 2, 4 sequences (run_batch, at
-position --prompt-tokens) and the output head alone (the lm_head matrix product of n rows), best
-of 5 each. Prints markdown on stdout. Not a test: nothing here asserts speed.
+Then, to show where the time goes: the engine's steps in the best round of each stream count
+(the steps that prefill, the decode steps, and the rest of the wall time: sampling, queues,
+threads), and one decode step of n = 1, 2, 4 sequences (run_batch, at position --prompt-tokens)
+beside the output head alone (the lm_head matrix product of n rows), best of 5 each. Prints
+markdown on stdout. Not a test: nothing here asserts speed.
 
     blob-pack convert ~/.cache/blobstore/gemma-3-270m-q4_k_m.gguf -o /tmp/g-q8.blob --dtype q8_0
     python bench/bench_batch.py /tmp/g-q8.blob --threads 2 [--repeats 3]
@@ -44,14 +46,30 @@ def prompts(model, count: int, length: int) -> list[list[int]]:
     return [model.tokenizer.encode("")[:1] + body[50 * i:50 * i + length - 1] for i in range(count)]
 
 
-def engine_round(model, engine, ids: list[list[int]], new_tokens: int) -> float:
-    """Seconds from submitting every prompt at once to the last stream's last token."""
+class StepClock:
+    """Stands in for the engine's transformer: times each batched step, and notes whether it fed
+    a prompt (a run of more than one token)."""
+
+    def __init__(self, transformer):
+        self.transformer, self.steps = transformer, []
+
+    def run_batch(self, runs, *args, **kwargs):
+        started = time.perf_counter()
+        logits = self.transformer.run_batch(runs, *args, **kwargs)
+        self.steps.append((max(len(run) for run in runs) > 1, time.perf_counter() - started))
+        return logits
+
+
+def engine_round(model, engine, ids: list[list[int]], new_tokens: int) -> tuple[float, list]:
+    """(seconds from submitting every prompt at once to the last stream's last token, the steps
+    as (fed a prompt, seconds))."""
+    clock = engine.transformer = StepClock(model.transformer)
     started = time.perf_counter()
     streams = [engine.submit(model.new_session(), p, GREEDY, new_tokens) for p in ids]
     counts = [sum(1 for _ in s) for s in streams]
     seconds = time.perf_counter() - started
     assert counts == [new_tokens] * len(ids), counts
-    return seconds
+    return seconds, clock.steps
 
 
 def generate_round(model, ids: list[int], new_tokens: int) -> float:
@@ -74,12 +92,17 @@ def step_breakdown(model, path, prompt_length: int, counts) -> list[tuple[int, f
         for _ in range(5):   # n = 1, 2, 4 taking turns, as the rounds above
             for n in counts:
                 caches = [s.cache for s in sessions[:n]]
-                step = _timed(lambda: model.transformer.run_batch([5] * n, caches, [c.length for c in caches]))
+                step = _timed(lambda: model.transformer.run_batch([[5]] * n, caches, [c.length for c in caches]))
                 x = np.random.default_rng(0).standard_normal((n, head.cols)).astype(np.float32)
                 product = _timed(lambda: kernels.matmul(head, x))
                 old = best.get(n, (float("inf"), float("inf")))
                 best[n] = (min(old[0], step), min(old[1], product))
     return [(n, *best[n]) for n in counts]
+
+
+def spread(values) -> str:
+    """The slowest of the rounds against the fastest, e.g. '+4%'."""
+    return f"+{max(values) / min(values) - 1:.0%}"
 
 
 def _timed(work) -> float:
@@ -100,14 +123,17 @@ def main():
     counts = [int(c) for c in args.streams.split(",")]
     model = load(args.model, threads=args.threads, max_seq_len=args.prompt_tokens + args.new_tokens + 8)
     ids = prompts(model, max(counts), args.prompt_tokens)
-    seconds = {}
+    seconds, all_seconds, round_steps = {}, {}, {}
     with BatchEngine(model, max_active=max(counts)) as engine:
         for repeat in range(args.repeats):
             log(f"round {repeat + 1} of {args.repeats} ...")
-            rounds = {"generate": lambda: generate_round(model, ids[0], args.new_tokens)}
+            rounds = {"generate": lambda: (generate_round(model, ids[0], args.new_tokens), [])}
             rounds.update({n: lambda n=n: engine_round(model, engine, ids[:n], args.new_tokens) for n in counts})
             for key, work in rounds.items():
-                seconds[key] = min(seconds.get(key, float("inf")), work())
+                took, timed_steps = work()
+                all_seconds.setdefault(key, []).append(took)
+                if took < seconds.get(key, float("inf")):
+                    seconds[key], round_steps[key] = took, timed_steps
     alone = args.new_tokens / seconds["generate"]
     rates = {n: n * args.new_tokens / seconds[n] for n in counts}
     log("step breakdown ...")
@@ -115,12 +141,22 @@ def main():
 
     print(f"{args.model.name}, {args.threads} threads, {args.prompt_tokens}-token prompts, {args.new_tokens} new "
           f"tokens per stream, best of {args.repeats}; path {kernels.cpu_info()['isa']}\n")
-    print("| streams | aggregate tok/s | vs 1 stream | per stream tok/s |")
-    print("|---:|---:|---:|---:|")
-    print(f"| generate() | {alone:.1f} | | {alone:.1f} |")
+    print("| streams | aggregate tok/s | vs 1 stream | per stream tok/s | rounds' spread |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| generate() | {alone:.1f} | | {alone:.1f} | {spread(all_seconds['generate'])} |")
     for n in counts:
-        print(f"| {n} | {rates[n]:.1f} | {rates[n] / rates[counts[0]]:.2f}x | {rates[n] / n:.1f} |")
+        print(f"| {n} | {rates[n]:.1f} | {rates[n] / rates[counts[0]]:.2f}x | {rates[n] / n:.1f} | "
+              f"{spread(all_seconds[n])} |")
     print(f"\none stream vs generate(): {rates[counts[0]] / alone:.2f}x\n")
+    print("| streams | prefill steps | their seconds | decode steps | ms each | rest of the round |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in counts:
+        prefill = [t for fed_prompt, t in round_steps[n] if fed_prompt]
+        decode = [t for fed_prompt, t in round_steps[n] if not fed_prompt]
+        rest = seconds[n] - sum(prefill) - sum(decode)
+        print(f"| {n} | {len(prefill)} | {sum(prefill):.3f} s | {len(decode)} | {np.mean(decode) * 1e3:.2f} | "
+              f"{rest:.3f} s |")
+    print()
     print("| n | decode step ms | head product ms | head share | ms per sequence |")
     print("|---:|---:|---:|---:|---:|")
     for n, step, product in steps:

@@ -22,6 +22,8 @@ typedef struct {
     size_t n_seqs;
     blob_attention *views;        /* (n_seqs,) attention over each sequence's cache, one layer at a time */
     size_t *seq_n, *seq_start;    /* (n_seqs,) each sequence's token count and first position */
+    size_t *run_segments, n_run_segments;       /* the rows of each product's calls (row_segments) */
+    size_t *logit_segments, n_logit_segments;   /* the same for the head's rows */
 } activations;
 
 static float *carve(float **cursor, size_t count) {
@@ -36,9 +38,9 @@ static size_t activation_floats(const blob_model *m, size_t n) {
 }
 
 /* Past the floats: positions, then per sequence (at most one per token) its attention view,
- * token count and start. */
+ * token count and start, and at most one segment of rows in each of the two segment lists. */
 static size_t sequence_bytes(size_t n) {
-    return n * (sizeof(int64_t) + sizeof(blob_attention) + 2 * sizeof(size_t));
+    return n * (sizeof(int64_t) + sizeof(blob_attention) + 4 * sizeof(size_t));
 }
 
 size_t blob_forward_scratch_bytes(const blob_model *m, size_t n) {
@@ -65,6 +67,8 @@ static void carve_activations(const blob_model *m, size_t n, void *scratch, acti
     a->views = (blob_attention *)(a->positions + n);
     a->seq_n = (size_t *)(a->views + n);
     a->seq_start = a->seq_n + n;
+    a->run_segments = a->seq_start + n;
+    a->logit_segments = a->run_segments + n;
 }
 
 /* ---- row-wise ops, split over the thread pool for a prompt chunk ---- */
@@ -133,8 +137,52 @@ static int project(const blob_matrix *const *w, float *const *y, size_t count, c
     return BLOB_OK;
 }
 
-static int project1(const blob_matrix *w, const float *x, size_t n, float *y) {
-    return project(&w, &y, 1, x, n);
+/* A product picks its tiles by its row count (decode tiles up to BLOB_DECODE_TILES_MAX_TOKENS
+ * rows, csrc/matmul.c), and float weights' decode and prefill tiles sum in different orders. So
+ * the rows of short runs (a decode step's token, a short prompt) are multiplied apart from those
+ * of long ones (prompt chunks), and at most BLOB_DECODE_TILES_MAX_TOKENS at a time: every run's
+ * rows then take the tiles its lone call would, and get its numbers. (Past 8 rows the decode
+ * tiles in turn cost no more than a prefill tile over all of them: Gemma 3 270M's q8_0 head,
+ * 9 .. 16 rows, 2 threads.) SEGMENTS gets the row counts of the products: stretches of
+ * consecutive sequences whose `count`s (their tokens, or their logit rows) are all long, or all
+ * short and at most BLOB_DECODE_TILES_MAX_TOKENS in all; sequences with none join any stretch.
+ * Returns how many. */
+static size_t row_segments(const blob_sequence *seqs, size_t n_seqs, int logit_rows, size_t *segments) {
+    size_t n_segments = 0;
+    int last_short = -1;
+    for (size_t s = 0; s < n_seqs; s++) {
+        const size_t count = logit_rows ? seqs[s].logit_rows : seqs[s].n;
+        const int is_short = count <= BLOB_DECODE_TILES_MAX_TOKENS;
+        if (count == 0) continue;
+        if (is_short != last_short || (is_short && segments[n_segments - 1] + count > BLOB_DECODE_TILES_MAX_TOKENS))
+            segments[n_segments++] = 0;
+        segments[n_segments - 1] += count;
+        last_short = is_short;
+    }
+    return n_segments;
+}
+
+/* project() over the rows of X segment by segment (row_segments). */
+static int project_segments(const blob_matrix *const *w, float *const *y, size_t count, const float *x,
+                            const size_t *segments, size_t n_segments) {
+    float *y_at[BLOB_MAX_GROUP];
+    size_t row = 0;
+    for (size_t g = 0; g < n_segments; row += segments[g++]) {
+        for (size_t i = 0; i < count; i++) y_at[i] = y[i] + row * w[i]->rows;
+        const int status = project(w, y_at, count, x + row * w[0]->cols, segments[g]);
+        if (status != BLOB_OK) return status;
+    }
+    return BLOB_OK;
+}
+
+/* The products of a call's token rows. */
+static int project_runs(const activations *a, const blob_matrix *const *w, float *const *y, size_t count,
+                        const float *x) {
+    return project_segments(w, y, count, x, a->run_segments, a->n_run_segments);
+}
+
+static int project_runs1(const activations *a, const blob_matrix *w, const float *x, float *y) {
+    return project_runs(a, &w, &y, 1, x);
 }
 
 static void add_bias(float *y, const float *bias, size_t n, size_t width) {
@@ -210,7 +258,7 @@ static int attention_block(const blob_model *m, size_t i, activations *a, size_t
     norm(m, a->x, l->attn_norm, n, m->hidden, n, a->h);
     const blob_matrix *qkv[3] = {&l->q, &l->k, &l->v};
     float *qkv_out[3] = {a->q, a->k, a->v};
-    if ((status = project(qkv, qkv_out, 3, a->h, n)) != BLOB_OK) return status;
+    if ((status = project_runs(a, qkv, qkv_out, 3, a->h)) != BLOB_OK) return status;
     add_bias(a->q, l->q_bias, n, l->q.rows);
     add_bias(a->k, l->k_bias, n, l->k.rows);
     add_bias(a->v, l->v_bias, n, l->v.rows);
@@ -221,7 +269,7 @@ static int attention_block(const blob_model *m, size_t i, activations *a, size_t
     rotate(a, l, n, m->n_heads, m->n_kv_heads, hd);
     store_kv(m, a, i);
     if ((status = attend_sequences(m, a, i)) != BLOB_OK) return status;
-    if ((status = project1(&l->o, a->att, n, a->sub)) != BLOB_OK) return status;
+    if ((status = project_runs1(a, &l->o, a->att, a->sub)) != BLOB_OK) return status;
     add_bias(a->sub, l->o_bias, n, m->hidden);
     if (l->post_attn_norm) norm(m, a->sub, l->post_attn_norm, n, m->hidden, n, a->sub);
     blob_add(a->x, a->sub, n * m->hidden, a->x);
@@ -233,20 +281,27 @@ static int mlp_block(const blob_model *m, const blob_layer *l, activations *a, s
     norm(m, a->x, l->ffn_norm, n, m->hidden, n, a->h);
     const blob_matrix *gate_up[2] = {&l->gate, &l->up};
     float *gate_up_out[2] = {a->gate, a->up};
-    if ((status = project(gate_up, gate_up_out, 2, a->h, n)) != BLOB_OK) return status;
+    if ((status = project_runs(a, gate_up, gate_up_out, 2, a->h)) != BLOB_OK) return status;
     run_rows(m, GATED_ACT_ROWS, a->gate, a->up, a->gate, n, m->ffn, n);
-    if ((status = project1(&l->down, a->gate, n, a->sub)) != BLOB_OK) return status;
+    if ((status = project_runs1(a, &l->down, a->gate, a->sub)) != BLOB_OK) return status;
     if (l->post_ffn_norm) norm(m, a->sub, l->post_ffn_norm, n, m->hidden, n, a->sub);
     blob_add(a->x, a->sub, n * m->hidden, a->x);
     return BLOB_OK;
 }
 
-/* Final norm, output head and soft-capping of the last `rows` tokens. */
-static int head(const blob_model *m, activations *a, size_t n, size_t rows, float *logits) {
+/* Final norm, output head and soft-capping of each sequence's last logit_rows tokens: their
+ * rows of X normed into H one after another, so that the head reads only them. */
+static int head(const blob_model *m, activations *a, float *logits) {
+    size_t rows = 0;
+    for (size_t s = 0, end = 0; s < a->n_seqs; s++) {
+        const size_t count = a->seqs[s].logit_rows;
+        end += a->seqs[s].n;
+        norm(m, a->x + (end - count) * m->hidden, m->final_norm, count, m->hidden, count, a->h + rows * m->hidden);
+        rows += count;
+    }
     if (rows == 0) return BLOB_OK;
-    const float *last = a->x + (n - rows) * m->hidden;
-    norm(m, last, m->final_norm, rows, m->hidden, rows, a->h);
-    int status = project1(&m->lm_head, a->h, rows, logits);
+    const blob_matrix *w = &m->lm_head;
+    int status = project_segments(&w, &logits, 1, a->h, a->logit_segments, a->n_logit_segments);
     if (status == BLOB_OK && m->final_softcap > 0.0f)
         blob_softcap(logits, rows * m->lm_head.rows, m->final_softcap, logits);
     return status;
@@ -269,8 +324,8 @@ static int valid_spans(const blob_sequence *q) {
 
 static int valid_sequence(const blob_sequence *q) {
     const blob_kv_cache *c = &q->cache;
-    return q->n > 0 && q->start + q->n <= c->max_seq && (c->dtype == BLOB_F32 || c->dtype == BLOB_F16) &&
-           valid_spans(q);
+    return q->n > 0 && q->logit_rows <= q->n && q->start + q->n <= c->max_seq &&
+           (c->dtype == BLOB_F32 || c->dtype == BLOB_F16) && valid_spans(q);
 }
 
 /* The embeds of each span inside the call in place of its rows of X (the sequence's n rows). */
@@ -284,18 +339,19 @@ static void place_span_embeds(const blob_model *m, const blob_sequence *q, float
 }
 
 int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
-                       size_t logit_rows, float *logits, void *scratch) {
+                       float *logits, void *scratch) {
     size_t n = 0;
     for (size_t s = 0; s < n_seqs; s++) {
         if (!valid_sequence(&seqs[s])) return BLOB_EINVAL;
         n += seqs[s].n;
     }
     if (n == 0) return BLOB_OK;
-    if (logit_rows > n) return BLOB_EINVAL;
     activations a;
     carve_activations(m, n, scratch, &a);
     a.seqs = seqs;
     a.n_seqs = n_seqs;
+    a.n_run_segments = row_segments(seqs, n_seqs, 0, a.run_segments);
+    a.n_logit_segments = row_segments(seqs, n_seqs, 1, a.logit_segments);
     for (size_t s = 0, row = 0; s < n_seqs; s++)
         for (size_t i = 0; i < seqs[s].n; i++) a.positions[row++] = (int64_t)(seqs[s].start + i);
     blob_embed(&m->embed, ids, n, a.x);
@@ -308,13 +364,13 @@ int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_
         status = attention_block(m, i, &a, n);
         if (status == BLOB_OK) status = mlp_block(m, &m->layers[i], &a, n);
     }
-    if (status == BLOB_OK) status = head(m, &a, n, logit_rows, logits);
+    if (status == BLOB_OK) status = head(m, &a, logits);
     return status;
 }
 
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
                  size_t start, size_t logit_rows, float *logits, void *scratch) {
     if (n == 0) return BLOB_OK;
-    const blob_sequence one = {*cache, start, n, NULL, 0};
-    return blob_forward_batch(m, &one, 1, ids, logit_rows, logits, scratch);
+    const blob_sequence one = {*cache, start, n, logit_rows, NULL, 0};
+    return blob_forward_batch(m, &one, 1, ids, logits, scratch);
 }

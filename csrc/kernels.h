@@ -200,34 +200,37 @@ typedef struct blob_kv_cache {
     size_t max_seq;
 } blob_kv_cache;
 
-/* One sequence's share of a forward call: n >= 1 tokens at positions start .. start+n-1 of its
- * own cache, which must hold positions 0 .. start-1 already. Its image spans (n_spans of them,
- * sorted and disjoint; spans NULL when none) may lie anywhere in the sequence, but a span that
- * overlaps the call's positions must lie wholly inside them: its tokens see each other's keys,
- * so they are computed in one call. Text-only sequences have none. */
+/* One sequence's share of a forward call: a run of n >= 1 tokens at positions start .. start+n-1
+ * of its own cache, which must hold positions 0 .. start-1 already, and the logits of the run's
+ * last logit_rows <= n tokens (0: none, a prompt chunk whose logits nobody reads). Its image
+ * spans (n_spans of them, sorted and disjoint; spans NULL when none) may lie anywhere in the
+ * sequence, but a span that overlaps the call's positions must lie wholly inside them: its
+ * tokens see each other's keys, so they are computed in one call. Text-only sequences have none. */
 typedef struct blob_sequence {
     blob_kv_cache cache;
-    size_t start, n;
+    size_t start, n, logit_rows;
     const blob_span *spans;
     size_t n_spans;
 } blob_sequence;
 
 /* Runs the tokens of n_seqs sequences through every layer, writing each one's keys and values
  * into its cache: ids holds sequence 0's n tokens, then sequence 1's, and so on (n_tokens in
- * all, the sum of their n). A prompt chunk is one sequence of many tokens; a batched decode
- * step is one token of each of several sequences, the matrix products then running over all
- * the rows at once (the weights read from memory once for every sequence) and attention per
- * sequence against its own cache; up to 8 sequences, each one's logits and cache rows are
- * bit-identical to its lone step's. LOGITS receives (logit_rows, vocab): the logits of the call's last
- * logit_rows <= n_tokens tokens (0: none, a prompt chunk whose logits nobody reads; n_seqs for
- * a decode step). ids must be in range; an image span's ids are embedded, then replaced by its
- * embeds. SCRATCH holds the activations:
- * blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so that a model's steps
- * reuse one buffer (fresh pages would cost a page fault each) and two models can run at once.
+ * all, the sum of their n). The runs may be anything from a prompt chunk to one decode token:
+ * a batched step mixes newcomers' prompt chunks with the running sequences' next tokens. The
+ * matrix products run over all the rows at once (the weights read from memory once for every
+ * sequence), attention per sequence against its own cache, and each run's rows take the tiles
+ * its lone call would (runs of up to BLOB_DECODE_TILES_MAX_TOKENS tokens are multiplied apart
+ * from longer ones, that many rows at a time): each sequence's logits and cache rows are
+ * bit-identical to its lone call's. LOGITS
+ * receives (sum of logit_rows, vocab): sequence 0's rows, then sequence 1's, and so on. ids
+ * must be in range; an image span's ids are embedded, then replaced by its embeds. SCRATCH
+ * holds the activations: blob_forward_scratch_bytes(m, n_tokens) bytes, owned by the caller so
+ * that a model's steps reuse one buffer (fresh pages would cost a page fault each) and two
+ * models can run at once.
  * blob_forward is the one-sequence case: ids[0..n) at positions start .. start+n-1. */
 size_t blob_forward_scratch_bytes(const blob_model *m, size_t n_tokens);
 int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
-                       size_t logit_rows, float *logits, void *scratch);
+                       float *logits, void *scratch);
 int blob_forward(const blob_model *m, const blob_kv_cache *cache, const int64_t *ids, size_t n,
                  size_t start, size_t logit_rows, float *logits, void *scratch);
 

@@ -67,13 +67,13 @@ cdef extern from "kernels.h" nogil:
 
     ctypedef struct blob_sequence:
         blob_kv_cache cache
-        size_t start, n
+        size_t start, n, logit_rows
         const blob_span *spans
         size_t n_spans
 
     size_t blob_forward_scratch_bytes(const blob_model *m, size_t n)
     int blob_forward_batch(const blob_model *m, const blob_sequence *seqs, size_t n_seqs, const int64_t *ids,
-                           size_t logit_rows, float *logits, void *scratch)
+                           float *logits, void *scratch)
 
     int blob_isa_supported(int isa)
     int blob_isa_best()

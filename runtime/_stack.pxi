@@ -33,7 +33,7 @@ cdef class DecoderStack:
 
     >>> stack = DecoderStack(embed, lm_head, final_norm, layers, n_heads=4, ...)   # doctest: +SKIP
     >>> logits = stack.run(ids, cache_k, cache_v, start=0, logit_rows=1)          # doctest: +SKIP
-    >>> rows = stack.run_batch([5, 9], [k0, k1], [v0, v1], positions=[12, 40])  # doctest: +SKIP
+    >>> rows = stack.run_batch([[5], [9, 4, 7]], [k0, k1], [v0, v1], positions=[12, 0])  # doctest: +SKIP
     """
     cdef blob_model m
     cdef blob_layer *layers
@@ -146,55 +146,66 @@ cdef class DecoderStack:
         cdef size_t n = ia.shape[0]
         if logit_rows > n:
             raise ValueError(f"forward: {logit_rows} logit rows asked of {n} tokens")
-        cdef blob_kv_cache c
-        self._bind_cache(k_cache, v_cache, &c)
-        if start + n > c.max_seq:
-            raise ValueError(f"forward: positions {start}..{start + n - 1} do not fit a cache of {c.max_seq}")
         logits = np.empty((logit_rows, self.vocab), np.float32)
         if n == 0:
             return logits
-        cdef _SpanTable table = _SpanTable(spans, c.max_seq, self.m.hidden, "forward")
-        for i in range(table.count):
-            begin, end = table.table[i].begin, table.table[i].end
-            if begin < start + n and end > start and (begin < start or end > start + n):
-                raise ValueError(f"forward: span ({begin}, {end}) crosses the call's positions {start}..{start + n - 1}; "
-                                 f"a span's tokens are computed in one call")
         cdef blob_sequence one
-        one.cache, one.start, one.n = c, start, n
-        one.spans, one.n_spans = table.table, table.count
-        return self._locked_run(ia, &one, 1, logit_rows, logits, long_rope)
+        keep = []
+        self._bind_sequence(&one, k_cache, v_cache, start, n, logit_rows, spans, "forward", keep)
+        return self._locked_run(ia, &one, 1, logits, long_rope)
 
-    def run_batch(self, ids, k_caches, v_caches, positions, bint long_rope=False):
-        """One decode step of several sequences: ids[i] at position positions[i] of its own caches
+    def run_batch(self, runs, k_caches, v_caches, positions, bint long_rope=False, spans=None):
+        """One step of several sequences: runs[i], a list of token ids (a prompt chunk, or the one
+        token a decoding sequence feeds back), at positions positions[i].. of its own caches
         k_caches[i], v_caches[i] (each as in `run`, holding positions 0..positions[i]-1). The
-        matrix products run over all the rows at once, attention per sequence. Returns the float32
-        logits (len(ids), vocab), row i those of sequence i. The caches must be distinct arrays."""
-        ia = _token_ids(ids, self.vocab, "forward", "the vocabulary")
-        cdef Py_ssize_t n = ia.shape[0]
-        if len(k_caches) != n or len(v_caches) != n or len(positions) != n:
-            raise ValueError(f"forward: {n} ids need as many k caches, v caches and positions, found "
-                             f"{len(k_caches)}, {len(v_caches)} and {len(positions)}")
-        logits = np.empty((n, self.vocab), np.float32)
-        if n == 0:
+        matrix products run over all the rows at once, attention per sequence. Returns the
+        float32 logits (len(runs), vocab): row i those of run i's last token. `spans`: None, or
+        run i's image spans as in `run` at spans[i]. The caches must be distinct arrays."""
+        cdef Py_ssize_t count = len(runs)
+        if len(k_caches) != count or len(v_caches) != count or len(positions) != count or \
+                (spans is not None and len(spans) != count):
+            raise ValueError(f"forward: {count} runs need as many k caches, v caches, positions (and spans), found "
+                             f"{len(k_caches)}, {len(v_caches)}, {len(positions)}"
+                             + ("" if spans is None else f" (and {len(spans)})"))
+        if any(len(run) == 0 for run in runs):
+            raise ValueError("forward: a run of a batch step holds at least one token")
+        ia = _token_ids([token for run in runs for token in run], self.vocab, "forward", "the vocabulary")
+        logits = np.empty((count, self.vocab), np.float32)
+        if count == 0:
             return logits
-        cdef blob_sequence *seqs = <blob_sequence *>calloc(n, sizeof(blob_sequence))
+        cdef blob_sequence *seqs = <blob_sequence *>calloc(count, sizeof(blob_sequence))
         if seqs == NULL:
             raise MemoryError("forward: out of memory for the batch's sequence table")
+        keep = []
         try:
-            for i in range(n):
-                self._bind_cache(k_caches[i], v_caches[i], &seqs[i].cache)
-                if positions[i] < 0 or positions[i] >= seqs[i].cache.max_seq:
-                    raise ValueError(f"forward: position {positions[i]} of sequence {i} does not fit its cache "
-                                     f"of {seqs[i].cache.max_seq}")
-                seqs[i].start, seqs[i].n = positions[i], 1
-            if len({<uintptr_t>seqs[i].cache.k for i in range(n)}) != n:
-                raise ValueError("forward: a batch step takes one token per cache; a cache appears twice")
-            return self._locked_run(ia, seqs, n, n, logits, long_rope)
+            for i in range(count):
+                if positions[i] < 0:
+                    raise ValueError(f"forward: sequence {i} is at position {positions[i]}; positions start at 0")
+                self._bind_sequence(&seqs[i], k_caches[i], v_caches[i], positions[i], len(runs[i]), 1,
+                                    () if spans is None else spans[i], f"forward: sequence {i}", keep)
+            if len({<uintptr_t>seqs[i].cache.k for i in range(count)}) != count:
+                raise ValueError("forward: a batch step takes one run per cache; a cache appears twice")
+            return self._locked_run(ia, seqs, count, logits, long_rope)
         finally:
             free(seqs)
 
-    cdef _locked_run(self, ia, const blob_sequence *seqs, size_t n_seqs, size_t logit_rows, logits,
-                     bint long_rope):
+    cdef _bind_sequence(self, blob_sequence *q, k_cache, v_cache, size_t start, size_t n, size_t logit_rows,
+                        spans, str what, list keep):
+        """Fills in q for n tokens at positions start.. of the caches; keep holds its span table."""
+        self._bind_cache(k_cache, v_cache, &q.cache)
+        if start + n > q.cache.max_seq:
+            raise ValueError(f"{what}: positions {start}..{start + n - 1} do not fit a cache of {q.cache.max_seq}")
+        cdef _SpanTable table = _SpanTable(spans, q.cache.max_seq, self.m.hidden, what)
+        for i in range(table.count):
+            begin, end = table.table[i].begin, table.table[i].end
+            if begin < start + n and end > start and (begin < start or end > start + n):
+                raise ValueError(f"{what}: span ({begin}, {end}) crosses the call's positions {start}..{start + n - 1}; "
+                                 f"a span's tokens are computed in one call")
+        keep.append(table)
+        q.start, q.n, q.logit_rows = start, n, logit_rows
+        q.spans, q.n_spans = table.table, table.count
+
+    cdef _locked_run(self, ia, const blob_sequence *seqs, size_t n_seqs, logits, bint long_rope):
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("forward: this DecoderStack is running in another thread; "
                                "use one stack per thread")
@@ -203,7 +214,7 @@ cdef class DecoderStack:
             needed = blob_forward_scratch_bytes(&self.m, ia.shape[0])
             if self._scratch.shape[0] < needed:
                 self._scratch = np.empty(needed, np.uint8)
-            return self._run(ia, seqs, n_seqs, logit_rows, logits)
+            return self._run(ia, seqs, n_seqs, logits)
         finally:
             self._busy.release()
 
@@ -214,13 +225,13 @@ cdef class DecoderStack:
             self.layers[i].inv_freq = <const float *><uintptr_t>frequencies[long_rope]
         self._long_rope = long_rope
 
-    cdef _run(self, ia, const blob_sequence *seqs, size_t n_seqs, size_t logit_rows, logits):
+    cdef _run(self, ia, const blob_sequence *seqs, size_t n_seqs, logits):
         cdef const int64_t[::1] iv = ia
         cdef float[:, ::1] lv = logits
-        cdef float *out = &lv[0, 0] if logit_rows else NULL
+        cdef float *out = &lv[0, 0] if lv.shape[0] else NULL
         cdef void *scratch = <void *><uintptr_t>_address(self._scratch)
         cdef int status
         with nogil:
-            status = blob_forward_batch(&self.m, seqs, n_seqs, &iv[0], logit_rows, out, scratch)
+            status = blob_forward_batch(&self.m, seqs, n_seqs, &iv[0], out, scratch)
         _check(status, "forward")
         return logits

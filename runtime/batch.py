@@ -2,11 +2,14 @@
 together, one `Transformer.run_batch` step per iteration, so a step reads the weights once for
 all of them instead of once per sequence.
 
-Each request is prefilled alone (`Transformer.run`, reusing the prefix its session's cache
-already holds), then joins the batch. Every row is sampled with its own parameters and random
+A step feeds each active sequence its next run of tokens: a newcomer its prompt's next chunk
+(`prefill_chunks`, as a lone prefill cuts it, after the prefix its session's cache already
+holds), a decoding sequence the token it sampled last; the head computes each run's last row
+only. Newcomers thus prefill together, and alongside the sequences already decoding, as
+llama-server and vLLM batch continuously. Every row is sampled with its own parameters and random
 generator, over the decodable vocabulary only, exactly as `generate.generate_step` samples a lone
-generation: with the same seed a request gets the same tokens batched as alone (bit-identical
-logits with quantized weights; see `Transformer.run_batch` for float weights).
+generation: with the same seed a request gets the same tokens batched as alone (its logits are
+bit-identical to a lone run's, float weights included: see `Transformer.run_batch`).
 
 Threads (runtime/session.py tells the whole lock story): `submit` may be called from any
 thread; each returned TokenStream is read by one consumer. A request holds its Session
@@ -26,11 +29,19 @@ import numpy as np
 
 from .generate import LogitsProcessor, sample_next
 from .kv_cache import KVCache
-from .model import prefill
+from .model import PREFILL_CHUNK, keep_reusable_prefix, prefill_chunks
 from .sampling import SamplingParams
 from .session import Session
 
 _DONE = object()   # the end of a stream, after its last token
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Tokens a step feeds one sequence at its cache's end, and the ImageSpans among them."""
+
+    ids: list[int]
+    images: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -47,7 +58,8 @@ class _Request:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     context: list[int] = field(default_factory=list)   # prompt and tokens so far (repetition penalty)
     generated: int = 0
-    pending_token: int | None = None   # sampled and handed out, not yet in the cache
+    # what the next steps feed: the prompt's chunks not yet in the cache, then the last sampled token
+    runs: list[_Run] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: str | None = None
 
@@ -105,9 +117,9 @@ class TokenStream:
 
 
 class BatchEngine:
-    """Runs the requests submitted to it, up to `max_active` at once in one batched decode step;
-    the others wait in arrival order. The background thread starts with the first request and
-    stops at `close()`.
+    """Runs the requests submitted to it, up to `max_active` at once in one batched step (prompt
+    chunks and decode tokens alike); the others wait in arrival order. The background thread
+    starts with the first request and stops at `close()`.
 
     >>> engine = BatchEngine(model, max_active=4)                                   # doctest: +SKIP
     >>> streams = [engine.submit(s, ids, SamplingParams(temperature=0), 32) for s in sessions]  # doctest: +SKIP
@@ -184,7 +196,7 @@ class BatchEngine:
         self._fail(self._waiting + self._active, RuntimeError("the BatchEngine was closed"))
 
     def _next_round(self) -> bool:
-        """Wait for work; drop cancelled requests, prefill newcomers while there are free slots.
+        """Wait for work; drop cancelled requests, admit newcomers while there are free slots.
         False when the engine is closed."""
         with self._changed:
             while not self._closed and not self._waiting and not self._active:
@@ -197,38 +209,58 @@ class BatchEngine:
             self._active = [r for r in self._active if not r.cancelled]
             free = self.max_active - len(self._active)
             admitted, self._waiting = self._waiting[:free], self._waiting[free:]
-        for request in admitted:
-            if self._prefill(request):
-                self._active.append(request)
+        self._active += [request for request in admitted if self._admit(request)]
         return True
 
-    def _prefill(self, request: _Request) -> bool:
-        """Runs the prompt alone; True when the request goes on to decode."""
+    def _admit(self, request: _Request) -> bool:
+        """Plan the request's prompt chunks after the prefix its cache holds; True when it goes on."""
         if request.max_new_tokens == 0:
             return self._finish(request, "length")
         try:
-            logits = prefill(self.transformer, request.cache, request.prompt_ids, request.images)
+            request.runs = _prompt_runs(request.cache, request.prompt_ids, request.images)
         except Exception as error:
             self._fail([request], error)
             return False
-        return self._emit(request, logits)
+        return True
 
     def _step(self):
-        """One batched decode step of every active request's pending token."""
-        rows = [r for r in self._active if not r.cancelled]
+        """One batched step: each chosen request's next run; those done with their prompt sample."""
+        rows = self._step_rows()
         if not rows:
             return
+        runs = [r.runs[0] for r in rows]
+        caches = [r.cache for r in rows]
         try:
-            logits = self.transformer.run_batch([r.pending_token for r in rows], [r.cache for r in rows],
-                                                [r.cache.length for r in rows])
+            logits = self.transformer.run_batch([run.ids for run in runs], caches, [c.length for c in caches],
+                                                [run.images for run in runs])
         except Exception as error:
             self._fail(rows, error)
             self._active = [r for r in self._active if r not in rows]
             return
-        for request, row in zip(rows, logits):
-            request.cache.token_ids.append(request.pending_token)
-            if not self._emit(request, row):
+        for request, run, row in zip(rows, runs, logits):
+            request.cache.token_ids.extend(run.ids)
+            request.cache.images.extend(run.images)
+            del request.runs[0]
+            if not request.runs and not self._emit(request, row):
                 self._active.remove(request)
+
+    def _step_rows(self) -> list[_Request]:
+        """The requests the next step feeds: every decoding one, and those with prompt left in
+        arrival order while their chunks hold at most PREFILL_CHUNK tokens (the first always), so
+        that a long prompt holds the others' decoding up for one chunk's time per step. Shortest
+        runs first: the forward multiplies short and long runs apart (csrc/forward.c), in as few
+        products as this order allows."""
+        rows, prompt_tokens = [], 0
+        for request in self._active:
+            if request.cancelled:
+                continue
+            size = len(request.runs[0].ids)
+            if request.generated == 0:   # its prompt is not all in yet
+                if prompt_tokens and prompt_tokens + size > PREFILL_CHUNK:
+                    continue
+                prompt_tokens += size
+            rows.append(request)
+        return sorted(rows, key=lambda r: len(r.runs[0].ids))
 
     def _emit(self, request: _Request, logits: np.ndarray) -> bool:
         """Sample the next token from `logits`, hand it out; True when another step is due."""
@@ -244,7 +276,7 @@ class BatchEngine:
         request.out.put(token)
         request.generated += 1
         request.context.append(token)
-        request.pending_token = token
+        request.runs.append(_Run([token]))
         room = len(request.prompt_ids) + request.generated <= request.cache.max_seq_len
         if request.generated >= request.max_new_tokens or not room:
             return self._finish(request, "length")
@@ -263,3 +295,12 @@ class BatchEngine:
         """The request's last item to its consumer; its session is free again."""
         request.holding.__exit__(None, None, None)
         request.out.put(last_item)
+
+
+def _prompt_runs(cache: KVCache, prompt_ids: list[int], images: list) -> list[_Run]:
+    """The chunks of the prompt a lone prefill (runtime/model.py's `prefill`) would compute: after
+    the prefix the cache shares with the prompt, cut by prefill_chunks."""
+    reuse, new_images = keep_reusable_prefix(cache, prompt_ids, images)
+    return [_Run(prompt_ids[reuse + begin:reuse + end],
+                 [span for span in new_images if reuse + begin <= span.begin < reuse + end])
+            for begin, end in prefill_chunks(len(prompt_ids) - reuse, reuse, new_images)]

@@ -57,14 +57,15 @@ class Transformer:
 
     >>> t = Transformer(reader, ModelConfig.from_dict(reader.metadata["model"]))   # doctest: +SKIP
     >>> logits = t.run([2, 651, 6037], cache, start=0, all_logits=True)          # doctest: +SKIP
-    >>> rows = t.run_batch([17, 4], [cache, other_cache], [3, 9])                  # doctest: +SKIP
+    >>> rows = t.run_batch([[17], [4, 9, 12]], [cache, other_cache], [3, 0])         # doctest: +SKIP
     """
 
     def __init__(self, reader, config: ModelConfig):
         check_tensors(reader, config)
         self.config = config
         # one array per distinct rotary setting: layers that share it share its angles in the stack
-        frequencies = {rope: _frequencies(rope, config.head_dim) for rope in set(config.rope)}
+        self._distinct_ropes = tuple(set(config.rope))   # a few: one per layer kind, not per layer
+        frequencies = {rope: _frequencies(rope, config.head_dim) for rope in self._distinct_ropes}
         layers = [self._bind_layer(reader, i, frequencies[config.rope[i]]) for i in range(config.num_layers)]
         self.stack = kernels.DecoderStack(    # holds the bound weights from here on
             bound_matrix(reader, "embed"), bound_matrix(reader, "lm_head"), bound_vector(reader, "final_norm"), layers,
@@ -115,55 +116,64 @@ class Transformer:
             return logits[start:] if all_logits else logits
         return self._run_chunks(ids, cache, start, all_logits, long_rope, images)
 
-    def run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
-        """One decode step of several sequences: tokens[i] at position positions[i] of caches[i],
-        which must hold exactly that many tokens (positions[i] == caches[i].length) and have room
-        for one more. Returns float32 logits (len(tokens), vocab), row i equal to what
-        `run([tokens[i]], caches[i], start=positions[i])` returns, bit for bit up to 8 sequences
-        (their products run the decode tiles, each token's sums as alone, csrc/matmul.c); past 8 the prefill
-        tiles sum float weights in another order, to rounding. Like `run`, it leaves the caches'
-        id lists to the caller.
+    def run_batch(self, runs, caches: list[KVCache], positions, images=None) -> np.ndarray:
+        """One step of several sequences: runs[i], a list of token ids — a prompt chunk (see
+        prefill_chunks), or the one token a decoding sequence feeds back — at positions
+        positions[i].. of caches[i], which must hold exactly that many tokens (positions[i] ==
+        caches[i].length) and have room for the run. `images`: None, or images[i] the ImageSpans
+        inside run i. Returns float32 logits (len(runs), vocab), row i those of run i's last token.
 
-        A LongRoPE model's rows run with the factor set each one's lone `run` would use: a row
+        Each run's numbers are those of `run(runs[i], caches[i], start=positions[i],
+        images=images[i])` alone, bit for bit (for a run of at most PREFILL_CHUNK tokens, which
+        `run` takes in one pass): the rows of runs of up to 8 tokens go through the decode tiles,
+        8 rows at a time, each token's sums as alone, the longer runs' rows through the prefill
+        tiles, as alone (csrc/forward.c). Like `run`, it leaves the caches' id lists to the caller.
+
+        A LongRoPE model's runs rotate with the factor set each one's lone `run` would use: a run
         whose cache must switch sets (its sequence just outgrew the original context) runs alone
         through `run`, which recomputes the cache; the others go in one step per factor set.
         Like `run`, calls from several threads run one at a time.
         """
         with self._lock:
-            return self._run_batch(tokens, caches, positions)
+            return self._run_batch([list(run) for run in runs], caches, positions,
+                                   [[] for _ in runs] if images is None else [list(i) for i in images])
 
-    def _run_batch(self, tokens, caches: list[KVCache], positions) -> np.ndarray:
-        n = len(tokens)
-        if len(caches) != n or len(positions) != n:
-            raise ValueError(f"run_batch: {n} tokens need as many caches and positions, "
-                             f"found {len(caches)} and {len(positions)}")
+    def _run_batch(self, runs: list, caches: list[KVCache], positions, images: list) -> np.ndarray:
+        n = len(runs)
+        if len(caches) != n or len(positions) != n or len(images) != n:
+            raise ValueError(f"run_batch: {n} runs need as many caches and positions (and image lists), "
+                             f"found {len(caches)} and {len(positions)} (and {len(images)})")
         if len({id(cache) for cache in caches}) != n:
-            raise ValueError("run_batch: one token per cache; a cache appears twice")
-        for i, (cache, position) in enumerate(zip(caches, positions)):
+            raise ValueError("run_batch: one run per cache; a cache appears twice")
+        for i, (run, cache, position) in enumerate(zip(runs, caches, positions)):
+            if not run:
+                raise ValueError(f"run_batch: run {i} is empty; a run holds at least one token")
             if position != cache.length:
                 raise ValueError(f"run_batch: sequence {i} is at position {position}, but its cache holds "
                                  f"{cache.length} tokens")
-            cache.check_room(position + 1)
-        wants_long = [self.uses_long_factors(p + 1) for p in positions]
+            cache.check_room(position + len(run))
+        wants_long = [self.uses_long_factors(p + len(run)) for p, run in zip(positions, runs)]
         alone = {i for i in range(n) if positions[i] and caches[i].long_rope != wants_long[i]}
         if not alone and len(set(wants_long)) == 1:
             # one call holds every row: its array is the step's logits, where a second (n, vocab)
             # array copied into would take fresh pages at every step (Gemma 3's 262144 logits,
             # 4 rows: 1.7 ms, a tenth of the step)
-            return self._step_rows(tokens, caches, positions, range(n), wants_long[0])
+            return self._step_rows(runs, caches, positions, images, range(n), wants_long[0])
         logits = np.empty((n, self.stack.vocab), np.float32)
         for i in alone:
-            logits[i] = self._run([tokens[i]], caches[i], start=positions[i], all_logits=False, images=[])[0]
+            logits[i] = self._run(runs[i], caches[i], start=positions[i], all_logits=False, images=images[i])[-1]
         for long_rope in (False, True):
             rows = [i for i in range(n) if wants_long[i] == long_rope and i not in alone]
             if rows:
-                logits[rows] = self._step_rows(tokens, caches, positions, rows, long_rope)
+                logits[rows] = self._step_rows(runs, caches, positions, images, rows, long_rope)
         return logits
 
-    def _step_rows(self, tokens, caches: list[KVCache], positions, rows, long_rope: bool) -> np.ndarray:
+    def _step_rows(self, runs, caches: list[KVCache], positions, images, rows, long_rope: bool) -> np.ndarray:
         """The logits of one batched step of sequences `rows` (indices into the other lists)."""
-        logits = self.stack.run_batch([tokens[i] for i in rows], [caches[i].k for i in rows],
-                                      [caches[i].v for i in rows], [positions[i] for i in rows], long_rope=long_rope)
+        spans = [[(span.begin, span.end, span.embeds) for span in images[i]] for i in rows]
+        logits = self.stack.run_batch([runs[i] for i in rows], [caches[i].k for i in rows],
+                                      [caches[i].v for i in rows], [positions[i] for i in rows], long_rope=long_rope,
+                                      spans=spans if any(spans) else None)
         for i in rows:
             caches[i].long_rope = long_rope
         return logits
@@ -175,12 +185,12 @@ class Transformer:
         >>> transformer.uses_long_factors(4097)                                  # doctest: +SKIP
         True
         """
-        return any(rope.uses_long_factors(end) for rope in self.config.rope)
+        return any(rope.uses_long_factors(end) for rope in self._distinct_ropes)
 
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool,
                     images: list) -> np.ndarray:
         outputs = []
-        for begin, end in _chunks(len(ids), start, images):
+        for begin, end in prefill_chunks(len(ids), start, images):
             rows = end - begin if all_logits else int(end == len(ids))
             spans = [(span.begin, span.end, span.embeds) for span in images
                      if span.begin < start + end and span.end > start + begin]
@@ -199,20 +209,34 @@ def prefill(transformer: Transformer, cache: KVCache, prompt_ids: list[int], ima
     >>> prefill(transformer, session.cache, [2, 651, 6037]).shape               # doctest: +SKIP
     (262144,)
     """
-    reuse = cache.reusable_prefix(prompt_ids, images)
-    cache.truncate(reuse)
-    new_images = [span for span in images if span.begin >= reuse]
+    reuse, new_images = keep_reusable_prefix(cache, prompt_ids, images)
     logits = transformer.run(prompt_ids[reuse:], cache, start=reuse, images=new_images)[-1]
     cache.token_ids.extend(prompt_ids[reuse:])
     cache.images.extend(new_images)
     return logits
 
 
-def _chunks(n: int, start: int, images: list):
+def keep_reusable_prefix(cache: KVCache, prompt_ids: list[int], images=()) -> tuple[int, list]:
+    """Cut `cache` back to the prefix it shares with the prompt (KVCache.reusable_prefix); returns
+    that prefix's length and the prompt's ImageSpans after it, which are still to compute.
+
+    >>> keep_reusable_prefix(session.cache, [2, 651, 6037])                     # doctest: +SKIP
+    (2, [])
+    """
+    reuse = cache.reusable_prefix(prompt_ids, images)
+    cache.truncate(reuse)
+    return reuse, [span for span in images if span.begin >= reuse]
+
+
+def prefill_chunks(n: int, start: int, images=()):
     """(begin, end) of the prefill chunks of n tokens at positions start..: PREFILL_CHUNK tokens
     each, a chunk ending early before a picture that it would split (a picture longer than a
     chunk gets a chunk of its own): a picture's tokens see each other's keys, so they are
-    computed in one call."""
+    computed in one call.
+
+    >>> list(prefill_chunks(600, 0))
+    [(0, 256), (256, 512), (512, 600)]
+    """
     begin = 0
     while begin < n:
         end = min(begin + PREFILL_CHUNK, n)

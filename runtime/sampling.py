@@ -99,10 +99,11 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, 
     logits = np.asarray(logits)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"logits must be a non-empty 1-D array, got shape {logits.shape}")
-    if not np.isfinite(logits.max()):
-        raise ValueError(f"logits must hold no NaN or +inf and not be all -inf; their max is {logits.max()}")
-    if params.greedy:
-        return np.array([np.argmax(logits)]), np.ones(1)
+    best = int(np.argmax(logits))   # the first NaN if there is one, as max() would give NaN
+    if not np.isfinite(logits[best]):
+        raise ValueError(f"logits must hold no NaN or +inf and not be all -inf; their max is {logits[best]}")
+    if params.greedy:   # one pass over the vocabulary: a batched step samples 4 x 262144 logits
+        return np.array([best]), np.ones(1)
     scores = logits.astype(np.float64) / params.temperature
     ids = _top_k_ids(scores, params.top_k)
     weights = np.exp(scores[ids] - scores[ids].max())

@@ -67,7 +67,7 @@ def lone_and_batched(model, count):
     caches, tokens = prefilled_caches(model, count)
     twins = [copy.deepcopy(c) for c in caches]
     lone = np.concatenate([model.transformer.run([t], c, start=c.length) for t, c in zip(tokens, twins)])
-    batched = model.transformer.run_batch(tokens, caches, [c.length for c in caches])
+    batched = model.transformer.run_batch([[t] for t in tokens], caches, [c.length for c in caches])
     kv = lambda group: np.stack([np.stack([c.k, c.v]) for c in group])   # noqa: E731
     return lone, batched, kv(twins), kv(caches)
 
@@ -83,6 +83,57 @@ def test_a_batched_step_equals_lone_steps_bit_for_bit(packed_batch, name, dtype)
         assert batched.shape == (count, model.config.vocab_size) and batched.dtype == np.float32
         assert np.array_equal(batched, lone), f"{count} sequences: max |difference| {np.abs(batched - lone).max()}"
         assert np.array_equal(batched_kv, lone_kv)   # each step's keys and values went to its own cache
+
+
+# (prefix tokens already in the cache, tokens of the run) of each sequence of a mixed step: decode
+# tokens, a short prompt (5 tokens: decode tiles, as alone) and long ones (prefill tiles), from
+# position 0 and after a prefix, in an order that makes the forward multiply short and long runs
+# in several products; the short runs hold 8 tokens in all
+MIXED_STEP = [(10, 1), (0, 12), (0, 5), (3, 1), (7, 20), (17, 1)]
+
+
+def lone_and_mixed(model, shape=MIXED_STEP, seed=1):
+    """(lone logits, batched logits, lone caches' K and V, batched caches' K and V) of one step of
+    runs of the `shape` (prefix, run length) pairs: each run's last logits."""
+    rng = np.random.default_rng(seed)
+    caches, runs = [], []
+    for prefix, length in shape:
+        ids = [2] + rng.integers(4, model.config.vocab_size, prefix + length - 1).tolist()
+        cache = model.new_session().cache
+        if prefix:
+            model.transformer.run(ids[:prefix], cache, start=0)
+            cache.token_ids.extend(ids[:prefix])
+        caches.append(cache)
+        runs.append(ids[prefix:])
+    twins = [copy.deepcopy(c) for c in caches]
+    lone = np.concatenate([model.transformer.run(r, c, start=c.length) for r, c in zip(runs, twins)])
+    batched = model.transformer.run_batch(runs, caches, [c.length for c in caches])
+    kv = lambda group: [np.stack([c.k, c.v]) for c in group]   # noqa: E731
+    return lone, batched, kv(twins), kv(caches)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0", "q4_0", "q5_1"])
+@pytest.mark.parametrize("name", ["gemma3", "llama", "qwen2"])
+def test_a_step_mixing_prompt_chunks_and_decode_tokens_equals_each_run_alone(packed_batch, name, dtype):
+    """Newcomers' prompt chunks and running sequences' next tokens in one forward: each run gets
+    exactly the logits and cache rows of its lone `run`, float weights too (short runs are
+    multiplied apart from long ones, each with the tiles its lone call takes)."""
+    model = load(packed_batch(name, dtype))
+    lone, batched, lone_kv, batched_kv = lone_and_mixed(model)
+    assert batched.shape == (len(MIXED_STEP), model.config.vocab_size)
+    assert np.array_equal(batched, lone), f"max |difference| {np.abs(batched - lone).max()}"
+    for i, (alone, together) in enumerate(zip(lone_kv, batched_kv)):
+        assert np.array_equal(together, alone), f"sequence {i}: its keys and values differ"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_more_than_8_short_runs_still_equal_each_run_alone(packed_batch, dtype):
+    """Short runs holding more than 8 tokens in all go through the decode tiles 8 rows at a time:
+    every run still gets exactly its lone numbers, f32 weights too."""
+    shape = [(4 + i, 1) for i in range(7)] + [(0, 6), (2, 30), (3, 1), (1, 8)]
+    lone, batched, lone_kv, batched_kv = lone_and_mixed(load(packed_batch("llama", dtype)), shape)
+    assert np.array_equal(batched, lone), f"max |difference| {np.abs(batched - lone).max()}"
+    assert all(np.array_equal(b, a) for a, b in zip(lone_kv, batched_kv))
 
 
 # ---- the engine ----
@@ -152,6 +203,104 @@ def test_seeded_sampling_gives_each_stream_the_tokens_it_gets_alone(q8_model):
              for i, ids in enumerate(prompts(model, 4))]
     assert batched == alone
     assert len({tuple(t) for t in batched}) == 4
+
+
+def alone(model, ids, count, **options):
+    return model.generate(ids, session=model.new_session(), max_new_tokens=count, temperature=0, ignore_eos=True,
+                          **options).token_ids
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Prompts cut in chunks of 4 tokens, and a step taking 4 prompt tokens at most."""
+    from blobstore.runtime import batch, model as model_module
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 4)
+
+
+def test_newcomers_prefill_together_in_one_step(q8_model):
+    """Requests that arrive together prefill in one forward (their prompts fit PREFILL_CHUNK),
+    beside the running stream's next token, each giving the tokens it gives alone."""
+    model = q8_model
+    ids = prompts(model, 4)
+    engine = BatchEngine(model, max_active=4)
+    stepped, held = threading.Event(), threading.Event()
+    watched = engine.transformer = _Watched(model.transformer, on_step=lambda runs: stepped.set())
+    with engine:   # the first request's prompt runs alone, then it holds the engine until the others are queued
+        streams = [engine.submit(model.new_session(), ids[0], SamplingParams(temperature=0), 6,
+                                 logits_processor=held_until(held))]
+        stepped.wait()
+        streams += [engine.submit(model.new_session(), p, SamplingParams(temperature=0), 6) for p in ids[1:]]
+        held.set()
+        batched = [drain(s) for s in streams]
+    assert batched == [alone(model, p, 6) for p in ids]
+    assert watched.steps[:2] == [[ids[0]], [batched[0][:1]] + ids[1:]]   # three prompts beside a decode token
+    assert len(watched.steps) == 1 + 6
+
+
+def held_at(count: int, event: threading.Event):
+    """A logits processor that holds its request's token number `count` + 1 until `event` is set."""
+    def processor(generated, logits):
+        if len(generated) == count:
+            event.wait()
+        return logits
+    return processor
+
+
+def test_a_newcomer_prefills_in_chunks_while_others_decode(q8_model, small_chunks):
+    """A long prompt arriving while a stream decodes goes in 4-token chunks, one per step beside
+    the running stream's tokens, which keep coming; prompts of different lengths, one request
+    ending on a stop id mid-way: each gets exactly its lone tokens."""
+    model = q8_model
+    first, second, third = prompts(model, 3)
+    long_prompt = first + second + third   # 24 tokens
+    stop = alone(model, third, 12)[5]
+    engine = BatchEngine(model, max_active=4)
+    watched = engine.transformer = _Watched(model.transformer)
+    go = threading.Event()
+    with engine:
+        running = engine.submit(model.new_session(), first, SamplingParams(temperature=0), 30,
+                                logits_processor=held_at(3, go))
+        head = [next(running) for _ in range(3)]   # it is decoding, held before its fourth token
+        newcomers = [engine.submit(model.new_session(), long_prompt, SamplingParams(temperature=0), 10),
+                     engine.submit(model.new_session(), third, SamplingParams(temperature=0), 12, stop_ids=[stop])]
+        go.set()
+        batched = [head + drain(running)] + [drain(s) for s in newcomers]
+    lone = [alone(model, first, 30), alone(model, long_prompt, 10), alone(model, third, 12)]
+    assert batched[:2] == lone[:2] and batched[2] == lone[2][:lone[2].index(stop)]
+    assert newcomers[1].finish_reason == "stop"
+    chunks = [long_prompt[i:i + 4] for i in range(0, len(long_prompt), 4)]
+    beside_decoding = [run for step in watched.steps if [len(r) for r in step].count(1) for run in step]
+    assert all(chunk in beside_decoding for chunk in chunks)
+
+
+def test_a_request_cancelled_mid_prompt_leaves_a_prefix_the_next_one_reuses(q8_model, small_chunks):
+    """Cancelled after two of its chunks: the others go on unchanged, and the session's cache holds
+    those 8 prompt tokens, which the next request on it reuses (its first run starts after them)."""
+    model = q8_model
+    first, second, third = prompts(model, 3)
+    long_prompt = second + third + first
+    session = model.new_session()
+    engine = BatchEngine(model, max_active=4)
+    chunks_seen = []
+
+    def cancel_after_two_chunks(runs):
+        chunks_seen.extend(run for run in runs if run in (long_prompt[:4], long_prompt[4:8]))
+        if len(chunks_seen) == 2:
+            victim.cancel()
+    watched = engine.transformer = _Watched(model.transformer, on_step=cancel_after_two_chunks)
+    with engine:
+        other = engine.submit(model.new_session(), first, SamplingParams(temperature=0), 20)
+        victim = engine.submit(session, long_prompt, SamplingParams(temperature=0), 10)
+        assert drain(victim) == [] and victim.finish_reason == "cancelled"
+        assert session.token_ids == long_prompt[:8]
+        watched.steps.clear()
+        again = engine.submit(session, long_prompt, SamplingParams(temperature=0), 10)
+        resumed = drain(again)
+        others = drain(other)
+    assert resumed == alone(model, long_prompt, 10) and others == alone(model, first, 20)
+    fed = [run for step in watched.steps for run in step if len(run) > 1]
+    assert fed == [long_prompt[i:i + 4] for i in range(8, len(long_prompt), 4)]
 
 
 def test_a_stop_id_ends_the_stream_without_being_yielded(q8_model):
@@ -235,27 +384,27 @@ def test_model_stream_through_an_engine_gives_the_text_of_a_lone_stream():
     assert chunks[-1].stats.generated_tokens == alone.stats.generated_tokens
 
 
-class _FailingTransformer:
-    """The model's transformer, whose batched step raises from call number `at` on."""
+class _Watched:
+    """The model's transformer, noting each batched step's runs; `on_step(runs)` is called
+    before each step, and from call number `fail_at` on the step raises."""
 
-    def __init__(self, transformer, at):
-        self.transformer, self.at, self.calls = transformer, at, 0
+    def __init__(self, transformer, fail_at=None, on_step=None):
+        self.transformer, self.fail_at, self.on_step = transformer, fail_at, on_step
+        self.steps = []
 
-    def run(self, *args, **kwargs):
-        return self.transformer.run(*args, **kwargs)
-
-    def run_batch(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls >= self.at:
+    def run_batch(self, runs, *args, **kwargs):
+        self.steps.append([list(run) for run in runs])
+        if self.on_step:
+            self.on_step(runs)
+        if self.fail_at is not None and len(self.steps) >= self.fail_at:
             raise MemoryError("step failed")
-        return self.transformer.run_batch(*args, **kwargs)
+        return self.transformer.run_batch(runs, *args, **kwargs)
 
 
 def test_an_error_in_a_step_reaches_every_consumer_and_the_engine_goes_on(q8_model):
     model = q8_model
     engine = BatchEngine(model, max_active=4)
-    failing = _FailingTransformer(model.transformer, at=3)
-    engine.transformer = failing
+    engine.transformer = _Watched(model.transformer, fail_at=3)
     streams = [engine.submit(model.new_session(), ids, SamplingParams(temperature=0), 20)
                for ids in prompts(model, 3)]
     for stream in streams:
@@ -299,7 +448,7 @@ def test_longrope_rows_use_the_factor_set_their_lone_step_would(tmp_path, spm_mo
     twins = [copy.deepcopy(c) for c in caches]
     tokens = [7, 8, 9]
     lone = np.concatenate([model.transformer.run([t], c, start=c.length) for t, c in zip(tokens, twins)])
-    batched = model.transformer.run_batch(tokens, caches, [c.length for c in caches])
+    batched = model.transformer.run_batch([[t] for t in tokens], caches, [c.length for c in caches])
     assert np.array_equal(batched, lone)
     assert [c.long_rope for c in caches] == [t.long_rope for t in twins] == [False, True, True]
     assert all(np.array_equal(c.k, t.k) for c, t in zip(caches, twins))
@@ -308,14 +457,17 @@ def test_longrope_rows_use_the_factor_set_their_lone_step_would(tmp_path, spm_mo
 def test_run_batch_refuses_inconsistent_arguments(q8_model):
     model = q8_model
     caches, tokens = prefilled_caches(model, 2)
+    runs = [[t] for t in tokens]
     with pytest.raises(ValueError, match="need as many caches and positions"):
-        model.transformer.run_batch(tokens, caches, [caches[0].length])
+        model.transformer.run_batch(runs, caches, [caches[0].length])
     with pytest.raises(ValueError, match="a cache appears twice"):
-        model.transformer.run_batch(tokens, [caches[0], caches[0]], [caches[0].length] * 2)
+        model.transformer.run_batch(runs, [caches[0], caches[0]], [caches[0].length] * 2)
     with pytest.raises(ValueError, match="sequence 1 is at position 3, but its cache holds 10 tokens"):
-        model.transformer.run_batch(tokens, caches, [3, 3])
+        model.transformer.run_batch(runs, caches, [3, 3])
+    with pytest.raises(ValueError, match="run 1 is empty"):
+        model.transformer.run_batch([runs[0], []], caches, [c.length for c in caches])
     with pytest.raises(IndexError, match="out of range"):
-        model.transformer.run_batch([0, model.config.vocab_size], caches, [c.length for c in caches])
+        model.transformer.run_batch([[0], [model.config.vocab_size]], caches, [c.length for c in caches])
 
 
 def test_a_logits_processor_acts_as_in_generate_and_its_errors_end_only_its_request(q8_model):

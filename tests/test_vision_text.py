@@ -215,6 +215,29 @@ def test_long_prompt_chunks_never_split_a_picture(vision_checkpoint, model, monk
     np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
 
 
+def test_a_batch_engine_prefills_pictures_beside_other_streams(vision_checkpoint, model, monkeypatch, processor):
+    """Through a BatchEngine, with 6-token prompt chunks (a picture's 4 soft tokens never split),
+    an image prompt prefills beside a text stream: each gets its lone greedy tokens, and the
+    session remembers the pictures for prefix reuse."""
+    from blobstore.runtime import batch, model as model_module
+    from blobstore.runtime.sampling import SamplingParams
+    inputs = processor(text=PROMPT_TWO, images=_pictures(2), return_tensors="np")
+    features = list(_features(vision_checkpoint[2], inputs["pixel_values"]))
+    ids, spans = model.encode_prompt(PROMPT_TWO, image_features=features)
+    text = model.tokenizer.encode(PROMPT_ONE.replace("<start_of_image>", " "))
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 6)
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 6)
+    options = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    expected = [model.generate(PROMPT_TWO, image_features=features, session=model.new_session(), **options).token_ids,
+                model.generate(text, session=model.new_session(), **options).token_ids]
+    session = model.new_session()
+    with batch.BatchEngine(model) as engine:
+        streams = [engine.submit(model.new_session(), text, SamplingParams(temperature=0), 8),
+                   engine.submit(session, ids, SamplingParams(temperature=0), 8, images=spans)]
+        assert [list(streams[1]), list(streams[0])] == expected
+    assert session.cache.images == spans and session.reusable_prefix(ids, spans) == len(ids) - 1
+
+
 def test_session_file_keeps_the_pictures(vision_checkpoint, model, processor, tmp_path):
     inputs = processor(text=PROMPT_ONE, images=_pictures(1), return_tensors="np")
     features = list(_features(vision_checkpoint[2], inputs["pixel_values"]))

@@ -22,9 +22,10 @@
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
- * - the batched decode step (blob_forward_batch, one token of each of 1..4 sequences at different
- *   positions of their own caches) bit-identical to lone blob_forward steps: f32 and q8_0 weights, f32 and
- *   f16 caches, a sliding-window layer and a global one, on every selectable path;
+ * - the batched step (blob_forward_batch: one token of each of 1..4 sequences at different
+ *   positions of their own caches, and a step mixing decode tokens, a short prompt and a prompt
+ *   chunk) bit-identical to lone blob_forward runs: f32 and q8_0 weights, f32 and f16 caches,
+ *   a sliding-window layer and a global one, on every selectable path;
  * - rope (plain C, one path): angles times the scale (LongRoPE's attention factor) and a partial
  *   rotation of the first 2*n_freq dimensions against a double-precision rotation;
  * - LayerNorm (plain C, one path) against a double-precision one, rows far from 0 included.
@@ -1013,42 +1014,57 @@ static blob_kv_cache new_cache(int dtype) {
     return c;
 }
 
-/* Sequences s < count hold prompts of 3 + 5 s tokens; then one step of all of them batched, and
- * the same step of each alone on a copy of its cache: logits and caches must match bit for bit. */
-static void check_batched_step(const tiny_model *t, int kv_dtype, size_t count, const char *path) {
+/* One batched step of `count` sequences, sequence s holding shape[s].prefix tokens and running
+ * shape[s].n more (a decode token, a short prompt, a prompt chunk), against the same run of each
+ * alone on a copy of its cache: every run's last logits and every cache must match bit for bit. */
+typedef struct { size_t prefix, n; } step_shape;
+
+static void check_batched_step(const tiny_model *t, int kv_dtype, const step_shape *shape, size_t count,
+                               const char *path) {
     const size_t cache_bytes = FW_LAYERS * FW_SEQ * FW_KV_HEADS * FW_HD * blob_cache_elem_size(kv_dtype);
-    void *scratch = malloc(blob_forward_scratch_bytes(&t->m, FW_SEQ));
+    void *scratch = malloc(blob_forward_scratch_bytes(&t->m, FW_MAX_SEQS * FW_SEQ));
     blob_sequence seqs[FW_MAX_SEQS];
     memset(seqs, 0, sizeof seqs);   /* no image spans */
     blob_kv_cache lone[FW_MAX_SEQS];
-    int64_t prompt[FW_SEQ], step_ids[FW_MAX_SEQS];
+    int64_t prompt[FW_SEQ], step_ids[FW_MAX_SEQS * FW_SEQ];
     float batched[FW_MAX_SEQS * FW_VOCAB], alone[FW_VOCAB];
+    size_t n_ids = 0;
     for (size_t s = 0; s < count; s++) {
         seqs[s].cache = new_cache(kv_dtype);
-        seqs[s].start = 3 + 5 * s;
-        seqs[s].n = 1;
+        seqs[s].start = shape[s].prefix;
+        seqs[s].n = shape[s].n;
+        seqs[s].logit_rows = 1;
         for (size_t i = 0; i < seqs[s].start; i++) prompt[i] = (int64_t)(next_u32() % FW_VOCAB);
-        step_ids[s] = (int64_t)(next_u32() % FW_VOCAB);
+        for (size_t i = 0; i < seqs[s].n; i++) step_ids[n_ids++] = (int64_t)(next_u32() % FW_VOCAB);
         if (blob_forward(&t->m, &seqs[s].cache, prompt, seqs[s].start, 0, 0, NULL, scratch) != BLOB_OK)
             fail("blob_forward (prompt) status", path, 1, 0, 0);
         lone[s] = new_cache(kv_dtype);
         memcpy(lone[s].k, seqs[s].cache.k, cache_bytes);
         memcpy(lone[s].v, seqs[s].cache.v, cache_bytes);
     }
-    if (blob_forward_batch(&t->m, seqs, count, step_ids, count, batched, scratch) != BLOB_OK)
+    if (blob_forward_batch(&t->m, seqs, count, step_ids, batched, scratch) != BLOB_OK)
         fail("blob_forward_batch status", path, 1, 0, 0);
-    for (size_t s = 0; s < count; s++) {
-        if (blob_forward(&t->m, &lone[s], &step_ids[s], 1, seqs[s].start, 1, alone, scratch) != BLOB_OK)
+    for (size_t s = 0, first_id = 0; s < count; first_id += seqs[s++].n) {
+        if (blob_forward(&t->m, &lone[s], &step_ids[first_id], seqs[s].n, seqs[s].start, 1, alone, scratch) != BLOB_OK)
             fail("blob_forward (step) status", path, 1, 0, 0);
         checks++;
         if (memcmp(alone, batched + s * FW_VOCAB, sizeof alone) != 0)
-            fail("batched step logits == lone step's, bitwise", path, (double)s, (double)count, 0);
+            fail("batched step logits == lone run's, bitwise", path, (double)s, (double)count, 0);
         checks++;
         if (memcmp(lone[s].k, seqs[s].cache.k, cache_bytes) != 0 || memcmp(lone[s].v, seqs[s].cache.v, cache_bytes) != 0)
-            fail("batched step's keys and values == lone step's, bitwise", path, (double)s, (double)count, 0);
+            fail("batched step's keys and values == lone run's, bitwise", path, (double)s, (double)count, 0);
         free(seqs[s].cache.k), free(seqs[s].cache.v), free(lone[s].k), free(lone[s].v);
     }
     free(scratch);
+}
+
+/* Decode steps of 1 .. FW_MAX_SEQS sequences at different positions, then a step mixing decode
+ * tokens, a short prompt (decode tiles) and a prompt chunk (prefill tiles). */
+static void check_batched_steps(const tiny_model *t, int kv_dtype, const char *path) {
+    const step_shape decode[FW_MAX_SEQS] = {{3, 1}, {8, 1}, {13, 1}, {18, 1}};
+    const step_shape mixed[FW_MAX_SEQS] = {{4, 1}, {0, 12}, {2, 5}, {9, 1}};
+    for (size_t count = 1; count <= FW_MAX_SEQS; count++) check_batched_step(t, kv_dtype, decode, count, path);
+    check_batched_step(t, kv_dtype, mixed, FW_MAX_SEQS, path);
 }
 
 /* Image spans: positions 3..7 of a 12-token prompt take given vectors and attend both ways. A
@@ -1059,8 +1075,8 @@ enum { SP_N = 12, SP_BEGIN = 3, SP_END = 8 };
 
 static void forward_with_spans(const tiny_model *t, const int64_t *ids, const blob_span *spans, size_t n_spans,
                                float *logits, void *scratch, const char *path) {
-    blob_sequence q = {new_cache(BLOB_F32), 0, SP_N, spans, n_spans};
-    if (blob_forward_batch(&t->m, &q, 1, ids, SP_N, logits, scratch) != BLOB_OK)
+    blob_sequence q = {new_cache(BLOB_F32), 0, SP_N, SP_N, spans, n_spans};
+    if (blob_forward_batch(&t->m, &q, 1, ids, logits, scratch) != BLOB_OK)
         fail("blob_forward_batch with a span: status", path, 1, 0, 0);
     free(q.cache.k), free(q.cache.v);
 }
@@ -1093,12 +1109,12 @@ static void check_image_spans(const tiny_model *t, const char *path) {
     expect_identical("span vectors equal to the scaled embeddings == a span without vectors", path, changed, plain,
                      SP_N * FW_VOCAB);
 
-    blob_sequence crossing = {new_cache(BLOB_F32), 0, 5, &implied, 1};
+    blob_sequence crossing = {new_cache(BLOB_F32), 0, 5, 0, &implied, 1};
     const blob_span unsorted[2] = {{6, 8, NULL}, {1, 3, NULL}};
-    blob_sequence disorder = {crossing.cache, 0, SP_N, unsorted, 2};
+    blob_sequence disorder = {crossing.cache, 0, SP_N, 0, unsorted, 2};
     checks++;
-    if (blob_forward_batch(&t->m, &crossing, 1, ids, 0, NULL, scratch) != BLOB_EINVAL ||
-        blob_forward_batch(&t->m, &disorder, 1, ids, 0, NULL, scratch) != BLOB_EINVAL)
+    if (blob_forward_batch(&t->m, &crossing, 1, ids, NULL, scratch) != BLOB_EINVAL ||
+        blob_forward_batch(&t->m, &disorder, 1, ids, NULL, scratch) != BLOB_EINVAL)
         fail("a span crossing the call, or spans out of order: BLOB_EINVAL", path, 0, 1, 0);
     free(crossing.cache.k), free(crossing.cache.v), free(scratch);
 }
@@ -1112,8 +1128,7 @@ static void check_forward_batch(int isa) {
         for (int threads = 1; threads <= 2; threads++) {
             blob_threads_set(threads);
             for (int kv_dtype = BLOB_F32; kv_dtype <= BLOB_F16; kv_dtype++)
-                for (size_t count = 1; count <= FW_MAX_SEQS; count++)
-                    check_batched_step(t, kv_dtype, count, blob_isa_name(isa));
+                check_batched_steps(t, kv_dtype, blob_isa_name(isa));
             check_image_spans(t, blob_isa_name(isa));
         }
         free_tiny_model(t);

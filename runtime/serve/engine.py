@@ -35,7 +35,8 @@ class ModelEngine:
     history shares the longest prefix with its prompt (the next turn of a conversation, a shared
     system prompt), so that prefix is not computed again, unless that would overwrite most of
     another conversation's history: then the least recently used session. The slots' generations
-    advance together, one batched decode step for all of them (a BatchEngine of `sessions` rows).
+    advance together, one batched step for all of them, a newcomer's prompt beside the others'
+    next tokens (a BatchEngine of `sessions` rows).
 
     >>> engine = ModelEngine(load("gemma.blob"), sessions=2)                       # doctest: +SKIP
     >>> job = parse_chat({"messages": [{"role": "user", "content": "Hi"}]}, "gemma")  # doctest: +SKIP
