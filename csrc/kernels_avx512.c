@@ -115,6 +115,7 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
 
 #define X86_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define X86_VNNI 1
+#define X86_AVX512 1
 #define X86_FLOAT_TILE zmm_float_tile
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"

@@ -228,6 +228,20 @@ BLOB_INLINE void blob_decode_block32(int dtype, const uint8_t *const *p, size_t 
     }
 }
 
+/* How every path sums an output of a q4_1 .. q6_k product from its block values (the
+ * reference: kernels_scalar.c's block32_tile): eight float partial sums ("lanes"), all starting
+ * at +0; block b's value is added to lane b % BLOB_SUM_LANES, so each lane takes its blocks in
+ * block order; the lanes are then folded in halves, lane l with lane l + 4, then l with l + 2,
+ * then 0 with 1: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). A SIMD tile forms a group of
+ * eight blocks' values in the lanes of one register and adds the register to its eight partial
+ * sums in one instruction, where block order would chain eight dependent adds per group. A sum
+ * started at +0 never becomes -0, so a block of zero weights and zero scales (value +-0) leaves
+ * it as it is: a partial last group may be completed with such blocks. */
+#define BLOB_SUM_LANES 8
+static inline float blob_fold_lanes(const float lanes[BLOB_SUM_LANES]) {
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
 /* Value i of a decoded block as f32, with ggml's operations: (d * sc) * q, plus m * mn. Two
  * statements, so that no compiler contracts them into one fused multiply-add. */
 static inline float blob_block32_value(const blob_block32 *blk, int i) {

@@ -166,15 +166,15 @@ BLOB_INLINE float block32_dot(const blob_block32 *w, const int16_t *x, const int
 
 /* Y for rows r0 .. r0+nr-1 (any nr, in groups of BLOB_TILE_MAX_ROWS) and tokens t0 .. t0+nt-1
  * of a q4_1 .. q6_k matrix: each block of a row decoded once and dotted with every token. Each
- * output sums its blocks in order, so its value does not depend on the tile shape: decode and
- * prefill agree bit for bit. */
+ * output sums its block values in the order blob_fold_lanes defines, so its value does not
+ * depend on the tile shape: decode and prefill agree bit for bit. */
 BLOB_INLINE void block32_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                               size_t nt, float *y, size_t ys, int dtype) {
     const size_t nb = a->nblocks;
     for (size_t g = r0; g < r0 + nr; g += BLOB_TILE_MAX_ROWS) {
         const size_t R = blob_min(BLOB_TILE_MAX_ROWS, r0 + nr - g);
         const uint8_t *planes[BLOB_TILE_MAX_ROWS][BLOB_MAX_PLANES];
-        float acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS] = {{0}};
+        float acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS][BLOB_SUM_LANES] = {{{0}}};
         for (size_t r = 0; r < R; r++) blob_row_planes(w, g + r, planes[r]);
         for (size_t b = 0; b < nb; b++) {
             blob_block32 blocks[BLOB_TILE_MAX_ROWS];
@@ -184,11 +184,12 @@ BLOB_INLINE void block32_tile(const blob_matrix *w, size_t r0, size_t nr, const 
                 const int16_t *x = a->q16 + token * a->q_stride + BLOB_QBLOCK * b;
                 const int32_t *half_sums = a->half_sums + token * 2 * nb + 2 * b;
                 const float dx = a->d[token * nb + b];
-                for (size_t r = 0; r < R; r++) acc[r][t] += block32_dot(&blocks[r], x, half_sums, dx, dtype);
+                for (size_t r = 0; r < R; r++)
+                    acc[r][t][b % BLOB_SUM_LANES] += block32_dot(&blocks[r], x, half_sums, dx, dtype);
             }
         }
         for (size_t r = 0; r < R; r++)
-            for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + g + r] = acc[r][t];
+            for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + g + r] = blob_fold_lanes(acc[r][t]);
     }
 }
 

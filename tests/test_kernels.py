@@ -329,6 +329,33 @@ def test_block_types_every_path_bit_identical_to_scalar(dtype, rows, nblocks):
         K.set_isa(previous)
 
 
+@pytest.mark.parametrize("n", [1, 3, 70])
+def test_block_values_summed_in_eight_partial_sums(isa, n):
+    """The summation order every path shares (blob_fold_lanes), computed here from its definition:
+    each block's value (d dx) (float)S in float32, S the exact level sum, added to partial sum
+    b % 8 in block order, the eight sums folded ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)).
+    q5_0 rows of 20 blocks (two groups of eight and a partial one), decode, a batched decode step
+    and a prefill."""
+    rng = np.random.default_rng(stable_seed("fold", n))
+    kind, rows, nblocks = blobstore.DType.Q5_0, 9, 20
+    quants, high, _ = random_planes(kind, rows, nblocks, rng)
+    scales = (rng.standard_normal((rows, nblocks)) * 0.05 + 0.1).astype(np.float16)   # nonzero
+    planes = (padded_rows(quants, width=layout(kind, (rows, 32 * nblocks)).row_stride), high, scales)
+    m = K.Matrix(types.SimpleNamespace(dtype=kind, shape=(rows, 32 * nblocks), planes=planes))
+    d = scales.astype(np.float32)
+    q = quant.dequantize((quants, high, scales), 32 * nblocks, "q5_0").reshape(rows, nblocks, 32) / d[..., None]
+    x = rng.standard_normal((n, 32 * nblocks)).astype(np.float32)
+    levels, dx = quantize_activations(x, "q5_0")
+    sums = np.einsum("rbk,tbk->trb", q.astype(np.float64), levels.reshape(n, nblocks, 32))   # exact integers
+    values = (d[None] * dx[:, ::32, None].astype(np.float32).transpose(0, 2, 1)) * sums.astype(np.float32)
+    lanes = np.zeros((n, rows, 8), np.float32)
+    for b in range(nblocks):
+        lanes[:, :, b % 8] += values[:, :, b]
+    s = lanes.transpose(2, 0, 1)
+    expected = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+    np.testing.assert_array_equal(K.matmul(m, x), expected)
+
+
 @pytest.mark.parametrize("dtype", BLOCK_DTYPES)
 def test_block_types_embed_rows(dtype):
     """blob_embed dequantizes rows exactly as numpy (and so gguf) does."""
