@@ -58,12 +58,14 @@ class QuantizedTensor:
 
     @property
     def quants(self) -> np.ndarray:
-        """The first plane: int8 (q8_0) or uint8 packed levels, rows padded to 64 bytes."""
+        """The first plane as stored: int8 (q8_0) or uint8 packed levels, rows padded to 64 bytes
+        (interleave8: groups of eight rows, see the class docstring; `planar()` gives rows)."""
         return self.planes[0]
 
     @property
     def scales(self) -> np.ndarray:
-        """The float16 block (or super-block) scales, (rows, blocks)."""
+        """The float16 block (or super-block) scales as stored: (rows, blocks) in the planar
+        layout, (groups, blocks * 8) in interleave8 (`planar()` gives them per row either way)."""
         return self.plane("scales")
 
     def plane(self, name: str) -> np.ndarray:

@@ -46,7 +46,8 @@ def test_weights_match_the_gguf(converted):
         for name, gguf_name in (("layers.3.q", "blk.3.attn_q.weight"), ("layers.17.down", "blk.17.ffn_down.weight")):
             t = tensors[gguf_name]
             expected = gguf.quants.dequantize(t.data, t.tensor_type)
-            scales = np.repeat(np.abs(blob[name].scales.astype(np.float32)), 32, axis=1)[:, :expected.shape[1]]
+            _, block_scales = blob[name].planar()   # q8_0, stored interleave8 by default
+            scales = np.repeat(np.abs(block_scales.astype(np.float32)), 32, axis=1)[:, :expected.shape[1]]
             assert (np.abs(blob.float32(name) - expected) <= scales * 0.5005 + 1e-7).all()
         norm = tensors["blk.0.attn_norm.weight"].data
         np.testing.assert_array_equal(blob.float32("layers.0.attn_norm"), norm - np.float32(1))
