@@ -4,7 +4,7 @@ import pytest
 
 import blobstore
 from blobstore import cli, errors, quant, reader
-from blobstore.format import INTERLEAVE8, KNOWN_FEATURES, layout
+from blobstore.format import INTERLEAVE8, KNOWN_FEATURES, PLANAR, layout
 from blobstore.relayout import relayout
 from blobfile import BlobImage
 
@@ -111,18 +111,23 @@ def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_p
     from blobstore.convert import convert
     from blobstore.runtime import kernels, load
 
-    convert(checkpoints("gemma3"), tmp_path / "p.blob", dtype="q8_0", quiet=True)
+    convert(checkpoints("gemma3"), tmp_path / "p.blob", dtype="q8_0", layout=PLANAR, quiet=True)
     convert(checkpoints("gemma3"), tmp_path / "i.blob", dtype="q8_0", layout="interleave8", quiet=True)
-    with blobstore.open(tmp_path / "i.blob") as r:
-        kinds = {info.layout for info in r.infos() if info.dtype is blobstore.DType.Q8_0}
-    assert kinds == {INTERLEAVE8}
+    for name, expected in (("p.blob", PLANAR), ("i.blob", INTERLEAVE8)):
+        with blobstore.open(tmp_path / name) as r:
+            assert {info.layout for info in r.infos() if info.dtype is blobstore.DType.Q8_0} == {expected}
     ids = list(range(3, 40))
     fastest = kernels.get_isa()
-    interleaved = load(tmp_path / "i.blob").forward(ids)
+
+    def logits(name: str) -> np.ndarray:
+        with load(tmp_path / name) as model:
+            return model.forward(ids)
+
+    interleaved = logits("i.blob")
     kernels.set_isa("scalar")
     try:
-        np.testing.assert_array_equal(load(tmp_path / "i.blob").forward(ids), load(tmp_path / "p.blob").forward(ids))
-        planar = load(tmp_path / "p.blob").forward(ids)
+        planar = logits("p.blob")
+        np.testing.assert_array_equal(logits("i.blob"), planar)
     finally:
         kernels.set_isa(fastest)
     assert np.abs(interleaved - planar).max() <= 1e-3 * np.abs(planar).max()
