@@ -228,7 +228,7 @@ def test_newcomers_prefill_together_in_one_step(q8_model):
     watched = engine.transformer = _Watched(model.transformer, on_step=lambda runs: stepped.set())
     with engine:   # the first request's prompt runs alone, then it holds the engine until the others are queued
         streams = [engine.submit(model.new_session(), ids[0], SamplingParams(temperature=0), 6,
-                                 logits_processor=held_until(held))]
+                                 logits_processor=held_at(0, held))]
         stepped.wait()
         streams += [engine.submit(model.new_session(), p, SamplingParams(temperature=0), 6) for p in ids[1:]]
         held.set()
@@ -328,21 +328,13 @@ def test_a_cancelled_or_dropped_stream_frees_its_slot(q8_model):
         assert len(drain(engine.submit(model.new_session(), third, SamplingParams(temperature=0), 5))) == 5
 
 
-def held_until(event: threading.Event):
-    """A logits processor that holds its request's first token until `event` is set."""
-    def processor(generated, logits):
-        event.wait()
-        return logits
-    return processor
-
-
 def test_one_session_runs_one_request_at_a_time(q8_model):
     model = q8_model
     session = model.new_session()
     ids = prompts(model, 1)[0]
     checked = threading.Event()
     with BatchEngine(model) as engine:   # the request cannot end before the checks ran
-        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50, logits_processor=held_until(checked))
+        stream = engine.submit(session, ids, SamplingParams(temperature=0), 50, logits_processor=held_at(0, checked))
         with pytest.raises(RuntimeError, match="session is generating"):
             engine.submit(session, ids, SamplingParams(temperature=0), 5)
         with pytest.raises(RuntimeError, match="session is generating"):
@@ -359,7 +351,7 @@ def test_wait_after_cancel_returns_once_the_session_is_free(q8_model):
     cancelled = threading.Event()
     with BatchEngine(model) as engine:   # the request cannot run to its length first
         stream = engine.submit(session, ids, SamplingParams(temperature=0), 200,
-                               logits_processor=held_until(cancelled))
+                               logits_processor=held_at(0, cancelled))
         stream.cancel()
         cancelled.set()
         stream.wait()
