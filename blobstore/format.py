@@ -297,12 +297,14 @@ class Layout:
     Every tensor is `rows` rows of `cols` values, rows = product of all but the last dimension.
     Plain dtypes: rows of `row_stride` bytes. Quantized dtypes: the first plane (quants) in rows
     of `row_stride` bytes, then each later plane packed, rows x `blocks` x its per-block elements,
-    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`).
+    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`). Interleave8 (q8_0): the
+    quants in groups of INTERLEAVE rows, `row_stride` bytes a group, then the groups' scales
+    (FORMAT.md §5.5).
     """
 
     rows: int
     cols: int
-    row_stride: int
+    row_stride: int      # bytes of a row (interleave8: of a group of INTERLEAVE rows)
     blocks: int          # quant blocks per row (0 for plain dtypes)
     scales_offset: int   # start of the scale plane within the blob (0 for plain dtypes)
     nbytes: int

@@ -20,6 +20,7 @@ from .format import (
     FILE_ALIGN, FORMAT_NAME, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_DIM, MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE,
     INTERLEAVE, INTERLEAVE8, LAYOUT_FEATURES, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layouts_of,
+    rows_and_cols,
 )
 
 MAX_TENSORS = 1_000_000
@@ -82,7 +83,7 @@ class QuantizedTensor:
         >>> quant.ggml_from_planes(t.dtype, t.planar())   # the ggml blocks, whatever the layout  # doctest: +SKIP
         """
         if self.layout == INTERLEAVE8:
-            return quant.deinterleave8(*self.planes, rows=math.prod(self.shape[:-1]))
+            return quant.deinterleave8(*self.planes, rows=rows_and_cols(self.shape)[0])
         return self.planes
 
     def dequantize(self) -> np.ndarray:

@@ -27,7 +27,7 @@ def relayout(src, out, layout: str) -> int:
             if info.tie:
                 writer.add_tie(info.name, info.tie, component=info.component, source=info.source)
             elif info.dtype.is_quantized:
-                target = layout if info.dtype is DType.Q8_0 else None
+                target = layout if layout in layouts_of(info.dtype) else None
                 changed += target is not None and target != info.layout
                 writer.add_quantized(info.name, reader[info.name].planar(), dtype=info.dtype, shape=info.shape,
                                      component=info.component, source=info.source, layout=target)

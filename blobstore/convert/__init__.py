@@ -227,7 +227,7 @@ def _copies_blocks(source, entry) -> bool:
 
 def _add_tensor(writer: BlobWriter, read, source, family, config: ModelConfig, entry, layout: str):
     raw = _copies_blocks(source, entry)
-    layout = layout if DType.parse(entry.dtype) is DType.Q8_0 else None   # the only type with a choice
+    layout = layout if layout in layouts_of(DType.parse(entry.dtype)) else None
     array, stored = read(entry.source, raw)
     if entry.rows is not None:  # a row holds whole ggml blocks, so a raw slice is a slice of every plane
         array = array[entry.rows[0]:entry.rows[1]]

@@ -84,6 +84,9 @@ class Options:
     layout: str = INTERLEAVE8       # how q8_0 tensors are arranged: planar or interleave8 (format.layouts_of)
 
 
+STORED_FORM_LABELS = {"transpose": "transposed", "flatten": "flattened"}   # in a record's source
+
+
 @dataclass(frozen=True)
 class Entry:
     name: str          # stored name
@@ -102,7 +105,7 @@ class Entry:
         'qkv_proj.weight[16:24]'
         """
         label = self.source if self.rows is None else f"{self.source}[{self.rows[0]}:{self.rows[1]}]"
-        return f"{label} ({self.form}d)" if self.form else label
+        return f"{label} ({STORED_FORM_LABELS[self.form]})" if self.form else label
 
 
 @dataclass
