@@ -276,8 +276,8 @@ class Model:
         `ignore_eos` keeps generating past end-of-sequence tokens (for benchmarks and tests).
         `logits_processor(generated_ids, logits)` returns the logits each token is sampled from
         (logits of the decodable vocabulary; -inf forbids a token), e.g. a grammar's mask.
-        `batch` (a runtime.batch.BatchEngine of this model) advances the generation in one batched
-        decode step with the engine's other requests; the tokens are the same as alone.
+        `batch` (a runtime.batch.BatchEngine of this model) advances the generation (its prompt chunks,
+        then its tokens) in batched steps with the engine's other requests; the tokens are the same as alone.
 
         >>> for chunk in model.stream("Once upon a time", max_new_tokens=32):   # doctest: +SKIP
         ...     print(chunk.text, end="", flush=True)

@@ -2,8 +2,8 @@
 (slots and a bounded queue: 503 when full) and the bridge that runs a blocking generation in a
 worker thread and hands its chunks to the event loop.
 
-The HTTP layer talks to an engine through three members — `prompt(job)`, `context_length`,
-`run(job, prompt, logits_processor, cancelled)` — so another engine can replace ModelEngine without
+The HTTP layer talks to an engine through four members — `prompt(job)`, `context_length`,
+`tool_call_format`, `run(job, prompt, logits_processor, cancelled)` — so another engine can replace ModelEngine without
 touching the routes.
 """
 from __future__ import annotations
