@@ -1,5 +1,5 @@
 /* Causal grouped-query attention (bidirectional inside image spans) over KV caches (f32 or f16), for one decode token, a prefill
- * batch, or one token of each of several sequences (a batched decode step), in one job. One work
+ * batch, or each of several sequences' run of tokens (a batched step: prompt chunks and decode tokens), in one job. One work
  * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
  * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
  * per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.

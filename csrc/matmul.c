@@ -125,20 +125,21 @@ static void quantize_task(void *ctx, int ith, int nth) {
 /* Quantizes X (n, cols) for `dtype` weights into the workspace: levels (n, q_stride) of
  * blob_act_bits(dtype) bits, rows 64-byte aligned, then scales d (n, nblocks) f32 and, for
  * int8 levels, their block sums (n, nblocks) f32; for q4_1 .. q6_k in that place the sums of
- * each half block (n, 2 * nblocks) int32, and between the levels and the scales the levels
- * split in bytes (n, 2 * q_stride) and, for a path whose matmul tile takes any number of
- * tokens, in pairs (n, blob_pair_stride) int16 (blob_pair_levels). */
+ * each half block (n, 2 * nblocks) int32, and between the levels and the scales either the
+ * levels split in bytes (n, 2 * q_stride), which the decode tiles read, or, for a path whose
+ * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
+ * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
     const int block32 = blob_is_block32_type(dtype), paired = !decode_tiles(n) && ops->mm_any_tokens[dtype];
-    const size_t split_bytes = block32 ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
+    const size_t split_bytes = block32 && !paired ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
     const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
     uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + pair_bytes +
                                                3 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
-    int8_t *split = block32 ? (int8_t *)(space + n * q_stride_bytes) : NULL;
+    int8_t *split = split_bytes ? (int8_t *)(space + n * q_stride_bytes) : NULL;
     int16_t *pairs = paired ? (int16_t *)(space + n * q_stride_bytes + split_bytes) : NULL;
     float *d = (float *)(space + n * q_stride_bytes + split_bytes + pair_bytes);
     int32_t *half_sums = block32 ? (int32_t *)(d + n * nblocks) : NULL;

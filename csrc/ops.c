@@ -83,8 +83,11 @@ static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
             for (int i = 0; i < BLOB_QBLOCK; i++) out[b * BLOB_QBLOCK + i] = blob_block32_value(&block, i);
         }
     } else if (w->layout == BLOB_LAYOUT_INTERLEAVE8) {
-        for (size_t k = 0; k < w->cols; k++)
-            out[k] = (float)blob_interleave8_level(w, r, k) * blob_interleave8_scale(w, r, k / BLOB_QBLOCK);
+        for (size_t b = 0; b * BLOB_QBLOCK < w->cols; b++) {
+            const float scale = blob_interleave8_scale(w, r, b);
+            for (size_t k = b * BLOB_QBLOCK; k < blob_min(w->cols, (b + 1) * BLOB_QBLOCK); k++)
+                out[k] = (float)blob_interleave8_level(w, r, k) * scale;
+        }
     } else if (w->dtype == BLOB_Q8_0 || w->dtype == BLOB_Q4_0) {
         const uint16_t *scales = (const uint16_t *)w->plane[1] + r * blob_div_up(w->cols, BLOB_QBLOCK);
         for (size_t k = 0; k < w->cols; k++)
