@@ -221,12 +221,11 @@ def interleave8(planes, rows: int, cols: int):
     written out from its definition: group g = rows 8g .. 8g+7 (the last completed with zero rows),
     block b of a group 256 bytes whose bytes 16i + 2j, 16i + 2j + 1 are levels 2i, 2i + 1 of row j."""
     nb, groups = -(-cols // 32), -(-rows // 8)
-    quants = np.zeros((groups * 8, nb * 32), np.int8)
-    quants[:rows] = planes[0][:, :nb * 32]
-    scales = np.zeros((groups * 8, nb), np.float16)
-    scales[:rows] = planes[1]
-    quants = quants.reshape(groups, 8, nb, 16, 2).transpose(0, 2, 3, 1, 4).reshape(groups, nb * 256)
-    scales = scales.reshape(groups, 8, nb).transpose(0, 2, 1).reshape(groups, nb * 8)
+    r, k, b = np.arange(rows)[:, None], np.arange(nb * 32)[None, :], np.arange(nb)[None, :]
+    quants = np.zeros((groups, nb * 256), np.int8)   # rows of the last group beyond `rows` stay zero
+    quants[r // 8, 256 * (k // 32) + 16 * (k % 32 // 2) + 2 * (r % 8) + k % 2] = planes[0][:, :nb * 32]
+    scales = np.zeros((groups, nb * 8), np.float16)
+    scales[r // 8, 8 * b + r % 8] = planes[1]
     return types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(rows, cols), planes=(quants, scales),
                                  layout="interleave8")
 
