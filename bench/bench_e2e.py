@@ -488,7 +488,7 @@ def main():
     parser.add_argument("--models", default=None,
                         help=f"comma-separated models (default all: {','.join(MODELS)}; gemma-3-270m with --quick)")
     parser.add_argument("--layout", choices=("interleave8", "planar"), default="interleave8",
-                        help="arrangement of our blobs' q8_0 tensors (blob-pack convert --layout; default as it)")
+                        help="arrangement of our blobs' q8_0 / q4_0 tensors (blob-pack convert --layout; default as it)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md",
                         help="markdown file to update (only a run of every model and type writes it)")
     args = parser.parse_args()

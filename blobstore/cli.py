@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .convert.cli import add_parser as add_convert_parser
 from .errors import ChecksumMismatch, FormatError
-from .format import DType, layouts_of
+from .format import INTERLEAVED, DType, layouts_of
 from .reader import open as open_blob
 from .relayout import relayout
 
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", help="the .blob file")
     verify.set_defaults(func=run_verify)
 
-    relayout = commands.add_parser("relayout", help="rewrite a blob file with its q8_0 tensors in another layout",
-                                   description="Check SRC in full, then write it again as OUT with every q8_0 tensor "
+    relayout = commands.add_parser("relayout", help=f"rewrite a blob file with its {'/'.join(INTERLEAVED)} tensors "
+                                                    "in another layout",
+                                   description=f"Check SRC in full, then write it again as OUT with every "
+                                               f"{'/'.join(INTERLEAVED)} tensor "
                                                "stored in --layout (planar, or interleave8: the tile the matrix "
                                                "kernels read fastest); everything else is copied unchanged.")
     relayout.add_argument("src", metavar="SRC.blob", help="the blob file to read")

@@ -16,7 +16,7 @@ import numpy as np
 MAGIC = b"BLOBST\x00\x1a"  # the NUL and 0x1A catch files mangled by text-mode transfers
 FORMAT_NAME = "blobstore"  # the manifest's format.name
 MAJOR = 1
-MINOR = 2  # the newest minor version this code reads and writes; a file says the oldest that reads it
+MINOR = 3  # the newest minor version this code reads and writes; a file says the oldest that reads it
 
 HEADER_SIZE = 64
 ROW_ALIGN = 64             # every row of every tensor starts on a 64-byte boundary
@@ -42,13 +42,29 @@ assert HEADER_STRUCT.size == HEADER_SIZE
 TIE_FEATURE = "tie"
 
 # How a tensor's bytes are arranged: its record's `layout` (FORMAT.md §4). Plain types store
-# "rows"; quantized ones "planar" (row after row, plane after plane), or for q8_0 "interleave8":
-# rows in groups of eight, each block's level pairs of the eight rows side by side (the tile the
-# matrix kernels read fastest, csrc/kernels.h BLOB_LAYOUT_INTERLEAVE8). A file holding a tensor
-# in an arrangement added after 1.0 requires it as a feature, with its version here.
+# "rows"; quantized ones "planar" (row after row, plane after plane), or for the types of
+# INTERLEAVED "interleave8": rows in groups of eight, each block of the eight rows side by side in
+# the type's own tile (the one the matrix kernels read fastest, csrc/kernels.h
+# BLOB_LAYOUT_INTERLEAVE8). A file holding a tensor in an arrangement added after 1.0 requires
+# that type's arrangement as a feature, with its version here.
 ROWS, PLANAR, INTERLEAVE8 = "rows", "planar", "interleave8"
 INTERLEAVE = 8                      # rows per group of interleave8
-LAYOUT_FEATURES = {INTERLEAVE8: "1.2"}
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """A type's interleave8 arrangement: the feature a file storing it requires, since `since`."""
+
+    feature: str
+    since: str
+
+
+# Per type: FORMAT.md §5.5 (q8_0), §5.6 (q4_0).
+INTERLEAVED = {
+    "q8_0": Interleaved("interleave8", "1.2"),
+    "q4_0": Interleaved("interleave8_q4_0", "1.3"),
+}
+LAYOUT_FEATURES = {i.feature: i.since for i in INTERLEAVED.values()}
 
 
 class DType(enum.IntEnum):
@@ -232,8 +248,17 @@ def layouts_of(dtype: DType) -> tuple[str, ...]:
     """
     if not dtype.is_quantized:
         return (ROWS,)
-    return (PLANAR, INTERLEAVE8) if dtype is DType.Q8_0 else (PLANAR,)
+    return (PLANAR, INTERLEAVE8) if dtype.label in INTERLEAVED else (PLANAR,)
 assert all(int(since.split(".")[1]) <= MINOR for since in KNOWN_FEATURES.values())
+
+
+def layout_feature(dtype: DType, kind: str) -> str | None:
+    """The feature a file storing a `dtype` tensor in arrangement `kind` must require, or None.
+
+    >>> layout_feature(DType.Q4_0, INTERLEAVE8), layout_feature(DType.Q4_0, PLANAR)
+    ('interleave8_q4_0', None)
+    """
+    return INTERLEAVED[dtype.label].feature if kind == INTERLEAVE8 else None
 
 
 def file_minor(features) -> int:
@@ -297,9 +322,9 @@ class Layout:
     Every tensor is `rows` rows of `cols` values, rows = product of all but the last dimension.
     Plain dtypes: rows of `row_stride` bytes. Quantized dtypes: the first plane (quants) in rows
     of `row_stride` bytes, then each later plane packed, rows x `blocks` x its per-block elements,
-    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`). Interleave8 (q8_0): the
+    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`). Interleave8 (q8_0, q4_0): the
     quants in groups of INTERLEAVE rows, `row_stride` bytes a group, then the groups' scales
-    (FORMAT.md §5.5).
+    (FORMAT.md §5.5, §5.6).
     """
 
     rows: int
@@ -327,6 +352,8 @@ def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Lay
     Layout(rows=3, cols=40, row_stride=64, blocks=2, scales_offset=192, nbytes=204, plane_offsets=(0, 192), kind='planar')
     >>> layout(DType.Q8_0, (3, 40), INTERLEAVE8)   # one group of eight rows: 2 blocks of 256 bytes
     Layout(rows=3, cols=40, row_stride=512, blocks=2, scales_offset=512, nbytes=544, plane_offsets=(0, 512), kind='interleave8')
+    >>> layout(DType.Q4_0, (3, 40), INTERLEAVE8)   # q4_0's: 2 blocks of 128 bytes
+    Layout(rows=3, cols=40, row_stride=256, blocks=2, scales_offset=256, nbytes=288, plane_offsets=(0, 256), kind='interleave8')
     """
     rows, cols = rows_and_cols(shape)
     spec = dtype.spec
@@ -336,9 +363,10 @@ def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Lay
     blocks = -(-cols // spec.block)
     first, *packed = spec.planes
     if kind == INTERLEAVE8:   # plane rows are groups of eight rows; both planes' sizes are multiples of 64
+        (scale,) = packed
         groups, stride = -(-rows // INTERLEAVE), blocks * INTERLEAVE * first.block_bytes
         scales_at = groups * stride
-        return Layout(rows, cols, stride, blocks, scales_at, scales_at + groups * blocks * INTERLEAVE * 2,
+        return Layout(rows, cols, stride, blocks, scales_at, scales_at + groups * blocks * INTERLEAVE * scale.block_bytes,
                       (0, scales_at), kind)
     stride = round_up(blocks * first.block_bytes, ROW_ALIGN)
     if not packed:

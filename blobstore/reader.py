@@ -19,7 +19,7 @@ from ._native import crc32c
 from .format import (
     FILE_ALIGN, FORMAT_NAME, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_DIM, MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE,
-    INTERLEAVE, INTERLEAVE8, LAYOUT_FEATURES, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layouts_of,
+    INTERLEAVE, INTERLEAVE8, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layout_feature, layouts_of,
     rows_and_cols,
 )
 
@@ -83,7 +83,7 @@ class QuantizedTensor:
         >>> quant.ggml_from_planes(t.dtype, t.planar())   # the ggml blocks, whatever the layout  # doctest: +SKIP
         """
         if self.layout == INTERLEAVE8:
-            return quant.deinterleave8(*self.planes, rows=rows_and_cols(self.shape)[0])
+            return quant.deinterleave8(*self.planes, rows=rows_and_cols(self.shape)[0], dtype=self.dtype)
         return self.planes
 
     def dequantize(self) -> np.ndarray:
@@ -166,8 +166,11 @@ class BlobReader:
         lay = layout(info.dtype, info.shape, info.layout)
         if info.layout == INTERLEAVE8:
             groups = -(-lay.rows // INTERLEAVE)
-            quants = np.ndarray((groups, lay.row_stride), np.int8, self._bytes, info.offset)
-            scales = np.ndarray((groups, lay.blocks * INTERLEAVE), "<f2", self._bytes, info.offset + lay.scales_offset)
+            quant_plane, scale_plane = info.dtype.spec.planes
+            quants = np.ndarray((groups, lay.row_stride // quant_plane.numpy.itemsize), quant_plane.numpy, self._bytes,
+                                info.offset)
+            scales = np.ndarray((groups, lay.blocks * INTERLEAVE), scale_plane.numpy, self._bytes,
+                                info.offset + lay.scales_offset)
             return QuantizedTensor(info.dtype, info.shape, (quants, scales), INTERLEAVE8)
         if info.dtype.is_quantized:
             first, *later = info.dtype.spec.planes
@@ -414,9 +417,10 @@ def _check_layout_features(infos, required, path):
     """A tensor stored in an arrangement added after format 1.0 needs the file to require it."""
     names = {feature["name"] for feature in required}
     for info in infos:
-        if info.layout in LAYOUT_FEATURES and info.layout not in names:
+        feature = layout_feature(info.dtype, info.layout)
+        if feature and feature not in names:
             raise errors.CorruptManifest(f"{path}: tensor {info.name!r} has layout {info.layout!r}, but the file's "
-                                         f"features_required does not list {info.layout!r}")
+                                         f"features_required does not list {feature!r}")
 
 
 def _record_name(record, index, path):

@@ -16,9 +16,9 @@ import numpy as np
 from . import quant
 from ._native import crc32c
 from .format import (
-    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE8, KNOWN_FEATURES, LAYOUT_FEATURES, MAJOR, MANIFEST_ALIGN,
+    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE8, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header,
-    data_start, dtype_of_numpy, file_minor, is_power_of_two, padded_file_size, padding,
+    data_start, dtype_of_numpy, file_minor, is_power_of_two, layout_feature, padded_file_size, padding,
 )
 from .format import layout as layout_of
 
@@ -62,7 +62,7 @@ class BlobWriter:
         `data` is a numpy array, converted (or quantized) to `dtype` on the way in (None keeps
         its dtype); or raw packed bytes, taken as-is, with their `dtype` and `shape` given.
         `layout` arranges a quantized tensor's bytes (format.layouts_of: "planar", the default, or
-        "interleave8" for q8_0, the matrix kernels' fastest).
+        "interleave8" for q8_0 and q4_0, the matrix kernels' fastest).
 
         >>> w.add("w", np.ones((16, 64), np.float32), dtype="q8_0", layout="interleave8")  # doctest: +SKIP
         """
@@ -96,8 +96,10 @@ class BlobWriter:
         planes = [np.asarray(p) for p in planes]
         _check_planes(name, target, layout_of(target, shape), planes)
         lay = _tensor_layout(name, target, shape, layout)
-        write = self._write_interleaved if lay.kind == INTERLEAVE8 else self._write_planes
-        self._write_blob(name, target, shape, lay, component, source, lambda: write(planes, lay))
+        if lay.kind == INTERLEAVE8:
+            self._write_blob(name, target, shape, lay, component, source, lambda: self._write_interleaved(planes, target))
+        else:
+            self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
 
     def add_tie(self, name: str, target: str, *, component: str = "text", source: str | None = None):
         """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
@@ -172,7 +174,7 @@ class BlobWriter:
         rows = array.reshape(lay.rows, lay.cols)
         if lay.kind == INTERLEAVE8:   # quantized whole: the rearrangement spans groups of rows
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target), lay))
+                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target), target))
         elif target.is_quantized:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_quantized(rows, target, lay))
         else:
@@ -191,8 +193,8 @@ class BlobWriter:
             raise ValueError(f"tensor {name!r}: {error}") from None
         if target.spec.feature_since:
             self._features.add(target.label)
-        if lay.kind in LAYOUT_FEATURES:
-            self._features.add(lay.kind)
+        if layout_feature(target, lay.kind):
+            self._features.add(layout_feature(target, lay.kind))
         self._blob_count += 1
         self._records.append({
             "name": name, "dtype": target.label, "shape": list(shape), "layout": lay.kind, "row_stride": lay.row_stride,
@@ -232,9 +234,9 @@ class BlobWriter:
         self._write(first)
         self._write_later_planes(planes[1:], lay)
 
-    def _write_interleaved(self, planes, lay):
-        """q8_0 planes (planar) as interleave8: the grouped quants, then the grouped scales right after."""
-        quants, scales = quant.interleave8(*planes)
+    def _write_interleaved(self, planes, dtype):
+        """q8_0 / q4_0 planes (planar) as interleave8: the grouped quants, then the grouped scales right after."""
+        quants, scales = quant.interleave8(*planes, dtype)
         self._write(quants)
         self._write(scales)
 

@@ -57,7 +57,12 @@ enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };
  * group's row j (i < 16): one int32 lane per row in each 16-byte run, so a dot-product
  * instruction sums a row's block in a lane of its own. plane[1]: the scales (groups, nblocks, 8)
  * as float16 bits, group g's block b at (g*nblocks + b)*8, row j's at + j. row_stride_bytes is
- * then a row's share of its group, nblocks * 32. */
+ * then a row's share of its group, nblocks * 32. A q4_0 matrix in BLOB_LAYOUT_INTERLEAVE8 has
+ * its own tile of 128-byte group blocks at plane[0] + (g*nblocks + b)*128: byte 32c + 4j + m
+ * (c < 4, m < 4) holds level 8c + m of row j in its low nibble and level 8c + 4 + m in its high
+ * one, each as level + 8 (as the planar nibbles): one int32 lane per row in each 32-byte run,
+ * whose low and high nibbles meet a token's levels 8c .. 8c+3 and 8c+4 .. 8c+7 broadcast; the
+ * scales as q8_0's, and row_stride_bytes nblocks * 16. */
 enum blob_layout { BLOB_LAYOUT_ROWS = 0, BLOB_LAYOUT_INTERLEAVE8 = 1 };
 #define BLOB_INTERLEAVE 8      /* rows per group of BLOB_LAYOUT_INTERLEAVE8 */
 typedef struct blob_matrix {

@@ -268,12 +268,23 @@ static inline int blob_weight_level(const uint8_t *row, size_t k, int dtype) {
     return ((const int8_t *)row)[k];
 }
 
-/* Level k of row r, and the scale of its block b, of a q8_0 matrix in BLOB_LAYOUT_INTERLEAVE8
- * (kernels.h): the reference every path's interleaved tiles and blob_embed read it by. */
+/* Bytes of one group's block b of a BLOB_LAYOUT_INTERLEAVE8 matrix: eight rows' first-plane block. */
+static inline size_t blob_interleave8_block_bytes(int dtype) {
+    return BLOB_INTERLEAVE * blob_plane_bytes(dtype, 0);
+}
+
+/* Level k of row r, and the scale of its block b, of a q8_0 or q4_0 matrix in
+ * BLOB_LAYOUT_INTERLEAVE8 (kernels.h): the reference every path's interleaved tiles and
+ * blob_embed read it by. */
 static inline int blob_interleave8_level(const blob_matrix *w, size_t r, size_t k) {
-    const size_t nb = blob_div_up(w->cols, BLOB_QBLOCK), i = k % BLOB_QBLOCK;
-    const int8_t *block = (const int8_t *)w->plane[0] + (r / BLOB_INTERLEAVE * nb + k / BLOB_QBLOCK) * 256;
-    return block[16 * (i / 2) + 2 * (r % BLOB_INTERLEAVE) + i % 2];
+    const size_t nb = blob_div_up(w->cols, BLOB_QBLOCK), i = k % BLOB_QBLOCK, j = r % BLOB_INTERLEAVE;
+    const uint8_t *block = (const uint8_t *)w->plane[0] +
+                           (r / BLOB_INTERLEAVE * nb + k / BLOB_QBLOCK) * blob_interleave8_block_bytes(w->dtype);
+    if (w->dtype == BLOB_Q4_0) {
+        const uint8_t byte = block[32 * (i / 8) + 4 * j + i % 4];
+        return (int)((i / 4) % 2 ? byte >> 4 : byte & 15) - 8;
+    }
+    return ((const int8_t *)block)[16 * (i / 2) + 2 * j + i % 2];
 }
 static inline float blob_interleave8_scale(const blob_matrix *w, size_t r, size_t b) {
     const size_t nb = blob_div_up(w->cols, BLOB_QBLOCK);
@@ -454,7 +465,7 @@ typedef struct blob_isa_ops {
     /* Per dtype, 1 when its matmul tile takes any number of tokens (mm_rows x nt), so that it
      * unpacks each weight block once for all of them; 0: at most mm_tokens per call. */
     unsigned char mm_any_tokens[BLOB_NUM_DTYPES];
-    /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0), the tile of that layout, decode and
+    /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0, q4_0), the tile of that layout, decode and
      * prefill alike: rows r0 .. r0+nr-1 (r0 a multiple of 8, nr <= BLOB_INTERLEAVE8_ROWS) and
      * any nt tokens, every output exactly the scalar reference's (the planar quant_tile's sum:
      * each block's exact integer dot, then acc += (float)dot * (dw * dx) in block order). */
@@ -553,8 +564,10 @@ BLOB_DECLARE_SCALAR_TILE(q3_k)
 BLOB_DECLARE_SCALAR_TILE(q4_k)
 BLOB_DECLARE_SCALAR_TILE(q5_k)
 BLOB_DECLARE_SCALAR_TILE(q6_k)
-/* The scalar reference's tile of interleaved q8_0 rows. */
+/* The scalar reference's tiles of interleaved q8_0 and q4_0 rows. */
 void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys);
+void blob_scalar_interleave8_q4_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                   size_t nt, float *y, size_t ys);
 /* A tile of `shape` (mv, mm, mv1, mvt) that forwards to the scalar reference of `type`. */
 #define BLOB_SCALAR_TILE(shape, type)                                                          \

@@ -121,10 +121,10 @@ BLOB_INLINE void quant_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
 
 BLOB_DEFINE_TILES(, MV_ROWS, MM_ROWS, MM_TOKENS)
 
-/* quant_tile's sums over q8_0 rows in BLOB_LAYOUT_INTERLEAVE8: each block's levels gathered
- * from its group's pairs, then the same operations in the same order, token after token. */
-void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
-                                  size_t nt, float *y, size_t ys) {
+/* quant_tile's sums over q8_0 or q4_0 rows in BLOB_LAYOUT_INTERLEAVE8: each block's levels
+ * gathered from its group's block, then the same operations in the same order, token after token. */
+BLOB_INLINE void interleave8_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys, int dtype) {
     const size_t nb = a->nblocks;
     for (size_t r = r0; r < r0 + nr; r++)
         for (size_t tc = t0; tc < t0 + nt; tc += BLOB_TILE_MAX_TOKENS) {
@@ -135,13 +135,24 @@ void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, co
                 for (int i = 0; i < BLOB_QBLOCK; i++) levels[i] = (int8_t)blob_interleave8_level(w, r, b * BLOB_QBLOCK + i);
                 const float dw = blob_interleave8_scale(w, r, b);
                 for (size_t t = 0; t < count; t++) {
-                    const int16_t *x = a->q16 + (tc + t) * a->q_stride + BLOB_QBLOCK * b;
+                    int16_t buffer[BLOB_QBLOCK];
+                    const int16_t *x = act_block(blob_act_levels(a, tc + t, dtype), b, dtype, buffer);
                     const float product = (float)dot_block(levels, x) * (dw * a->d[(tc + t) * nb + b]);
                     acc[t] += product;   /* as in quant_tile: never fused into an FMA */
                 }
             }
             for (size_t t = 0; t < count; t++) y[(tc + t) * ys + r] = acc[t];
         }
+}
+
+void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys) {
+    interleave8_tile(w, r0, nr, a, t0, nt, y, ys, BLOB_Q8_0);
+}
+
+void blob_scalar_interleave8_q4_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys) {
+    interleave8_tile(w, r0, nr, a, t0, nt, y, ys, BLOB_Q4_0);
 }
 
 /* The exact dot of 16 weight levels with 16 activation levels: |w| <= 32, |x| <= 32639. */
@@ -281,5 +292,5 @@ const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
     quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, softmax_row, read_sum,
     .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
-    .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0},
+    .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0, [BLOB_Q4_0] = blob_scalar_interleave8_q4_0},
 };

@@ -24,7 +24,8 @@ static int is_quantized(int dtype) { return blob_dtype_block(dtype) > 1; }
  * whole blocks per row (their formats have no partial block). */
 static int is_valid(const blob_matrix *w) {
     const size_t block = blob_dtype_block(w->dtype);
-    const int layout_ok = w->layout == BLOB_LAYOUT_ROWS || (w->layout == BLOB_LAYOUT_INTERLEAVE8 && w->dtype == BLOB_Q8_0);
+    const int layout_ok = w->layout == BLOB_LAYOUT_ROWS ||
+                          (w->layout == BLOB_LAYOUT_INTERLEAVE8 && block > 0 && blob_ops()->interleave8[w->dtype] != NULL);
     return block > 0 && layout_ok && (!blob_is_block32_type(w->dtype) || w->cols % block == 0);
 }
 /* A matvec tile of several rows reads them as interleaved streams one row_stride apart, which

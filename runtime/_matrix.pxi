@@ -29,7 +29,7 @@ cdef class Matrix:
     `weight` is a 2-D numpy array (float32 'f32', float16 'f16', or bfloat16 bits as uint16
     'bf16'; rows may be strided, as the reader's views are over their row padding) or a
     quantized tensor with `.dtype`, `.shape` and `.planes` in DTypeSpec.planes order (the
-    reader's QuantizedTensor), or a q8_0 one whose `.layout` is "interleave8" (its rows
+    reader's QuantizedTensor), or a q8_0 / q4_0 one whose `.layout` is "interleave8" (its rows
     interleaved eight at a time, see _bind_interleaved). `dtype` names the type when the
     array's own dtype does not (bf16).
 
@@ -115,29 +115,32 @@ cdef class Matrix:
         self._keep = planes
 
     def _bind_interleaved(self, tensor):
-        """q8_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8): quants
-        (groups, blocks * 256) int8 and scales (groups, blocks * 8) float16, both packed."""
+        """Rows of a type of format.INTERLEAVED interleaved eight at a time (csrc/kernels.h,
+        BLOB_LAYOUT_INTERLEAVE8): quants (groups, one group's row_stride) of the type's quant
+        element (int8 q8_0, uint8 q4_0) and scales (groups, blocks * 8) float16, both packed."""
         kind = _weight_dtype(tensor.dtype)
-        if kind is not DType.Q8_0:
-            raise TypeError(f"{self.name}: the interleave8 layout is for q8_0 weights, found {kind.label}")
+        if kind.label not in INTERLEAVED:
+            raise TypeError(f"{self.name}: the interleave8 layout is for {sorted(INTERLEAVED)} weights, found {kind.label}")
         shape = tuple(tensor.shape)
-        lay = layout(kind, shape)
+        lay = layout(kind, shape, INTERLEAVE8)
         if len(shape) < 2 or lay.rows == 0 or lay.cols == 0:
             raise ValueError(f"{self.name}: expected a non-empty weight of at least 2 dimensions, found shape {shape}")
         groups = -(-lay.rows // BLOB_INTERLEAVE)
         planes = tuple(np.asarray(p) for p in tensor.planes)
-        expected = ((np.dtype(np.int8), lay.blocks * 256), (np.dtype("<f2"), lay.blocks * BLOB_INTERLEAVE))
+        quant_plane, scale_plane = kind.spec.planes
+        widths = (lay.row_stride // quant_plane.numpy.itemsize, lay.blocks * BLOB_INTERLEAVE)
+        expected = tuple(zip((quant_plane.numpy, scale_plane.numpy), widths))
         if len(planes) != 2 or any(p.dtype != dt or p.shape != (groups, width) or not p.flags.c_contiguous
                                    for p, (dt, width) in zip(planes, expected)):
-            raise ValueError(f"{self.name}: interleave8 q8_0 planes must be packed int8 ({groups}, {lay.blocks * 256}) "
-                             f"and float16 ({groups}, {lay.blocks * BLOB_INTERLEAVE}); found "
-                             f"{[(str(p.dtype), p.shape) for p in planes]}")
+            raise ValueError(f"{self.name}: interleave8 {kind.label} planes must be packed "
+                             f"{quant_plane.numpy} ({groups}, {widths[0]}) and float16 ({groups}, {widths[1]}); "
+                             f"found {[(str(p.dtype), p.shape) for p in planes]}")
         self.dtype = kind.label
         self.m.dtype = kind
         self.m.layout = BLOB_LAYOUT_INTERLEAVE8
         for i, plane in enumerate(planes):
             self.m.plane[i] = <const void *><uintptr_t>_address(plane)
-        self.m.row_stride_bytes = lay.blocks * 32
+        self.m.row_stride_bytes = lay.row_stride // BLOB_INTERLEAVE
         self.m.rows, self.m.cols = lay.rows, lay.cols
         self._keep = planes
 

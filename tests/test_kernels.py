@@ -208,40 +208,60 @@ def test_batched_decode_equals_lone_decode_bitwise(isa, threads, dtype, nblocks,
     check_matmul(dtype, w, x, lone.astype(np.float64))
 
 
-# ---- q8_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8) ----
+# ---- q8_0 and q4_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8) ----
 
-def q8_0_planes(rows: int, cols: int, rng):
-    """Random q8_0 planes (quants padded to the row stride, scales) and the values they stand for."""
-    planes = quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), "q8_0")
-    return planes, quant.dequantize(planes, cols, "q8_0")
+def quantized_planes(dtype: str, rows: int, cols: int, rng):
+    """Random q8_0 / q4_0 planes (quants padded to the row stride, scales) and the values they stand for."""
+    planes = quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), dtype)
+    return planes, quant.dequantize(planes, cols, dtype)
 
 
-def interleave8(planes, rows: int, cols: int):
-    """q8_0 planes (quants padded to the row stride, scales) rearranged as the interleave8 layout,
-    written out from its definition: group g = rows 8g .. 8g+7 (the last completed with zero rows),
-    block b of a group 256 bytes whose bytes 16i + 2j, 16i + 2j + 1 are levels 2i, 2i + 1 of row j."""
+def stored_levels(dtype: str, quants, nb: int):
+    """(rows, nb * 32) stored levels of planar quants: q8_0's bytes, q4_0's nibbles (byte i of a
+    block: level i low, level i + 16 high; each level + 8)."""
+    if dtype == "q8_0":
+        return quants[:, :nb * 32]
+    packed = quants[:, :nb * 16].reshape(len(quants), nb, 16)
+    return np.concatenate([packed & 15, packed >> 4], axis=2).reshape(len(quants), nb * 32)
+
+
+def interleave8(dtype: str, planes, rows: int, cols: int):
+    """q8_0 / q4_0 planes rearranged as the interleave8 layout, written out from its definition:
+    group g = rows 8g .. 8g+7 (the last completed with level-0 rows), block b of a group 256
+    (q8_0) or 128 (q4_0) bytes. q8_0: bytes 16i + 2j, 16i + 2j + 1 are levels 2i, 2i + 1 of row j;
+    q4_0: byte 32c + 4j + m holds level 8c + m of row j low and 8c + 4 + m high."""
     nb, groups = -(-cols // 32), -(-rows // 8)
     r, k, b = np.arange(rows)[:, None], np.arange(nb * 32)[None, :], np.arange(nb)[None, :]
-    quants = np.zeros((groups, nb * 256), np.int8)   # rows of the last group beyond `rows` stay zero
-    quants[r // 8, 256 * (k // 32) + 16 * (k % 32 // 2) + 2 * (r % 8) + k % 2] = planes[0][:, :nb * 32]
+    levels, i = stored_levels(dtype, planes[0], nb), k % 32
+    if dtype == "q8_0":
+        quants = np.zeros((groups, nb * 256), np.int8)
+        quants[r // 8, 256 * (k // 32) + 16 * (i // 2) + 2 * (r % 8) + i % 2] = levels
+    else:
+        quants = np.full((groups, nb * 128), 0x88, np.uint8)
+        at = (r // 8, 128 * (k // 32) + 32 * (i // 8) + 4 * (r % 8) + i % 4)
+        high = np.broadcast_to(i // 4 % 2 == 1, levels.shape)
+        quants[at] = 0
+        np.bitwise_or.at(quants, at, np.where(high, levels << 4, levels).astype(np.uint8))
     scales = np.zeros((groups, nb * 8), np.float16)
     scales[r // 8, 8 * b + r % 8] = planes[1]
-    return types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=(rows, cols), planes=(quants, scales),
+    return types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), planes=(quants, scales),
                                  layout="interleave8")
 
 
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("shape", [(13, 100), (24, 640), (40, 608), (1, 31)])
 @pytest.mark.parametrize("n", [1, 3, 8, 70])
-def test_interleave8_equals_planar_scalar_bitwise(isa, threads, shape, n):
-    """Every path's product over interleaved q8_0 rows, decode and prefill, at 1 and 2 threads,
-    equals the scalar path's planar product bit for bit (the same exact block sums, then the same
-    float operations in block order); embedding rows read from it equal the planar ones. The
-    layout is written out here from its definition, and quant.interleave8 must agree."""
-    rng = np.random.default_rng(stable_seed("interleave8", shape, n))
-    planes, w = q8_0_planes(*shape, rng)
-    planar = K.Matrix(types.SimpleNamespace(dtype=blobstore.DType.Q8_0, shape=shape, planes=planes))
-    tensor = interleave8(planes, *shape)
-    for mine, library in zip(tensor.planes, quant.interleave8(*planes)):
+def test_interleave8_equals_planar_scalar_bitwise(isa, threads, dtype, shape, n):
+    """Every path's product over interleaved q8_0 / q4_0 rows, decode and prefill, at 1 and 2
+    threads, equals the scalar path's planar product bit for bit (the same exact block sums, then
+    the same float operations in block order); embedding rows read from it equal the planar ones.
+    The layout is written out here from its definition, and quant.interleave8 must agree."""
+    rng = np.random.default_rng(stable_seed("interleave8", dtype, shape, n))
+    planes, w = quantized_planes(dtype, *shape, rng)
+    kind = blobstore.DType.parse(dtype)
+    planar = K.Matrix(types.SimpleNamespace(dtype=kind, shape=shape, planes=planes))
+    tensor = interleave8(dtype, planes, *shape)
+    for mine, library in zip(tensor.planes, quant.interleave8(*planes, kind)):
         np.testing.assert_array_equal(library, mine)
     interleaved = K.Matrix(tensor)
     x = rng.standard_normal((n, shape[1])).astype(np.float32)
@@ -253,16 +273,18 @@ def test_interleave8_equals_planar_scalar_bitwise(isa, threads, shape, n):
         np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
     ids = np.array([0, shape[0] - 1], np.int64)
     np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
-    check_matmul("q8_0", w, x, expected.astype(np.float64))
+    check_matmul(dtype, w, x, expected.astype(np.float64))
 
 
 def test_interleave8_binding_checks_its_planes():
     rng = np.random.default_rng(5)
-    tensor = interleave8(q8_0_planes(9, 64, rng)[0], 9, 64)
-    with pytest.raises(TypeError, match="interleave8 layout is for q8_0"):
-        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q4_0}))
+    tensor = interleave8("q8_0", quantized_planes("q8_0", 9, 64, rng)[0], 9, 64)
+    with pytest.raises(TypeError, match="interleave8 layout is for .*'q8_0'.* found q4_1"):
+        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q4_1}))
     with pytest.raises(ValueError, match=r"int8 \(2, 512\)"):
         K.Matrix(types.SimpleNamespace(**{**vars(tensor), "planes": (tensor.planes[0][:1], tensor.planes[1])}))
+    with pytest.raises(ValueError, match=r"interleave8 q4_0 planes must be packed uint8 \(2, 256\)"):
+        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q4_0}))
 
 
 # ---- GGUF's block types (q4_1 .. q6_k): rows of whole blocks of 32 or 256 ----

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import convert
-from ..format import INTERLEAVE8, DType, layouts_of
+from ..format import INTERLEAVE8, INTERLEAVED, DType, layouts_of
 from .plan import DTYPE_CHOICES, KEEP, WEIGHT_DTYPES
 
 
@@ -44,9 +44,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "top token and it costs ~4 bits more per weight of that one matrix; q6_k under "
                              "q5_k_m; otherwise as --dtype")
     parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=INTERLEAVE8,
-                        help="how q8_0 tensors are arranged: interleave8 (rows in groups of eight, block by block: "
-                             "the tile the matrix kernels read fastest; needs a reader of format 1.2) or planar (row "
-                             "after row, as format 1.0 stores them). Default: interleave8")
+                        help=f"how {'/'.join(INTERLEAVED)} tensors are arranged: interleave8 (rows in groups of "
+                             "eight, block by block: the tile the matrix kernels read fastest; needs a reader of "
+                             "format 1.2 for q8_0, 1.3 for q4_0) or planar (row after row, as format 1.0 stores "
+                             "them). Default: interleave8"),
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")
     parser.add_argument("--allow-unknown", action="store_true",

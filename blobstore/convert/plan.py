@@ -81,7 +81,7 @@ class Options:
     allow_unknown: bool = False
     alignment: int = 4096
     strict: bool = False            # under KEEP, refuse a GGUF type that cannot be kept instead of re-quantizing it
-    layout: str = INTERLEAVE8       # how q8_0 tensors are arranged: planar or interleave8 (format.layouts_of)
+    layout: str = INTERLEAVE8       # how q8_0 / q4_0 tensors are arranged: planar or interleave8 (format.layouts_of)
 
 
 STORED_FORM_LABELS = {"transpose": "transposed", "flatten": "flattened"}   # in a record's source

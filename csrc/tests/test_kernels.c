@@ -482,33 +482,46 @@ static void check_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
-/* ---- q8_0 in BLOB_LAYOUT_INTERLEAVE8: every path bit-identical to the planar scalar tile ---- */
+/* ---- q8_0 and q4_0 in BLOB_LAYOUT_INTERLEAVE8: every path bit-identical to the planar scalar tile ---- */
 
-/* A q8_0 test weight's planes rearranged into BLOB_LAYOUT_INTERLEAVE8 (kernels.h), written out
- * here from the layout's definition; the rows completing the last group are zero. */
+/* A q8_0 or q4_0 test weight's planes rearranged into BLOB_LAYOUT_INTERLEAVE8 (kernels.h),
+ * written out here from the layout's definition; the rows completing the last group are zero. */
 typedef struct {
     blob_matrix m;
-    int8_t *quants;
+    uint8_t *quants;
     uint16_t *scales;
 } interleaved_weight;
 
+/* Byte offset, within group block bytes, of level i of the group's row j, and (q4_0) the
+ * nibble's shift: q8_0 pairs of levels 16 bytes apart, q4_0 levels 8c + m and 8c + 4 + m in the
+ * low and high nibble of byte 32c + 4j + m. */
+static size_t interleaved_byte(int dtype, size_t i, size_t j, int *shift) {
+    *shift = dtype == BLOB_Q4_0 ? 4 * (int)((i / 4) % 2) : 0;
+    return dtype == BLOB_Q4_0 ? 32 * (i / 8) + 4 * j + i % 4 : 16 * (i / 2) + 2 * j + i % 2;
+}
+
 static interleaved_weight interleave8(const test_weight *w) {
+    const int dtype = w->m.dtype;
     const size_t rows = w->m.rows, nb = blob_div_up(w->m.cols, BLOB_QBLOCK), groups = blob_div_up(rows, 8);
+    const size_t block_bytes = dtype == BLOB_Q4_0 ? 128 : 256;
     interleaved_weight iw;
-    iw.quants = (int8_t *)calloc(groups * nb * 256, 1);
+    iw.quants = (uint8_t *)calloc(groups * nb * block_bytes, 1);
     iw.scales = (uint16_t *)calloc(groups * nb * 8, sizeof(uint16_t));
     for (size_t r = 0; r < rows; r++)
         for (size_t k = 0; k < nb * BLOB_QBLOCK; k++) {
-            const size_t i = k % BLOB_QBLOCK;
-            iw.quants[(r / 8 * nb + k / BLOB_QBLOCK) * 256 + 16 * (i / 2) + 2 * (r % 8) + i % 2] =
-                ((const int8_t *)w->plane)[r * w->m.row_stride_bytes + k];
+            int shift;
+            const size_t at = (r / 8 * nb + k / BLOB_QBLOCK) * block_bytes + interleaved_byte(dtype, k % BLOB_QBLOCK, r % 8, &shift);
+            const int level = blob_weight_level((const uint8_t *)w->plane + r * w->m.row_stride_bytes, k, dtype);
+            iw.quants[at] |= (uint8_t)((dtype == BLOB_Q4_0 ? level + 8 : level & 255) << shift);
         }
     for (size_t r = 0; r < rows; r++)
         for (size_t b = 0; b < nb; b++) iw.scales[(r / 8 * nb + b) * 8 + r % 8] = w->scales[r * nb + b];
-    const blob_matrix m = {BLOB_Q8_0, {iw.quants, iw.scales}, nb * BLOB_QBLOCK, rows, w->m.cols, BLOB_LAYOUT_INTERLEAVE8};
+    const blob_matrix m = {dtype, {iw.quants, iw.scales}, nb * block_bytes / 8, rows, w->m.cols, BLOB_LAYOUT_INTERLEAVE8};
     iw.m = m;
     return iw;
 }
+
+static const int interleaved_dtypes[] = {BLOB_Q8_0, BLOB_Q4_0};
 
 /* The path's interleave8 tile over a whole matrix, as matmul.c calls it (16 rows, all tokens),
  * and through blob_matmul at 1 and 2 threads when `isa` is the current path's: each output equal
@@ -516,64 +529,69 @@ static interleaved_weight interleave8(const test_weight *w) {
 static void check_interleave8(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {13, 100}, {17, 640}, {24, 608}, {40, 64}};
     const size_t token_counts[] = {1, 2, 3, 5, 8, 70};
-    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        const size_t rows = shapes[s][0], cols = shapes[s][1];
-        test_weight w = make_weight(BLOB_Q8_0, rows, cols);
-        interleaved_weight iw = interleave8(&w);
-        for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
-            const size_t n = token_counts[c];
-            float *x = (float *)malloc(n * cols * sizeof(float));
-            float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
-            for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
-            run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-            quantized_acts qa = quantize_all(ops, x, n, cols, 16);
-            blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, NULL, NULL, NULL};
-            for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
-                ops->interleave8[BLOB_Q8_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
-            char what[80];
-            snprintf(what, sizeof what, "interleave8 tile q8_0 %zux%zu n=%zu", rows, cols, n);
-            expect_identical(what, path, y, ref, n * rows);
-            free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
-            free(x), free(y), free(ref);
+    for (size_t d = 0; d < sizeof interleaved_dtypes / sizeof *interleaved_dtypes; d++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            const int dtype = interleaved_dtypes[d], bits = blob_act_bits(dtype);
+            const size_t rows = shapes[s][0], cols = shapes[s][1];
+            test_weight w = make_weight(dtype, rows, cols);
+            interleaved_weight iw = interleave8(&w);
+            for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
+                const size_t n = token_counts[c];
+                float *x = (float *)malloc(n * cols * sizeof(float));
+                float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+                for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
+                run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+                quantized_acts qa = quantize_all(ops, x, n, cols, bits);
+                blob_acts a = {x, cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
+                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL};
+                for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
+                    ops->interleave8[dtype](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
+                char what[80];
+                snprintf(what, sizeof what, "interleave8 tile %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
+                expect_identical(what, path, y, ref, n * rows);
+                free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+                free(x), free(y), free(ref);
+            }
+            free_weight(&w);
+            free(iw.quants), free(iw.scales);
         }
-        free_weight(&w);
-        free(iw.quants), free(iw.scales);
-    }
 }
 
 /* blob_matmul over an interleaved matrix on the selected path: decode (n <= 8) and prefill, 1 and 2
  * threads, equal bit for bit to the planar scalar tile; blob_embed's rows equal the planar ones. */
 static void check_interleave8_api(const char *path) {
     const size_t rows = 67, cols = 300, n_max = 70;
-    test_weight w = make_weight(BLOB_Q8_0, rows, cols);
-    interleaved_weight iw = interleave8(&w);
     float *x = (float *)malloc(n_max * cols * sizeof(float));
     float *y = (float *)malloc(n_max * rows * sizeof(float)), *ref = (float *)malloc(n_max * rows * sizeof(float));
     for (size_t k = 0; k < n_max * cols; k++) x[k] = next_float();
-    const size_t token_counts[] = {1, 4, 8, 70};
-    for (size_t c = 0; c < 4; c++) {
-        const size_t n = token_counts[c];
-        run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-        for (int threads = 1; threads <= 2; threads++) {
-            blob_threads_set(threads);
-            if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 status", path, 1, 0, 0);
-            char what[80];
-            snprintf(what, sizeof what, "blob_matmul interleave8 q8_0 n=%zu threads=%d", n, threads);
-            expect_identical(what, path, y, ref, n * rows);
+    for (size_t d = 0; d < sizeof interleaved_dtypes / sizeof *interleaved_dtypes; d++) {
+        test_weight w = make_weight(interleaved_dtypes[d], rows, cols);
+        interleaved_weight iw = interleave8(&w);
+        const size_t token_counts[] = {1, 4, 8, 70};
+        for (size_t c = 0; c < 4; c++) {
+            const size_t n = token_counts[c];
+            run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+            for (int threads = 1; threads <= 2; threads++) {
+                blob_threads_set(threads);
+                if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 status", path, 1, 0, 0);
+                char what[80];
+                snprintf(what, sizeof what, "blob_matmul interleave8 %s n=%zu threads=%d", dtype_names[w.m.dtype], n, threads);
+                expect_identical(what, path, y, ref, n * rows);
+            }
         }
+        const int64_t ids[3] = {0, 9, 66};
+        float rows_planar[3 * 300], rows_interleaved[3 * 300];
+        blob_embed(&w.m, ids, 3, rows_planar);
+        blob_embed(&iw.m, ids, 3, rows_interleaved);
+        expect_identical("blob_embed interleave8 rows", path, rows_interleaved, rows_planar, 3 * cols);
+        blob_matrix f16 = iw.m;   /* a type without an interleaved tile */
+        f16.dtype = BLOB_F16;
+        checks++;
+        if (blob_matmul(&f16, x, cols, 1, y, rows) != BLOB_EINVAL) fail("blob_matmul interleaved f16 refused", path, 0, 0, 0);
+        free_weight(&w);
+        free(iw.quants), free(iw.scales);
     }
-    const int64_t ids[3] = {0, 9, 66};
-    float rows_planar[3 * 300], rows_interleaved[3 * 300];
-    blob_embed(&w.m, ids, 3, rows_planar);
-    blob_embed(&iw.m, ids, 3, rows_interleaved);
-    expect_identical("blob_embed interleave8 rows", path, rows_interleaved, rows_planar, 3 * cols);
-    blob_matrix q4 = iw.m;   /* the layout is q8_0's only */
-    q4.dtype = BLOB_Q4_0;
-    checks++;
-    if (blob_matmul(&q4, x, cols, 1, y, rows) != BLOB_EINVAL) fail("blob_matmul interleaved q4_0 refused", path, 0, 0, 0);
     free(x), free(y), free(ref);
-    free_weight(&w);
-    free(iw.quants), free(iw.scales);
 }
 
 /* ---- q4_1 .. q6_k: each path's tiles bit-identical to the scalar reference ---- */
