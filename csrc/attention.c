@@ -14,7 +14,8 @@ typedef struct {
     const float *q;
     float *out;
     size_t heads_per_item;   /* query heads per item: the GQA group, or a part of it */
-    float *scratch;          /* (threads, heads_per_item, scores_stride) */
+    float *scratch;          /* per thread: (heads_per_item, scores_stride) scores, then (heads_per_item,)
+                                1 / totals, padded to 64 bytes (per_thread_floats) */
     size_t scores_stride;
     volatile size_t next;
 } attention_job;
@@ -36,15 +37,20 @@ static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_byt
                                      scores, stride);
 }
 
-/* Soft-cap and softmax one head's scores in place; returns 1 / (sum of the exponentials). */
+/* Soft-cap and softmax one head's scores in place; returns 1 / (sum of the exponentials). The
+ * scale and cap are read into locals first: the scores could alias *a, so the compiler would
+ * reload them, and test the cap, at every score. */
 static float softmax_scores(const blob_attention *a, float *scores, size_t count) {
+    const float scale = a->scale, softcap = a->softcap;
     float max_score = -INFINITY;
-    for (size_t c = 0; c < count; c++) {
-        float s = scores[c] * a->scale;
-        if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
-        scores[c] = s;
-        max_score = fmaxf(max_score, s);
-    }
+    if (softcap > 0.0f)
+        for (size_t c = 0; c < count; c++) scores[c] = softcap * tanhf(scores[c] * scale / softcap);
+    else
+        for (size_t c = 0; c < count; c++) scores[c] *= scale;
+    /* fmaxf's result (NaN skipped; which zero wins does not change exp(s - max)), but inline:
+     * libm's fmaxf is a call per score */
+    for (size_t c = 0; c < count; c++)
+        if (scores[c] > max_score) max_score = scores[c];
     float total = 0.0f;
     for (size_t c = 0; c < count; c++) {
         scores[c] = expf(scores[c] - max_score);
@@ -64,7 +70,8 @@ static size_t last_visible(const blob_attention *a, size_t p) {
 /* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j], for the
  * heads h0 .. h0 + heads - 1, which share one KV head; row i of the job is query i - row0 of
  * sequence s. */
-static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size_t h0, size_t heads, float *scores) {
+static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size_t h0, size_t heads, float *scores,
+                   float *inv_totals) {
     const blob_attention *a = &j->a[s];
     const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
     const size_t p = j->p0[s] + i - row0;
@@ -75,25 +82,29 @@ static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size
     const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
     key_scores(j->ops, k, a->k_pos_stride * es, count, a, j->q + (i * a->n_heads + h0) * hd, heads, scores,
                j->scores_stride);
-    for (size_t h = 0; h < heads; h++) {
-        float *row = scores + h * j->scores_stride, *o = j->out + (i * a->n_heads + h0 + h) * hd;
-        const float inv_total = softmax_scores(a, row, count);
-        memset(o, 0, hd * sizeof(float));
-        j->ops->axpy_rows(o, row, v, a->v_pos_stride, count, hd, a->kv_dtype);
-        for (size_t d = 0; d < hd; d++) o[d] *= inv_total;
-    }
+    float *o = j->out + (i * a->n_heads + h0) * hd;
+    for (size_t h = 0; h < heads; h++) inv_totals[h] = softmax_scores(a, scores + h * j->scores_stride, count);
+    j->ops->weighted_rows(o, hd, scores, j->scores_stride, heads, v, a->v_pos_stride, count, hd, a->kv_dtype);
+    for (size_t h = 0; h < heads; h++)
+        for (size_t d = 0; d < hd; d++) o[h * hd + d] *= inv_totals[h];
+}
+
+/* A thread's scratch: its heads' scores, then their 1 / (sum of exponentials), in 64-byte lines. */
+static size_t per_thread_floats(size_t heads, size_t scores_stride) {
+    return heads * scores_stride + ((heads + 15) & ~(size_t)15);
 }
 
 static void attention_task(void *ctx, int ith, int nth) {
     attention_job *j = (attention_job *)ctx;
     (void)nth;
-    float *scores = j->scratch + (size_t)ith * j->heads_per_item * j->scores_stride;
+    float *scores = j->scratch + (size_t)ith * per_thread_floats(j->heads_per_item, j->scores_stride);
+    float *inv_totals = scores + j->heads_per_item * j->scores_stride;
     const size_t slices = j->a->n_heads / j->heads_per_item, items = j->rows * slices;
     for (size_t item; (item = blob_next_item(&j->next)) < items;) {
         const size_t row = item / slices;
         size_t s = 0, row0 = 0;
         while (row >= row0 + j->n[s]) row0 += j->n[s++];   /* a few sequences at most: a scan */
-        attend(j, s, row0, row, (item % slices) * j->heads_per_item, j->heads_per_item, scores);
+        attend(j, s, row0, row, (item % slices) * j->heads_per_item, j->heads_per_item, scores, inv_totals);
     }
 }
 
@@ -139,8 +150,8 @@ int blob_attention_run_batch(const blob_attention *a, size_t count, const float 
 
     blob_call_lock();
     job.heads_per_item = heads_per_item(a, job.rows);
-    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() * job.heads_per_item * job.scores_stride *
-                                          sizeof(float));
+    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() *
+                                          per_thread_floats(job.heads_per_item, job.scores_stride) * sizeof(float));
     int status = job.scratch ? BLOB_OK : BLOB_ENOMEM;
     if (status == BLOB_OK) blob_pool_run(attention_task, &job);
     blob_call_unlock();

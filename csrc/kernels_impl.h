@@ -438,10 +438,14 @@ typedef struct blob_isa_ops {
      * levels rint(x * (1/d)): int8 with QMAX 127, int16 with QMAX 32639 */
     void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
     void (*quantize_row16)(const float *x, size_t n, int16_t *q, float *d);
-    /* y (n,) += sum_i alpha[i] * rows[i] over `count` rows of n values in `dtype` (f32 or
-     * f16), row i at rows + i*stride elements: attention's weighted sum of values. */
-    void (*axpy_rows)(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
-                      size_t n, int dtype);
+    /* Y_h (n,) = sum over i < count of alpha_h[i] * rows[i], for h < heads (Y_h at y + h*y_stride,
+     * alpha_h at alpha + h*alpha_stride), over rows of n values in `dtype` (f32 or f16), row i at
+     * rows + i*stride elements: attention's weighted sum of values for the query heads that
+     * share them, each row read once for all of them. Every element is the same on each path
+     * whatever `heads`: +0, then one multiply-add per row in row order (fused on the vector
+     * paths, multiply then add on scalar and in the tails past a multiple of 8). */
+    void (*weighted_rows)(float *y, size_t y_stride, const float *alpha, size_t alpha_stride, size_t heads,
+                          const void *rows, size_t stride, size_t count, size_t n, int dtype);
     /* out[k] = act(gate[k]) * up[k] for k < count (blob_gated_act1); out may be gate */
     void (*gated_act)(const float *gate, const float *up, size_t count, int act, float *out);
     /* out = x * blob_inv_rms(sum of x[k]^2 in double) * (offset + w), one row of d; out may be x */

@@ -16,7 +16,8 @@
  * - q8_0 in BLOB_LAYOUT_INTERLEAVE8: each path's tile, and blob_matmul (decode and prefill, 1 and
  *   2 threads) and blob_embed on each selectable path, bit-identical to the planar scalar tile
  *   and rows, partial groups of rows and blocks included;
- * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
+ * - weighted_rows over f32 and f16 (attention's weighted sum of values; heads together
+ *   bit-identical to each alone), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
@@ -665,19 +666,32 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
-static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
-    const size_t sizes[] = {1, 7, 8, 9, 64, 100};
+/* weighted_rows over f32 and f16 rows: within rounding of scalar's (which multiplies, then
+ * adds), and on each path every head's sums bit-identical to that head's alone, so that
+ * attention's output does not depend on how many heads a work item takes. Sizes cover the
+ * register tile's columns, one vector, the tail past a multiple of 8, and 1..6 heads (x86
+ * and NEON take four at a time). */
+static void check_weighted_rows(const blob_isa_ops *ops, const char *path) {
+    enum { MAX_N = 100, MAX_HEADS = 6, COUNT = 7 };
+    const size_t sizes[] = {1, 7, 8, 9, 24, 64, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
         for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-            const size_t n = sizes[i], count = 7;   /* x86 takes four rows at a time */
-            test_weight a = make_weight(dtype, count, n);   /* rows 64 bytes apart, like a cache */
+            const size_t n = sizes[i];
+            test_weight a = make_weight(dtype, COUNT, n);   /* rows 64 bytes apart, like a cache */
             const size_t stride = a.m.row_stride_bytes / blob_cache_elem_size(dtype);
-            float alpha[7], y1[100], y2[100];
-            for (size_t k = 0; k < n; k++) y1[k] = y2[k] = next_float();
-            for (size_t r = 0; r < count; r++) alpha[r] = next_float();
-            ops->axpy_rows(y1, alpha, a.plane, stride, count, n, dtype);
-            blob_ops_scalar.axpy_rows(y2, alpha, a.plane, stride, count, n, dtype);
-            for (size_t k = 0; k < n; k++) expect_close("axpy_rows", path, y1[k], y2[k], 1e-5);
+            float alpha[MAX_HEADS][COUNT + 1], y[MAX_HEADS][MAX_N], ref[MAX_HEADS][MAX_N], alone[MAX_N];
+            for (size_t h = 0; h < MAX_HEADS; h++)
+                for (size_t r = 0; r < COUNT; r++) alpha[h][r] = next_float();
+            for (size_t heads = 1; heads <= MAX_HEADS; heads++) {
+                ops->weighted_rows(&y[0][0], MAX_N, &alpha[0][0], COUNT + 1, heads, a.plane, stride, COUNT, n, dtype);
+                blob_ops_scalar.weighted_rows(&ref[0][0], MAX_N, &alpha[0][0], COUNT + 1, heads, a.plane, stride, COUNT, n,
+                                              dtype);
+                for (size_t h = 0; h < heads; h++) {
+                    ops->weighted_rows(alone, MAX_N, alpha[h], COUNT + 1, 1, a.plane, stride, COUNT, n, dtype);
+                    expect_identical("weighted_rows heads together vs alone", path, y[h], alone, n);
+                    for (size_t k = 0; k < n; k++) expect_close("weighted_rows vs scalar", path, y[h][k], ref[h][k], 1e-5);
+                }
+            }
             free_weight(&a);
         }
     }
@@ -1163,7 +1177,7 @@ int main(void) {
         check_tiles(paths[i].ops, paths[i].name);
         check_block_tiles(paths[i].ops, paths[i].name);
         check_interleave8(paths[i].ops, paths[i].name);
-        check_axpy_rows(paths[i].ops, paths[i].name);
+        check_weighted_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
         check_softmax(paths[i].ops, paths[i].name);
