@@ -1,9 +1,12 @@
 /* Causal grouped-query attention (bidirectional inside image spans) over KV caches (f32 or f16), for one decode token, a prefill
  * batch, or each of several sequences' run of tokens (a batched step: prompt chunks and decode tokens), in one job. One work
- * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
- * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
- * per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.
- * A head's result does not depend on the slicing or the thread count. */
+ * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come
+ * from one pass over the keys (the matmul tiles, heads as tokens), so a GQA group reads its keys once, not once per head.
+ * Each head's scores go to a per-thread scratch row, are soft-capped and exponentiated with the path's exp_row (one function,
+ * blob_exp_same, on every path: vectorized, where libm's expf took a call per score) and summed in key order; the value rows
+ * are then weighted for all the slice's heads at once (weighted_rows: each row read once for the slice), each output element
+ * the same chain of multiply-adds in key order whatever the slicing. So a head's result depends neither on the slicing nor
+ * on the thread count, and a query's is the same in decode, a batched step, a speculative verify or a prefill. */
 #include "kernels_impl.h"
 
 typedef struct {
@@ -37,10 +40,10 @@ static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_byt
                                      scores, stride);
 }
 
-/* Soft-cap and softmax one head's scores in place; returns 1 / (sum of the exponentials). The
- * scale and cap are read into locals first: the scores could alias *a, so the compiler would
- * reload them, and test the cap, at every score. */
-static float softmax_scores(const blob_attention *a, float *scores, size_t count) {
+/* Scale (and soft-cap) one head's scores in place; returns their max. The scale and cap are
+ * read into locals first: the scores could alias *a, so the compiler would reload them, and
+ * test the cap, at every score. */
+static float scaled_scores(const blob_attention *a, float *scores, size_t count) {
     const float scale = a->scale, softcap = a->softcap;
     float max_score = -INFINITY;
     if (softcap > 0.0f)
@@ -51,12 +54,21 @@ static float softmax_scores(const blob_attention *a, float *scores, size_t count
      * libm's fmaxf is a call per score */
     for (size_t c = 0; c < count; c++)
         if (scores[c] > max_score) max_score = scores[c];
-    float total = 0.0f;
-    for (size_t c = 0; c < count; c++) {
-        scores[c] = expf(scores[c] - max_score);
-        total += scores[c];
+    return max_score;
+}
+
+/* totals[h] = the sum of row h's `count` values in order, for h < heads (rows `stride` apart):
+ * four rows' sums at a time, so that four chains of adds overlap (a last group repeats its last
+ * row and drops the surplus). */
+static void row_sums(const float *rows, size_t stride, size_t heads, size_t count, float *totals) {
+    for (size_t h0 = 0; h0 < heads; h0 += 4) {
+        const float *r[4];
+        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (size_t k = 0; k < 4; k++) r[k] = rows + blob_min(h0 + k, heads - 1) * stride;
+        for (size_t c = 0; c < count; c++)
+            for (size_t k = 0; k < 4; k++) t[k] += r[k][c];
+        for (size_t k = 0; k < 4 && h0 + k < heads; k++) totals[h0 + k] = t[k];
     }
-    return 1.0f / total;
 }
 
 /* The last key position p sees: its own, or the last of the image span holding it (a few
@@ -83,7 +95,12 @@ static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size
     key_scores(j->ops, k, a->k_pos_stride * es, count, a, j->q + (i * a->n_heads + h0) * hd, heads, scores,
                j->scores_stride);
     float *o = j->out + (i * a->n_heads + h0) * hd;
-    for (size_t h = 0; h < heads; h++) inv_totals[h] = softmax_scores(a, scores + h * j->scores_stride, count);
+    for (size_t h = 0; h < heads; h++) {   /* softmax: the exponentials, weighted below, then 1 / their sum */
+        float *row = scores + h * j->scores_stride;
+        j->ops->exp_row(row, count, scaled_scores(a, row, count));
+    }
+    row_sums(scores, j->scores_stride, heads, count, inv_totals);
+    for (size_t h = 0; h < heads; h++) inv_totals[h] = 1.0f / inv_totals[h];
     j->ops->weighted_rows(o, hd, scores, j->scores_stride, heads, v, a->v_pos_stride, count, hd, a->kv_dtype);
     for (size_t h = 0; h < heads; h++)
         for (size_t d = 0; d < hd; d++) o[h * hd + d] *= inv_totals[h];

@@ -281,9 +281,13 @@ static void softmax_row(float *x, size_t d, float scale) {
     for (size_t k = 0; k < d; k++) x[k] *= inv_total;
 }
 
+static void exp_row(float *x, size_t d, float shift) {
+    for (size_t k = 0; k < d; k++) x[k] = blob_exp_same(x[k] - shift);
+}
+
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, quantize_row16, weighted_rows, gated_act, rms_norm_row, softmax_row, read_sum,
+    quantize_row, quantize_row16, weighted_rows, gated_act, rms_norm_row, softmax_row, exp_row, read_sum,
     .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
     .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0},
 };

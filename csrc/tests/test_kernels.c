@@ -20,6 +20,7 @@
  *   bit-identical to each alone), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
+ *   attention's exp (exp_row) bit-identical to blob_exp_same, within 4 ulp of expf;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
@@ -766,6 +767,33 @@ static void check_softmax(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* exp_row bit-identical to blob_exp_same on every path (vector lanes and tails), and that
+ * within 4 ulp of libm's expf over the range softmax feeds it (x - max <= 0); the clamps: far
+ * below -87 it gives exp(-87), above 88 exp(88), -inf and +inf alike. */
+static void check_exp_row(const blob_isa_ops *ops, const char *path) {
+    enum { N = 1203 };
+    static float x[N], mine[N];
+    const float special[] = {0.0f, -0.0f, -87.0f, -87.5f, -1000.0f, 88.0f, 89.0f, 1e-30f, -1e-30f, 0.5f, -0.5f,
+                             0.34657359f, -0.34657359f, -INFINITY, INFINITY};
+    for (size_t k = 0; k < N; k++)
+        x[k] = k < sizeof special / sizeof *special ? special[k] : -95.0f * fabsf(next_float()) + (k % 7 == 0 ? 1.0f : 0.0f);
+    const size_t lengths[] = {N, 8, 3, 1, 13};
+    const float shifts[] = {0.0f, 1.0f, -2.5f};
+    for (size_t li = 0; li < sizeof lengths / sizeof *lengths; li++)
+        for (size_t si = 0; si < sizeof shifts / sizeof *shifts; si++) {
+            const size_t d = lengths[li];
+            const float shift = shifts[si];
+            memcpy(mine, x, d * sizeof(float));
+            ops->exp_row(mine, d, shift);
+            for (size_t k = 0; k < d; k++) {
+                const float arg = x[k] - shift, want = blob_exp_same(arg);
+                expect_close("exp_row vs blob_exp_same", path, mine[k], want, 0.0);
+                const float clamped = arg < BLOB_EXP_MIN ? BLOB_EXP_MIN : arg > BLOB_EXP_MAX ? BLOB_EXP_MAX : arg;
+                expect_close("blob_exp_same vs expf", path, want, expf(clamped), 4.0 * 1.2e-7 * expf(clamped));
+            }
+        }
+}
+
 static void check_read_sum(const blob_isa_ops *ops, const char *path) {
     enum { WORDS = 4096 };
     static _Alignas(64) uint64_t words[WORDS];
@@ -1181,6 +1209,7 @@ int main(void) {
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
         check_softmax(paths[i].ops, paths[i].name);
+        check_exp_row(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
