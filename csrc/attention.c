@@ -1,9 +1,12 @@
 /* Causal grouped-query attention (bidirectional inside image spans) over KV caches (f32 or f16), for one decode token, a prefill
  * batch, or each of several sequences' run of tokens (a batched step: prompt chunks and decode tokens), in one job. One work
- * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come from one pass over the keys (the matmul tiles, heads as
- * tokens), so a GQA group reads its keys once, not once per head. Each head's scores go to a
- * per-thread scratch row, are soft-capped and softmaxed exactly, and weight the value rows.
- * A head's result does not depend on the slicing or the thread count. */
+ * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come
+ * from one pass over the keys (the matmul tiles, heads as tokens), so a GQA group reads its keys once, not once per head.
+ * Each head's scores go to a per-thread scratch row, are soft-capped and exponentiated with the path's exp_row (one function,
+ * blob_exp_same, on every path: vectorized, where libm's expf took a call per score) and summed in key order; the value rows
+ * are then weighted for all the slice's heads at once (weighted_rows: each row read once for the slice), each output element
+ * the same chain of multiply-adds in key order whatever the slicing. So a head's result depends neither on the slicing nor
+ * on the thread count, and a query's is the same in decode, a batched step, a speculative verify or a prefill. */
 #include "kernels_impl.h"
 
 typedef struct {
@@ -14,7 +17,8 @@ typedef struct {
     const float *q;
     float *out;
     size_t heads_per_item;   /* query heads per item: the GQA group, or a part of it */
-    float *scratch;          /* (threads, heads_per_item, scores_stride) */
+    float *scratch;          /* per thread: (heads_per_item, scores_stride) scores, then (heads_per_item,)
+                                1 / totals, padded to 64 bytes (per_thread_floats) */
     size_t scores_stride;
     volatile size_t next;
 } attention_job;
@@ -36,21 +40,35 @@ static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_byt
                                      scores, stride);
 }
 
-/* Soft-cap and softmax one head's scores in place; returns 1 / (sum of the exponentials). */
-static float softmax_scores(const blob_attention *a, float *scores, size_t count) {
+/* Scale (and soft-cap) one head's scores in place; returns their max. The scale and cap are
+ * read into locals first: the scores could alias *a, so the compiler would reload them, and
+ * test the cap, at every score. */
+static float scaled_scores(const blob_attention *a, float *scores, size_t count) {
+    const float scale = a->scale, softcap = a->softcap;
     float max_score = -INFINITY;
-    for (size_t c = 0; c < count; c++) {
-        float s = scores[c] * a->scale;
-        if (a->softcap > 0.0f) s = a->softcap * tanhf(s / a->softcap);
-        scores[c] = s;
-        max_score = fmaxf(max_score, s);
+    if (softcap > 0.0f)
+        for (size_t c = 0; c < count; c++) scores[c] = softcap * tanhf(scores[c] * scale / softcap);
+    else
+        for (size_t c = 0; c < count; c++) scores[c] *= scale;
+    /* fmaxf's result (NaN skipped; which zero wins does not change exp(s - max)), but inline:
+     * libm's fmaxf is a call per score */
+    for (size_t c = 0; c < count; c++)
+        if (scores[c] > max_score) max_score = scores[c];
+    return max_score;
+}
+
+/* totals[h] = the sum of row h's `count` values in order, for h < heads (rows `stride` apart):
+ * four rows' sums at a time, so that four chains of adds overlap (a last group repeats its last
+ * row and drops the surplus). */
+static void row_sums(const float *rows, size_t stride, size_t heads, size_t count, float *totals) {
+    for (size_t h0 = 0; h0 < heads; h0 += 4) {
+        const float *r[4];
+        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (size_t k = 0; k < 4; k++) r[k] = rows + blob_min(h0 + k, heads - 1) * stride;
+        for (size_t c = 0; c < count; c++)
+            for (size_t k = 0; k < 4; k++) t[k] += r[k][c];
+        for (size_t k = 0; k < 4 && h0 + k < heads; k++) totals[h0 + k] = t[k];
     }
-    float total = 0.0f;
-    for (size_t c = 0; c < count; c++) {
-        scores[c] = expf(scores[c] - max_score);
-        total += scores[c];
-    }
-    return 1.0f / total;
 }
 
 /* The last key position p sees: its own, or the last of the image span holding it (a few
@@ -64,7 +82,8 @@ static size_t last_visible(const blob_attention *a, size_t p) {
 /* OUT[i, h] = softmax over visible keys j of score(Q[i, h], K[j]) weighting V[j], for the
  * heads h0 .. h0 + heads - 1, which share one KV head; row i of the job is query i - row0 of
  * sequence s. */
-static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size_t h0, size_t heads, float *scores) {
+static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size_t h0, size_t heads, float *scores,
+                   float *inv_totals) {
     const blob_attention *a = &j->a[s];
     const size_t hd = a->head_dim, es = blob_cache_elem_size(a->kv_dtype);
     const size_t p = j->p0[s] + i - row0;
@@ -75,25 +94,34 @@ static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size
     const uint8_t *v = (const uint8_t *)a->v + (kv_head * a->v_head_stride + first * a->v_pos_stride) * es;
     key_scores(j->ops, k, a->k_pos_stride * es, count, a, j->q + (i * a->n_heads + h0) * hd, heads, scores,
                j->scores_stride);
-    for (size_t h = 0; h < heads; h++) {
-        float *row = scores + h * j->scores_stride, *o = j->out + (i * a->n_heads + h0 + h) * hd;
-        const float inv_total = softmax_scores(a, row, count);
-        memset(o, 0, hd * sizeof(float));
-        j->ops->axpy_rows(o, row, v, a->v_pos_stride, count, hd, a->kv_dtype);
-        for (size_t d = 0; d < hd; d++) o[d] *= inv_total;
+    float *o = j->out + (i * a->n_heads + h0) * hd;
+    for (size_t h = 0; h < heads; h++) {   /* softmax: the exponentials, weighted below, then 1 / their sum */
+        float *row = scores + h * j->scores_stride;
+        j->ops->exp_row(row, count, scaled_scores(a, row, count));
     }
+    row_sums(scores, j->scores_stride, heads, count, inv_totals);
+    for (size_t h = 0; h < heads; h++) inv_totals[h] = 1.0f / inv_totals[h];
+    j->ops->weighted_rows(o, hd, scores, j->scores_stride, heads, v, a->v_pos_stride, count, hd, a->kv_dtype);
+    for (size_t h = 0; h < heads; h++)
+        for (size_t d = 0; d < hd; d++) o[h * hd + d] *= inv_totals[h];
+}
+
+/* A thread's scratch: its heads' scores, then their 1 / (sum of exponentials), in 64-byte lines. */
+static size_t per_thread_floats(size_t heads, size_t scores_stride) {
+    return heads * scores_stride + ((heads + 15) & ~(size_t)15);
 }
 
 static void attention_task(void *ctx, int ith, int nth) {
     attention_job *j = (attention_job *)ctx;
     (void)nth;
-    float *scores = j->scratch + (size_t)ith * j->heads_per_item * j->scores_stride;
+    float *scores = j->scratch + (size_t)ith * per_thread_floats(j->heads_per_item, j->scores_stride);
+    float *inv_totals = scores + j->heads_per_item * j->scores_stride;
     const size_t slices = j->a->n_heads / j->heads_per_item, items = j->rows * slices;
     for (size_t item; (item = blob_next_item(&j->next)) < items;) {
         const size_t row = item / slices;
         size_t s = 0, row0 = 0;
         while (row >= row0 + j->n[s]) row0 += j->n[s++];   /* a few sequences at most: a scan */
-        attend(j, s, row0, row, (item % slices) * j->heads_per_item, j->heads_per_item, scores);
+        attend(j, s, row0, row, (item % slices) * j->heads_per_item, j->heads_per_item, scores, inv_totals);
     }
 }
 
@@ -139,8 +167,8 @@ int blob_attention_run_batch(const blob_attention *a, size_t count, const float 
 
     blob_call_lock();
     job.heads_per_item = heads_per_item(a, job.rows);
-    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() * job.heads_per_item * job.scores_stride *
-                                          sizeof(float));
+    job.scratch = (float *)blob_workspace((size_t)blob_threads_get() *
+                                          per_thread_floats(job.heads_per_item, job.scores_stride) * sizeof(float));
     int status = job.scratch ? BLOB_OK : BLOB_ENOMEM;
     if (status == BLOB_OK) blob_pool_run(attention_task, &job);
     blob_call_unlock();

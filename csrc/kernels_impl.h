@@ -323,6 +323,33 @@ static inline float blob_gated_act1(float g, float u, int act) {
 #define BLOB_LN2_LO (-2.12194440e-4f)
 #define BLOB_EXP_POLY {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}
 
+/* exp(x) computed alike by every path, scalar and vector, bit for bit (attention's softmax,
+ * whose outputs the paths' decode, batched and prefill runs must agree on): exp8's steps
+ * (BLOB_EXP_*) without fused multiply-adds, which the scalar baseline lacks, each product and
+ * sum rounded in a statement of its own (no compiler contracts them), and n = rint(x log2(e))
+ * by adding and subtracting 1.5 * 2^23 (round to nearest even; |x log2(e)| <= 127 here).
+ * n * LN2_HI is exact, so the first reduction step rounds once, as a fused one would. Within
+ * a few ulp of expf; NaN stays NaN. */
+#define BLOB_ROUND_SHIFTER 12582912.0f   /* 1.5 * 2^23 */
+static inline float blob_exp_same(float x) {
+    static const float poly[] = BLOB_EXP_POLY;
+    if (x != x) return x;
+    if (x < BLOB_EXP_MIN) x = BLOB_EXP_MIN;
+    if (x > BLOB_EXP_MAX) x = BLOB_EXP_MAX;
+    float n = x * BLOB_LOG2E;
+    n = n + BLOB_ROUND_SHIFTER;
+    n = n - BLOB_ROUND_SHIFTER;
+    const float hi = n * BLOB_LN2_HI, lo = n * BLOB_LN2_LO;
+    float r = x - hi;
+    r = r - lo;
+    float p = poly[0];
+    for (size_t i = 1; i < sizeof poly / sizeof *poly; i++) {
+        p = p * r;
+        p = p + poly[i];
+    }
+    return p * blob_bits_f32((uint32_t)((int32_t)n + 127) << 23);
+}
+
 /* ---- RMSNorm ---- */
 
 /* 1 / rms of a row of d floats whose squares up to x[k) are summed, in double (exact enough for
@@ -449,10 +476,14 @@ typedef struct blob_isa_ops {
      * levels rint(x * (1/d)): int8 with QMAX 127, int16 with QMAX 32639 */
     void (*quantize_row)(const float *x, size_t n, int8_t *q, float *d);
     void (*quantize_row16)(const float *x, size_t n, int16_t *q, float *d);
-    /* y (n,) += sum_i alpha[i] * rows[i] over `count` rows of n values in `dtype` (f32 or
-     * f16), row i at rows + i*stride elements: attention's weighted sum of values. */
-    void (*axpy_rows)(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
-                      size_t n, int dtype);
+    /* Y_h (n,) = sum over i < count of alpha_h[i] * rows[i], for h < heads (Y_h at y + h*y_stride,
+     * alpha_h at alpha + h*alpha_stride), over rows of n values in `dtype` (f32 or f16), row i at
+     * rows + i*stride elements: attention's weighted sum of values for the query heads that
+     * share them, each row read once for all of them. Every element is the same on each path
+     * whatever `heads`: +0, then one multiply-add per row in row order (fused on the vector
+     * paths, multiply then add on scalar and in the tails past a multiple of 8). */
+    void (*weighted_rows)(float *y, size_t y_stride, const float *alpha, size_t alpha_stride, size_t heads,
+                          const void *rows, size_t stride, size_t count, size_t n, int dtype);
     /* out[k] = act(gate[k]) * up[k] for k < count (blob_gated_act1); out may be gate */
     void (*gated_act)(const float *gate, const float *up, size_t count, int act, float *out);
     /* out = x * blob_inv_rms(sum of x[k]^2 in double) * (offset + w), one row of d; out may be x */
@@ -460,6 +491,8 @@ typedef struct blob_isa_ops {
     /* x = softmax(x * scale), one row of d in place; vector paths exponentiate with the
      * polynomial (BLOB_EXP_*) and sum in lanes */
     void (*softmax_row)(float *x, size_t d, float scale);
+    /* x[k] = blob_exp_same(x[k] - shift) for k < d, in place: the same function on every path */
+    void (*exp_row)(float *x, size_t d, float shift);
     /* sum of the 64-bit words of `nbytes` (a multiple of 64) bytes: the bandwidth probe */
     uint64_t (*read_sum)(const void *data, size_t nbytes);
     /* Per dtype, 1 when its matmul tile takes any number of tokens (mm_rows x nt), so that it

@@ -244,10 +244,14 @@ BLOB_INLINE void axpy(float *y, float alpha, const void *x, size_t n, int dtype)
     for (size_t k = 0; k < n; k++) y[k] += alpha * blob_weight_f32(x, k, dtype);
 }
 
-static void axpy_rows(float *y, const float *alpha, const void *rows, size_t stride, size_t count,
-                      size_t n, int dtype) {
+static void weighted_rows(float *y, size_t y_stride, const float *alpha, size_t alpha_stride, size_t heads,
+                          const void *rows, size_t stride, size_t count, size_t n, int dtype) {
     const size_t step = stride * blob_cache_elem_size(dtype);
-    for (size_t i = 0; i < count; i++) axpy(y, alpha[i], (const uint8_t *)rows + i * step, n, dtype);
+    for (size_t h = 0; h < heads; h++) {
+        float *yh = y + h * y_stride;
+        memset(yh, 0, n * sizeof(float));
+        for (size_t i = 0; i < count; i++) axpy(yh, alpha[h * alpha_stride + i], (const uint8_t *)rows + i * step, n, dtype);
+    }
 }
 
 static uint64_t read_sum(const void *data, size_t nbytes) {
@@ -288,9 +292,13 @@ static void softmax_row(float *x, size_t d, float scale) {
     for (size_t k = 0; k < d; k++) x[k] *= inv_total;
 }
 
+static void exp_row(float *x, size_t d, float shift) {
+    for (size_t k = 0; k < d; k++) x[k] = blob_exp_same(x[k] - shift);
+}
+
 const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
-    quantize_row, quantize_row16, axpy_rows, gated_act, rms_norm_row, softmax_row, read_sum,
+    quantize_row, quantize_row16, weighted_rows, gated_act, rms_norm_row, softmax_row, exp_row, read_sum,
     .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
     .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0, [BLOB_Q4_0] = blob_scalar_interleave8_q4_0},
 };

@@ -16,9 +16,11 @@
  * - q8_0 in BLOB_LAYOUT_INTERLEAVE8: each path's tile, and blob_matmul (decode and prefill, 1 and
  *   2 threads) and blob_embed on each selectable path, bit-identical to the planar scalar tile
  *   and rows, partial groups of rows and blocks included;
- * - axpy_rows over f32 and f16 (attention's weighted sum), read_sum (the bandwidth probe);
+ * - weighted_rows over f32 and f16 (attention's weighted sum of values; heads together
+ *   bit-identical to each alone), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
+ *   attention's exp (exp_row) bit-identical to blob_exp_same, within 4 ulp of expf;
  * - the public API on each selectable path: blob_matmul and blob_attention_run vs scalar, and
  *   1 vs 2 (and 3 for matmul) threads bit-identical;
  * - the thread pool: every thread index runs once per job, at 2, 3 and 8 threads;
@@ -683,19 +685,32 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
-static void check_axpy_rows(const blob_isa_ops *ops, const char *path) {
-    const size_t sizes[] = {1, 7, 8, 9, 64, 100};
+/* weighted_rows over f32 and f16 rows: within rounding of scalar's (which multiplies, then
+ * adds), and on each path every head's sums bit-identical to that head's alone, so that
+ * attention's output does not depend on how many heads a work item takes. Sizes cover the
+ * register tile's columns, one vector, the tail past a multiple of 8, and 1..6 heads (x86
+ * and NEON take four at a time). */
+static void check_weighted_rows(const blob_isa_ops *ops, const char *path) {
+    enum { MAX_N = 100, MAX_HEADS = 6, COUNT = 7 };
+    const size_t sizes[] = {1, 7, 8, 9, 24, 64, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
         for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
-            const size_t n = sizes[i], count = 7;   /* x86 takes four rows at a time */
-            test_weight a = make_weight(dtype, count, n);   /* rows 64 bytes apart, like a cache */
+            const size_t n = sizes[i];
+            test_weight a = make_weight(dtype, COUNT, n);   /* rows 64 bytes apart, like a cache */
             const size_t stride = a.m.row_stride_bytes / blob_cache_elem_size(dtype);
-            float alpha[7], y1[100], y2[100];
-            for (size_t k = 0; k < n; k++) y1[k] = y2[k] = next_float();
-            for (size_t r = 0; r < count; r++) alpha[r] = next_float();
-            ops->axpy_rows(y1, alpha, a.plane, stride, count, n, dtype);
-            blob_ops_scalar.axpy_rows(y2, alpha, a.plane, stride, count, n, dtype);
-            for (size_t k = 0; k < n; k++) expect_close("axpy_rows", path, y1[k], y2[k], 1e-5);
+            float alpha[MAX_HEADS][COUNT + 1], y[MAX_HEADS][MAX_N], ref[MAX_HEADS][MAX_N], alone[MAX_N];
+            for (size_t h = 0; h < MAX_HEADS; h++)
+                for (size_t r = 0; r < COUNT; r++) alpha[h][r] = next_float();
+            for (size_t heads = 1; heads <= MAX_HEADS; heads++) {
+                ops->weighted_rows(&y[0][0], MAX_N, &alpha[0][0], COUNT + 1, heads, a.plane, stride, COUNT, n, dtype);
+                blob_ops_scalar.weighted_rows(&ref[0][0], MAX_N, &alpha[0][0], COUNT + 1, heads, a.plane, stride, COUNT, n,
+                                              dtype);
+                for (size_t h = 0; h < heads; h++) {
+                    ops->weighted_rows(alone, MAX_N, alpha[h], COUNT + 1, 1, a.plane, stride, COUNT, n, dtype);
+                    expect_identical("weighted_rows heads together vs alone", path, y[h], alone, n);
+                    for (size_t k = 0; k < n; k++) expect_close("weighted_rows vs scalar", path, y[h][k], ref[h][k], 1e-5);
+                }
+            }
             free_weight(&a);
         }
     }
@@ -768,6 +783,33 @@ static void check_softmax(const blob_isa_ops *ops, const char *path) {
         blob_ops_scalar.softmax_row(ref, d, 0.75f);
         for (size_t k = 0; k < d; k++) expect_close("softmax_row", path, mine[k], ref[k], 1e-5 * ref[k] + 1e-30);
     }
+}
+
+/* exp_row bit-identical to blob_exp_same on every path (vector lanes and tails), and that
+ * within 4 ulp of libm's expf over the range softmax feeds it (x - max <= 0); the clamps: far
+ * below -87 it gives exp(-87), above 88 exp(88), -inf and +inf alike. */
+static void check_exp_row(const blob_isa_ops *ops, const char *path) {
+    enum { N = 1203 };
+    static float x[N], mine[N];
+    const float special[] = {0.0f, -0.0f, -87.0f, -87.5f, -1000.0f, 88.0f, 89.0f, 1e-30f, -1e-30f, 0.5f, -0.5f,
+                             0.34657359f, -0.34657359f, -INFINITY, INFINITY};
+    for (size_t k = 0; k < N; k++)
+        x[k] = k < sizeof special / sizeof *special ? special[k] : -95.0f * fabsf(next_float()) + (k % 7 == 0 ? 1.0f : 0.0f);
+    const size_t lengths[] = {N, 8, 3, 1, 13};
+    const float shifts[] = {0.0f, 1.0f, -2.5f};
+    for (size_t li = 0; li < sizeof lengths / sizeof *lengths; li++)
+        for (size_t si = 0; si < sizeof shifts / sizeof *shifts; si++) {
+            const size_t d = lengths[li];
+            const float shift = shifts[si];
+            memcpy(mine, x, d * sizeof(float));
+            ops->exp_row(mine, d, shift);
+            for (size_t k = 0; k < d; k++) {
+                const float arg = x[k] - shift, want = blob_exp_same(arg);
+                expect_close("exp_row vs blob_exp_same", path, mine[k], want, 0.0);
+                const float clamped = arg < BLOB_EXP_MIN ? BLOB_EXP_MIN : arg > BLOB_EXP_MAX ? BLOB_EXP_MAX : arg;
+                expect_close("blob_exp_same vs expf", path, want, expf(clamped), 4.0 * 1.2e-7 * expf(clamped));
+            }
+        }
 }
 
 static void check_read_sum(const blob_isa_ops *ops, const char *path) {
@@ -1181,10 +1223,11 @@ int main(void) {
         check_tiles(paths[i].ops, paths[i].name);
         check_block_tiles(paths[i].ops, paths[i].name);
         check_interleave8(paths[i].ops, paths[i].name);
-        check_axpy_rows(paths[i].ops, paths[i].name);
+        check_weighted_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
         check_softmax(paths[i].ops, paths[i].name);
+        check_exp_row(paths[i].ops, paths[i].name);
         check_read_sum(paths[i].ops, paths[i].name);
         printf("path %-13s %s\n", paths[i].name, failures == before ? "ok" : "FAILED");
     }
