@@ -1,4 +1,4 @@
-"""q8_0 and q4_0 weights in the planar row layout against rows interleaved eight at a time (interleave8).
+"""q8_0, q4_0 and q5_0 weights in the planar row layout against rows interleaved eight at a time (interleave8).
 
 Same weights, same activations, one thread: each product timed in the two layouts alternately
 (best of --rounds), on Gemma 3 270M's matrix shapes and a 4096 x 4096 one, at a prefill of
@@ -27,7 +27,7 @@ def compare(dtype: DType, rows: int, cols: int, n: int, rounds: int, rng) -> str
     planes = quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), dtype.label)
     planar = K.Matrix(types.SimpleNamespace(dtype=dtype, shape=(rows, cols), planes=planes))
     interleaved = K.Matrix(types.SimpleNamespace(dtype=dtype, shape=(rows, cols),
-                                                 planes=quant.interleave8(*planes, dtype), layout="interleave8"))
+                                                 planes=quant.interleave8(planes, dtype), layout="interleave8"))
     x = rng.standard_normal((n, cols)).astype(np.float32)
     isa = K.get_isa()
     K.set_isa("scalar")

@@ -3,7 +3,7 @@
     blob-pack convert SRC -o OUT.blob     a Hugging Face folder or Hub id, or a GGUF file → a blob file
     blob-pack inspect FILE [--json]     what is inside: version, metadata, every tensor
     blob-pack verify FILE               check every checksum (exit 1 names the damaged blobs)
-    blob-pack relayout SRC -o OUT --layout L   the same file with its q8_0 tensors arranged as L
+    blob-pack relayout SRC -o OUT --layout L   the same file with its q8_0/q4_0/q5_0 tensors arranged as L
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def run_relayout(args) -> int:
     except (ValueError, OSError) as error:
         print(f"blob-pack relayout: error: {error}", file=sys.stderr)
         return 1
-    print(f"{args.output}: {changed} q8_0 tensor(s) rewritten as {args.layout}")
+    print(f"{args.output}: {changed} {'/'.join(INTERLEAVED)} tensor(s) rewritten as {args.layout}")
     return 0
 
 

@@ -59,10 +59,11 @@ class Interleaved:
     since: str
 
 
-# Per type: FORMAT.md §5.5 (q8_0), §5.6 (q4_0).
+# Per type: FORMAT.md §5.5 (q8_0), §5.6 (q4_0), §5.7 (q5_0).
 INTERLEAVED = {
     "q8_0": Interleaved("interleave8", "1.2"),
     "q4_0": Interleaved("interleave8_q4_0", "1.3"),
+    "q5_0": Interleaved("interleave8_q5_0", "1.3"),
 }
 LAYOUT_FEATURES = {i.feature: i.since for i in INTERLEAVED.values()}
 
@@ -322,9 +323,9 @@ class Layout:
     Every tensor is `rows` rows of `cols` values, rows = product of all but the last dimension.
     Plain dtypes: rows of `row_stride` bytes. Quantized dtypes: the first plane (quants) in rows
     of `row_stride` bytes, then each later plane packed, rows x `blocks` x its per-block elements,
-    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`). Interleave8 (q8_0, q4_0): the
-    quants in groups of INTERLEAVE rows, `row_stride` bytes a group, then the groups' scales
-    (FORMAT.md §5.5, §5.6).
+    at `plane_offsets[i]` (the scales, plane 1, at `scales_offset`). Interleave8 (format.INTERLEAVED):
+    each plane in groups of INTERLEAVE rows, the first `row_stride` bytes a group, every plane at
+    its `plane_offsets[i]` (FORMAT.md §5.5 - §5.7).
     """
 
     rows: int
@@ -354,6 +355,8 @@ def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Lay
     Layout(rows=3, cols=40, row_stride=512, blocks=2, scales_offset=512, nbytes=544, plane_offsets=(0, 512), kind='interleave8')
     >>> layout(DType.Q4_0, (3, 40), INTERLEAVE8)   # q4_0's: 2 blocks of 128 bytes
     Layout(rows=3, cols=40, row_stride=256, blocks=2, scales_offset=256, nbytes=288, plane_offsets=(0, 256), kind='interleave8')
+    >>> layout(DType.Q5_0, (3, 96), INTERLEAVE8)   # q5_0's: nibbles, fifth bits, scales, each in groups
+    Layout(rows=3, cols=96, row_stride=384, blocks=3, scales_offset=384, nbytes=560, plane_offsets=(0, 384, 512), kind='interleave8')
     """
     rows, cols = rows_and_cols(shape)
     spec = dtype.spec
@@ -362,12 +365,12 @@ def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Lay
         raise ValueError(f"{dtype.label} cannot be stored as {kind!r}; its layouts are {list(layouts_of(dtype))}")
     blocks = -(-cols // spec.block)
     first, *packed = spec.planes
-    if kind == INTERLEAVE8:   # plane rows are groups of eight rows; both planes' sizes are multiples of 64
-        (scale,) = packed
-        groups, stride = -(-rows // INTERLEAVE), blocks * INTERLEAVE * first.block_bytes
-        scales_at = groups * stride
-        return Layout(rows, cols, stride, blocks, scales_at, scales_at + groups * blocks * INTERLEAVE * scale.block_bytes,
-                      (0, scales_at), kind)
+    if kind == INTERLEAVE8:   # every plane's rows are groups of eight rows, each plane from a 64-byte boundary
+        groups, offsets, end = -(-rows // INTERLEAVE), [], 0
+        for plane in spec.planes:
+            offsets.append(round_up(end, ROW_ALIGN))
+            end = offsets[-1] + groups * blocks * INTERLEAVE * plane.block_bytes
+        return Layout(rows, cols, blocks * INTERLEAVE * first.block_bytes, blocks, offsets[1], end, tuple(offsets), kind)
     stride = round_up(blocks * first.block_bytes, ROW_ALIGN)
     if not packed:
         return Layout(rows, cols, stride, 0, 0, rows * stride)

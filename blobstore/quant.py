@@ -164,18 +164,19 @@ def quantize(x: np.ndarray, dtype) -> tuple[np.ndarray, ...]:
     return quants, scales
 
 
-def interleave8(quants: np.ndarray, scales: np.ndarray, dtype: DType = DType.Q8_0) -> tuple[np.ndarray, np.ndarray]:
-    """q8_0 or q4_0 planes (quants (rows, >= one row's blocks), scales (rows, blocks)) rearranged
-    into the interleave8 layout the kernels read fastest (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8):
-    rows in groups of eight, the last completed with rows of level 0 and scale 0; group g's block b
-    holds the eight rows' block b in the type's tile (FORMAT.md §5.5 for q8_0, §5.6 for q4_0), its
-    eight scales side by side. Returns quants (groups, blocks * 8 * block bytes) and scales
-    (groups, blocks * 8).
+def interleave8(planes, dtype: DType = DType.Q8_0) -> tuple[np.ndarray, ...]:
+    """The planar planes of a type of format.INTERLEAVED (q8_0, q4_0: quants, scales; q5_0:
+    quants, high, scales; each (rows, ...) as quantize gives them) rearranged into the interleave8
+    layout the kernels read fastest (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8): rows in groups of
+    eight, the last completed with rows of level 0 and scale 0; group g's block b holds the eight
+    rows' block b in the type's tile (FORMAT.md §5.5 q8_0, §5.6 q4_0, §5.7 q5_0), its eight
+    scales side by side. Returns each plane as (groups, blocks * 8 * its bytes per block).
 
-    >>> q, s = interleave8(*quantize(np.arange(80, dtype=np.float32).reshape(2, 40), "q8_0"))
+    >>> q, s = interleave8(quantize(np.arange(80, dtype=np.float32).reshape(2, 40), "q8_0"))
     >>> q.shape, s.shape, int(q[0, 2]), int(q[0, 3])   # row 1's levels 0 and 1 follow row 0's
     ((1, 512), (1, 16), 72, 73)
     """
+    *quants, scales = planes
     rows, blocks = scales.shape
     groups = -(-rows // INTERLEAVE)
     levels = _levels_of(dtype, quants, blocks)
@@ -184,56 +185,65 @@ def interleave8(quants: np.ndarray, scales: np.ndarray, dtype: DType = DType.Q8_
     grouped_s = np.zeros((groups * INTERLEAVE, blocks), scales.dtype)
     grouped_s[:rows] = scales
     grouped_s = grouped_s.reshape(groups, INTERLEAVE, blocks).transpose(0, 2, 1)
-    return _TILES[dtype][0](grouped_q, groups, blocks), grouped_s.reshape(groups, blocks * INTERLEAVE)
+    return (*_TILES[dtype][0](grouped_q, groups, blocks), grouped_s.reshape(groups, blocks * INTERLEAVE))
 
 
-def deinterleave8(quants: np.ndarray, scales: np.ndarray, rows: int,
-                  dtype: DType = DType.Q8_0) -> tuple[np.ndarray, np.ndarray]:
-    """The planar q8_0 or q4_0 planes (quants (rows, blocks * block bytes), scales (rows, blocks))
-    of `rows` rows stored as interleave8 planes: the inverse of interleave8.
+def deinterleave8(planes, rows: int, dtype: DType = DType.Q8_0) -> tuple[np.ndarray, ...]:
+    """The planar planes (quants (rows, blocks * block bytes), [high (rows, blocks * 4),] scales
+    (rows, blocks)) of `rows` rows stored as interleave8 planes: the inverse of interleave8.
 
-    >>> q, s = quantize(np.arange(80, dtype=np.float32).reshape(2, 40), "q4_0")
-    >>> back = deinterleave8(*interleave8(q, s, DType.Q4_0), rows=2, dtype=DType.Q4_0)
-    >>> bool((back[0] == q[:, :32]).all() and (back[1] == s).all())
+    >>> planes = quantize(np.arange(192, dtype=np.float32).reshape(2, 96), "q5_0")
+    >>> back = deinterleave8(interleave8(planes, DType.Q5_0), rows=2, dtype=DType.Q5_0)
+    >>> all(bool((mine == theirs[:, :mine.shape[1]]).all()) for mine, theirs in zip(back, planes))
     True
     """
+    *tiled, scales = planes
     groups, blocks = scales.shape[0], scales.shape[1] // INTERLEAVE
-    levels = _TILES[dtype][1](quants, groups, blocks)[:rows]
+    levels = _TILES[dtype][1](tiled, groups, blocks)[:rows]
     planar_s = scales.reshape(groups, blocks, INTERLEAVE).transpose(0, 2, 1)
-    return _planar_quants(dtype, levels), planar_s.reshape(groups * INTERLEAVE, blocks)[:rows]
+    return (*_planar_quants(dtype, levels), planar_s.reshape(groups * INTERLEAVE, blocks)[:rows])
 
 
 # A q4_0 row's int32 lane in a 32-byte run of its group block: LANE levels in the low nibbles,
-# the next LANE in the high ones (FORMAT.md §5.6).
+# the next LANE in the high ones (FORMAT.md §5.6); q5_0's nibbles the same (§5.7).
 _Q4_0_LANE = 4
-_ZERO_LEVEL = {DType.Q8_0: 0, DType.Q4_0: 8}   # the stored form of level 0: q4_0 stores level + 8
+_ZERO_LEVEL = {DType.Q8_0: 0, DType.Q4_0: 8, DType.Q5_0: 16}   # the stored form of level 0 (level + 8, + 16)
 
 
-def _levels_of(dtype: DType, quants: np.ndarray, blocks: int) -> np.ndarray:
-    """Planar quants as stored levels (rows, blocks, block): q4_0's nibbles unpacked (byte i: level
-    i low, level i + 16 high)."""
+def _levels_of(dtype: DType, quants, blocks: int) -> np.ndarray:
+    """Planar quant planes as stored levels (rows, blocks, block): nibbles unpacked (byte i: level
+    i low, level i + 16 high), q5_0's with their fifth bits (bit i of a block's 4 high bytes) as 16."""
+    first = quants[0]
+    if dtype in (DType.Q4_0, DType.Q5_0):
+        packed = first[:, :blocks * dtype.spec.block // 2].reshape(len(first), blocks, -1)
+        levels = np.concatenate([packed & 15, packed >> 4], axis=2)
+        if dtype is DType.Q5_0:
+            high = quants[1].reshape(len(first), blocks, -1)
+            levels |= np.unpackbits(high, axis=2, bitorder="little") << 4
+        return levels
+    return first[:, :blocks * dtype.spec.block].reshape(len(first), blocks, -1)
+
+
+def _planar_quants(dtype: DType, levels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The inverse of _levels_of: (rows, blocks, block) stored levels as the planar quant planes."""
+    rows, half = len(levels), dtype.spec.block // 2
     if dtype is DType.Q4_0:
-        packed = quants[:, :blocks * dtype.spec.block // 2].reshape(len(quants), blocks, -1)
-        return np.concatenate([packed & 15, packed >> 4], axis=2)
-    return quants[:, :blocks * dtype.spec.block].reshape(len(quants), blocks, -1)
-
-
-def _planar_quants(dtype: DType, levels: np.ndarray) -> np.ndarray:
-    """The inverse of _levels_of: (rows, blocks, block) stored levels as a planar quant plane."""
-    if dtype is DType.Q4_0:
-        half = dtype.spec.block // 2
-        levels = levels[..., :half] | levels[..., half:] << 4
-    return levels.reshape(len(levels), -1)
+        return ((levels[..., :half] | levels[..., half:] << 4).reshape(rows, -1),)
+    if dtype is DType.Q5_0:
+        nibbles = levels & 15
+        high = np.packbits(levels >> 4, axis=2, bitorder="little")
+        return (nibbles[..., :half] | nibbles[..., half:] << 4).reshape(rows, -1), high.reshape(rows, -1)
+    return (levels.reshape(rows, -1),)
 
 
 def _q8_0_tile(levels, groups, blocks):
     """(groups * 8, blocks, 32) int8 levels → bytes 16i + 2j + e of a group block = level 2i + e of row j."""
     tile = levels.reshape(groups, INTERLEAVE, blocks, -1, 2).transpose(0, 2, 3, 1, 4)
-    return tile.reshape(groups, -1)
+    return (tile.reshape(groups, -1),)
 
 
-def _q8_0_untile(quants, groups, blocks):
-    tile = quants.reshape(groups, blocks, -1, INTERLEAVE, 2).transpose(0, 3, 1, 2, 4)
+def _q8_0_untile(planes, groups, blocks):
+    tile = planes[0].reshape(groups, blocks, -1, INTERLEAVE, 2).transpose(0, 3, 1, 2, 4)
     return tile.reshape(groups * INTERLEAVE, blocks, -1)
 
 
@@ -241,16 +251,32 @@ def _q4_0_tile(levels, groups, blocks):
     """(groups * 8, blocks, 32) nibbles → byte 32c + 4j + m of a group block: level 8c + m of row j
     low, 8c + 4 + m high."""
     runs = levels.reshape(groups, INTERLEAVE, blocks, -1, 2, _Q4_0_LANE).transpose(0, 2, 3, 1, 4, 5)
-    return (runs[..., 0, :] | runs[..., 1, :] << 4).reshape(groups, -1)
+    return ((runs[..., 0, :] | runs[..., 1, :] << 4).reshape(groups, -1),)
 
 
-def _q4_0_untile(quants, groups, blocks):
-    runs = quants.reshape(groups, blocks, -1, INTERLEAVE, 1, _Q4_0_LANE)
+def _q4_0_untile(planes, groups, blocks):
+    runs = planes[0].reshape(groups, blocks, -1, INTERLEAVE, 1, _Q4_0_LANE)
     nibbles = np.concatenate([runs & 15, runs >> 4], axis=4).transpose(0, 3, 1, 2, 4, 5)
     return nibbles.reshape(groups * INTERLEAVE, blocks, -1)
 
 
-_TILES = {DType.Q8_0: (_q8_0_tile, _q8_0_untile), DType.Q4_0: (_q4_0_tile, _q4_0_untile)}
+def _q5_0_tile(levels, groups, blocks):
+    """(groups * 8, blocks, 32) levels + 16 → q4_0's tile of their low nibbles, and 32 bytes of
+    fifth bits a group block: bit 32s + 4j + m (little-endian) = the fifth bit of level 4s + m of row j."""
+    (nibbles,) = _q4_0_tile(levels & 15, groups, blocks)
+    bits = (levels >> 4).reshape(groups, INTERLEAVE, blocks, -1, _Q4_0_LANE).transpose(0, 2, 3, 1, 4)
+    return nibbles, np.packbits(bits.reshape(groups, blocks, -1), axis=2, bitorder="little").reshape(groups, -1)
+
+
+def _q5_0_untile(planes, groups, blocks):
+    nibbles, fifth = planes
+    bits = np.unpackbits(fifth.reshape(groups, blocks, -1), axis=2, bitorder="little")
+    bits = bits.reshape(groups, blocks, -1, INTERLEAVE, _Q4_0_LANE).transpose(0, 3, 1, 2, 4)
+    return _q4_0_untile((nibbles,), groups, blocks) | bits.reshape(groups * INTERLEAVE, blocks, -1) << 4
+
+
+_TILES = {DType.Q8_0: (_q8_0_tile, _q8_0_untile), DType.Q4_0: (_q4_0_tile, _q4_0_untile),
+          DType.Q5_0: (_q5_0_tile, _q5_0_untile)}
 
 
 def _planes_of_ggml_rows(blocks: np.ndarray, dtype: DType) -> tuple[np.ndarray, ...]:

@@ -49,8 +49,8 @@ class TensorInfo:
 class QuantizedTensor:
     """Zero-copy views of a quantized tensor's planes, in the order of its DTypeSpec.planes. Layout
     "planar": the first (rows, row_stride / itemsize) with its row padding, every later one (rows,
-    blocks * per_block). "interleave8" (q8_0): quants (groups, blocks * 256) and scales (groups,
-    blocks * 8), groups of eight rows (quant.interleave8 says how they are arranged)."""
+    blocks * per_block). "interleave8" (format.INTERLEAVED): each plane (groups, blocks * 8 *
+    per_block), groups of eight rows (quant.interleave8 says how they are arranged)."""
 
     dtype: DType
     shape: tuple[int, ...]
@@ -83,7 +83,7 @@ class QuantizedTensor:
         >>> quant.ggml_from_planes(t.dtype, t.planar())   # the ggml blocks, whatever the layout  # doctest: +SKIP
         """
         if self.layout == INTERLEAVE8:
-            return quant.deinterleave8(*self.planes, rows=rows_and_cols(self.shape)[0], dtype=self.dtype)
+            return quant.deinterleave8(self.planes, rows=rows_and_cols(self.shape)[0], dtype=self.dtype)
         return self.planes
 
     def dequantize(self) -> np.ndarray:
@@ -166,12 +166,10 @@ class BlobReader:
         lay = layout(info.dtype, info.shape, info.layout)
         if info.layout == INTERLEAVE8:
             groups = -(-lay.rows // INTERLEAVE)
-            quant_plane, scale_plane = info.dtype.spec.planes
-            quants = np.ndarray((groups, lay.row_stride // quant_plane.numpy.itemsize), quant_plane.numpy, self._bytes,
-                                info.offset)
-            scales = np.ndarray((groups, lay.blocks * INTERLEAVE), scale_plane.numpy, self._bytes,
-                                info.offset + lay.scales_offset)
-            return QuantizedTensor(info.dtype, info.shape, (quants, scales), INTERLEAVE8)
+            planes = tuple(np.ndarray((groups, lay.blocks * INTERLEAVE * plane.per_block), plane.numpy, self._bytes,
+                                      info.offset + offset)
+                           for plane, offset in zip(info.dtype.spec.planes, lay.plane_offsets))
+            return QuantizedTensor(info.dtype, info.shape, planes, INTERLEAVE8)
         if info.dtype.is_quantized:
             first, *later = info.dtype.spec.planes
             planes = [np.ndarray((lay.rows, lay.row_stride // first.numpy.itemsize), first.numpy, self._bytes, info.offset)]

@@ -1,4 +1,4 @@
-"""Rewrite a blob file with its q8_0 and q4_0 tensors (format.INTERLEAVED) in another arrangement
+"""Rewrite a blob file with its q8_0, q4_0 and q5_0 tensors (format.INTERLEAVED) in another arrangement
 (planar <-> interleave8).
 
 Every other tensor, tie and the metadata are copied as they are; the source is checked in full
@@ -15,7 +15,7 @@ from .writer import BlobWriter
 
 def relayout(src, out, layout: str) -> int:
     """Write blob file `src` again as `out` with every tensor of a type of format.INTERLEAVED (q8_0,
-    q4_0) stored in `layout` ("planar" or "interleave8"); returns how many tensors changed arrangement.
+    q4_0, q5_0) stored in `layout` ("planar" or "interleave8"); returns how many tensors changed arrangement.
 
     >>> relayout("model.blob", "model-i8.blob", "interleave8")   # doctest: +SKIP
     197

@@ -62,7 +62,7 @@ class BlobWriter:
         `data` is a numpy array, converted (or quantized) to `dtype` on the way in (None keeps
         its dtype); or raw packed bytes, taken as-is, with their `dtype` and `shape` given.
         `layout` arranges a quantized tensor's bytes (format.layouts_of: "planar", the default, or
-        "interleave8" for q8_0 and q4_0, the matrix kernels' fastest).
+        "interleave8" for the types of format.INTERLEAVED, the matrix kernels' fastest).
 
         >>> w.add("w", np.ones((16, 64), np.float32), dtype="q8_0", layout="interleave8")  # doctest: +SKIP
         """
@@ -97,7 +97,8 @@ class BlobWriter:
         _check_planes(name, target, layout_of(target, shape), planes)
         lay = _tensor_layout(name, target, shape, layout)
         if lay.kind == INTERLEAVE8:
-            self._write_blob(name, target, shape, lay, component, source, lambda: self._write_interleaved(planes, target))
+            self._write_blob(name, target, shape, lay, component, source,
+                             lambda: self._write_interleaved(planes, target, lay))
         else:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
 
@@ -174,7 +175,8 @@ class BlobWriter:
         rows = array.reshape(lay.rows, lay.cols)
         if lay.kind == INTERLEAVE8:   # quantized whole: the rearrangement spans groups of rows
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target), target))
+                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target),
+                                                             target, lay))
         elif target.is_quantized:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_quantized(rows, target, lay))
         else:
@@ -234,11 +236,13 @@ class BlobWriter:
         self._write(first)
         self._write_later_planes(planes[1:], lay)
 
-    def _write_interleaved(self, planes, dtype):
-        """q8_0 / q4_0 planes (planar) as interleave8: the grouped quants, then the grouped scales right after."""
-        quants, scales = quant.interleave8(*planes, dtype)
-        self._write(quants)
-        self._write(scales)
+    def _write_interleaved(self, planes, dtype, lay):
+        """Planar planes of a type of format.INTERLEAVED as interleave8: each grouped plane at its
+        64-byte boundary (layout().plane_offsets)."""
+        start = self._pos
+        for plane, offset in zip(quant.interleave8(planes, dtype), lay.plane_offsets):
+            self._write(np.zeros(start + offset - self._pos, np.uint8))  # inside the blob: covered by its CRC
+            self._write(plane)
 
     def _write_later_planes(self, planes, lay):
         """Planes after the first, each packed and starting on its 64-byte boundary (layout().plane_offsets)."""

@@ -62,7 +62,13 @@ enum blob_status { BLOB_OK = 0, BLOB_ENOMEM = 1, BLOB_EINVAL = 2 };
  * (c < 4, m < 4) holds level 8c + m of row j in its low nibble and level 8c + 4 + m in its high
  * one, each as level + 8 (as the planar nibbles): one int32 lane per row in each 32-byte run,
  * whose low and high nibbles meet a token's levels 8c .. 8c+3 and 8c+4 .. 8c+7 broadcast; the
- * scales as q8_0's, and row_stride_bytes nblocks * 16. */
+ * scales as q8_0's, and row_stride_bytes nblocks * 16. A q5_0 matrix in BLOB_LAYOUT_INTERLEAVE8
+ * keeps its three planes, each in groups: plane[0] the nibbles (low four bits of level + 16) in
+ * q4_0's interleaved arrangement, group block b at (g*nblocks + b)*128; plane[1] the fifth bits,
+ * 32 bytes a group block at (g*nblocks + b)*32, whose little-endian word s (s < 8) has in bit
+ * 4j + m the fifth bit of level 4s + m of row j: the bits of a 32-byte nibble run's low (s even)
+ * or high (s odd) nibbles, in byte order; plane[2] the scales as q8_0's plane[1];
+ * row_stride_bytes nblocks * 16. */
 enum blob_layout { BLOB_LAYOUT_ROWS = 0, BLOB_LAYOUT_INTERLEAVE8 = 1 };
 #define BLOB_INTERLEAVE 8      /* rows per group of BLOB_LAYOUT_INTERLEAVE8 */
 typedef struct blob_matrix {

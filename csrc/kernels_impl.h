@@ -291,6 +291,26 @@ static inline float blob_interleave8_scale(const blob_matrix *w, size_t r, size_
     return blob_f16_to_f32(((const uint16_t *)w->plane[1])[(r / BLOB_INTERLEAVE * nb + b) * BLOB_INTERLEAVE + r % BLOB_INTERLEAVE]);
 }
 
+/* Block b of row r of a q5_0 matrix in BLOB_LAYOUT_INTERLEAVE8 (kernels.h), decoded as
+ * blob_decode_block32 decodes the planar one: the reference every path's interleaved q5_0
+ * tiles and blob_embed read it by. Level i's nibble sits where q4_0's interleaved level i
+ * does; its fifth bit is bit 4j + i % 4 of the group block's little-endian word i / 4. */
+static inline void blob_interleave8_block32(const blob_matrix *w, size_t r, size_t b, blob_block32 *out) {
+    const size_t nb = w->cols / BLOB_QBLOCK, j = r % BLOB_INTERLEAVE, block = r / BLOB_INTERLEAVE * nb + b;
+    const uint8_t *nibbles = (const uint8_t *)w->plane[0] + block * blob_interleave8_block_bytes(BLOB_Q5_0);
+    const uint8_t *fifth = (const uint8_t *)w->plane[1] + block * BLOB_INTERLEAVE * blob_plane_bytes(BLOB_Q5_0, 1);
+    for (size_t i = 0; i < BLOB_QBLOCK; i++) {
+        const uint8_t byte = nibbles[32 * (i / 8) + 4 * j + i % 4];
+        const size_t bit = 32 * (i / 4) + 4 * j + i % 4;
+        const int nibble = (i / 4) % 2 ? byte >> 4 : byte & 15, high = (fifth[bit / 8] >> (bit % 8)) & 1;
+        out->q[i] = (int8_t)((nibble | high << 4) - 16);
+    }
+    out->sc[0] = out->sc[1] = 1;
+    out->mn[0] = out->mn[1] = 0;
+    out->d = blob_f16_at((const uint8_t *)w->plane[2] + 2 * (block * BLOB_INTERLEAVE + j));
+    out->m = 0.0f;
+}
+
 /* 1/scale for activation quantization; blocks too small for a finite inverse become zeros. */
 static inline float blob_inverse_scale(float scale) { return scale >= FLT_MIN ? 1.0f / scale : 0.0f; }
 
@@ -498,10 +518,11 @@ typedef struct blob_isa_ops {
     /* Per dtype, 1 when its matmul tile takes any number of tokens (mm_rows x nt), so that it
      * unpacks each weight block once for all of them; 0: at most mm_tokens per call. */
     unsigned char mm_any_tokens[BLOB_NUM_DTYPES];
-    /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0, q4_0), the tile of that layout, decode and
-     * prefill alike: rows r0 .. r0+nr-1 (r0 a multiple of 8, nr <= BLOB_INTERLEAVE8_ROWS) and
-     * any nt tokens, every output exactly the scalar reference's (the planar quant_tile's sum:
-     * each block's exact integer dot, then acc += (float)dot * (dw * dx) in block order). */
+    /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0, q4_0, q5_0), the tile of that layout,
+     * decode and prefill alike: rows r0 .. r0+nr-1 (r0 a multiple of 8, nr <= BLOB_INTERLEAVE8_ROWS)
+     * and any nt tokens, every output exactly the scalar reference's planar one (q8_0, q4_0:
+     * quant_tile's sum, each block's exact integer dot, then acc += (float)dot * (dw * dx) in
+     * block order; q5_0: block32_tile's, in the lanes of blob_fold_lanes). */
     blob_tile_fn interleave8[BLOB_NUM_DTYPES];
 } blob_isa_ops;
 #define BLOB_INTERLEAVE8_ROWS 16   /* rows per call of an interleave8 tile: two groups */
@@ -597,10 +618,12 @@ BLOB_DECLARE_SCALAR_TILE(q3_k)
 BLOB_DECLARE_SCALAR_TILE(q4_k)
 BLOB_DECLARE_SCALAR_TILE(q5_k)
 BLOB_DECLARE_SCALAR_TILE(q6_k)
-/* The scalar reference's tiles of interleaved q8_0 and q4_0 rows. */
+/* The scalar reference's tiles of interleaved q8_0, q4_0 and q5_0 rows. */
 void blob_scalar_interleave8_q8_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                   size_t nt, float *y, size_t ys);
 void blob_scalar_interleave8_q4_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys);
+void blob_scalar_interleave8_q5_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                   size_t nt, float *y, size_t ys);
 /* A tile of `shape` (mv, mm, mv1, mvt) that forwards to the scalar reference of `type`. */
 #define BLOB_SCALAR_TILE(shape, type)                                                          \

@@ -176,7 +176,8 @@ BLOB_INLINE float block32_dot(const blob_block32 *w, const int16_t *x, const int
 }
 
 /* Y for rows r0 .. r0+nr-1 (any nr, in groups of BLOB_TILE_MAX_ROWS) and tokens t0 .. t0+nt-1
- * of a q4_1 .. q6_k matrix: each block of a row decoded once and dotted with every token. Each
+ * of a q4_1 .. q6_k matrix (q5_0 in either layout): each block of a row decoded once and
+ * dotted with every token. Each
  * output sums its block values in the order blob_fold_lanes defines, so its value does not
  * depend on the tile shape: decode and prefill agree bit for bit. */
 BLOB_INLINE void block32_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
@@ -189,7 +190,10 @@ BLOB_INLINE void block32_tile(const blob_matrix *w, size_t r0, size_t nr, const 
         for (size_t r = 0; r < R; r++) blob_row_planes(w, g + r, planes[r]);
         for (size_t b = 0; b < nb; b++) {
             blob_block32 blocks[BLOB_TILE_MAX_ROWS];
-            for (size_t r = 0; r < R; r++) blob_decode_block32(dtype, planes[r], b, &blocks[r]);
+            for (size_t r = 0; r < R; r++) {
+                if (w->layout == BLOB_LAYOUT_INTERLEAVE8) blob_interleave8_block32(w, g + r, b, &blocks[r]);
+                else blob_decode_block32(dtype, planes[r], b, &blocks[r]);
+            }
             for (size_t t = 0; t < nt; t++) {
                 const size_t token = t0 + t;
                 const int16_t *x = a->q16 + token * a->q_stride + BLOB_QBLOCK * b;
@@ -218,6 +222,13 @@ SCALAR_TILE(q3_k, BLOB_Q3_K)
 SCALAR_TILE(q4_k, BLOB_Q4_K)
 SCALAR_TILE(q5_k, BLOB_Q5_K)
 SCALAR_TILE(q6_k, BLOB_Q6_K)
+
+/* block32_tile over interleaved q5_0 rows and any number of tokens. */
+void blob_scalar_interleave8_q5_0(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                  size_t nt, float *y, size_t ys) {
+    for (size_t t = t0; t < t0 + nt; t += BLOB_TILE_MAX_TOKENS)
+        block32_tile(w, r0, nr, a, t, blob_min(BLOB_TILE_MAX_TOKENS, t0 + nt - t), y, ys, BLOB_Q5_0);
+}
 
 /* Activations to blocks of `bits`-bit levels: d = amax / QMAX (blob_act_qmax), q =
  * round-to-nearest-even(x * (1/d)). Every path computes exactly this, so the quantized
@@ -300,5 +311,6 @@ const blob_isa_ops blob_ops_scalar = {
     BLOB_TILE_TABLE(MV_ROWS, MM_ROWS, MM_TOKENS),
     quantize_row, quantize_row16, weighted_rows, gated_act, rms_norm_row, softmax_row, exp_row, read_sum,
     .mm_any_tokens = {0},   /* every matmul tile takes at most mm_tokens */
-    .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0, [BLOB_Q4_0] = blob_scalar_interleave8_q4_0},
+    .interleave8 = {[BLOB_Q8_0] = blob_scalar_interleave8_q8_0, [BLOB_Q4_0] = blob_scalar_interleave8_q4_0,
+                    [BLOB_Q5_0] = blob_scalar_interleave8_q5_0},
 };

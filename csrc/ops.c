@@ -71,7 +71,8 @@ void blob_add(const float *a, const float *b, size_t count, float *out) {
 }
 
 /* One row of W as f32: value = weight for plain dtypes, level * block scale for q8_0 / q4_0
- * (in either layout), ggml's dequantization for q4_1 .. q6_k (blob_block32_value). */
+ * (in either layout), ggml's dequantization for q4_1 .. q6_k (blob_block32_value; q5_0 in
+ * either layout). */
 static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
     const uint8_t *row = (const uint8_t *)w->plane[0] + r * w->row_stride_bytes;
     if (blob_is_block32_type(w->dtype)) {
@@ -79,7 +80,8 @@ static void dequantize_row(const blob_matrix *w, size_t r, float *out) {
         blob_row_planes(w, r, planes);
         for (size_t b = 0; b < w->cols / BLOB_QBLOCK; b++) {
             blob_block32 block;
-            blob_decode_block32(w->dtype, planes, b, &block);
+            if (w->layout == BLOB_LAYOUT_INTERLEAVE8) blob_interleave8_block32(w, r, b, &block);
+            else blob_decode_block32(w->dtype, planes, b, &block);
             for (int i = 0; i < BLOB_QBLOCK; i++) out[b * BLOB_QBLOCK + i] = blob_block32_value(&block, i);
         }
     } else if (w->layout == BLOB_LAYOUT_INTERLEAVE8) {

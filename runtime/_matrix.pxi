@@ -116,8 +116,9 @@ cdef class Matrix:
 
     def _bind_interleaved(self, tensor):
         """Rows of a type of format.INTERLEAVED interleaved eight at a time (csrc/kernels.h,
-        BLOB_LAYOUT_INTERLEAVE8): quants (groups, one group's row_stride) of the type's quant
-        element (int8 q8_0, uint8 q4_0) and scales (groups, blocks * 8) float16, both packed."""
+        BLOB_LAYOUT_INTERLEAVE8): each plane of the type packed as (groups, blocks * 8 * its
+        elements per block) of its element (quants int8 q8_0, uint8 q4_0 / q5_0; q5_0's fifth
+        bits uint8; scales float16)."""
         kind = _weight_dtype(tensor.dtype)
         if kind.label not in INTERLEAVED:
             raise TypeError(f"{self.name}: the interleave8 layout is for {sorted(INTERLEAVED)} weights, found {kind.label}")
@@ -127,13 +128,12 @@ cdef class Matrix:
             raise ValueError(f"{self.name}: expected a non-empty weight of at least 2 dimensions, found shape {shape}")
         groups = -(-lay.rows // BLOB_INTERLEAVE)
         planes = tuple(np.asarray(p) for p in tensor.planes)
-        quant_plane, scale_plane = kind.spec.planes
-        widths = (lay.row_stride // quant_plane.numpy.itemsize, lay.blocks * BLOB_INTERLEAVE)
-        expected = tuple(zip((quant_plane.numpy, scale_plane.numpy), widths))
-        if len(planes) != 2 or any(p.dtype != dt or p.shape != (groups, width) or not p.flags.c_contiguous
-                                   for p, (dt, width) in zip(planes, expected)):
+        expected = tuple((str(spec.numpy), (groups, lay.blocks * BLOB_INTERLEAVE * spec.per_block))
+                         for spec in kind.spec.planes)
+        if len(planes) != len(expected) or any(p.dtype != dt or p.shape != shape or not p.flags.c_contiguous
+                                               for p, (dt, shape) in zip(planes, expected)):
             raise ValueError(f"{self.name}: interleave8 {kind.label} planes must be packed "
-                             f"{quant_plane.numpy} ({groups}, {widths[0]}) and float16 ({groups}, {widths[1]}); "
+                             f"{' and '.join(f'{dt} {shape}' for dt, shape in expected)}; "
                              f"found {[(str(p.dtype), p.shape) for p in planes]}")
         self.dtype = kind.label
         self.m.dtype = kind

@@ -103,6 +103,7 @@ def test_consumers_read_the_table():
     assert plan.FOUR_BIT_DTYPES == ("q4_0", "q4_1", "q2_k", "q3_k", "q4_k")
     assert set(model.MATRIX_DTYPES) == set(MATMUL)
     assert KNOWN_FEATURES == {"tie": "1.0", "q8_0": "1.0", "q4_0": "1.0", "interleave8": "1.2", "interleave8_q4_0": "1.3",
+                              "interleave8_q5_0": "1.3",
                               **{d.label: "1.1" for d in DType if d >= DType.Q4_1}}
 
 

@@ -149,7 +149,8 @@ def test_every_runnable_type_keeps_its_bytes_and_values(llama_gguf, tmp_path, ke
     lines = []
     convert(path, tmp_path / "out.blob", align=64, quiet=True, log=lines.append)
     with blobstore.open(tmp_path / "out.blob", verify="full") as blob:
-        assert blob.version == (1, 3)   # 1.1 for the ggml types, 1.2 / 1.3 for q8_0 / q4_0 in the default interleave8
+        assert blob.version == (1, 3)   # 1.1 for the ggml types, 1.2 / 1.3 for q8_0 / q4_0, q5_0 in the default interleave8
+        assert blob.info(stored_name("blk.1.attn_q.weight")).layout == "interleave8"   # the Q5_0 matrix
         assert blob.metadata["conversion"]["dtype"] == "keep"
         for gguf_name, (qtype, raw, shape) in tensors.items():
             name = stored_name(gguf_name)

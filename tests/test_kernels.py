@@ -261,7 +261,7 @@ def test_interleave8_equals_planar_scalar_bitwise(isa, threads, dtype, shape, n)
     kind = blobstore.DType.parse(dtype)
     planar = K.Matrix(types.SimpleNamespace(dtype=kind, shape=shape, planes=planes))
     tensor = interleave8(dtype, planes, *shape)
-    for mine, library in zip(tensor.planes, quant.interleave8(*planes, kind)):
+    for mine, library in zip(tensor.planes, quant.interleave8(planes, kind)):
         np.testing.assert_array_equal(library, mine)
     interleaved = K.Matrix(tensor)
     x = rng.standard_normal((n, shape[1])).astype(np.float32)
@@ -285,6 +285,60 @@ def test_interleave8_binding_checks_its_planes():
         K.Matrix(types.SimpleNamespace(**{**vars(tensor), "planes": (tensor.planes[0][:1], tensor.planes[1])}))
     with pytest.raises(ValueError, match=r"interleave8 q4_0 planes must be packed uint8 \(2, 256\)"):
         K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q4_0}))
+    with pytest.raises(ValueError, match=r"q5_0 planes must be packed uint8 \(2, 256\) and uint8 \(2, 64\) and "):
+        K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q5_0}))
+
+
+def interleave8_q5_0(planes, rows: int, cols: int):
+    """q5_0 planes (quants, high, scales) rearranged as the interleave8 layout, written out from its
+    definition (FORMAT.md §5.7): level i of row j of group g (the last group completed with level-0
+    rows), as u = level + 16 = nibble | fifth bit << 4, has its nibble in byte 32(i/8) + 4j + i%4 of
+    the group block's 128 (low when i/4 is even) and its fifth bit at bit 32(i/4) + 4j + i%4 of the
+    group block's 32 bytes, little-endian; scales as q8_0's."""
+    nb, groups = cols // 32, -(-rows // 8)
+    u = np.full((groups * 8, nb * 32), 16, np.uint8)
+    fifth = np.unpackbits(planes[1].reshape(rows, nb, 4), axis=2, bitorder="little").reshape(rows, nb * 32)
+    u[:rows] = stored_levels("q4_0", planes[0], nb) | fifth << 4
+    r, k = np.arange(groups * 8)[:, None], np.arange(nb * 32)[None, :]
+    i, b, j = k % 32, k // 32, r % 8
+    nibbles = np.zeros((groups, nb * 128), np.uint8)
+    np.bitwise_or.at(nibbles, (r // 8, 128 * b + 32 * (i // 8) + 4 * j + i % 4),
+                     (u & 15) << (4 * (i // 4 % 2)).astype(np.uint8))
+    bits = np.zeros((groups, nb * 256), np.uint8)
+    bits[r // 8, 256 * b + 32 * (i // 4) + 4 * j + i % 4] = u >> 4
+    scales = np.zeros((groups, nb * 8), np.float16)
+    scales[np.arange(rows)[:, None] // 8, 8 * np.arange(nb)[None, :] + np.arange(rows)[:, None] % 8] = planes[2]
+    return types.SimpleNamespace(dtype=blobstore.DType.Q5_0, shape=(rows, cols), layout="interleave8",
+                                 planes=(nibbles, np.packbits(bits, axis=1, bitorder="little"), scales))
+
+
+@pytest.mark.parametrize("shape", [(13, 96), (24, 640), (40, 288), (1, 32)])
+@pytest.mark.parametrize("n", [1, 3, 8, 70])
+def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
+    """Every path's product over interleaved q5_0 rows (random bytes in every plane), decode and
+    prefill, at 1 and 2 threads, equals the scalar path's planar product bit for bit (the same
+    exact block sums, then the same float operations in the same partial sums); embedding rows read
+    from it equal the planar ones. The layout is written out here from its definition, and
+    quant.interleave8 must agree."""
+    rng = np.random.default_rng(stable_seed("interleave8 q5_0", shape, n))
+    kind, (rows, cols) = blobstore.DType.Q5_0, shape
+    planes = random_planes(kind, rows, cols // 32, rng)
+    tensor = interleave8_q5_0(planes, rows, cols)
+    for mine, library in zip(tensor.planes, quant.interleave8(planes, kind), strict=True):
+        np.testing.assert_array_equal(library, mine)
+    planar = K.Matrix(types.SimpleNamespace(dtype=kind, shape=shape, planes=(
+        padded_rows(planes[0], width=layout(kind, shape).row_stride), *planes[1:])))
+    interleaved = K.Matrix(tensor)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    K.set_isa("scalar")
+    expected = K.matmul(planar, x)
+    K.set_isa(isa)
+    for count in (1, 2):
+        K.set_threads(count)
+        np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
+    ids = np.array([0, rows - 1], np.int64)
+    np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
+    check_matmul("q5_0", quant.dequantize(planes, cols, "q5_0"), x, expected.astype(np.float64))
 
 
 # ---- GGUF's block types (q4_1 .. q6_k): rows of whole blocks of 32 or 256 ----

@@ -1,5 +1,5 @@
-"""The interleave8 arrangements of q8_0 (format 1.2) and q4_0 (1.3) tensors: written, read, refused,
-rewritten, run."""
+"""The interleave8 arrangements of q8_0 (format 1.2), q4_0 and q5_0 (1.3) tensors: written, read,
+refused, rewritten, run."""
 import numpy as np
 import pytest
 
@@ -10,7 +10,7 @@ from blobstore.relayout import relayout
 from blobfile import BlobImage
 
 SHAPES = [(13, 100), (8, 32), (1, 40), (24, 640), (2, 3, 64)]
-MINORS = {"q8_0": 2, "q4_0": 3}   # the format version each type's interleave8 came with
+MINORS = {"q8_0": 2, "q4_0": 3, "q5_0": 3}   # the format version each type's interleave8 came with
 
 
 def write_pair(path, shape, seed=0, dtype="q8_0"):
@@ -45,13 +45,32 @@ def test_round_trip_reads_the_same_values_zero_copy(tmp_path, shape, dtype, bloc
         np.testing.assert_array_equal(back[1], planar.scales)
 
 
+@pytest.mark.parametrize("shape", [(9, 64), (24, 640), (2, 3, 96)])
+def test_q5_0_round_trip_reads_the_same_values_zero_copy(tmp_path, shape):
+    """q5_0 keeps its three planes in interleave8, each grouped: nibbles (128 bytes a group block),
+    fifth bits (32) and scales (8 float16); the values and the planar planes read back unchanged."""
+    write_pair(tmp_path / "a.blob", shape, dtype="q5_0")
+    with blobstore.open(tmp_path / "a.blob", verify="full") as r:
+        assert r.version == (1, 3)
+        view, planar = r["i"], r["p"]
+        lay = layout(blobstore.DType.Q5_0, shape, INTERLEAVE8)
+        groups = -(-lay.rows // 8)
+        assert [p.shape for p in view.planes] == [(groups, lay.blocks * 128), (groups, lay.blocks * 32),
+                                                  (groups, lay.blocks * 8)]
+        assert all(not p.flags.writeable and not p.flags.owndata for p in view.planes)   # views on the map
+        np.testing.assert_array_equal(r.float32("i"), r.float32("p"))
+        np.testing.assert_array_equal(r["t"].dequantize(), r.float32("p"))
+        for back, stored in zip(view.planar(), planar.planes, strict=True):
+            np.testing.assert_array_equal(back, stored[:, :back.shape[1]])
+
+
 def test_q4_0_interleave8_bytes_follow_the_format_definition():
     """FORMAT.md §5.6 written out: byte 32c + 4j + m of group g's block b holds level 8c + m of row
     8g + j in its low nibble and level 8c + 4 + m in its high one (levels + 8); scales as q8_0's."""
     rows, cols = 11, 70
     planes = quant.quantize(np.random.default_rng(7).standard_normal((rows, cols)).astype(np.float32), "q4_0")
     levels = quant.dequantize(planes, cols, "q4_0") / np.repeat(planes[1].astype(np.float32), 32, axis=1)[:, :cols]
-    quants, scales = quant.interleave8(*planes, blobstore.DType.Q4_0)
+    quants, scales = quant.interleave8(planes, blobstore.DType.Q4_0)
     for r in range(rows):
         for k in range(cols):
             b, i = divmod(k, 32)
@@ -63,23 +82,23 @@ def test_q4_0_interleave8_bytes_follow_the_format_definition():
     assert (quants[1, :][np.arange(quants.shape[1]) % 32 // 4 >= 3] == 0x88).all()   # rows 11-15: level 0
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
 def test_the_file_requires_the_feature_and_an_older_reader_refuses_it(tmp_path, monkeypatch, dtype):
     write_pair(tmp_path / "a.blob", (9, 64), dtype=dtype)
     feature = INTERLEAVED[dtype].feature
     document = BlobImage(tmp_path / "a.blob").document
     assert {"name": feature, "since": f"1.{MINORS[dtype]}"} in document["features_required"]
     assert document["format"]["minor"] == MINORS[dtype]
-    with blobstore.BlobWriter(tmp_path / "planar.blob") as w:   # no interleave8 tensor: still a 1.0 file
+    with blobstore.BlobWriter(tmp_path / "planar.blob") as w:   # no interleave8 tensor: the type's own version
         w.add("p", np.ones((2, 32), np.float32), dtype=dtype)
-    assert blobstore.open(tmp_path / "planar.blob").version == (1, 0)
+    assert blobstore.open(tmp_path / "planar.blob").version == (1, {"q5_0": 1}.get(dtype, 0))
     monkeypatch.setattr(reader, "KNOWN_FEATURES", {k: v for k, v in KNOWN_FEATURES.items() if k != feature})
     with pytest.raises(errors.UnsupportedFeature,
                        match=f"requires feature '{feature}' \\(added in format 1.{MINORS[dtype]}\\)"):
         blobstore.open(tmp_path / "a.blob")
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
 def test_hostile_layout_records_are_refused_by_name(tmp_path, dtype):
     write_pair(tmp_path / "a.blob", (9, 64), dtype=dtype)
     image = BlobImage(tmp_path / "a.blob")
@@ -114,10 +133,11 @@ def test_relayout_round_trips_byte_for_byte_and_inspect_shows_it(tmp_path, capsy
     with blobstore.BlobWriter(src) as w:
         w.add("m", rng.standard_normal((13, 100)).astype(np.float32), dtype="q8_0")
         w.add("k", rng.standard_normal((5, 64)).astype(np.float32), dtype="q4_0")
+        w.add("v", rng.standard_normal((11, 96)).astype(np.float32), dtype="q5_0")
         w.add("n", rng.standard_normal(7).astype(np.float32), dtype="bf16")
         w.add_tie("head", "m")
         w.metadata["model"] = {"x": 1}
-    assert relayout(src, tmp_path / "i.blob", "interleave8") == 2
+    assert relayout(src, tmp_path / "i.blob", "interleave8") == 3
     assert cli.main(["relayout", str(tmp_path / "i.blob"), "-o", str(tmp_path / "p.blob"), "--layout", "planar"]) == 0
     assert (tmp_path / "p.blob").read_bytes() == src.read_bytes()
     capsys.readouterr()
@@ -126,11 +146,12 @@ def test_relayout_round_trips_byte_for_byte_and_inspect_shows_it(tmp_path, capsy
     assert "blob file format 1.3" in table
     assert next(line for line in table.splitlines() if line.startswith("m ")).split()[1:3] == ["q8_0", "interleave8"]
     assert next(line for line in table.splitlines() if line.startswith("k ")).split()[1:3] == ["q4_0", "interleave8"]
+    assert next(line for line in table.splitlines() if line.startswith("v ")).split()[1:3] == ["q5_0", "interleave8"]
     assert cli.main(["relayout", str(src), "-o", str(tmp_path / "i.blob"), "--layout", "interleave8"]) == 1
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
 def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_path, dtype):
     """A model converted with --layout interleave8 (q8_0 or q4_0 matrices; q4_0's embedding and
     tied head q8_0) gives on the scalar path exactly the planar file's logits (the same sums, read
@@ -160,5 +181,5 @@ def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_p
         kernels.set_isa(fastest)
     # q4_0's int8 activations turn the other kernels' last-bit differences into whole steps of
     # 1/127 of a block's largest value (q8_0's int16 ones into 1/32639): a wider tolerance
-    tolerance = {"q8_0": 1e-3, "q4_0": 1e-2}[dtype]
+    tolerance = {"q8_0": 1e-3, "q4_0": 1e-2, "q5_0": 1e-3}[dtype]
     assert np.abs(interleaved - planar).max() <= tolerance * np.abs(planar).max()

@@ -64,9 +64,9 @@ def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = Non
 
     `dtype` None is "keep" for a GGUF (every matrix in its own type where the kernels multiply it,
     its bytes copied; `strict` refuses the others instead of re-quantizing them) and "q8_0" for a
-    Hugging Face folder, where "keep" means its float type. `layout` arranges the q8_0 tensors'
-    bytes: "interleave8", the tile the matrix kernels read fastest (docs/FORMAT.md §5.5), or
-    "planar", which readers of format 1.0 read.
+    Hugging Face folder, where "keep" means its float type. `layout` arranges the bytes of the
+    q8_0 / q4_0 / q5_0 tensors: "interleave8", the tile the matrix kernels read fastest
+    (docs/FORMAT.md §5.5 - §5.7), or "planar", which readers of format 1.0 read.
 
     Everything `blobstore.runtime.load` will need — a usable config, a tokenizer, every tensor the
     config asks for — is checked before the first tensor is converted (also for a dry run); every

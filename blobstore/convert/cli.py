@@ -46,7 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=layouts_of(DType.Q8_0), default=INTERLEAVE8,
                         help=f"how {'/'.join(INTERLEAVED)} tensors are arranged: interleave8 (rows in groups of "
                              "eight, block by block: the tile the matrix kernels read fastest; needs a reader of "
-                             "format 1.2 for q8_0, 1.3 for q4_0) or planar (row after row, as format 1.0 stores "
+                             "format 1.2 for q8_0, 1.3 for q4_0 and q5_0) or planar (row after row, as format 1.0 stores "
                              "them). Default: interleave8"),
     parser.add_argument("--text-only", action="store_true",
                         help="leave out a vision tower and projector (the summary says how many tensors)")

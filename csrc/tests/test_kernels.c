@@ -596,6 +596,101 @@ static void check_interleave8_api(const char *path) {
     free(x), free(y), free(ref);
 }
 
+/* ---- q5_0 in BLOB_LAYOUT_INTERLEAVE8: every path bit-identical to the planar scalar tile ---- */
+
+static test_weight make_block_weight(int dtype, size_t rows, size_t cols, int extreme);
+static void free_block_weight(test_weight *w);
+
+/* A planar q5_0 test weight's three planes rearranged into BLOB_LAYOUT_INTERLEAVE8 (kernels.h),
+ * written out here from the layout's definition: level i (u = nibble | fifth bit << 4) of row j
+ * of group g, block b: its nibble at byte 32(i/8) + 4j + i%4 of the group block's 128, low for
+ * (i/4) even; its fifth bit at bit 32(i/4) + 4j + i%4 of the group block's 32 bytes; the rows
+ * completing the last group zero. */
+static test_weight interleave8_q5_0(const test_weight *w) {
+    const size_t rows = w->m.rows, nb = w->m.cols / BLOB_QBLOCK, groups = blob_div_up(rows, 8);
+    uint8_t *nibbles = (uint8_t *)calloc(groups * nb * 128, 1), *fifth = (uint8_t *)calloc(groups * nb * 32, 1);
+    uint16_t *scales = (uint16_t *)calloc(groups * nb * 8, sizeof(uint16_t));
+    for (size_t r = 0; r < rows; r++)
+        for (size_t b = 0; b < nb; b++) {
+            const uint8_t *qs = (const uint8_t *)w->m.plane[0] + r * w->m.row_stride_bytes + 16 * b;
+            const uint8_t *qh = (const uint8_t *)w->m.plane[1] + (r * nb + b) * 4;
+            const size_t block = r / 8 * nb + b, j = r % 8;
+            for (size_t i = 0; i < BLOB_QBLOCK; i++) {
+                const int nibble = i < 16 ? qs[i] & 15 : qs[i - 16] >> 4, high = (qh[i / 8] >> (i % 8)) & 1;
+                const size_t bit = 32 * (i / 4) + 4 * j + i % 4;
+                nibbles[block * 128 + 32 * (i / 8) + 4 * j + i % 4] |= (uint8_t)(nibble << (4 * ((i / 4) % 2)));
+                fifth[block * 32 + bit / 8] |= (uint8_t)(high << (bit % 8));
+            }
+            memcpy(scales + block * 8 + j, (const uint8_t *)w->m.plane[2] + 2 * (r * nb + b), 2);
+        }
+    test_weight iw;
+    memset(&iw, 0, sizeof iw);
+    const blob_matrix m = {BLOB_Q5_0, {nibbles, fifth, scales}, nb * 16, rows, w->m.cols, BLOB_LAYOUT_INTERLEAVE8};
+    iw.m = m;
+    return iw;
+}
+
+/* The path's interleaved q5_0 tile over whole matrices, as matmul.c calls it (16 rows, all
+ * tokens), bit-identical to the planar scalar tile; also at the extreme levels (every level
+ * -16 against activations all at +amax). */
+static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
+    const size_t shapes[][2] = {{1, 32}, {5, 96}, {13, 640}, {17, 640}, {24, 288}, {40, 2144}};
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 70};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes + 1; s++) {
+        const int extreme = s == sizeof shapes / sizeof *shapes;
+        const size_t rows = extreme ? 9 : shapes[s][0], cols = extreme ? 256 : shapes[s][1];
+        test_weight w = make_block_weight(BLOB_Q5_0, rows, cols, extreme), iw = interleave8_q5_0(&w);
+        for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
+            const size_t n = token_counts[c];
+            float *x = (float *)malloc(n * cols * sizeof(float));
+            float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+            for (size_t k = 0; k < n * cols; k++) x[k] = extreme ? 1.0f : next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
+            run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+            quantized_acts qa = quantize_all(ops, x, n, cols, 16);
+            blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums, NULL, NULL};
+            for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
+                ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
+            char what[80];
+            snprintf(what, sizeof what, "interleave8 tile q5_0 %zux%zu n=%zu%s", rows, cols, n, extreme ? " extreme" : "");
+            expect_identical(what, path, y, ref, n * rows);
+            free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+            free(x), free(y), free(ref);
+        }
+        free_block_weight(&w);
+        free_block_weight(&iw);
+    }
+}
+
+/* blob_matmul over an interleaved q5_0 matrix on the selected path, decode and prefill, 1 and 2
+ * threads, equal bit for bit to the planar scalar tile; blob_embed's rows equal the planar ones. */
+static void check_interleave8_q5_0_api(const char *path) {
+    const size_t rows = 67, cols = 320, n_max = 70;
+    test_weight w = make_block_weight(BLOB_Q5_0, rows, cols, 0), iw = interleave8_q5_0(&w);
+    float *x = (float *)malloc(n_max * cols * sizeof(float));
+    float *y = (float *)malloc(n_max * rows * sizeof(float)), *ref = (float *)malloc(n_max * rows * sizeof(float));
+    for (size_t k = 0; k < n_max * cols; k++) x[k] = next_float();
+    const size_t token_counts[] = {1, 4, 8, 70};
+    for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
+        const size_t n = token_counts[c];
+        run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+        for (int threads = 1; threads <= 2; threads++) {
+            blob_threads_set(threads);
+            if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 q5_0 status", path, 1, 0, 0);
+            char what[80];
+            snprintf(what, sizeof what, "blob_matmul interleave8 q5_0 n=%zu threads=%d", n, threads);
+            expect_identical(what, path, y, ref, n * rows);
+        }
+    }
+    const int64_t ids[3] = {0, 9, 66};
+    float rows_planar[3 * 320], rows_interleaved[3 * 320];
+    blob_embed(&w.m, ids, 3, rows_planar);
+    blob_embed(&iw.m, ids, 3, rows_interleaved);
+    expect_identical("blob_embed interleave8 q5_0 rows", path, rows_interleaved, rows_planar, 3 * cols);
+    free(x), free(y), free(ref);
+    free_block_weight(&w);
+    free_block_weight(&iw);
+}
+
 /* ---- q4_1 .. q6_k: each path's tiles bit-identical to the scalar reference ---- */
 
 /* A (rows, cols) matrix of a q4_1 .. q6_k type: random bytes in every plane (any bit pattern is
@@ -1223,6 +1318,7 @@ int main(void) {
         check_tiles(paths[i].ops, paths[i].name);
         check_block_tiles(paths[i].ops, paths[i].name);
         check_interleave8(paths[i].ops, paths[i].name);
+        check_interleave8_q5_0(paths[i].ops, paths[i].name);
         check_weighted_rows(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
@@ -1239,6 +1335,7 @@ int main(void) {
         int before = failures;
         check_api(isa);
         check_interleave8_api(blob_isa_name(isa));
+        check_interleave8_q5_0_api(blob_isa_name(isa));
         check_forward_batch(isa);
         printf("api  %-13s %s\n", blob_isa_name(isa), failures == before ? "ok" : "FAILED");
     }
