@@ -250,7 +250,7 @@ def interleave8(dtype: str, planes, rows: int, cols: int):
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("shape", [(13, 100), (24, 640), (40, 608), (1, 31)])
-@pytest.mark.parametrize("n", [1, 3, 8, 70])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 70])   # the decode tile takes 1 .. 6 tokens at a time
 def test_interleave8_equals_planar_scalar_bitwise(isa, threads, dtype, shape, n):
     """Every path's product over interleaved q8_0 / q4_0 rows, decode and prefill, at 1 and 2
     threads, equals the scalar path's planar product bit for bit (the same exact block sums, then
