@@ -248,6 +248,21 @@ def interleave8(dtype: str, planes, rows: int, cols: int):
                                  layout="interleave8")
 
 
+def assert_interleaved_equals_scalar_planar(isa, interleaved, planar, x):
+    """`isa`'s product of the interleaved matrix with x, at 1 and 2 threads, equals the scalar
+    path's planar product bit for bit, and so do its first and last embedding rows; returns that
+    product."""
+    K.set_isa("scalar")
+    expected = K.matmul(planar, x)
+    K.set_isa(isa)
+    for count in (1, 2):
+        K.set_threads(count)
+        np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
+    ids = np.array([0, planar.rows - 1], np.int64)
+    np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
+    return expected
+
+
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("shape", [(13, 100), (24, 640), (40, 608), (1, 31)])
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 70])   # the decode tile takes 1 .. 6 tokens at a time
@@ -263,16 +278,8 @@ def test_interleave8_equals_planar_scalar_bitwise(isa, threads, dtype, shape, n)
     tensor = interleave8(dtype, planes, *shape)
     for mine, library in zip(tensor.planes, quant.interleave8(planes, kind)):
         np.testing.assert_array_equal(library, mine)
-    interleaved = K.Matrix(tensor)
     x = rng.standard_normal((n, shape[1])).astype(np.float32)
-    K.set_isa("scalar")
-    expected = K.matmul(planar, x)
-    K.set_isa(isa)
-    for count in (1, 2):
-        K.set_threads(count)
-        np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
-    ids = np.array([0, shape[0] - 1], np.int64)
-    np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
+    expected = assert_interleaved_equals_scalar_planar(isa, K.Matrix(tensor), planar, x)
     check_matmul(dtype, w, x, expected.astype(np.float64))
 
 
@@ -328,16 +335,8 @@ def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
         np.testing.assert_array_equal(library, mine)
     planar = K.Matrix(types.SimpleNamespace(dtype=kind, shape=shape, planes=(
         padded_rows(planes[0], width=layout(kind, shape).row_stride), *planes[1:])))
-    interleaved = K.Matrix(tensor)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    K.set_isa("scalar")
-    expected = K.matmul(planar, x)
-    K.set_isa(isa)
-    for count in (1, 2):
-        K.set_threads(count)
-        np.testing.assert_array_equal(K.matmul(interleaved, x), expected)
-    ids = np.array([0, rows - 1], np.int64)
-    np.testing.assert_array_equal(K.embed(interleaved, ids), K.embed(planar, ids))
+    expected = assert_interleaved_equals_scalar_planar(isa, K.Matrix(tensor), planar, x)
     check_matmul("q5_0", quant.dequantize(planes, cols, "q5_0"), x, expected.astype(np.float64))
 
 

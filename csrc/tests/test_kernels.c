@@ -559,6 +559,30 @@ static void check_interleave8(const blob_isa_ops *ops, const char *path) {
         }
 }
 
+/* blob_matmul of interleaved `iw` over n tokens x (n, cols) into y (n, rows), at 1 and 2 threads,
+ * equals ref (n, rows), the planar scalar tile's, bit for bit. */
+static void expect_interleaved_matmul(const char *path, const blob_matrix *iw, const float *x, size_t n, float *y,
+                                      const float *ref) {
+    for (int threads = 1; threads <= 2; threads++) {
+        blob_threads_set(threads);
+        if (blob_matmul(iw, x, iw->cols, n, y, iw->rows) != BLOB_OK) fail("blob_matmul interleave8 status", path, 1, 0, 0);
+        char what[80];
+        snprintf(what, sizeof what, "blob_matmul interleave8 %s n=%zu threads=%d", dtype_names[iw->dtype], n, threads);
+        expect_identical(what, path, y, ref, n * iw->rows);
+    }
+}
+
+/* blob_embed's rows 0, 9 and 66 of interleaved `iw` equal those of `planar`, bit for bit. */
+static void expect_interleaved_embed(const char *path, const blob_matrix *planar, const blob_matrix *iw) {
+    const int64_t ids[3] = {0, 9, 66};
+    float *rows_planar = (float *)malloc(3 * iw->cols * sizeof(float));     /* (3, cols) */
+    float *rows_interleaved = (float *)malloc(3 * iw->cols * sizeof(float)); /* (3, cols) */
+    blob_embed(planar, ids, 3, rows_planar);
+    blob_embed(iw, ids, 3, rows_interleaved);
+    expect_identical("blob_embed interleave8 rows", path, rows_interleaved, rows_planar, 3 * iw->cols);
+    free(rows_planar), free(rows_interleaved);
+}
+
 /* blob_matmul over an interleaved matrix on the selected path: decode (n <= 8) and prefill, 1 and 2
  * threads, equal bit for bit to the planar scalar tile; blob_embed's rows equal the planar ones. */
 static void check_interleave8_api(const char *path) {
@@ -573,19 +597,9 @@ static void check_interleave8_api(const char *path) {
         for (size_t c = 0; c < 4; c++) {
             const size_t n = token_counts[c];
             run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-            for (int threads = 1; threads <= 2; threads++) {
-                blob_threads_set(threads);
-                if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 status", path, 1, 0, 0);
-                char what[80];
-                snprintf(what, sizeof what, "blob_matmul interleave8 %s n=%zu threads=%d", dtype_names[w.m.dtype], n, threads);
-                expect_identical(what, path, y, ref, n * rows);
-            }
+            expect_interleaved_matmul(path, &iw.m, x, n, y, ref);
         }
-        const int64_t ids[3] = {0, 9, 66};
-        float rows_planar[3 * 300], rows_interleaved[3 * 300];
-        blob_embed(&w.m, ids, 3, rows_planar);
-        blob_embed(&iw.m, ids, 3, rows_interleaved);
-        expect_identical("blob_embed interleave8 rows", path, rows_interleaved, rows_planar, 3 * cols);
+        expect_interleaved_embed(path, &w.m, &iw.m);
         blob_matrix f16 = iw.m;   /* a type without an interleaved tile */
         f16.dtype = BLOB_F16;
         checks++;
@@ -673,19 +687,9 @@ static void check_interleave8_q5_0_api(const char *path) {
     for (size_t c = 0; c < sizeof token_counts / sizeof *token_counts; c++) {
         const size_t n = token_counts[c];
         run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-        for (int threads = 1; threads <= 2; threads++) {
-            blob_threads_set(threads);
-            if (blob_matmul(&iw.m, x, cols, n, y, rows) != BLOB_OK) fail("blob_matmul interleave8 q5_0 status", path, 1, 0, 0);
-            char what[80];
-            snprintf(what, sizeof what, "blob_matmul interleave8 q5_0 n=%zu threads=%d", n, threads);
-            expect_identical(what, path, y, ref, n * rows);
-        }
+        expect_interleaved_matmul(path, &iw.m, x, n, y, ref);
     }
-    const int64_t ids[3] = {0, 9, 66};
-    float rows_planar[3 * 320], rows_interleaved[3 * 320];
-    blob_embed(&w.m, ids, 3, rows_planar);
-    blob_embed(&iw.m, ids, 3, rows_interleaved);
-    expect_identical("blob_embed interleave8 q5_0 rows", path, rows_interleaved, rows_planar, 3 * cols);
+    expect_interleaved_embed(path, &w.m, &iw.m);
     free(x), free(y), free(ref);
     free_block_weight(&w);
     free_block_weight(&iw);
