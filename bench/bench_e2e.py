@@ -191,7 +191,7 @@ def model_files(work: Path, stem: str, source: Path, peer_source: Path | None, t
             if gguf is None:
                 log(f"{stem} {dtype}: no GGUF of that type (the source is another, and llama.cpp cannot make one)")
                 continue
-            if not blob.exists():
+            if not blob.exists() or _misplaced(blob, layout):
                 convert(gguf, blob, dtype="keep", quiet=True, force=True, layout=layout)
             yield dtype, blob, gguf if python else None
             continue
@@ -231,8 +231,17 @@ def _stale(blob: Path, dtype: str, layout: str) -> bool:
 
     with blobstore.open(blob) as r:
         recorded = r.metadata.get("conversion", {})
-    return (recorded.get("embed_dtype") != resolved_embed_dtype(Options(dtype=dtype))
-            or recorded.get("layout", "planar") != layout)
+    return recorded.get("embed_dtype") != resolved_embed_dtype(Options(dtype=dtype)) or _misplaced(blob, layout)
+
+
+def _misplaced(blob: Path, layout: str) -> bool:
+    """Whether a kept blob stores a tensor otherwise than in `layout` though its type can be stored so
+    (written before the converter could, or relaid since): read from the tensor records."""
+    import blobstore
+    from blobstore.format import layouts_of
+
+    with blobstore.open(blob) as r:
+        return any(layout in layouts_of(i.dtype) and i.layout != layout for i in r.infos())
 
 
 def gemma_model(work: Path, python: str | None):

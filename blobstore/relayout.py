@@ -37,4 +37,6 @@ def relayout(src, out, layout: str) -> int:
                 writer.add(info.name, memoryview(values), dtype=info.dtype, shape=info.shape,
                            component=info.component, source=info.source)
         writer.metadata.update(reader.metadata)
+        if "conversion" in writer.metadata:   # what the converter was asked for is now this file's layout
+            writer.metadata["conversion"] = {**writer.metadata["conversion"], "layout": layout}
     return changed

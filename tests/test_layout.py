@@ -137,23 +137,25 @@ def test_relayout_round_trips_byte_for_byte_and_inspect_shows_it(tmp_path, capsy
         w.add("n", rng.standard_normal(7).astype(np.float32), dtype="bf16")
         w.add_tie("head", "m")
         w.metadata["model"] = {"x": 1}
+        w.metadata["conversion"] = {"dtype": "q8_0", "layout": "planar"}
     assert relayout(src, tmp_path / "i.blob", "interleave8") == 3
+    with blobstore.open(tmp_path / "i.blob") as r:   # the record of the conversion says what the file now is
+        assert r.metadata["conversion"] == {"dtype": "q8_0", "layout": "interleave8"}
     assert cli.main(["relayout", str(tmp_path / "i.blob"), "-o", str(tmp_path / "p.blob"), "--layout", "planar"]) == 0
     assert (tmp_path / "p.blob").read_bytes() == src.read_bytes()
     capsys.readouterr()
     assert cli.main(["inspect", str(tmp_path / "i.blob")]) == 0
     table = capsys.readouterr().out
     assert "blob file format 1.3" in table
-    assert next(line for line in table.splitlines() if line.startswith("m ")).split()[1:3] == ["q8_0", "interleave8"]
-    assert next(line for line in table.splitlines() if line.startswith("k ")).split()[1:3] == ["q4_0", "interleave8"]
-    assert next(line for line in table.splitlines() if line.startswith("v ")).split()[1:3] == ["q5_0", "interleave8"]
+    for name, dtype in {"m": "q8_0", "k": "q4_0", "v": "q5_0"}.items():
+        assert next(line for line in table.splitlines() if line.startswith(name + " ")).split()[1:3] == [dtype, "interleave8"]
     assert cli.main(["relayout", str(src), "-o", str(tmp_path / "i.blob"), "--layout", "interleave8"]) == 1
     assert "already exists" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
 def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_path, dtype):
-    """A model converted with --layout interleave8 (q8_0 or q4_0 matrices; q4_0's embedding and
+    """A model converted with --layout interleave8 (q8_0, q4_0 or q5_0 matrices; q4_0's embedding and
     tied head q8_0) gives on the scalar path exactly the planar file's logits (the same sums, read
     in another order), and on this machine's fastest path the same up to the float rounding of
     the other kernels."""
