@@ -321,13 +321,7 @@ def write_llama_gguf(folder: Path, out: Path):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(10000.0)
     writer.add_file_type(0)
-    writer.add_tokenizer_model("llama")
-    pieces = [f"w{i:05d}".encode() for i in range(cfg.vocab_size)]
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * cfg.vocab_size)
-    writer.add_token_types([1] * cfg.vocab_size)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    add_sentencepiece_vocabulary(writer, folder / "tokenizer.model")
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     heads = {"q": cfg.num_attention_heads, "k": cfg.num_key_value_heads}
 
@@ -350,6 +344,22 @@ def write_llama_gguf(folder: Path, out: Path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def add_sentencepiece_vocabulary(writer, model_file: Path):
+    """The folder's SentencePiece vocabulary as GGUF's tokenizer.ggml.* keys, with its <unk>,
+    <s> and </s> typed as llama.cpp's converter types them (unknown 2, control 3, normal 1)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    ids = range(sp.get_piece_size())
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i).encode() for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 1 for i in ids])
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
 
 
 # ---- measuring ----
