@@ -11,8 +11,9 @@ turns (generate, 1, 2, 4, generate, 1, ...) so that a busy spell on a shared mac
 fall on one configuration only.
 
 Then, to show where the time goes: the engine's steps in the best round of each stream count
-(the steps that prefill, the decode steps, and the rest of the wall time: sampling, queues,
-threads), and one decode step of n = 1, 2, 4 sequences (run_batch, at position --prompt-tokens)
+(the steps that prefill, the decode steps, the median time between two steps — the engine
+sampling and handing tokens out — and the rest of the wall time: sampling, queues, threads), and
+one decode step of n = 1, 2, 4 sequences (run_batch, at position --prompt-tokens)
 beside the output head alone (the lm_head matrix product of n rows), best of 5 each. Prints
 markdown on stdout. Not a test: nothing here asserts speed.
 
@@ -47,29 +48,34 @@ def prompts(model, count: int, length: int) -> list[list[int]]:
 
 
 class StepClock:
-    """Stands in for the engine's transformer: times each batched step, and notes whether it fed
-    a prompt (a run of more than one token)."""
+    """Stands in for the engine's transformer: times each batched step, notes whether it fed a
+    prompt (a run of more than one token), and times the engine's work between two steps (the
+    sampling of the last step's rows, handing their tokens out, admitting newcomers)."""
 
     def __init__(self, transformer):
-        self.transformer, self.steps = transformer, []
+        self.transformer, self.steps, self.gaps = transformer, [], []
+        self._last_end = None
 
     def run_batch(self, runs, *args, **kwargs):
         started = time.perf_counter()
+        if self._last_end is not None:
+            self.gaps.append(started - self._last_end)
         logits = self.transformer.run_batch(runs, *args, **kwargs)
-        self.steps.append((max(len(run) for run in runs) > 1, time.perf_counter() - started))
+        self._last_end = time.perf_counter()
+        self.steps.append((max(len(run) for run in runs) > 1, self._last_end - started))
         return logits
 
 
-def engine_round(model, engine, ids: list[list[int]], new_tokens: int) -> tuple[float, list]:
-    """(seconds from submitting every prompt at once to the last stream's last token, the steps
-    as (fed a prompt, seconds))."""
+def engine_round(model, engine, ids: list[list[int]], new_tokens: int) -> tuple[float, tuple[list, list]]:
+    """(seconds from submitting every prompt at once to the last stream's last token, (the steps
+    as (fed a prompt, seconds), the seconds between consecutive steps))."""
     clock = engine.transformer = StepClock(model.transformer)
     started = time.perf_counter()
     streams = [engine.submit(model.new_session(), p, GREEDY, new_tokens) for p in ids]
     counts = [sum(1 for _ in s) for s in streams]
     seconds = time.perf_counter() - started
     assert counts == [new_tokens] * len(ids), counts
-    return seconds, clock.steps
+    return seconds, (clock.steps, clock.gaps)
 
 
 def generate_round(model, ids: list[int], new_tokens: int) -> float:
@@ -127,7 +133,7 @@ def main():
     with BatchEngine(model, max_active=max(counts)) as engine:
         for repeat in range(args.repeats):
             log(f"round {repeat + 1} of {args.repeats} ...")
-            rounds = {"generate": lambda: (generate_round(model, ids[0], args.new_tokens), [])}
+            rounds = {"generate": lambda: (generate_round(model, ids[0], args.new_tokens), ([], []))}
             rounds.update({n: lambda n=n: engine_round(model, engine, ids[:n], args.new_tokens) for n in counts})
             for key, work in rounds.items():
                 took, timed_steps = work()
@@ -148,14 +154,15 @@ def main():
         print(f"| {n} | {rates[n]:.1f} | {rates[n] / rates[counts[0]]:.2f}x | {rates[n] / n:.1f} | "
               f"{spread(all_seconds[n])} |")
     print(f"\none stream vs generate(): {rates[counts[0]] / alone:.2f}x\n")
-    print("| streams | prefill steps | their seconds | decode steps | ms each | rest of the round |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| streams | prefill steps | their seconds | decode steps | ms each | between steps ms | rest of the round |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in counts:
-        prefill = [t for fed_prompt, t in round_steps[n] if fed_prompt]
-        decode = [t for fed_prompt, t in round_steps[n] if not fed_prompt]
+        timed_steps, gaps = round_steps[n]
+        prefill = [t for fed_prompt, t in timed_steps if fed_prompt]
+        decode = [t for fed_prompt, t in timed_steps if not fed_prompt]
         rest = seconds[n] - sum(prefill) - sum(decode)
         print(f"| {n} | {len(prefill)} | {sum(prefill):.3f} s | {len(decode)} | {np.mean(decode) * 1e3:.2f} | "
-              f"{rest:.3f} s |")
+              f"{np.median(gaps) * 1e3:.3f} | {rest:.3f} s |")
     print()
     print("| n | decode step ms | head product ms | head share | ms per sequence |")
     print("|---:|---:|---:|---:|---:|")

@@ -137,7 +137,10 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     >>> sample(np.array([0.1, 3.0, 0.2]), SamplingParams(temperature=0), np.random.default_rng(0))
     1
     """
-    return draw(*distribution(logits, params, context_ids), rng)
+    ids, probs = distribution(logits, params, context_ids)
+    if params.greedy:   # the argmax, the one candidate: no draw (a batched step samples every row each step)
+        return int(ids[0])
+    return draw(ids, probs, rng)
 
 
 def draw(ids: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> int:

@@ -152,9 +152,10 @@ def test_invalid_params_name_the_field(field, value):
     (np.zeros((2, 3), np.float32), "1-D"), (np.zeros(0, np.float32), "non-empty"),
     (np.array([0.0, np.nan], np.float32), "no NaN"), (np.full(3, -np.inf, np.float32), "all -inf"),
 ])
-def test_bad_logits_are_rejected(logits, message):
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0)], ids=["sampled", "greedy"])
+def test_bad_logits_are_rejected(logits, message, params):
     with pytest.raises(ValueError, match=message):
-        sample(logits, SamplingParams(), np.random.default_rng(0))
+        sample(logits, params, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("context, bad", [([0, 5], 5), ([-1, 2], -1)])
