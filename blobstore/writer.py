@@ -16,7 +16,7 @@ import numpy as np
 from . import quant
 from ._native import crc32c
 from .format import (
-    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE8, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN,
+    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE, INTERLEAVE8, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header,
     data_start, dtype_of_numpy, file_minor, is_power_of_two, layout_feature, padded_file_size, padding,
 )
@@ -98,7 +98,7 @@ class BlobWriter:
         lay = _tensor_layout(name, target, shape, layout)
         if lay.kind == INTERLEAVE8:
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(planes, target, lay))
+                             lambda: self._write_interleaved(_group_chunks(tuple(planes), lay), target, lay))
         else:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
 
@@ -173,10 +173,10 @@ class BlobWriter:
         shape = tuple(int(d) for d in array.shape)
         lay = _tensor_layout(name, target, shape, kind)
         rows = array.reshape(lay.rows, lay.cols)
-        if lay.kind == INTERLEAVE8:   # quantized whole: the rearrangement spans groups of rows
+        if lay.kind == INTERLEAVE8:
+            chunks = (quant.quantize(np.asarray(part, np.float32), target) for part in _group_chunks(rows, lay))
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target),
-                                                             target, lay))
+                             lambda: self._write_interleaved(chunks, target, lay))
         elif target.is_quantized:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_quantized(rows, target, lay))
         else:
@@ -236,13 +236,19 @@ class BlobWriter:
         self._write(first)
         self._write_later_planes(planes[1:], lay)
 
-    def _write_interleaved(self, planes, dtype, lay):
-        """Planar planes of a type of format.INTERLEAVED as interleave8: each grouped plane at its
-        64-byte boundary (layout().plane_offsets)."""
-        start = self._pos
-        for plane, offset in zip(quant.interleave8(planes, dtype), lay.plane_offsets):
+    def _write_interleaved(self, chunks, dtype, lay):
+        """Planar planes of a type of format.INTERLEAVED, given chunk by chunk of whole groups of rows
+        (_group_chunks), as interleave8: the first plane written as it comes, the later (small) ones
+        after it, each grouped plane at its 64-byte boundary (layout().plane_offsets)."""
+        start, later = self._pos, []
+        for planes in chunks:
+            first, *rest = quant.interleave8(planes, dtype)
+            self._write(first)
+            later.append(rest)
+        for index, offset in enumerate(lay.plane_offsets[1:]):
             self._write(np.zeros(start + offset - self._pos, np.uint8))  # inside the blob: covered by its CRC
-            self._write(plane)
+            for rest in later:
+                self._write(rest[index])
 
     def _write_later_planes(self, planes, lay):
         """Planes after the first, each packed and starting on its 64-byte boundary (layout().plane_offsets)."""
@@ -301,6 +307,14 @@ def _tensor_layout(name, target: DType, shape, kind):
         return layout_of(target, shape, kind)
     except ValueError as error:
         raise ValueError(f"tensor {name!r}: {error}") from None
+
+
+def _group_chunks(rows, lay):
+    """`rows` (an array or a tuple of planes, rows first) in slices of whole groups of INTERLEAVE rows,
+    each about CHUNK_BYTES of interleave8 quant plane (lay.row_stride is a group's bytes)."""
+    step = INTERLEAVE * max(1, CHUNK_BYTES // max(lay.row_stride, 1))
+    for start in range(0, lay.rows, step):
+        yield tuple(p[start:start + step] for p in rows) if isinstance(rows, tuple) else rows[start:start + step]
 
 
 def _check_planes(name, target: DType, lay, planes):

@@ -185,3 +185,34 @@ def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_p
     # 1/127 of a block's largest value (q8_0's int16 ones into 1/32639): a wider tolerance
     tolerance = {"q8_0": 1e-3, "q4_0": 1e-2, "q5_0": 1e-3}[dtype]
     assert np.abs(interleaved - planar).max() <= tolerance * np.abs(planar).max()
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
+def test_the_writer_streams_a_tensor_in_chunks_of_whole_groups_with_the_bytes_of_one_piece(tmp_path, monkeypatch,
+                                                                                          dtype):
+    """With CHUNK_BYTES down to one or three groups' quant plane, add() and add_quantized() quantize
+    and interleave no more than a chunk of rows at a time (peak memory bounded by a chunk) and write
+    exactly the bytes of the whole-tensor path, planar files too."""
+    from blobstore import writer
+
+    shape = (45, 96)   # 6 groups, the last one partial
+    values = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    planes = quant.quantize(values, dtype)
+
+    def write(name):
+        with blobstore.BlobWriter(tmp_path / name) as w:
+            w.add("i", values, dtype=dtype, layout=INTERLEAVE8)
+            w.add_quantized("k", planes, dtype=dtype, shape=shape, layout=INTERLEAVE8)
+            w.add("p", values, dtype=dtype, layout=PLANAR)
+        return (tmp_path / name).read_bytes()
+
+    whole = write("whole.blob")
+    group_bytes = layout(blobstore.DType.parse(dtype), shape, INTERLEAVE8).row_stride
+    seen = []
+    original = quant.interleave8
+    monkeypatch.setattr(quant, "interleave8", lambda p, d: seen.append(len(p[-1])) or original(p, d))
+    for groups in (1, 3):
+        monkeypatch.setattr(writer, "CHUNK_BYTES", groups * group_bytes)
+        seen.clear()
+        assert write(f"{groups}.blob") == whole
+        assert max(seen) == 8 * groups and sum(seen) == 2 * shape[0]   # both interleaved tensors, in chunks
