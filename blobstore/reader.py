@@ -179,6 +179,18 @@ class BlobReader:
         return np.ndarray(info.shape, info.dtype.numpy, self._bytes, info.offset,
                           _strides(info.shape, info.dtype.numpy.itemsize, lay.row_stride))
 
+    def blob(self, name: str) -> np.ndarray:
+        """The `nbytes` bytes the file stores for a tensor (a tie: its target's), as a read-only uint8
+        view on the map, padding included: what BlobWriter.add_stored copies.
+
+        >>> r.blob("embed").size == r.info("embed").nbytes   # doctest: +SKIP
+        True
+        """
+        info = self.info(name)
+        if self._bytes is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        return self._bytes[info.offset:info.offset + info.nbytes]
+
     def float32(self, name: str) -> np.ndarray:
         """A float32 copy of a tensor's values, whatever its stored dtype."""
         view = self[name]

@@ -102,6 +102,24 @@ class BlobWriter:
         else:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
 
+    def add_stored(self, name: str, blob, *, dtype, shape, layout: str | None = None, component: str = "text",
+                   source: str | None = None):
+        """Add a tensor as the exact bytes a blob file stores it in (BlobReader.blob): `blob` holds
+        format.layout(dtype, shape, layout).nbytes bytes, copied as they are.
+
+        >>> w.add_stored("w", r.blob("w"), dtype=i.dtype, shape=i.shape, layout=i.layout)  # doctest: +SKIP
+        """
+        self._check_open()
+        self._check_new_name(name)
+        target = DType.parse(dtype)
+        shape = tuple(int(d) for d in shape)
+        lay = _tensor_layout(name, target, shape, layout)
+        raw = np.frombuffer(blob, np.uint8)
+        if raw.size != lay.nbytes:
+            raise ValueError(f"tensor {name!r}: {raw.size} bytes do not hold {target.label} {list(shape)} "
+                             f"as {lay.kind} ({lay.nbytes} bytes)")
+        self._write_blob(name, target, shape, lay, component, source, lambda: self._write(raw))
+
     def add_tie(self, name: str, target: str, *, component: str = "text", source: str | None = None):
         """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
         self._check_open()
@@ -299,6 +317,21 @@ class BlobWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+
+def check_output(out, force: bool):
+    """Refuse to write blob file `out` over an existing file (unless `force`), a folder, or into a
+    folder that does not exist, before any work is done.
+
+    >>> check_output("model.blob", force=False)   # doctest: +SKIP
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; give a file name such as {out / 'model.blob'}")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"{out}: the folder {out.parent} does not exist")
 
 
 def _tensor_layout(name, target: DType, shape, kind):

@@ -216,3 +216,32 @@ def test_the_writer_streams_a_tensor_in_chunks_of_whole_groups_with_the_bytes_of
         seen.clear()
         assert write(f"{groups}.blob") == whole
         assert max(seen) == 8 * groups and sum(seen) == 2 * shape[0]   # both interleaved tensors, in chunks
+
+
+def test_relayout_copies_what_keeps_its_layout_and_refuses_an_existing_output(tmp_path, monkeypatch):
+    """Tensors already in the asked layout (and every other type) are copied as stored, not
+    rearranged twice: with the rearrangements broken, relayout into the file's own layout still
+    writes the same file. Like convert, it refuses an existing output unless forced."""
+    from blobstore.convert import convert
+
+    rng = np.random.default_rng(4)
+    src = tmp_path / "a.blob"
+    with blobstore.BlobWriter(src) as w:
+        w.add("m", rng.standard_normal((13, 100)).astype(np.float32), dtype="q8_0", layout=INTERLEAVE8)
+        w.add("v", rng.standard_normal((11, 96)).astype(np.float32), dtype="q5_0", layout=INTERLEAVE8)
+        w.add("k", rng.standard_normal((3, 256)).astype(np.float32), dtype="q4_k")
+        w.add("n", rng.standard_normal((2, 7)).astype(np.float32), dtype="bf16")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a tensor was rearranged")
+
+    with monkeypatch.context() as m:
+        m.setattr(quant, "interleave8", broken)
+        m.setattr(quant, "deinterleave8", broken)
+        assert relayout(src, tmp_path / "same.blob", INTERLEAVE8) == 0
+    assert (tmp_path / "same.blob").read_bytes() == src.read_bytes()
+    for refused in (lambda: relayout(src, tmp_path / "same.blob", PLANAR),
+                    lambda: convert(src, tmp_path / "same.blob", quiet=True)):
+        with pytest.raises(ValueError, match="same.blob already exists; pass --force to overwrite it"):
+            refused()
+    assert relayout(src, tmp_path / "same.blob", PLANAR, force=True) == 2
