@@ -111,21 +111,19 @@ def interleaved_types(spec: SpecFile) -> set:
     return {r["dtype"] for r in spec.records.values() if r["layout"] == "interleave8"}
 
 
-CONVERSIONS = {"defaults": {}, "q4_0": {"dtype": "q4_0"}, "q5_0": {"dtype": "q5_0"}, "planar": {"layout": PLANAR}}
+CONVERSIONS = {"defaults": (None, None), "q4_0": ("q4_0", None), "q5_0": ("q5_0", None), "planar": ("q8_0", PLANAR)}
 
 
 @pytest.mark.parametrize("conversion", CONVERSIONS)
-def test_converted_and_relayout_files_read_alike(checkpoints, tmp_path, conversion):
+def test_converted_and_relayout_files_read_alike(converted_gemma3, tmp_path, conversion):
     """What `blob-pack convert` writes (its defaults, other types, --layout planar) and what
     `blob-pack relayout` makes of it in the other arrangement read alike."""
-    options = CONVERSIONS[conversion]
-    convert(checkpoints("gemma3"), tmp_path / "c.blob", quiet=True, **options)
-    spec = assert_reads_alike(tmp_path / "c.blob")
+    dtype, kind = CONVERSIONS[conversion]
+    spec = assert_reads_alike(converted_gemma3(dtype, kind))
     types = {r["dtype"] for r in spec.records.values()} & set(INTERLEAVE8)
-    matrices = options.get("dtype", "q8_0")
-    assert interleaved_types(spec) == (set() if options.get("layout") == PLANAR else interleaved_types(spec) | {matrices})
-    other = "interleave8" if options.get("layout") == PLANAR else PLANAR
-    relayout(tmp_path / "c.blob", tmp_path / "r.blob", other)
+    assert interleaved_types(spec) == (set() if kind == PLANAR else interleaved_types(spec) | {dtype or "q8_0"})
+    other = "interleave8" if kind == PLANAR else PLANAR
+    relayout(converted_gemma3(dtype, kind), tmp_path / "r.blob", other)
     assert interleaved_types(assert_reads_alike(tmp_path / "r.blob")) == (types if other == "interleave8" else set())
 
 
