@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from . import __version__
@@ -96,11 +95,8 @@ def run_verify(args) -> int:
 
 
 def run_relayout(args) -> int:
-    if os.path.exists(args.output) and not args.force:
-        print(f"blob-pack relayout: error: {args.output} already exists; pass --force to overwrite it", file=sys.stderr)
-        return 1
     try:
-        changed = relayout(args.src, args.output, args.layout)
+        changed = relayout(args.src, args.output, args.layout, force=args.force)
     except (ValueError, OSError) as error:
         print(f"blob-pack relayout: error: {error}", file=sys.stderr)
         return 1

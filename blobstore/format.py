@@ -381,6 +381,26 @@ def layout(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> Lay
     return Layout(rows, cols, stride, blocks, offsets[1], end, tuple(offsets), kind)
 
 
+def plane_shapes(dtype: DType, shape: tuple[int, ...], kind: str | None = None) -> tuple[tuple[int, int], ...]:
+    """The 2-D shape, in elements of its type, of each plane of a quantized tensor stored in
+    arrangement `kind` (see layout): planar, the first (rows, row_stride / itemsize) with its row
+    padding and every later one (rows, blocks * per_block); interleave8, each
+    (groups, blocks * INTERLEAVE * per_block), groups = ceil(rows / INTERLEAVE).
+
+    >>> plane_shapes(DType.Q5_0, (9, 64), INTERLEAVE8)   # nibbles, fifth bits, scales of 2 groups
+    ((2, 256), (2, 64), (2, 16))
+    >>> plane_shapes(DType.Q8_0, (3, 40))
+    ((3, 64), (3, 2))
+    """
+    lay = layout(dtype, shape, kind)
+    first, *later = dtype.spec.planes
+    if lay.kind == INTERLEAVE8:
+        groups = -(-lay.rows // INTERLEAVE)
+        return tuple((groups, lay.blocks * INTERLEAVE * plane.per_block) for plane in dtype.spec.planes)
+    return ((lay.rows, lay.row_stride // first.numpy.itemsize),
+            *((lay.rows, lay.blocks * plane.per_block) for plane in later))
+
+
 # ---- the fixed header ----
 
 @dataclass(frozen=True)

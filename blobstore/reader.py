@@ -19,8 +19,8 @@ from ._native import crc32c
 from .format import (
     FILE_ALIGN, FORMAT_NAME, HEADER_SIZE, HEADER_STRUCT, KNOWN_FEATURES, MAGIC, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_DIM, MAX_MANIFEST_SIZE, MAX_NDIM, MIN_ALIGNMENT, MINOR, TENSOR_NAME, TENSOR_NAME_RULE,
-    INTERLEAVE, INTERLEAVE8, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layout_feature, layouts_of,
-    rows_and_cols,
+    INTERLEAVE8, PLANAR, ROWS, DType, Header, data_start, is_power_of_two, layout, layout_feature, layouts_of,
+    plane_shapes, rows_and_cols,
 )
 
 MAX_TENSORS = 1_000_000
@@ -164,20 +164,26 @@ class BlobReader:
         if self._bytes is None:
             raise ValueError(f"{self.path}: the reader is closed")
         lay = layout(info.dtype, info.shape, info.layout)
-        if info.layout == INTERLEAVE8:
-            groups = -(-lay.rows // INTERLEAVE)
-            planes = tuple(np.ndarray((groups, lay.blocks * INTERLEAVE * plane.per_block), plane.numpy, self._bytes,
-                                      info.offset + offset)
-                           for plane, offset in zip(info.dtype.spec.planes, lay.plane_offsets))
-            return QuantizedTensor(info.dtype, info.shape, planes, INTERLEAVE8)
         if info.dtype.is_quantized:
-            first, *later = info.dtype.spec.planes
-            planes = [np.ndarray((lay.rows, lay.row_stride // first.numpy.itemsize), first.numpy, self._bytes, info.offset)]
-            planes += [np.ndarray((lay.rows, lay.blocks * plane.per_block), plane.numpy, self._bytes, info.offset + at)
-                       for plane, at in zip(later, lay.plane_offsets[1:])]
-            return QuantizedTensor(info.dtype, info.shape, tuple(planes))
+            planes = tuple(np.ndarray(plane_shape, plane.numpy, self._bytes, info.offset + at)
+                           for plane, plane_shape, at in zip(info.dtype.spec.planes,
+                                                             plane_shapes(info.dtype, info.shape, info.layout),
+                                                             lay.plane_offsets))
+            return QuantizedTensor(info.dtype, info.shape, planes, info.layout)
         return np.ndarray(info.shape, info.dtype.numpy, self._bytes, info.offset,
                           _strides(info.shape, info.dtype.numpy.itemsize, lay.row_stride))
+
+    def blob(self, name: str) -> np.ndarray:
+        """The `nbytes` bytes the file stores for a tensor (a tie: its target's), as a read-only uint8
+        view on the map, padding included: what BlobWriter.add_stored copies.
+
+        >>> r.blob("embed").size == r.info("embed").nbytes   # doctest: +SKIP
+        True
+        """
+        info = self.info(name)
+        if self._bytes is None:
+            raise ValueError(f"{self.path}: the reader is closed")
+        return self._bytes[info.offset:info.offset + info.nbytes]
 
     def float32(self, name: str) -> np.ndarray:
         """A float32 copy of a tensor's values, whatever its stored dtype."""

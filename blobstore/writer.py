@@ -16,7 +16,7 @@ import numpy as np
 from . import quant
 from ._native import crc32c
 from .format import (
-    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE8, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN,
+    DEFAULT_ALIGNMENT, FORMAT_NAME, HEADER_SIZE, INTERLEAVE, INTERLEAVE8, KNOWN_FEATURES, MAJOR, MANIFEST_ALIGN,
     MAX_ALIGNMENT, MAX_MANIFEST_SIZE, MIN_ALIGNMENT, TIE_FEATURE, TENSOR_NAME, TENSOR_NAME_RULE, DType, Header,
     data_start, dtype_of_numpy, file_minor, is_power_of_two, layout_feature, padded_file_size, padding,
 )
@@ -98,9 +98,27 @@ class BlobWriter:
         lay = _tensor_layout(name, target, shape, layout)
         if lay.kind == INTERLEAVE8:
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(planes, target, lay))
+                             lambda: self._write_interleaved(_group_chunks(tuple(planes), lay), target, lay))
         else:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_planes(planes, lay))
+
+    def add_stored(self, name: str, blob, *, dtype, shape, layout: str | None = None, component: str = "text",
+                   source: str | None = None):
+        """Add a tensor as the exact bytes a blob file stores it in (BlobReader.blob): `blob` holds
+        format.layout(dtype, shape, layout).nbytes bytes, copied as they are.
+
+        >>> w.add_stored("w", r.blob("w"), dtype=i.dtype, shape=i.shape, layout=i.layout)  # doctest: +SKIP
+        """
+        self._check_open()
+        self._check_new_name(name)
+        target = DType.parse(dtype)
+        shape = tuple(int(d) for d in shape)
+        lay = _tensor_layout(name, target, shape, layout)
+        raw = np.frombuffer(blob, np.uint8)
+        if raw.size != lay.nbytes:
+            raise ValueError(f"tensor {name!r}: {raw.size} bytes do not hold {target.label} {list(shape)} "
+                             f"as {lay.kind} ({lay.nbytes} bytes)")
+        self._write_blob(name, target, shape, lay, component, source, lambda: self._write(raw))
 
     def add_tie(self, name: str, target: str, *, component: str = "text", source: str | None = None):
         """Add `name` as an alias of the tensor `target` (e.g. an output head tied to the embedding)."""
@@ -173,10 +191,10 @@ class BlobWriter:
         shape = tuple(int(d) for d in array.shape)
         lay = _tensor_layout(name, target, shape, kind)
         rows = array.reshape(lay.rows, lay.cols)
-        if lay.kind == INTERLEAVE8:   # quantized whole: the rearrangement spans groups of rows
+        if lay.kind == INTERLEAVE8:
+            chunks = (quant.quantize(np.asarray(part, np.float32), target) for part in _group_chunks(rows, lay))
             self._write_blob(name, target, shape, lay, component, source,
-                             lambda: self._write_interleaved(quant.quantize(np.asarray(rows, np.float32), target),
-                                                             target, lay))
+                             lambda: self._write_interleaved(chunks, target, lay))
         elif target.is_quantized:
             self._write_blob(name, target, shape, lay, component, source, lambda: self._write_quantized(rows, target, lay))
         else:
@@ -236,13 +254,19 @@ class BlobWriter:
         self._write(first)
         self._write_later_planes(planes[1:], lay)
 
-    def _write_interleaved(self, planes, dtype, lay):
-        """Planar planes of a type of format.INTERLEAVED as interleave8: each grouped plane at its
-        64-byte boundary (layout().plane_offsets)."""
-        start = self._pos
-        for plane, offset in zip(quant.interleave8(planes, dtype), lay.plane_offsets):
+    def _write_interleaved(self, chunks, dtype, lay):
+        """Planar planes of a type of format.INTERLEAVED, given chunk by chunk of whole groups of rows
+        (_group_chunks), as interleave8: the first plane written as it comes, the later (small) ones
+        after it, each grouped plane at its 64-byte boundary (layout().plane_offsets)."""
+        start, later = self._pos, []
+        for planes in chunks:
+            first, *rest = quant.interleave8(planes, dtype)
+            self._write(first)
+            later.append(rest)
+        for index, offset in enumerate(lay.plane_offsets[1:]):
             self._write(np.zeros(start + offset - self._pos, np.uint8))  # inside the blob: covered by its CRC
-            self._write(plane)
+            for rest in later:
+                self._write(rest[index])
 
     def _write_later_planes(self, planes, lay):
         """Planes after the first, each packed and starting on its 64-byte boundary (layout().plane_offsets)."""
@@ -295,12 +319,35 @@ class BlobWriter:
         self._file.close()
 
 
+def check_output(out, force: bool):
+    """Refuse to write blob file `out` over an existing file (unless `force`), a folder, or into a
+    folder that does not exist, before any work is done.
+
+    >>> check_output("model.blob", force=False)   # doctest: +SKIP
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; give a file name such as {out / 'model.blob'}")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"{out}: the folder {out.parent} does not exist")
+
+
 def _tensor_layout(name, target: DType, shape, kind):
     """The byte layout of tensor `name` in arrangement `kind` (None: the type's default)."""
     try:
         return layout_of(target, shape, kind)
     except ValueError as error:
         raise ValueError(f"tensor {name!r}: {error}") from None
+
+
+def _group_chunks(rows, lay):
+    """`rows` (an array or a tuple of planes, rows first) in slices of whole groups of INTERLEAVE rows,
+    each about CHUNK_BYTES of interleave8 quant plane (lay.row_stride is a group's bytes)."""
+    step = INTERLEAVE * max(1, CHUNK_BYTES // max(lay.row_stride, 1))
+    for start in range(0, lay.rows, step):
+        yield tuple(p[start:start + step] for p in rows) if isinstance(rows, tuple) else rows[start:start + step]
 
 
 def _check_planes(name, target: DType, lay, planes):

@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from blobstore.format import INTERLEAVE8, INTERLEAVED, DType, layout
+from blobstore.format import INTERLEAVE8, INTERLEAVED, DType, layout, plane_shapes
 from blobstore.runtime.cores import physical_cores
 
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uintptr_t

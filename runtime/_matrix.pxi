@@ -126,10 +126,9 @@ cdef class Matrix:
         lay = layout(kind, shape, INTERLEAVE8)
         if len(shape) < 2 or lay.rows == 0 or lay.cols == 0:
             raise ValueError(f"{self.name}: expected a non-empty weight of at least 2 dimensions, found shape {shape}")
-        groups = -(-lay.rows // BLOB_INTERLEAVE)
         planes = tuple(np.asarray(p) for p in tensor.planes)
-        expected = tuple((str(spec.numpy), (groups, lay.blocks * BLOB_INTERLEAVE * spec.per_block))
-                         for spec in kind.spec.planes)
+        expected = tuple((str(spec.numpy), plane_shape)
+                         for spec, plane_shape in zip(kind.spec.planes, plane_shapes(kind, shape, INTERLEAVE8)))
         if len(planes) != len(expected) or any(p.dtype != dt or p.shape != shape or not p.flags.c_contiguous
                                                for p, (dt, shape) in zip(planes, expected)):
             raise ValueError(f"{self.name}: interleave8 {kind.label} planes must be packed "

@@ -301,6 +301,5 @@ def _prompt_runs(cache: KVCache, prompt_ids: list[int], images: list) -> list[_R
     """The chunks of the prompt a lone prefill (runtime/model.py's `prefill`) would compute: after
     the prefix the cache shares with the prompt, cut by prefill_chunks."""
     reuse, new_images = keep_reusable_prefix(cache, prompt_ids, images)
-    return [_Run(prompt_ids[reuse + begin:reuse + end],
-                 [span for span in new_images if reuse + begin <= span.begin < reuse + end])
-            for begin, end in prefill_chunks(len(prompt_ids) - reuse, reuse, new_images)]
+    return [_Run(prompt_ids[reuse + begin:reuse + end], spans)
+            for begin, end, spans in prefill_chunks(len(prompt_ids) - reuse, reuse, new_images)]

@@ -190,12 +190,10 @@ class Transformer:
     def _run_chunks(self, ids, cache: KVCache, start: int, all_logits: bool, long_rope: bool,
                     images: list) -> np.ndarray:
         outputs = []
-        for begin, end in prefill_chunks(len(ids), start, images):
+        for begin, end, spans in prefill_chunks(len(ids), start, images):
             rows = end - begin if all_logits else int(end == len(ids))
-            spans = [(span.begin, span.end, span.embeds) for span in images
-                     if span.begin < start + end and span.end > start + begin]
             logits = self.stack.run(ids[begin:end], cache.k, cache.v, start + begin, logit_rows=rows,
-                                    long_rope=long_rope, spans=spans)
+                                    long_rope=long_rope, spans=[(s.begin, s.end, s.embeds) for s in spans])
             if rows:
                 outputs.append(logits)
         cache.long_rope = long_rope
@@ -229,12 +227,12 @@ def keep_reusable_prefix(cache: KVCache, prompt_ids: list[int], images=()) -> tu
 
 
 def prefill_chunks(n: int, start: int, images=()):
-    """(begin, end) of the prefill chunks of n tokens at positions start..: PREFILL_CHUNK tokens
-    each, a chunk ending early before a picture that it would split (a picture longer than a
-    chunk gets a chunk of its own): a picture's tokens see each other's keys, so they are
-    computed in one call.
+    """(begin, end, spans) of the prefill chunks of n tokens at positions start..: PREFILL_CHUNK
+    tokens each, a chunk ending early before a picture that it would split (a picture longer than
+    a chunk gets a chunk of its own): a picture's tokens see each other's keys, so they are
+    computed in one call. `spans` are the ImageSpans of `images` in the chunk (absolute positions).
 
-    >>> list(prefill_chunks(600, 0))
+    >>> [(begin, end) for begin, end, _ in prefill_chunks(600, 0)]
     [(0, 256), (256, 512), (512, 600)]
     """
     begin = 0
@@ -244,7 +242,7 @@ def prefill_chunks(n: int, start: int, images=()):
             first, last = span.begin - start, span.end - start
             if first < end < last:
                 end = first if first > begin else last
-        yield begin, end
+        yield begin, end, [span for span in images if span.begin < start + end and span.end > start + begin]
         begin = end
 
 

@@ -124,6 +124,37 @@ def checkpoints(tmp_path_factory, spm_model):
     return get
 
 
+@pytest.fixture(scope="session")
+def converted_gemma3(checkpoints, tmp_path_factory):
+    """(dtype, layout) → the gemma3 checkpoint converted with those options (None: convert's default),
+    converted on first use and shared by the session; tests read these files, never change them."""
+    from blobstore.convert import convert
+
+    root = tmp_path_factory.mktemp("converted")
+    built = {}
+
+    def get(dtype: str | None = None, layout: str | None = None):
+        if (dtype, layout) not in built:
+            path = root / f"{dtype}-{layout}.blob"
+            options = {k: v for k, v in (("dtype", dtype), ("layout", layout)) if v is not None}
+            convert(checkpoints("gemma3"), path, quiet=True, **options)
+            built[dtype, layout] = path
+        return built[dtype, layout]
+    return get
+
+
+@pytest.fixture
+def prefill_chunk(monkeypatch):
+    """prefill_chunk(n): prompts cut in chunks of n tokens by the model's forward and the batch
+    engine's step alike (both PREFILL_CHUNK), for this test."""
+    from blobstore.runtime import batch, model
+
+    def set_chunk(tokens: int):
+        monkeypatch.setattr(model, "PREFILL_CHUNK", tokens)
+        monkeypatch.setattr(batch, "PREFILL_CHUNK", tokens)
+    return set_chunk
+
+
 @pytest.fixture
 def checkpoint_copy(checkpoints, tmp_path):
     """A private copy of a cached checkpoint, for tests that edit files."""

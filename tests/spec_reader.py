@@ -39,7 +39,11 @@ PLANE_NAMES = {  # §4: the planes of the types of §5.4, in order
     "q3_k": ("Q", "H", "S", "d"), "q4_k": ("Q", "S", "d", "m"), "q5_k": ("Q", "H", "S", "d", "m"),
     "q6_k": ("Q", "H", "S", "d"),
 }
-FEATURES = {"tie", "q8_0", "q4_0", *PLANE_NAMES, "interleave8"}  # §6.1: format 1.0, then 1.1, then 1.2
+# §5.5-§5.7: the types that may be stored as layout "interleave8", the feature each then requires, and the
+# bytes of one block of a group of eight rows in the quant plane
+INTERLEAVE8 = {"q8_0": ("interleave8", 256), "q4_0": ("interleave8_q4_0", 128), "q5_0": ("interleave8_q5_0", 128)}
+# §6.1: format 1.0, then 1.1, then 1.2 and 1.3
+FEATURES = {"tie", "q8_0", "q4_0", *PLANE_NAMES, *(feature for feature, _ in INTERLEAVE8.values())}
 NAME = re.compile(r"[A-Za-z0-9_.\-/]{1,255}")
 DATA_KEYS = {"name", "dtype", "shape", "layout", "row_stride", "offset", "nbytes", "crc32c", "component", "source"}
 TIE_KEYS = {"name", "tie", "component", "source"}
@@ -86,14 +90,18 @@ def rows_and_cols(shape):
 
 
 def layout(dtype: str, shape, kind: str = ""):
-    """§5.1 / §5.2 / §5.5: (rows, cols, blocks, row_stride, offsets of the planes, nbytes)."""
+    """§5.1 / §5.2 / §5.5-§5.7: (rows, cols, blocks, row_stride, offsets of the planes, nbytes)."""
     rows, cols = rows_and_cols(shape)
     block, planes = TYPES[dtype]
     (element, per_block), *later = planes
     blocks = -(-cols // block)
     if kind == "interleave8":
         groups = -(-rows // 8)
-        return rows, cols, blocks, blocks * 256, [0, groups * blocks * 256], groups * blocks * (256 + 16)
+        row_stride = blocks * INTERLEAVE8[dtype][1]
+        offsets = [0, groups * row_stride]                      # quants, then q5_0's high plane (§5.7)
+        if dtype == "q5_0":
+            offsets.append(round_up(offsets[1] + groups * blocks * 32, 64))
+        return rows, cols, blocks, row_stride, offsets, offsets[-1] + groups * blocks * 16   # ... then the scales
     row_stride = round_up(blocks * per_block * np.dtype(element).itemsize, 64)
     offsets, end = [0], rows * row_stride
     for element, per_block in later:
@@ -254,10 +262,11 @@ class SpecFile:
         if not all(_is_int(record[k]) and record[k] >= 0 for k in ("row_stride", "offset", "nbytes", "crc32c")):
             raise SpecError("InvalidTensor", "integers")
         default = "rows" if len(TYPES[dtype][1]) == 1 else "planar"
-        if record["layout"] not in (default, *(["interleave8"] if dtype == "q8_0" else [])):
+        if record["layout"] not in (default, *(["interleave8"] if dtype in INTERLEAVE8 else [])):
             raise SpecError("InvalidTensor", "layout")
-        if record["layout"] == "interleave8" and "interleave8" not in {f["name"] for f in self.manifest["features_required"]}:
-            raise SpecError("CorruptManifest", "interleave8 without its feature")
+        if record["layout"] == "interleave8" and \
+                INTERLEAVE8[dtype][0] not in {f["name"] for f in self.manifest["features_required"]}:
+            raise SpecError("CorruptManifest", f"{dtype} interleave8 without its feature")
         _, cols, _, row_stride, _, nbytes = layout(dtype, shape, record["layout"])
         if dtype in PLANE_NAMES and cols % TYPES[dtype][0]:
             raise SpecError("InvalidTensor", "shape: whole blocks")
@@ -288,16 +297,10 @@ class SpecFile:
         return np.ascontiguousarray(matrix).view(element).reshape(r["shape"])
 
     def planes(self, name: str) -> list[np.ndarray]:
-        """§5.2: each plane of a quantized tensor as (rows, blocks, elements per block)."""
+        """§5.2: each plane of a planar quantized tensor as (rows, blocks, elements per block)."""
         r = self.records[name]
         rows, _, blocks, row_stride, offsets, nbytes = layout(r["dtype"], r["shape"], r["layout"])
         raw = np.frombuffer(self.blob(name), np.uint8)
-        if r["layout"] == "interleave8":   # §5.5, byte by byte
-            row, block, level = np.ix_(np.arange(rows), np.arange(blocks), np.arange(32))
-            quants = raw[(row // 8) * row_stride + 256 * block + 16 * (level // 2) + 2 * (row % 8) + level % 2]
-            scale_at = offsets[1] + 2 * (((row[..., 0] // 8) * blocks + block[..., 0]) * 8 + row[..., 0] % 8)
-            scales = raw[scale_at] | raw[scale_at + 1].astype(np.uint16) << 8
-            return [quants.view(np.int8), scales.view(np.float16)[..., None]]
         result = []
         for index, (element, per_block) in enumerate(TYPES[r["dtype"]][1]):
             size = per_block * np.dtype(element).itemsize
@@ -308,6 +311,30 @@ class SpecFile:
             result.append(np.ascontiguousarray(plane).view(element).reshape(rows, blocks, per_block))
         return result
 
+    def interleaved(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """§5.5-§5.7, byte by byte: an interleave8 tensor's signed levels (rows, blocks, 32) as int32 and
+        its float16 scales (rows, blocks, 1)."""
+        r = self.records[name]
+        dtype = r["dtype"]
+        rows, _, blocks, row_stride, offsets, _ = layout(dtype, r["shape"], r["layout"])
+        raw = np.frombuffer(self.blob(name), np.uint8)
+        row, block, i = np.ix_(np.arange(rows), np.arange(blocks), np.arange(32))
+        g, j = row // 8, row % 8
+        if dtype == "q8_0":   # §5.5: level 2i' + e at 16i' + 2j + e
+            levels = raw[g * row_stride + 256 * block + 16 * (i // 2) + 2 * j + i % 2].view(np.int8).astype(np.int32)
+        else:                 # §5.6 / §5.7: run c = i div 8, lane j, byte m = i mod 4, high nibble for i mod 8 >= 4
+            byte = raw[g * row_stride + 128 * block + 32 * (i // 8) + 4 * j + i % 4]
+            nibble = np.where((i // 4) % 2 == 1, byte >> 4, byte & 15).astype(np.int32)
+            if dtype == "q4_0":
+                levels = nibble - 8
+            else:             # §5.7: the fifth bit at bit t mod 8 of high-plane byte t div 8 of the group block
+                t = 32 * (i // 4) + 4 * j + i % 4
+                fifth = (raw[offsets[1] + 32 * (g * blocks + block) + t // 8] >> (t % 8)) & 1
+                levels = (nibble | fifth.astype(np.int32) << 4) - 16
+        scale_at = offsets[-1] + 2 * ((g[..., 0] * blocks + block[..., 0]) * 8 + j[..., 0])
+        scales = raw[scale_at] | raw[scale_at + 1].astype(np.uint16) << 8
+        return levels, scales.view(np.float16)[..., None]
+
     def float32(self, name: str) -> np.ndarray:
         """The tensor's values as binary32 (§4, §5.2, §5.4)."""
         r = self.records[name]
@@ -317,7 +344,10 @@ class SpecFile:
         if dtype not in ("q8_0", "q4_0", *PLANE_NAMES):
             return self.stored(name).astype(np.float32)
         rows, cols = rows_and_cols(r["shape"])
-        if dtype in PLANE_NAMES:
+        if r["layout"] == "interleave8":   # level times scale, both converted to binary32 exactly (§5.2, §5.4)
+            levels, scales = self.interleaved(name)
+            values = (levels.astype(np.float32) * scales.astype(np.float32)).reshape(rows, -1)
+        elif dtype in PLANE_NAMES:
             fields = dict(zip(PLANE_NAMES[dtype], self.planes(name)))
             values = _block_values(dtype, fields).reshape(rows, -1)
         else:

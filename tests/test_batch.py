@@ -211,11 +211,9 @@ def alone(model, ids, count, **options):
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks(prefill_chunk):
     """Prompts cut in chunks of 4 tokens, and a step taking 4 prompt tokens at most."""
-    from blobstore.runtime import batch, model as model_module
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 4)
-    monkeypatch.setattr(batch, "PREFILL_CHUNK", 4)
+    prefill_chunk(4)
 
 
 def test_newcomers_prefill_together_in_one_step(q8_model):

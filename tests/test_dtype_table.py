@@ -8,7 +8,7 @@ import pytest
 
 from blobstore import quant
 from blobstore.convert import plan
-from blobstore.format import DTYPE_SPECS, KNOWN_FEATURES, ROW_ALIGN, DType, layout
+from blobstore.format import DTYPE_SPECS, INTERLEAVE, KNOWN_FEATURES, ROW_ALIGN, DType, layout
 from blobstore.reader import QuantizedTensor
 from blobstore.runtime import kernels, model
 from kquant_blocks import random_planes
@@ -49,6 +49,11 @@ def c_table(name: str) -> list[list[int]]:
 def test_the_c_dtype_enum_is_the_matmul_rows_of_the_table():
     assert c_enum("blob_dtype") == {f"BLOB_{d.name}": int(d) for d in MATMUL}
     assert c_define("BLOB_NUM_DTYPES") == max(MATMUL) + 1  # the kernels' per-dtype tables are indexed by it
+
+
+def test_the_c_interleave_width_is_the_formats():
+    """The rows of a group of interleave8 (format.INTERLEAVE) are the kernels' BLOB_INTERLEAVE."""
+    assert c_define("BLOB_INTERLEAVE") == INTERLEAVE
 
 
 def test_the_c_block_and_plane_tables_are_the_tables():

@@ -208,7 +208,7 @@ def test_batched_decode_equals_lone_decode_bitwise(isa, threads, dtype, nblocks,
     check_matmul(dtype, w, x, lone.astype(np.float64))
 
 
-# ---- q8_0 and q4_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8) ----
+# ---- q8_0, q4_0 and q5_0 rows interleaved eight at a time (csrc/kernels.h, BLOB_LAYOUT_INTERLEAVE8) ----
 
 def quantized_planes(dtype: str, rows: int, cols: int, rng):
     """Random q8_0 / q4_0 planes (quants padded to the row stride, scales) and the values they stand for."""
@@ -225,26 +225,39 @@ def stored_levels(dtype: str, quants, nb: int):
     return np.concatenate([packed & 15, packed >> 4], axis=2).reshape(len(quants), nb * 32)
 
 
+PADDING_LEVEL = {"q8_0": 0, "q4_0": 8, "q5_0": 16}   # the stored code of level 0, for the rows completing a group
+
+
 def interleave8(dtype: str, planes, rows: int, cols: int):
-    """q8_0 / q4_0 planes rearranged as the interleave8 layout, written out from its definition:
-    group g = rows 8g .. 8g+7 (the last completed with level-0 rows), block b of a group 256
-    (q8_0) or 128 (q4_0) bytes. q8_0: bytes 16i + 2j, 16i + 2j + 1 are levels 2i, 2i + 1 of row j;
-    q4_0: byte 32c + 4j + m holds level 8c + m of row j low and 8c + 4 + m high."""
+    """q8_0 / q4_0 / q5_0 planes rearranged as the interleave8 layout, written out from its
+    definition (FORMAT.md §5.5 - §5.7): group g = rows 8g .. 8g+7 (the last completed with level-0
+    rows), level i of row j of a group's block b stored as its code u (q8_0 the level; q4_0 the
+    level + 8; q5_0 the level + 16 = nibble | fifth bit << 4). q8_0: bytes 16(i/2) + 2j + i%2 of
+    the group block's 256. q4_0 / q5_0: the nibble in byte 32(i/8) + 4j + i%4 of the group block's
+    128, low when i/4 is even; q5_0's fifth bit at bit 32(i/4) + 4j + i%4 of the group block's 32
+    bytes, little-endian. Scales: that of row j at 8b + j."""
     nb, groups = -(-cols // 32), -(-rows // 8)
-    r, k, b = np.arange(rows)[:, None], np.arange(nb * 32)[None, :], np.arange(nb)[None, :]
-    levels, i = stored_levels(dtype, planes[0], nb), k % 32
+    u = np.full((groups * 8, nb * 32), PADDING_LEVEL[dtype], np.int8 if dtype == "q8_0" else np.uint8)
+    u[:rows] = stored_levels(dtype if dtype == "q8_0" else "q4_0", planes[0], nb)
+    if dtype == "q5_0":
+        u[:rows] |= np.unpackbits(planes[1].reshape(rows, nb, 4), axis=2, bitorder="little").reshape(rows, -1) << 4
+    r, k = np.arange(groups * 8)[:, None], np.arange(nb * 32)[None, :]
+    i, b, j = k % 32, k // 32, r % 8
     if dtype == "q8_0":
-        quants = np.zeros((groups, nb * 256), np.int8)
-        quants[r // 8, 256 * (k // 32) + 16 * (i // 2) + 2 * (r % 8) + i % 2] = levels
+        tiled = [np.zeros((groups, nb * 256), np.int8)]
+        tiled[0][r // 8, 256 * b + 16 * (i // 2) + 2 * j + i % 2] = u
     else:
-        quants = np.full((groups, nb * 128), 0x88, np.uint8)
-        at = (r // 8, 128 * (k // 32) + 32 * (i // 8) + 4 * (r % 8) + i % 4)
-        high = np.broadcast_to(i // 4 % 2 == 1, levels.shape)
-        quants[at] = 0
-        np.bitwise_or.at(quants, at, np.where(high, levels << 4, levels).astype(np.uint8))
+        tiled = [np.zeros((groups, nb * 128), np.uint8)]
+        np.bitwise_or.at(tiled[0], (r // 8, 128 * b + 32 * (i // 8) + 4 * j + i % 4),
+                         (u & 15) << (4 * (i // 4 % 2)).astype(np.uint8))
+    if dtype == "q5_0":
+        bits = np.zeros((groups, nb * 256), np.uint8)
+        bits[r // 8, 256 * b + 32 * (i // 4) + 4 * j + i % 4] = u >> 4
+        tiled.append(np.packbits(bits, axis=1, bitorder="little"))
     scales = np.zeros((groups, nb * 8), np.float16)
-    scales[r // 8, 8 * b + r % 8] = planes[1]
-    return types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), planes=(quants, scales),
+    row = np.arange(rows)[:, None]
+    scales[row // 8, 8 * np.arange(nb)[None, :] + row % 8] = planes[-1]
+    return types.SimpleNamespace(dtype=blobstore.DType.parse(dtype), shape=(rows, cols), planes=(*tiled, scales),
                                  layout="interleave8")
 
 
@@ -296,29 +309,6 @@ def test_interleave8_binding_checks_its_planes():
         K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q5_0}))
 
 
-def interleave8_q5_0(planes, rows: int, cols: int):
-    """q5_0 planes (quants, high, scales) rearranged as the interleave8 layout, written out from its
-    definition (FORMAT.md §5.7): level i of row j of group g (the last group completed with level-0
-    rows), as u = level + 16 = nibble | fifth bit << 4, has its nibble in byte 32(i/8) + 4j + i%4 of
-    the group block's 128 (low when i/4 is even) and its fifth bit at bit 32(i/4) + 4j + i%4 of the
-    group block's 32 bytes, little-endian; scales as q8_0's."""
-    nb, groups = cols // 32, -(-rows // 8)
-    u = np.full((groups * 8, nb * 32), 16, np.uint8)
-    fifth = np.unpackbits(planes[1].reshape(rows, nb, 4), axis=2, bitorder="little").reshape(rows, nb * 32)
-    u[:rows] = stored_levels("q4_0", planes[0], nb) | fifth << 4
-    r, k = np.arange(groups * 8)[:, None], np.arange(nb * 32)[None, :]
-    i, b, j = k % 32, k // 32, r % 8
-    nibbles = np.zeros((groups, nb * 128), np.uint8)
-    np.bitwise_or.at(nibbles, (r // 8, 128 * b + 32 * (i // 8) + 4 * j + i % 4),
-                     (u & 15) << (4 * (i // 4 % 2)).astype(np.uint8))
-    bits = np.zeros((groups, nb * 256), np.uint8)
-    bits[r // 8, 256 * b + 32 * (i // 4) + 4 * j + i % 4] = u >> 4
-    scales = np.zeros((groups, nb * 8), np.float16)
-    scales[np.arange(rows)[:, None] // 8, 8 * np.arange(nb)[None, :] + np.arange(rows)[:, None] % 8] = planes[2]
-    return types.SimpleNamespace(dtype=blobstore.DType.Q5_0, shape=(rows, cols), layout="interleave8",
-                                 planes=(nibbles, np.packbits(bits, axis=1, bitorder="little"), scales))
-
-
 @pytest.mark.parametrize("shape", [(13, 96), (24, 640), (40, 288), (1, 32)])
 @pytest.mark.parametrize("n", [1, 3, 8, 70])
 def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
@@ -330,7 +320,7 @@ def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
     rng = np.random.default_rng(stable_seed("interleave8 q5_0", shape, n))
     kind, (rows, cols) = blobstore.DType.Q5_0, shape
     planes = random_planes(kind, rows, cols // 32, rng)
-    tensor = interleave8_q5_0(planes, rows, cols)
+    tensor = interleave8("q5_0", planes, rows, cols)
     for mine, library in zip(tensor.planes, quant.interleave8(planes, kind), strict=True):
         np.testing.assert_array_equal(library, mine)
     planar = K.Matrix(types.SimpleNamespace(dtype=kind, shape=shape, planes=(

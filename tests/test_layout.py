@@ -23,44 +23,30 @@ def write_pair(path, shape, seed=0, dtype="q8_0"):
     return values
 
 
-@pytest.mark.parametrize("dtype,block_bytes", [("q8_0", 256), ("q4_0", 128)])   # 8 rows' blocks
-@pytest.mark.parametrize("shape", SHAPES)
-def test_round_trip_reads_the_same_values_zero_copy(tmp_path, shape, dtype, block_bytes):
+# elements of each plane in a block of a group of eight rows: quants, [q5_0's fifth bits,] float16 scales
+GROUP_BLOCK = {"q8_0": (256, 8), "q4_0": (128, 8), "q5_0": (128, 32, 8)}
+ROUND_TRIPS = [(dtype, shape) for dtype in ("q8_0", "q4_0") for shape in SHAPES] + \
+    [("q5_0", shape) for shape in [(9, 64), (24, 640), (2, 3, 96)]]   # q5_0 rows are whole blocks
+
+
+@pytest.mark.parametrize("dtype,shape", ROUND_TRIPS)
+def test_round_trip_reads_the_same_values_zero_copy(tmp_path, dtype, shape):
+    """Each plane is kept in interleave8, grouped (GROUP_BLOCK); the values and the planar planes
+    read back unchanged."""
     write_pair(tmp_path / "a.blob", shape, dtype=dtype)
-    kind = blobstore.DType.parse(dtype)
     with blobstore.open(tmp_path / "a.blob", verify="full") as r:
         assert r.version == (1, MINORS[dtype])
         assert (r.info("p").layout, r.info("i").layout, r.info("t").layout) == ("planar", INTERLEAVE8, INTERLEAVE8)
-        view = r["i"]
-        lay = layout(kind, shape, INTERLEAVE8)
+        view, planar = r["i"], r["p"]
+        lay = layout(blobstore.DType.parse(dtype), shape, INTERLEAVE8)
         groups = -(-lay.rows // 8)
         assert view.layout == INTERLEAVE8
-        assert [p.shape for p in view.planes] == [(groups, lay.blocks * block_bytes), (groups, lay.blocks * 8)]
+        assert [p.shape for p in view.planes] == [(groups, lay.blocks * elements) for elements in GROUP_BLOCK[dtype]]
         assert all(not p.flags.writeable and not p.flags.owndata for p in view.planes)   # views on the map
         np.testing.assert_array_equal(r.float32("i"), r.float32("p"))
         np.testing.assert_array_equal(r["t"].dequantize(), r.float32("p"))
-        planar = r["p"]
-        back = view.planar()
-        np.testing.assert_array_equal(back[0], planar.quants[:, :lay.blocks * block_bytes // 8])
-        np.testing.assert_array_equal(back[1], planar.scales)
-
-
-@pytest.mark.parametrize("shape", [(9, 64), (24, 640), (2, 3, 96)])
-def test_q5_0_round_trip_reads_the_same_values_zero_copy(tmp_path, shape):
-    """q5_0 keeps its three planes in interleave8, each grouped: nibbles (128 bytes a group block),
-    fifth bits (32) and scales (8 float16); the values and the planar planes read back unchanged."""
-    write_pair(tmp_path / "a.blob", shape, dtype="q5_0")
-    with blobstore.open(tmp_path / "a.blob", verify="full") as r:
-        assert r.version == (1, 3)
-        view, planar = r["i"], r["p"]
-        lay = layout(blobstore.DType.Q5_0, shape, INTERLEAVE8)
-        groups = -(-lay.rows // 8)
-        assert [p.shape for p in view.planes] == [(groups, lay.blocks * 128), (groups, lay.blocks * 32),
-                                                  (groups, lay.blocks * 8)]
-        assert all(not p.flags.writeable and not p.flags.owndata for p in view.planes)   # views on the map
-        np.testing.assert_array_equal(r.float32("i"), r.float32("p"))
-        np.testing.assert_array_equal(r["t"].dequantize(), r.float32("p"))
-        for back, stored in zip(view.planar(), planar.planes, strict=True):
+        for back, stored, plane in zip(view.planar(), planar.planes, view.dtype.spec.planes, strict=True):
+            assert back.shape == (lay.rows, lay.blocks * plane.per_block)
             np.testing.assert_array_equal(back, stored[:, :back.shape[1]])
 
 
@@ -154,34 +140,92 @@ def test_relayout_round_trips_byte_for_byte_and_inspect_shows_it(tmp_path, capsy
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
-def test_a_converted_interleave8_model_runs_as_the_planar_one(checkpoints, tmp_path, dtype):
-    """A model converted with --layout interleave8 (q8_0, q4_0 or q5_0 matrices; q4_0's embedding and
-    tied head q8_0) gives on the scalar path exactly the planar file's logits (the same sums, read
-    in another order), and on this machine's fastest path the same up to the float rounding of
-    the other kernels."""
-    from blobstore.convert import convert
+def test_a_converted_interleave8_model_runs_as_the_planar_one(converted_gemma3, dtype):
+    """A model converted with --layout interleave8, the default (q8_0, q4_0 or q5_0 matrices; q4_0's
+    embedding and tied head q8_0) gives on the scalar path exactly the planar file's logits (the
+    same sums, read in another order), and on this machine's fastest path the same up to the float
+    rounding of the other kernels."""
     from blobstore.runtime import kernels, load
 
-    convert(checkpoints("gemma3"), tmp_path / "p.blob", dtype=dtype, layout=PLANAR, quiet=True)
-    convert(checkpoints("gemma3"), tmp_path / "i.blob", dtype=dtype, layout="interleave8", quiet=True)
-    for name, expected in (("p.blob", PLANAR), ("i.blob", INTERLEAVE8)):
-        with blobstore.open(tmp_path / name) as r:
+    files = {PLANAR: converted_gemma3(dtype, PLANAR), INTERLEAVE8: converted_gemma3(dtype)}
+    for expected, path in files.items():
+        with blobstore.open(path) as r:
             assert {info.layout for info in r.infos() if info.dtype.label in INTERLEAVED} == {expected}
     ids = list(range(3, 40))
     fastest = kernels.get_isa()
 
-    def logits(name: str) -> np.ndarray:
-        with load(tmp_path / name) as model:
+    def logits(kind: str) -> np.ndarray:
+        with load(files[kind]) as model:
             return model.forward(ids)
 
-    interleaved = logits("i.blob")
+    interleaved = logits(INTERLEAVE8)
     kernels.set_isa("scalar")
     try:
-        planar = logits("p.blob")
-        np.testing.assert_array_equal(logits("i.blob"), planar)
+        planar = logits(PLANAR)
+        np.testing.assert_array_equal(logits(INTERLEAVE8), planar)
     finally:
         kernels.set_isa(fastest)
     # q4_0's int8 activations turn the other kernels' last-bit differences into whole steps of
     # 1/127 of a block's largest value (q8_0's int16 ones into 1/32639): a wider tolerance
     tolerance = {"q8_0": 1e-3, "q4_0": 1e-2, "q5_0": 1e-3}[dtype]
     assert np.abs(interleaved - planar).max() <= tolerance * np.abs(planar).max()
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q5_0"])
+def test_the_writer_streams_a_tensor_in_chunks_of_whole_groups_with_the_bytes_of_one_piece(tmp_path, monkeypatch,
+                                                                                          dtype):
+    """With CHUNK_BYTES down to one or three groups' quant plane, add() and add_quantized() quantize
+    and interleave no more than a chunk of rows at a time (peak memory bounded by a chunk) and write
+    exactly the bytes of the whole-tensor path, planar files too."""
+    from blobstore import writer
+
+    shape = (45, 96)   # 6 groups, the last one partial
+    values = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    planes = quant.quantize(values, dtype)
+
+    def write(name):
+        with blobstore.BlobWriter(tmp_path / name) as w:
+            w.add("i", values, dtype=dtype, layout=INTERLEAVE8)
+            w.add_quantized("k", planes, dtype=dtype, shape=shape, layout=INTERLEAVE8)
+            w.add("p", values, dtype=dtype, layout=PLANAR)
+        return (tmp_path / name).read_bytes()
+
+    whole = write("whole.blob")
+    group_bytes = layout(blobstore.DType.parse(dtype), shape, INTERLEAVE8).row_stride
+    seen = []
+    original = quant.interleave8
+    monkeypatch.setattr(quant, "interleave8", lambda p, d: seen.append(len(p[-1])) or original(p, d))
+    for groups in (1, 3):
+        monkeypatch.setattr(writer, "CHUNK_BYTES", groups * group_bytes)
+        seen.clear()
+        assert write(f"{groups}.blob") == whole
+        assert max(seen) == 8 * groups and sum(seen) == 2 * shape[0]   # both interleaved tensors, in chunks
+
+
+def test_relayout_copies_what_keeps_its_layout_and_refuses_an_existing_output(tmp_path, monkeypatch):
+    """Tensors already in the asked layout (and every other type) are copied as stored, not
+    rearranged twice: with the rearrangements broken, relayout into the file's own layout still
+    writes the same file. Like convert, it refuses an existing output unless forced."""
+    from blobstore.convert import convert
+
+    rng = np.random.default_rng(4)
+    src = tmp_path / "a.blob"
+    with blobstore.BlobWriter(src) as w:
+        w.add("m", rng.standard_normal((13, 100)).astype(np.float32), dtype="q8_0", layout=INTERLEAVE8)
+        w.add("v", rng.standard_normal((11, 96)).astype(np.float32), dtype="q5_0", layout=INTERLEAVE8)
+        w.add("k", rng.standard_normal((3, 256)).astype(np.float32), dtype="q4_k")
+        w.add("n", rng.standard_normal((2, 7)).astype(np.float32), dtype="bf16")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a tensor was rearranged")
+
+    with monkeypatch.context() as m:
+        m.setattr(quant, "interleave8", broken)
+        m.setattr(quant, "deinterleave8", broken)
+        assert relayout(src, tmp_path / "same.blob", INTERLEAVE8) == 0
+    assert (tmp_path / "same.blob").read_bytes() == src.read_bytes()
+    for refused in (lambda: relayout(src, tmp_path / "same.blob", PLANAR),
+                    lambda: convert(src, tmp_path / "same.blob", quiet=True)):
+        with pytest.raises(ValueError, match="same.blob already exists; pass --force to overwrite it"):
+            refused()
+    assert relayout(src, tmp_path / "same.blob", PLANAR, force=True) == 2

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 import blobstore
-from blobstore.format import DType
+from blobstore.convert import convert
+from blobstore.format import PLANAR, DType
+from blobstore.relayout import relayout
 from blobstore.runtime.demo import DEMO_PATH
 from blobfile import BlobImage, write_sample
 from kquant_blocks import NEW_TYPES, random_planes
-from spec_reader import SpecError, SpecFile
+from spec_reader import INTERLEAVE8, SpecError, SpecFile
 from test_corrupt import CASES, CASE_IDS
 
 SHAPES = [(), (0,), (7,), (3, 0), (1, 1), (5, 33), (2, 64), (2, 3, 40), (3, 100)]
@@ -91,14 +93,56 @@ def test_a_file_of_every_dtype_reads_alike(written):
         assert r.file_bytes("empty.bin") == spec.stored("empty.bin").tobytes() == b""
 
 
-def test_interleaved_q8_0_reads_alike(tmp_path):
-    """§5.5: q8_0 rows interleaved eight at a time, a partial group and a partial block included."""
-    values = np.random.default_rng(8).standard_normal((13, 100)).astype(np.float32)
+@pytest.mark.parametrize("dtype, shape", [("q8_0", (13, 100)), ("q4_0", (13, 100)), ("q5_0", (2, 7, 96)),
+                                          ("q4_0", (1, 40))])
+def test_interleaved_tensors_read_alike(tmp_path, dtype, shape):
+    """§5.5-§5.7: q8_0, q4_0 and q5_0 rows interleaved eight at a time, partial groups (and for q8_0
+    and q4_0 partial blocks) included, read the same values as the same tensor planar."""
+    values = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
     with blobstore.BlobWriter(tmp_path / "i.blob") as w:
-        w.add("i", values, dtype="q8_0", layout="interleave8")
-        w.add("p", values, dtype="q8_0")
+        w.add("i", values, dtype=dtype, layout="interleave8")
+        w.add("p", values, dtype=dtype)
+        w.add_tie("t", "i")
     spec = assert_reads_alike(tmp_path / "i.blob")
-    assert same_bits(spec.float32("i"), spec.float32("p"))
+    assert spec.records["i"]["layout"] == "interleave8" and same_bits(spec.float32("i"), spec.float32("p"))
+
+
+def interleaved_types(spec: SpecFile) -> set:
+    return {r["dtype"] for r in spec.records.values() if r["layout"] == "interleave8"}
+
+
+CONVERSIONS = {"defaults": (None, None), "q4_0": ("q4_0", None), "q5_0": ("q5_0", None), "planar": ("q8_0", PLANAR)}
+
+
+@pytest.mark.parametrize("conversion", CONVERSIONS)
+def test_converted_and_relayout_files_read_alike(converted_gemma3, tmp_path, conversion):
+    """What `blob-pack convert` writes (its defaults, other types, --layout planar) and what
+    `blob-pack relayout` makes of it in the other arrangement read alike."""
+    dtype, kind = CONVERSIONS[conversion]
+    spec = assert_reads_alike(converted_gemma3(dtype, kind))
+    types = {r["dtype"] for r in spec.records.values()} & set(INTERLEAVE8)
+    assert interleaved_types(spec) == (set() if kind == PLANAR else interleaved_types(spec) | {dtype or "q8_0"})
+    other = "interleave8" if kind == PLANAR else PLANAR
+    relayout(converted_gemma3(dtype, kind), tmp_path / "r.blob", other)
+    assert interleaved_types(assert_reads_alike(tmp_path / "r.blob")) == (types if other == "interleave8" else set())
+
+
+def test_a_kept_q4_k_m_like_gguf_reads_alike(tmp_path, spm_model):
+    """A GGUF mixing the types of a Q4_K_M file (q4_k, q6_k, and q5_0 / q8_0 / q4_0 where rows are
+    not whole 256-value super-blocks in real models) converted with the defaults: every type kept,
+    the q8_0 / q4_0 / q5_0 matrices interleaved."""
+    from test_gguf_keep import T, write_random_gguf
+
+    types = {"token_embd.weight": T.Q8_0, "output.weight": T.Q6_K}
+    for layer, kinds in enumerate([(T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_K, T.Q4_K, T.Q4_K, T.Q6_K),
+                                   (T.Q5_0, T.Q5_0, T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q5_0)]):
+        names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        types.update({f"blk.{layer}.{n}.weight": kind for n, kind in zip(names, kinds)})
+    write_random_gguf(tmp_path / "m.gguf", "llama", types, spm_model)
+    convert(tmp_path / "m.gguf", tmp_path / "m.blob", quiet=True, strict=True)
+    spec = assert_reads_alike(tmp_path / "m.blob")
+    assert {r["dtype"] for r in spec.records.values()} >= {"q4_k", "q6_k", "q8_0", "q4_0", "q5_0"}
+    assert interleaved_types(spec) == {"q8_0", "q4_0", "q5_0"}
 
 
 def test_the_sample_of_the_corruption_tests_reads_alike(tmp_path):

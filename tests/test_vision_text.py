@@ -203,30 +203,28 @@ def test_prefix_reuse_tells_pictures_apart(vision_checkpoint, model, processor):
     assert swapped.token_ids == fresh.token_ids
 
 
-def test_long_prompt_chunks_never_split_a_picture(vision_checkpoint, model, monkeypatch, processor):
+def test_long_prompt_chunks_never_split_a_picture(vision_checkpoint, model, prefill_chunk, processor):
     """With 6-token prefill chunks, each picture's run is computed in one call, and the logits
     equal one whole-prompt pass."""
-    from blobstore.runtime import model as model_module
     inputs = processor(text=PROMPT_TWO, images=_pictures(2), return_tensors="np")
     features = list(_features(vision_checkpoint[2], inputs["pixel_values"]))
     whole = model.forward(PROMPT_TWO, image_features=features)
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 6)
+    prefill_chunk(6)
     chunked = model.forward(PROMPT_TWO, image_features=features)
     np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=0)
 
 
-def test_a_batch_engine_prefills_pictures_beside_other_streams(vision_checkpoint, model, monkeypatch, processor):
+def test_a_batch_engine_prefills_pictures_beside_other_streams(vision_checkpoint, model, prefill_chunk, processor):
     """Through a BatchEngine, with 6-token prompt chunks (a picture's 4 soft tokens never split),
     an image prompt prefills beside a text stream: each gets its lone greedy tokens, and the
     session remembers the pictures for prefix reuse."""
-    from blobstore.runtime import batch, model as model_module
+    from blobstore.runtime import batch
     from blobstore.runtime.sampling import SamplingParams
     inputs = processor(text=PROMPT_TWO, images=_pictures(2), return_tensors="np")
     features = list(_features(vision_checkpoint[2], inputs["pixel_values"]))
     ids, spans = model.encode_prompt(PROMPT_TWO, image_features=features)
     text = model.tokenizer.encode(PROMPT_ONE.replace("<start_of_image>", " "))
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 6)
-    monkeypatch.setattr(batch, "PREFILL_CHUNK", 6)
+    prefill_chunk(6)
     options = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
     expected = [model.generate(PROMPT_TWO, image_features=features, session=model.new_session(), **options).token_ids,
                 model.generate(text, session=model.new_session(), **options).token_ids]

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import ConfigError, ModelConfig
 from ..format import INTERLEAVE8, MAX_ALIGNMENT, MIN_ALIGNMENT, DType, is_power_of_two, layouts_of
 from ..quant import bf16_to_f32, planes_from_ggml
-from ..writer import BlobWriter
+from ..writer import BlobWriter, check_output
 from . import tokenizer
 from .families import family_for_hf
 from .plan import (DTYPE_CHOICES, KEEP, WEIGHT_DTYPES, Options, Plan, in_form, make_plan, resolved_embed_dtype,
@@ -79,7 +79,10 @@ def convert(src, out, *, dtype: str | None = None, embed_dtype: str | None = Non
     options = _options(dtype, embed_dtype, keep_f32, text_only, allow_unknown, align, strict, layout)
     out = Path(out)
     if not dry_run:
-        _check_output(out, force)
+        try:
+            check_output(out, force)
+        except ValueError as error:   # the one error convert raises for what it was asked
+            raise ConversionError(str(error)) from None
     source = open_source(src, revision=revision, offline=offline, gguf_file=gguf_file)
     if dtype is None:
         options = dataclasses.replace(options, dtype=KEEP if source.kind == "gguf" else "q8_0")
@@ -159,15 +162,6 @@ def describe_plan(plan: Plan) -> list[str]:
     lines += [f"{src} -> ignored (derived buffer)" for src in plan.ignored]
     lines += [f"{src} -> read into the rope config" for src in plan.in_config]
     return lines
-
-
-def _check_output(out: Path, force: bool):
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists; pass --force to overwrite it")
-    if out.is_dir():
-        raise ConversionError(f"{out} is a directory; give a file name such as {out / 'model.blob'}")
-    if not out.parent.resolve().is_dir():
-        raise ConversionError(f"{out}: the folder {out.parent} does not exist")
 
 
 def _summary(out: Path, plan: Plan, source, dry_run: bool) -> Summary:
