@@ -129,15 +129,16 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * each half block (n, 2 * nblocks) int32, and between the levels and the scales either the
  * levels split in bytes (n, 2 * q_stride), which the decode tiles read, or, for a path whose
  * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
- * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Only planar
- * tiles read the split or paired levels: without a `planar` matrix they are not made. */
+ * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Planar tiles
+ * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
+ * ones: otherwise they are not made. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype,
                                 int planar) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
     const int block32 = blob_is_block32_type(dtype), paired = planar && !decode_tiles(n) && ops->mm_any_tokens[dtype];
-    const size_t split_bytes = block32 && planar && !paired ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
+    const size_t split_bytes = block32 && (planar || n == 1) && !paired ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
     const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
     uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + pair_bytes +
                                                3 * n * nblocks * sizeof(float));

@@ -645,8 +645,9 @@ static test_weight interleave8_q5_0(const test_weight *w) {
 }
 
 /* The path's interleaved q5_0 tile over whole matrices, as matmul.c calls it (16 rows, all
- * tokens), bit-identical to the planar scalar tile; also at the extreme levels (every level
- * -16 against activations all at +amax). */
+ * tokens), bit-identical to the planar scalar tile, with the activations' split levels and
+ * without (matmul.c makes them at one token, which x86's one-token tile reads); also at the
+ * extreme levels (every level -16 against activations all at +amax). */
 static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 32}, {5, 96}, {13, 640}, {17, 640}, {24, 288}, {40, 2144}};
     const size_t token_counts[] = {1, 2, 3, 5, 8, 70};
@@ -661,12 +662,16 @@ static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
             for (size_t k = 0; k < n * cols; k++) x[k] = extreme ? 1.0f : next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
             run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
             quantized_acts qa = quantize_all(ops, x, n, cols, 16);
-            blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums, NULL, NULL};
-            for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
-                ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
-            char what[80];
-            snprintf(what, sizeof what, "interleave8 tile q5_0 %zux%zu n=%zu%s", rows, cols, n, extreme ? " extreme" : "");
-            expect_identical(what, path, y, ref, n * rows);
+            for (int with_split = 0; with_split < 2; with_split++) {
+                blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums,
+                               with_split ? qa.split : NULL, NULL};
+                for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
+                    ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
+                char what[96];
+                snprintf(what, sizeof what, "interleave8 tile q5_0 %zux%zu n=%zu%s%s", rows, cols, n,
+                         extreme ? " extreme" : "", with_split ? " split" : "");
+                expect_identical(what, path, y, ref, n * rows);
+            }
             free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
             free(x), free(y), free(ref);
         }
