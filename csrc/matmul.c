@@ -165,12 +165,23 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
 
 static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; }
 
-/* Interleaved rows (BLOB_LAYOUT_INTERLEAVE8) have one tile for decode and prefill: two groups
- * of eight rows against all the item's tokens, each group read as one stream. */
-static void plan_interleaved(const blob_isa_ops *ops, const matmul_job *job, matmul_part *p) {
-    p->tile = ops->interleave8[p->w->dtype];
-    p->tile_rows = BLOB_INTERLEAVE8_ROWS;
-    p->tile_tokens = (int)job->token_tile;
+/* Part p's tile, and the rows and tokens it takes a call. Interleaved rows
+ * (BLOB_LAYOUT_INTERLEAVE8) have one tile for decode and prefill: two groups of eight rows
+ * against all the item's tokens, each group read as one stream. */
+static void choose_tile(const blob_isa_ops *ops, const matmul_job *job, matmul_part *p, int decode, int row_tiles) {
+    const int dtype = p->w->dtype;
+    if (p->w->layout == BLOB_LAYOUT_INTERLEAVE8) {
+        p->tile = ops->interleave8[dtype];
+        p->tile_rows = BLOB_INTERLEAVE8_ROWS;
+        p->tile_tokens = (int)job->token_tile;
+        return;
+    }
+    const blob_tile_fn few_tokens = row_tiles && job->n > 1 ? ops->matvec_tokens[dtype] : NULL;
+    p->tile = few_tokens ? few_tokens : row_tiles ? ops->matvec_row[dtype]
+            : decode ? ops->matvec[dtype] : ops->matmul[dtype];
+    p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
+    p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1
+                   : ops->mm_any_tokens[dtype] ? (int)job->token_tile : ops->mm_tokens;
 }
 
 /* Fills in part `p` of the job for matrix w: its tile and how its rows split into items. */
@@ -178,16 +189,10 @@ static void plan_part(const blob_isa_ops *ops, matmul_job *job, matmul_part *p, 
                       float *y, size_t y_stride) {
     const size_t n = job->n;
     const int decode = decode_tiles(n), row_tiles = decode && matvec_by_single_rows(w) && w->layout == BLOB_LAYOUT_ROWS;
-    const blob_tile_fn few_tokens = row_tiles && n > 1 ? ops->matvec_tokens[w->dtype] : NULL;
     p->w = w;
     p->y = y;
     p->y_stride = y_stride;
-    p->tile = few_tokens ? few_tokens : row_tiles ? ops->matvec_row[w->dtype]
-            : decode ? ops->matvec[w->dtype] : ops->matmul[w->dtype];
-    p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
-    p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1
-                   : ops->mm_any_tokens[w->dtype] ? (int)job->token_tile : ops->mm_tokens;
-    if (w->layout == BLOB_LAYOUT_INTERLEAVE8) plan_interleaved(ops, job, p);
+    choose_tile(ops, job, p, decode, row_tiles);
     size_t chunk_rows = MATMUL_CHUNK_ROWS;
     if (decode)   /* the item's bytes read by all its tokens: 1 MiB */
         chunk_rows = blob_min(MATVEC_ITEM_BYTES / n / w->row_stride_bytes,
