@@ -309,14 +309,15 @@ def test_interleave8_binding_checks_its_planes():
         K.Matrix(types.SimpleNamespace(**{**vars(tensor), "dtype": blobstore.DType.Q5_0}))
 
 
-@pytest.mark.parametrize("shape", [(13, 96), (24, 640), (40, 288), (1, 32)])
+@pytest.mark.parametrize("shape", [(13, 96), (24, 640), (40, 288), (1, 32), (9, 2048), (9, 2080)])
 @pytest.mark.parametrize("n", [1, 3, 8, 70])
 def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
     """Every path's product over interleaved q5_0 rows (random bytes in every plane), decode and
     prefill, at 1 and 2 threads, equals the scalar path's planar product bit for bit (the same
     exact block sums, then the same float operations in the same partial sums); embedding rows read
-    from it equal the planar ones. The layout is written out here from its definition, and
-    quant.interleave8 must agree."""
+    from it equal the planar ones. 2048 columns (64 blocks) are the most that x86's prefill tile
+    unpacks once per call, 2080 take its per-block tile. The layout is written out here from its
+    definition, and quant.interleave8 must agree."""
     rng = np.random.default_rng(stable_seed("interleave8 q5_0", shape, n))
     kind, (rows, cols) = blobstore.DType.Q5_0, shape
     planes = random_planes(kind, rows, cols // 32, rng)
