@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -544,6 +545,9 @@ def main():
     args.long_prompt = (0 if args.quick else 512) if args.long_prompt is None else args.long_prompt
     args.runs = max(args.runs or default_runs(args.quick), 1)
     args.work.mkdir(parents=True, exist_ok=True)
+    writes = (args.types, args.models) == (TYPES, list(MODELS)) or args.quick
+    if writes and importlib.util.find_spec("matplotlib") is None:   # found out now, not after the whole run
+        parser.error("a run of every model and type draws bench/e2e.png: pip install '.[bench]' (matplotlib)")
 
     sys.path.insert(0, str(HERE))
     from bench_kernels import read_bandwidth
@@ -553,7 +557,7 @@ def main():
     body = table(rows, bandwidth, args)
     print(body)
     summary = ratios(rows, args)
-    if (args.types, args.models) == (TYPES, list(MODELS)) or args.quick:
+    if writes:
         chart(rows, HERE / "e2e.png")
         write_markdown(args.out, body + "\n\nRatios to llama.cpp in this run:\n\n```\n" + "\n".join(summary) + "\n```")
     for line in summary:
