@@ -652,6 +652,43 @@ void blob_scalar_interleave8_q5_0(const blob_matrix *w, size_t r0, size_t nr, co
     BLOB_DTYPE_TILES(mv), BLOB_DTYPE_TILES(mm), BLOB_DTYPE_TILES(mv1), BLOB_QUANT_TILES(mvt),  \
     mv_rows, mm_rows, mm_tokens
 
+/* A vector path's weighted_rows over its own weighted_tile(y, ys, alpha, as, rows, step, count,
+ * k, dtype, H, C), which sums columns k .. k+8C-1 of H <= WR_HEADS heads with every row loaded
+ * once for all of them (C <= WR_COLUMNS). Up to WR_HEADS heads at a time, each element's FMAs
+ * in row order, as the heads one by one would run them; against one head at a time the rows are
+ * loaded and converted a quarter as often and the sums stay in registers (Gemma 3 270M's
+ * attention over 512 queries, one thread, x86: 14.3-15.2 -> 9.4-9.8 ms a layer). The columns
+ * past the last 8 are summed one by one. */
+#define BLOB_WEIGHTED_TILE(C)                                                                  \
+    switch (H) {                                                                               \
+    case 1: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 1, C); break;             \
+    case 2: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 2, C); break;             \
+    case 3: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 3, C); break;             \
+    default: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 4, C); break;            \
+    }
+#define BLOB_DEFINE_WEIGHTED_ROWS(attr)                                                        \
+    _Static_assert(WR_HEADS == 4, "BLOB_WEIGHTED_TILE takes 1 .. 4 heads");                    \
+    static attr void weighted_rows(float *y, size_t ys, const float *alpha, size_t as, size_t heads, \
+                                   const void *rows, size_t stride, size_t count, size_t n, int dtype) { \
+        const size_t step = stride * blob_cache_elem_size(dtype);                              \
+        const uint8_t *r8 = (const uint8_t *)rows;                                             \
+        for (size_t h0 = 0; h0 < heads; h0 += WR_HEADS) {                                      \
+            const int H = (int)blob_min(WR_HEADS, heads - h0);                                 \
+            float *yh = y + h0 * ys;                                                           \
+            const float *ah = alpha + h0 * as;                                                 \
+            size_t k = 0;                                                                      \
+            for (; k + 8 * WR_COLUMNS <= n; k += 8 * WR_COLUMNS) BLOB_WEIGHTED_TILE(WR_COLUMNS) \
+            for (; k + 8 <= n; k += 8) BLOB_WEIGHTED_TILE(1)                                   \
+            for (; k < n; k++)                                                                 \
+                for (int h = 0; h < H; h++) {                                                  \
+                    float sum = 0.0f;                                                          \
+                    for (size_t i = 0; i < count; i++)                                         \
+                        sum += ah[(size_t)h * as + i] * blob_weight_f32(r8 + i * step, k, dtype); \
+                    yh[(size_t)h * ys + k] = sum;                                              \
+                }                                                                              \
+        }                                                                                      \
+    }
+
 extern const blob_isa_ops blob_ops_scalar;
 #if defined(BLOB_HAVE_X86)
 extern const blob_isa_ops blob_ops_avx2;
