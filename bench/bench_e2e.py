@@ -39,6 +39,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path(os.environ.get("BLOBSTORE_CACHE", Path.home() / ".cache" / "blobstore"))
 PEER_VENV = CACHE / "peer-venv"
+# llama.cpp built for the CPU it runs on, as its users build it, but without AMX: virtual machines
+# list AMX on Xeons and fault on it ("Illegal instruction"), and laptops have none. Explicit -mno-
+# flags win over -march=native whatever their order.
+PEER_CMAKE_ARGS = "-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' " \
+                  "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 TYPES = ["f16", "bf16", "q8_0", "q4_0", "q4_k_m"]
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -168,8 +173,8 @@ def peer_python(args) -> str | None:
     if not python.exists() or subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
         log(f"building {LLAMA_CPP_PYTHON} into {PEER_VENV} (compiles llama.cpp: several minutes, once)")
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        done = subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON], env=dict(
-            os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON"))
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", LLAMA_CPP_PYTHON],
+                              env=dict(os.environ, CMAKE_ARGS=PEER_CMAKE_ARGS))
         if done.returncode:
             log("llama-cpp-python could not be built: llama.cpp is left out of this run")
             return None
