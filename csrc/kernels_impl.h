@@ -238,9 +238,12 @@ BLOB_INLINE void blob_decode_block32(int dtype, const uint8_t *const *p, size_t 
  * started at +0 never becomes -0, so a block of zero weights and zero scales (value +-0) leaves
  * it as it is: a partial last group may be completed with such blocks. */
 #define BLOB_SUM_LANES 8
-static inline float blob_fold_lanes(const float lanes[BLOB_SUM_LANES]) {
-    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
-}
+/* That fold of eight partial sums `l` of any type, `add` the type's addition: a SIMD tile that
+ * keeps each partial sum of several outputs in a register folds the registers with it. */
+#define BLOB_FOLD_LANES(add, l) \
+    add(add(add((l)[0], (l)[4]), add((l)[2], (l)[6])), add(add((l)[1], (l)[5]), add((l)[3], (l)[7])))
+static inline float blob_add_f32(float a, float b) { return a + b; }
+static inline float blob_fold_lanes(const float lanes[BLOB_SUM_LANES]) { return BLOB_FOLD_LANES(blob_add_f32, lanes); }
 
 /* Value i of a decoded block as f32, with ggml's operations: (d * sc) * q, plus m * mn. Two
  * statements, so that no compiler contracts them into one fused multiply-add. */

@@ -278,6 +278,8 @@ class Model:
         (logits of the decodable vocabulary; -inf forbids a token), e.g. a grammar's mask.
         `batch` (a runtime.batch.BatchEngine of this model) advances the generation (its prompt chunks,
         then its tokens) in batched steps with the engine's other requests; the tokens are the same as alone.
+        `image_spans` (with the prompt as token ids): the ImageSpans encode_prompt made for those ids,
+        so a prompt encoded once (the server's, checked before it takes a slot) is not encoded again.
 
         >>> for chunk in model.stream("Once upon a time", max_new_tokens=32):   # doctest: +SKIP
         ...     print(chunk.text, end="", flush=True)
@@ -290,13 +292,12 @@ class Model:
                     ignore_eos: bool = False, session: Session | None = None,
                     logits_processor: layers.LogitsProcessor | None = None, batch=None, lookup: int = 0,
                     draft_tokens: int | None = None, images=None, image_features=None, pan_and_scan=False,
-                    add_bos: bool | None = None):
+                    image_spans: Sequence[ImageSpan] | None = None, add_bos: bool | None = None):
         """The arguments of generate.stream / generate.generate for these options."""
         params = SamplingParams.from_generation_config(
             self.generation_config, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty)
-        ids, spans = self.encode_prompt(prompt, images=images, image_features=image_features,
-                                        pan_and_scan=pan_and_scan, add_bos=add_bos)
+        ids, spans = self._encoded(prompt, images, image_features, pan_and_scan, image_spans, add_bos)
         ids = self._check_ids(ids, self.config.vocab_size if spans else self.decodable_vocab_size)
         session = self._check_session(session)
         options = dict(vocab_size=self.decodable_vocab_size, max_new_tokens=max_new_tokens, seed=seed,
@@ -304,6 +305,17 @@ class Model:
                        logits_processor=logits_processor, batch=batch, images=spans,
                        drafter=self._drafter(session, lookup, draft_tokens, batched=batch is not None))
         return (self.transformer, self.tokenizer, session, ids, params), options
+
+    def _encoded(self, prompt, images, image_features, pan_and_scan, image_spans, add_bos):
+        """(ids, ImageSpans) of a generation's prompt: encode_prompt's, or as given when the caller
+        encoded it already (`image_spans`)."""
+        if image_spans is None:
+            return self.encode_prompt(prompt, images=images, image_features=image_features,
+                                      pan_and_scan=pan_and_scan, add_bos=add_bos)
+        if isinstance(prompt, str) or images is not None or image_features is not None:
+            raise ValueError("image_spans go with the token ids encode_prompt made them for, "
+                             "not with a str prompt, images or image_features")
+        return list(prompt), list(image_spans)
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, tools: Sequence[Mapping] | None = None,
              documents: Sequence[Mapping] | None = None, chat_template_kwargs: Mapping | None = None, **options):

@@ -32,11 +32,18 @@ class Quality:
     worst_flip: float  # the f32 model's top-two logit gap at the most decided position whose top token changed
 
 
+def converted(folder: Path, dtype: str, work: Path, embed_dtype: str | None = None) -> Path:
+    """The blob of `folder` converted with --dtype `dtype` (and --embed-dtype `embed_dtype`) in
+    `work`, converted the first time it is asked for there."""
+    blob = work / f"{folder.name}-{dtype}-{embed_dtype}.blob"
+    if not blob.exists():   # convert renames a complete file into place
+        convert(folder, blob, dtype=dtype, embed_dtype=embed_dtype, quiet=True)
+    return blob
+
+
 def f32_reference(folder: Path, work: Path, text: str = HELD_OUT) -> tuple[list, np.ndarray]:
     """(token ids of `text`, the f32 model's logits at each of them) for the checkpoint `folder`."""
-    blob = work / f"{folder.name}-f32.blob"
-    convert(folder, blob, dtype="f32", quiet=True, force=True)
-    with load(blob) as model:
+    with load(converted(folder, "f32", work)) as model:
         ids = model.tokenizer.encode(text)
         return ids, model.forward(ids)
 
@@ -45,8 +52,7 @@ def measure(folder: Path, dtype: str, ids: list, reference: np.ndarray, work: Pa
             embed_dtype: str | None = None) -> Quality:
     """The quality of `folder` converted with --dtype `dtype` (and --embed-dtype `embed_dtype`),
     against its f32 `reference` logits at `ids`."""
-    blob = work / f"{folder.name}-{dtype}-{embed_dtype}.blob"
-    convert(folder, blob, dtype=dtype, embed_dtype=embed_dtype, quiet=True, force=True)
+    blob = converted(folder, dtype, work, embed_dtype)
     with load(blob) as model:
         logits = model.forward(ids)
     return Quality(*divergence(reference, logits), bits_per_weight(blob), worst_flip(reference, logits))

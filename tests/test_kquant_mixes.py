@@ -11,17 +11,22 @@ import pytest
 
 import blobstore
 from blobstore.config import ModelConfig
-from blobstore.convert import convert
-from quant_quality import TRAINED, f32_reference, measure
+from quant_quality import TRAINED, converted, f32_reference, measure
 
 pytest.importorskip("sentencepiece")
 BARRED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The module's conversions, each made once (quant_quality.converted)."""
+    return tmp_path_factory.mktemp("mixes")
+
+
 @pytest.fixture(scope="module", params=list(TRAINED))
-def measured(request, tmp_path_factory):
+def measured(request, work):
     """--dtype → Quality against the f32 model, over the held-out text, for one trained model."""
-    folder, work = TRAINED[request.param], tmp_path_factory.mktemp("mixes")
+    folder = TRAINED[request.param]
     ids, reference = f32_reference(folder, work)
     results = {dtype: measure(folder, dtype, ids, reference, work) for dtype in BARRED}
     for dtype, quality in results.items():
@@ -47,11 +52,9 @@ def test_q6_k_is_close_to_f32_and_changes_only_near_ties(measured):
     assert q6_k.kld <= 0.0015 and q6_k.top1 >= 0.97 and q6_k.worst_flip <= 0.15
 
 
-def test_a_q4_k_m_conversion_stores_the_mix(tmp_path):
+def test_a_q4_k_m_conversion_stores_the_mix(work):
     folder = TRAINED["demo model"]
-    out, f32_blob = tmp_path / "q4_k_m.blob", tmp_path / "f32.blob"
-    convert(folder, out, dtype="q4_k_m", quiet=True)
-    convert(folder, f32_blob, dtype="f32", quiet=True)
+    out, f32_blob = converted(folder, "q4_k_m", work), converted(folder, "f32", work)
     with blobstore.open(out, verify="full") as blob, blobstore.open(f32_blob) as f32:
         config = ModelConfig.from_dict(blob.metadata["model"])
         assert config.num_layers == 4 and blob.info("lm_head").tie == "embed"

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from blobstore.runtime import cli
+from blobstore.runtime import cli, image_prompt
 from blobstore.runtime.image_prompt import ImageEncoder
 from test_vision_text import PROMPT_ONE, PROMPT_TWO, _pictures, _reference_logits, model, processor, \
     vision_checkpoint  # noqa: F401 (fixtures)
@@ -121,7 +121,7 @@ def test_blob_run_reports_a_missing_image(vision_checkpoint, tower, tmp_path, ca
     assert "absent.png: no such image file" in capsys.readouterr().err
 
 
-def test_server_answers_image_url_parts_like_the_python_api(model, tower, fresh_memo):
+def test_server_answers_image_url_parts_like_the_python_api(model, tower, fresh_memo, monkeypatch):
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
@@ -131,10 +131,14 @@ def test_server_answers_image_url_parts_like_the_python_api(model, tower, fresh_
     url = "data:image/png;base64," + base64.b64encode(_png(picture)).decode()
     content = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}
+    spans_made = []
+    spans = image_prompt.spans
+    monkeypatch.setattr(image_prompt, "spans", lambda *args: spans_made.append(args) or spans(*args))
     with TestClient(create_app(ModelEngine(model), "tiny")) as client:
         answer = client.post("/v1/chat/completions", json=body).json()
         refused = client.post("/v1/chat/completions", json={
             **body, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]})
+    assert len(spans_made) == 1   # the server's prompt: its spans made once, when it was checked
     expected = model.chat([{"role": "user", "content": [content[0], {"type": "image", "image": picture}]}],
                           max_new_tokens=6, temperature=0, session=model.new_session())
     assert answer["choices"][0]["message"]["content"] == expected.text
@@ -158,3 +162,14 @@ def test_sessions_in_threads_encode_concurrently_without_mixing_pictures(model, 
     for thread in threads:
         thread.join()
     assert results == alone
+
+
+def test_image_spans_go_with_ids_only(model):
+    features = np.ones((model.image_tokens.per_image, model.config.hidden_size), np.float32)
+    ids, spans = model.encode_prompt(PROMPT_ONE, image_features=[features])
+    with pytest.raises(ValueError, match="image_spans go with the token ids"):
+        model.generate(PROMPT_ONE, image_spans=spans, max_new_tokens=1)
+    with pytest.raises(ValueError, match="image_spans go with the token ids"):
+        model.generate(ids, image_spans=spans, image_features=[spans[0].embeds], max_new_tokens=1)
+    assert model.generate(ids, image_spans=spans, max_new_tokens=3, temperature=0).token_ids == \
+        model.generate(ids, image_features=[spans[0].embeds], max_new_tokens=3, temperature=0).token_ids

@@ -361,6 +361,10 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     return qa;
 }
 
+static void free_acts(quantized_acts *qa) {
+    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs);
+}
+
 /* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
  * token; or the few-token tile (matvec_tokens, quantized types), three rows to a call. */
 enum { TILES_MATVEC_OR_MATMUL = 0, TILES_ONE_ROW = 1, TILES_FEW_TOKENS = 2 };
@@ -381,12 +385,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     for (size_t r = 0; r < w->m.rows; r += R)
         for (size_t t = 0; t < n; t += T)
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
-    free(qa.q);
-    free(qa.d);
-    free(qa.sums);
-    free(qa.half_sums);
-    free(qa.split);
-    free(qa.pairs);
+    free_acts(&qa);
 }
 
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0", [BLOB_Q4_1] = "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
@@ -406,7 +405,8 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
                 fail(bits == 16 ? "quantize_row16 levels" : "quantize_row levels", path, (double)n, (double)n, 0);
-            free(mine.q), free(mine.d), free(mine.sums), free(mine.half_sums), free(mine.split), free(mine.pairs), free(ref.q), free(ref.d), free(ref.sums), free(ref.half_sums), free(ref.split), free(ref.pairs);
+            free_acts(&mine);
+            free_acts(&ref);
         }
         free(x);
     }
@@ -432,7 +432,7 @@ static void check_against_dequantized(const blob_isa_ops *ops, const test_weight
             expect_close(label, path, y[t * rows + r], sum, 1e-5 * slack + 1e-6);
         }
     }
-    free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+    free_acts(&qa);
 }
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
@@ -551,7 +551,7 @@ static void check_interleave8(const blob_isa_ops *ops, const char *path) {
                 char what[80];
                 snprintf(what, sizeof what, "interleave8 tile %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
                 expect_identical(what, path, y, ref, n * rows);
-                free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+                free_acts(&qa);
                 free(x), free(y), free(ref);
             }
             free_weight(&w);
@@ -673,7 +673,7 @@ static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
                          extreme ? " extreme" : "", with_split ? " split" : "");
                 expect_identical(what, path, y, ref, n * rows);
             }
-            free(qa.q), free(qa.d), free(qa.sums), free(qa.half_sums), free(qa.split), free(qa.pairs);
+            free_acts(&qa);
             free(x), free(y), free(ref);
         }
         free_block_weight(&w);

@@ -94,8 +94,7 @@ class ModelEngine:
         session = self._take_session(prompt)
         try:
             max_tokens = min(job.max_tokens or self.context_length, self.context_length)
-            features = [span.embeds for span in prompt.images] or None
-            chunks = self.model.stream(prompt.ids, image_features=features, session=session, max_new_tokens=max_tokens,
+            chunks = self.model.stream(prompt.ids, image_spans=prompt.images, session=session, max_new_tokens=max_tokens,
                                        logits_processor=logits_processor, batch=self._batch, **job.sampling)
             try:
                 for chunk in chunks:
