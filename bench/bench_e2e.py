@@ -550,7 +550,7 @@ def main():
     args.long_prompt = (0 if args.quick else 512) if args.long_prompt is None else args.long_prompt
     args.runs = max(args.runs or default_runs(args.quick), 1)
     args.work.mkdir(parents=True, exist_ok=True)
-    writes = (args.types, args.models) == (TYPES, list(MODELS)) or args.quick
+    writes = (args.types, args.models) == (TYPES, list(MODELS))
     if writes and importlib.util.find_spec("matplotlib") is None:   # found out now, not after the whole run
         parser.error("a run of every model and type draws bench/e2e.png: pip install '.[bench]' (matplotlib)")
 
