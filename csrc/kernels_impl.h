@@ -427,6 +427,9 @@ typedef struct blob_acts {
     /* q4_1 .. q6_k prefill (blob_isa_ops.mm_any_tokens): the int16 levels rearranged by
      * blob_pair_levels, token t's at pairs + t * blob_pair_stride(nblocks) */
     const int16_t *pairs;
+    /* q4_k, q6_k decode: the split levels of each whole group rearranged by blob_lane_levels,
+     * token t's at lanes + t * 2 * q_stride, or NULL */
+    const int8_t *lanes;
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -452,13 +455,32 @@ static inline void blob_half_sums(const int16_t *q, size_t nblocks, int32_t *sum
  * / 256) in -127..127 (|x| <= 32639, blob_act_qmax) and lo in -128..127: a weight byte then
  * meets them with two byte dot products (VPMADDUBSW, VPDPBUSD) in place of being widened to
  * int16, and 256 (w . hi) + w . lo is exactly w . x. Out: per block 32 hi bytes, then 32 lo. */
+static inline void blob_split_level(int x, int8_t *hi, int8_t *lo) {
+    const int h = (x + 128) >> 8;   /* arithmetic shift: floor */
+    *hi = (int8_t)h;
+    *lo = (int8_t)(x - 256 * h);
+}
 static inline void blob_split_levels(const int16_t *q, size_t nblocks, int8_t *out) {
     for (size_t b = 0; b < nblocks; b++)
-        for (int k = 0; k < BLOB_QBLOCK; k++) {
-            const int x = q[b * BLOB_QBLOCK + k], hi = (x + 128) >> 8;   /* arithmetic shift: floor */
-            out[64 * b + k] = (int8_t)hi;
-            out[64 * b + 32 + k] = (int8_t)(x - 256 * hi);
-        }
+        for (int k = 0; k < BLOB_QBLOCK; k++) blob_split_level(q[b * BLOB_QBLOCK + k], out + 64 * b + k, out + 64 * b + 32 + k);
+}
+
+/* The split levels of each whole group of eight blocks (256 levels, 512 bytes) rearranged so
+ * that a block's sums land in a lane of their own in a byte dot product (VPDPBUSD) against
+ * weights arranged alike, with no reduction across lanes: vector pair (k, s), k = 0..3, s = 0
+ * (even blocks) or 1 (odd), is 32 hi bytes then 32 lo bytes at 128k + 64s, and its 4-byte lane
+ * l holds levels 4k .. 4k + 3 (l < 4) or 16 + 4k .. 16 + 4k + 3 (l >= 4) of block 2 (l % 4) + s.
+ * x86's q4_k and q6_k decode tiles read them; a partial last group is left out. */
+static inline void blob_lane_levels(const int16_t *q, size_t nblocks, int8_t *out) {
+    for (size_t g = 0; g < nblocks / 8; g++)
+        for (int k = 0; k < 4; k++)
+            for (int s = 0; s < 2; s++)
+                for (int l = 0; l < 8; l++)
+                    for (int e = 0; e < 4; e++) {
+                        const int block = 2 * (l % 4) + s, level = 4 * k + 16 * (l / 4) + e;
+                        int8_t *v = out + 512 * g + 128 * k + 64 * s + 4 * l + e;
+                        blob_split_level(q[256 * g + BLOB_QBLOCK * block + level], v, v + 32);
+                    }
 }
 
 /* The int16 levels of each group of eight blocks (256 levels) rearranged so that vector i of

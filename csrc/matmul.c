@@ -98,6 +98,7 @@ typedef struct {
     int32_t *half_sums;
     int8_t *split;                  /* q4_1 .. q6_k: the levels as two int8 planes, or NULL */
     int16_t *pairs;                 /* q4_1 .. q6_k prefill: the levels in pairs, or NULL */
+    int8_t *lanes;                  /* q4_k, q6_k decode: the split levels by lanes, or NULL */
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
@@ -114,6 +115,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
             j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
             if (j->half_sums) blob_half_sums((const int16_t *)q, j->nblocks, j->half_sums + t * 2 * j->nblocks);
             if (j->split) blob_split_levels((const int16_t *)q, j->nblocks, j->split + t * j->q_stride_bytes);
+            if (j->lanes) blob_lane_levels((const int16_t *)q, j->nblocks, j->lanes + t * j->q_stride_bytes);
             if (j->pairs) blob_pair_levels((const int16_t *)q, j->nblocks, j->pairs + t * blob_pair_stride(j->nblocks));
         } else {
             j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
@@ -131,7 +133,8 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
  * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Planar tiles
  * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
- * ones: otherwise they are not made. */
+ * ones: otherwise they are not made. With the split levels of q4_k and q6_k come the same bytes
+ * rearranged by blob_lane_levels (n, 2 * q_stride), for x86's one-token tiles. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype,
                                 int planar) {
     const int bits = blob_act_bits(dtype);
@@ -139,16 +142,18 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
     const int block32 = blob_is_block32_type(dtype), paired = planar && !decode_tiles(n) && ops->mm_any_tokens[dtype];
     const size_t split_bytes = block32 && (planar || n == 1) && !paired ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
+    const size_t lane_bytes = dtype == BLOB_Q4_K || dtype == BLOB_Q6_K ? split_bytes : 0;
     const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
-    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + pair_bytes +
+    uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes +
                                                3 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
     int8_t *split = split_bytes ? (int8_t *)(space + n * q_stride_bytes) : NULL;
-    int16_t *pairs = paired ? (int16_t *)(space + n * q_stride_bytes + split_bytes) : NULL;
-    float *d = (float *)(space + n * q_stride_bytes + split_bytes + pair_bytes);
+    int8_t *lanes = lane_bytes ? (int8_t *)(space + n * q_stride_bytes + split_bytes) : NULL;
+    int16_t *pairs = paired ? (int16_t *)(space + n * q_stride_bytes + split_bytes + lane_bytes) : NULL;
+    float *d = (float *)(space + n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes);
     int32_t *half_sums = block32 ? (int32_t *)(d + n * nblocks) : NULL;
     quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
-                        split, pairs, q_stride_bytes, nblocks, 0};
+                        split, pairs, lanes, q_stride_bytes, nblocks, 0};
     if (decode_tiles(n)) quantize_task(&job, 0, 1);   /* a decode step's few tokens: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
@@ -158,6 +163,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     acts->half_sums = half_sums;
     acts->split = split;
     acts->pairs = pairs;
+    acts->lanes = lanes;
     acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;
     return BLOB_OK;

@@ -333,6 +333,7 @@ typedef struct {
     int32_t *half_sums;   /* int16 levels: the sum of each 16 */
     int8_t *split;        /* int16 levels as bytes, blob_split_levels */
     int16_t *pairs;       /* int16 levels in pairs, blob_pair_levels */
+    int8_t *lanes;        /* split levels by lanes, blob_lane_levels */
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -347,12 +348,14 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.half_sums = (int32_t *)calloc(2 * n * qa.nblocks, sizeof(int32_t));
     qa.split = (int8_t *)calloc(n, qa.q_stride * 2);
     qa.pairs = (int16_t *)calloc(n, blob_pair_stride(qa.nblocks) * sizeof(int16_t));
+    qa.lanes = (int8_t *)calloc(n, qa.q_stride * 2);
     for (size_t t = 0; t < n; t++) {
         if (bits == 16) {
             ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
             blob_split_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.split + 2 * t * qa.q_stride);
             blob_pair_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.pairs + t * blob_pair_stride(qa.nblocks));
+            blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.lanes + 2 * t * qa.q_stride);
         } else {
             ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
@@ -362,20 +365,23 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
 }
 
 static void free_acts(quantized_acts *qa) {
-    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs);
+    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs), free(qa->lanes);
 }
 
 /* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
- * token; or the few-token tile (matvec_tokens, quantized types), three rows to a call. */
-enum { TILES_MATVEC_OR_MATMUL = 0, TILES_ONE_ROW = 1, TILES_FEW_TOKENS = 2 };
+ * token; or the few-token tile (matvec_tokens, quantized types), three rows to a call; or the
+ * first without the activations arranged by lanes (blob_lane_levels), which matmul.c always
+ * makes for the x86 one-token q4_k and q6_k tiles, so that their other path is tested too. */
+enum { TILES_MATVEC_OR_MATMUL = 0, TILES_ONE_ROW = 1, TILES_FEW_TOKENS = 2, TILES_WITHOUT_LANES = 3 };
 
 /* Y = X @ W.T through the path's tiles of `shape`. */
 static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n, float *y,
                       int shape) {
-    const int bits = blob_act_bits(w->m.dtype);
+    const int bits = blob_act_bits(w->m.dtype), with_lanes = shape != TILES_WITHOUT_LANES;
+    if (!with_lanes) shape = TILES_MATVEC_OR_MATMUL;
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? qa.lanes : NULL};
     const int dtype = w->m.dtype;
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
@@ -545,7 +551,7 @@ static void check_interleave8(const blob_isa_ops *ops, const char *path) {
                 run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
                 quantized_acts qa = quantize_all(ops, x, n, cols, bits);
                 blob_acts a = {x, cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL};
+                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[dtype](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[80];
@@ -665,7 +671,7 @@ static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
             quantized_acts qa = quantize_all(ops, x, n, cols, 16);
             for (int with_split = 0; with_split < 2; with_split++) {
                 blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums,
-                               with_split ? qa.split : NULL, NULL};
+                               with_split ? qa.split : NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[96];
@@ -766,6 +772,9 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
                         snprintf(what, sizeof what, "matvec_row %s %zux%zu", dtype_names[dtype], rows, cols);
                         run_tiles(ops, &w, x, n, y, TILES_ONE_ROW);
                         expect_identical(what, path, y, ref, rows);
+                        snprintf(what, sizeof what, "matvec without lanes %s %zux%zu", dtype_names[dtype], rows, cols);
+                        run_tiles(ops, &w, x, n, y, TILES_WITHOUT_LANES);
+                        expect_identical(what, path, y, ref, rows);
                     } else {
                         snprintf(what, sizeof what, "matvec_tokens %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
                         run_tiles(ops, &w, x, n, y, TILES_FEW_TOKENS);
@@ -786,6 +795,8 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
         expect_identical("matvec_tokens extreme levels", path, y, ref, 2 * rows);
         run_tiles(ops, &w, x, 1, y, TILES_ONE_ROW);
         expect_identical("matvec_row extreme levels", path, y, ref, rows);
+        run_tiles(ops, &w, x, 1, y, TILES_MATVEC_OR_MATMUL);
+        expect_identical("matvec extreme levels", path, y, ref, rows);
         free_block_weight(&w);
     }
 }
