@@ -412,6 +412,9 @@ static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127
  * other pointer is unused): token t's levels at q8/q16 + t*q_stride, its block scales at
  * d + t*nblocks, and with int8 levels the sum of each block's levels (exact in f32) at
  * sums + t*nblocks (blob_level_sums). */
+/* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes */
+enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2 };
+
 typedef struct blob_acts {
     const float *x;
     size_t x_stride;
@@ -543,6 +546,10 @@ typedef struct blob_isa_ops {
     /* Per dtype, 1 when its matmul tile takes any number of tokens (mm_rows x nt), so that it
      * unpacks each weight block once for all of them; 0: at most mm_tokens per call. */
     unsigned char mm_any_tokens[BLOB_NUM_DTYPES];
+    /* Per dtype, which arrangements of the int16 levels beside q16 this path's planar tiles (and
+     * its one-token interleaved q5_0 tile) read, BLOB_READS_SPLIT | BLOB_READS_LANES: matmul.c
+     * makes only those, a pass over the activations each. */
+    unsigned char reads_levels[BLOB_NUM_DTYPES];
     /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0, q4_0, q5_0), the tile of that layout,
      * decode and prefill alike: rows r0 .. r0+nr-1 (r0 a multiple of 8, nr <= BLOB_INTERLEAVE8_ROWS)
      * and any nt tokens, every output exactly the scalar reference's planar one (q8_0, q4_0:

@@ -133,16 +133,18 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
  * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Planar tiles
  * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
- * ones: otherwise they are not made. With the split levels of q4_k and q6_k come the same bytes
- * rearranged by blob_lane_levels (n, 2 * q_stride), for x86's one-token tiles. */
+ * ones, and x86's one-token q4_k and q6_k tiles read the split bytes rearranged by
+ * blob_lane_levels (n, 2 * q_stride) after them: each only where the path's reads_levels says
+ * it reads them. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype,
                                 int planar) {
     const int bits = blob_act_bits(dtype);
     size_t nblocks = blob_div_up(cols, BLOB_QBLOCK);
     size_t q_stride_bytes = (nblocks * BLOB_QBLOCK * (size_t)(bits / 8) + 63) & ~(size_t)63;
     const int block32 = blob_is_block32_type(dtype), paired = planar && !decode_tiles(n) && ops->mm_any_tokens[dtype];
-    const size_t split_bytes = block32 && (planar || n == 1) && !paired ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
-    const size_t lane_bytes = dtype == BLOB_Q4_K || dtype == BLOB_Q6_K ? split_bytes : 0;
+    const int reads = block32 && (planar || n == 1) && !paired ? ops->reads_levels[dtype] : 0;
+    const size_t split_bytes = reads & BLOB_READS_SPLIT ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
+    const size_t lane_bytes = reads & BLOB_READS_LANES ? n * q_stride_bytes : 0;
     const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
     uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes +
                                                3 * n * nblocks * sizeof(float));
