@@ -12,7 +12,7 @@
  * and the 256-bit tiles already sum a block's products to eight lanes in two of them before the
  * one conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a
  * block per step (sixteen lanes to convert and scale) and 1.07-1.2x with two (halved by
- * VPERMT2D). The prefill of interleaved q8_0 and q4_0 rows has 512-bit tiles (below).
+ * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows has 512-bit tiles (below).
  *
  * bf16 weights are widened to f32 and multiplied by the f32 activations with FMA, as on every
  * other path: the kernels' contract for float weights is exact products and f32 sums
