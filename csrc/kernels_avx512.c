@@ -7,11 +7,12 @@
  * shapes from the cache, its 262144 x 640 head streamed from memory), bf16 prefill 1.15x, the
  * widening costing half the instructions. f16 and f32 stay on the 256-bit tiles: with 512-bit
  * rows f16 decode was 1.15x as fast from the cache but 0.80x streamed (the head; VCVTPH2PS on
- * 512 bits) and f32 decode 3-8 % slower, their prefill equal. The quantized types stay on the
- * 256-bit tiles too: a 512-bit VPDPWSSD or VPDPBUSD does the work of two 256-bit ones there, and
- * the 256-bit tiles already sum a block's products to eight lanes in two of them before the one
- * conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a block
- * per step (sixteen lanes to convert and scale) and 1.07-1.2x with two (halved by VPERMT2D).
+ * 512 bits) and f32 decode 3-8 % slower, their prefill equal. The quantized decode tiles stay on
+ * the 256-bit ones too: a 512-bit VPDPWSSD or VPDPBUSD does the work of two 256-bit ones there,
+ * and the 256-bit tiles already sum a block's products to eight lanes in two of them before the
+ * one conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a
+ * block per step (sixteen lanes to convert and scale) and 1.07-1.2x with two (halved by
+ * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows has 512-bit tiles (below).
  *
  * bf16 weights are widened to f32 and multiplied by the f32 activations with FMA, as on every
  * other path: the kernels' contract for float weights is exact products and f32 sums
@@ -113,10 +114,217 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
         for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = sums[r][t];
 }
 
+/* ---- q8_0 and q4_0 in BLOB_LAYOUT_INTERLEAVE8 at prefill: sixteen rows a register ----
+ * kernels_x86.inc's interleaved tiles hold a group's eight rows in the eight int32 lanes of a
+ * 256-bit register. Here a call's two groups share one 512-bit register, group g0's rows in
+ * lanes 0-7 and g0 + 1's in lanes 8-15 (two 16- or 32-byte runs, one inserted over the other),
+ * so that one VPDPWSSD or VPDPBUSD against a token's broadcast levels (a load folded into the
+ * instruction) adds the products of all sixteen rows, and the block's epilogue converts and
+ * scales sixteen lanes at once. Per token and block the integer sums are the 256-bit tile's,
+ * exact; the float operations are the scalar reference's, lane by lane, so every output is
+ * bit-identical to it. Decode keeps the 256-bit tiles, one group a stream. */
+#define ZI8_TOKENS 12   /* tokens per register tile: 12 integer and 12 float accumulators of 32 */
+
+/* 16 f16 scales of block b, lanes 0-7 group g0's (at s0), 8-15 group g0 + 1's (at s1), as f32. */
+ZFN __m512 zmm_group_scales(const uint16_t *s0, const uint16_t *s1) {
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)s0)),
+                                                 _mm_loadu_si128((const __m128i *)s1), 1);
+    return _mm512_cvtph_ps(both);
+}
+
+/* out[t] += (float)dots[t] * (dw * dx of token t0 + t at block b): the scalar reference's
+ * operations, never fused. */
+ZFN void zmm_block_epilogue(__m512 out[], const __m512i dots[], __m512 dw, const blob_acts *a, size_t t0, size_t b,
+                            int T) {
+    const size_t nb = a->nblocks;
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) {
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(t0 + t) * nb + b]));
+        out[t] = _mm512_add_ps(out[t], _mm512_mul_ps(_mm512_cvtepi32_ps(dots[t]), scale));
+    }
+}
+
+/* Rows 8 g0 .. 8 g0 + 15 of interleaved q8_0 against tokens t0 .. t0 + T - 1. */
+ZFN void zmm_i8_q8_0(const blob_matrix *w, size_t g0, const blob_acts *a, size_t t0, __m512 out[], int T) {
+    const size_t nb = a->nblocks, block_bytes = blob_interleave8_block_bytes(BLOB_Q8_0);
+    const int8_t *group0 = (const int8_t *)w->plane[0] + g0 * nb * block_bytes, *group1 = group0 + nb * block_bytes;
+    const uint16_t *scales0 = (const uint16_t *)w->plane[1] + g0 * nb * BLOB_INTERLEAVE, *scales1 = scales0 + nb * BLOB_INTERLEAVE;
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) out[t] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        __m512i dots[ZI8_TOKENS];
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) dots[t] = _mm512_setzero_si512();
+        BLOB_UNROLL
+        for (int i = 0; i < BLOB_QBLOCK / 2; i++) {   /* level pair i of the sixteen rows, int16 */
+            const size_t at = b * block_bytes + 16 * i;
+            const __m512i pairs = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(group0 + at))),
+                _mm_loadu_si128((const __m128i *)(group1 + at)), 1));
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) {
+                int32_t x_pair;
+                memcpy(&x_pair, a->q16 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 2 * i, 4);
+                dots[t] = _mm512_dpwssd_epi32(dots[t], pairs, _mm512_set1_epi32(x_pair));
+            }
+        }
+        zmm_block_epilogue(out, dots, zmm_group_scales(scales0 + b * BLOB_INTERLEAVE, scales1 + b * BLOB_INTERLEAVE),
+                           a, t0, b, T);
+    }
+}
+
+/* Rows 8 g0 .. 8 g0 + 15 of interleaved q4_0 against tokens t0 .. t0 + T - 1: each block's nibble
+ * dots start from -8 x the token's level sum, which makes them the exact level dots. */
+ZFN void zmm_i8_q4_0(const blob_matrix *w, size_t g0, const blob_acts *a, size_t t0, __m512 out[], int T) {
+    const size_t nb = a->nblocks, block_bytes = blob_interleave8_block_bytes(BLOB_Q4_0);
+    const uint8_t *group0 = (const uint8_t *)w->plane[0] + g0 * nb * block_bytes, *group1 = group0 + nb * block_bytes;
+    const uint16_t *scales0 = (const uint16_t *)w->plane[1] + g0 * nb * BLOB_INTERLEAVE, *scales1 = scales0 + nb * BLOB_INTERLEAVE;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) out[t] = _mm512_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+        __m512i dots[ZI8_TOKENS];
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) dots[t] = _mm512_set1_epi32(-8 * (int32_t)a->sums[(t0 + t) * nb + b]);
+        BLOB_UNROLL
+        for (int c = 0; c < BLOB_QBLOCK / 8; c++) {   /* levels 8c .. 8c + 3 (lo) and 8c + 4 .. 8c + 7 (hi), + 8 */
+            const size_t at = b * block_bytes + 32 * c;
+            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(group0 + at))),
+                                                 _mm256_loadu_si256((const __m256i *)(group1 + at)), 1);
+            const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) {
+                int32_t x_lo, x_hi;
+                const int8_t *x = a->q8 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 8 * c;
+                memcpy(&x_lo, x, 4);
+                memcpy(&x_hi, x + 4, 4);
+                dots[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dots[t], lo, _mm512_set1_epi32(x_lo)), hi,
+                                              _mm512_set1_epi32(x_hi));
+            }
+        }
+        zmm_block_epilogue(out, dots, zmm_group_scales(scales0 + b * BLOB_INTERLEAVE, scales1 + b * BLOB_INTERLEAVE),
+                           a, t0, b, T);
+    }
+}
+
+/* out[t] of rows r0 .. r0 + nr - 1 (nr <= 16) into y for tokens t0 + t. */
+ZFN void zmm_i8_store(const __m512 out[], int T, size_t r0, size_t nr, size_t t0, float *y, size_t ys) {
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y + (t0 + (size_t)t) * ys + r0, zmm_mask16(nr), out[t]);
+}
+
+/* The tokens of the next register tile when `left` remain: ZI8_TOKENS, then tiles of 8, 4, 2 and 1. */
+ZFN int zmm_tile_tokens(size_t left) {
+    return left >= ZI8_TOKENS ? ZI8_TOKENS : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
+/* The prefill of interleaved rows, defined after kernels_x86.inc (q5_0 unpacks with its functions). */
+static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                     size_t nt, float *y, size_t ys, int dtype);
+
 #define X86_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define X86_VNNI 1
 #define X86_AVX512 1
 #define X86_FLOAT_TILE zmm_float_tile
+#define X86_I8_PREFILL zmm_i8_prefill
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
+
+/* ---- q5_0 in BLOB_LAYOUT_INTERLEAVE8 at prefill: sixteen rows a register ----
+ * kernels_x86.inc's unpacked groups (q5_unpacked_groups) with the call's two groups side by side:
+ * level pair i of block b of both, exact int16, in one 512-bit register (group g0's rows in lanes
+ * 0-7), read as zmm_i8_q8_0 reads its widened quants. The float operations are
+ * q5_unpacked_tile's: block b into partial sum b % 8, one partial sum at a time, then
+ * blob_fold_lanes' order; bit-identical to the scalar reference. */
+
+/* Groups g0 and g0 + 1 of interleaved q5_0 as dst[b][i]: level pair i of block b of the sixteen rows. */
+ZFN void zmm_q5_unpack(const blob_matrix *w, size_t g0, __m512i (*dst)[BLOB_QBLOCK / 2]) {
+    const size_t nb = w->cols / BLOB_QBLOCK, nibble_bytes = blob_interleave8_block_bytes(BLOB_Q5_0);
+    const size_t fifth_bytes = BLOB_INTERLEAVE * blob_plane_bytes(BLOB_Q5_0, 1);
+    const uint8_t *nibbles = (const uint8_t *)w->plane[0], *fifth = (const uint8_t *)w->plane[1];
+    for (size_t b = 0; b < nb; b++)
+        for (int c = 0; c < BLOB_QBLOCK / 8; c++) {
+            __m256i pairs[2][4];
+            for (int g = 0; g < 2; g++) {
+                const size_t block = (g0 + (size_t)g) * nb + b;
+                q5_pairs(nibbles + block * nibble_bytes, fifth + block * fifth_bytes, c, pairs[g]);
+            }
+            for (int k = 0; k < 4; k++)
+                dst[b][4 * c + k] = _mm512_sub_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(pairs[0][k]), pairs[1][k], 1),
+                                                     _mm512_set1_epi16(16));
+        }
+}
+
+/* Rows 8 g0 .. 8 g0 + 15 against tokens t0 .. t0 + T - 1, from zmm_q5_unpack's pairs. */
+ZFN void zmm_q5_tile(const __m512i (*unpacked)[BLOB_QBLOCK / 2], const blob_matrix *w, size_t g0, const blob_acts *a,
+                     size_t t0, __m512 out[], int T) {
+    const size_t nb = a->nblocks;
+    const uint16_t *scales0 = (const uint16_t *)w->plane[2] + g0 * nb * BLOB_INTERLEAVE, *scales1 = scales0 + nb * BLOB_INTERLEAVE;
+    __m512 lanes[BLOB_SUM_LANES][ZI8_TOKENS];   /* [b % 8][token]: block32_tile's partial sums */
+    for (int l = 0; l < BLOB_SUM_LANES; l++) {
+        __m512 acc[ZI8_TOKENS];
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+        for (size_t b = (size_t)l; b < nb; b += BLOB_SUM_LANES) {
+            __m512i dots[ZI8_TOKENS];
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) dots[t] = _mm512_setzero_si512();
+            BLOB_UNROLL
+            for (int i = 0; i < BLOB_QBLOCK / 2; i++) {
+                const __m512i pairs = _mm512_load_si512(&unpacked[b][i]);
+                BLOB_UNROLL
+                for (int t = 0; t < T; t++) {
+                    int32_t x_pair;
+                    memcpy(&x_pair, a->q16 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 2 * i, 4);
+                    dots[t] = _mm512_dpwssd_epi32(dots[t], pairs, _mm512_set1_epi32(x_pair));
+                }
+            }
+            zmm_block_epilogue(acc, dots, zmm_group_scales(scales0 + b * BLOB_INTERLEAVE, scales1 + b * BLOB_INTERLEAVE),
+                               a, t0, b, T);
+        }
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) lanes[l][t] = acc[t];
+    }
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++)
+        out[t] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
+                               _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
+}
+
+/* T constant in each call, so that the tile's loops unroll and its accumulators stay in registers */
+ZFN void zmm_tile(const __m512i (*unpacked)[BLOB_QBLOCK / 2], const blob_matrix *w, size_t g0, const blob_acts *a,
+                  size_t t0, __m512 out[], int T, int dtype) {
+#define ZI8_CASE(k)                                                              \
+    case k:                                                                      \
+        if (dtype == BLOB_Q5_0) zmm_q5_tile(unpacked, w, g0, a, t0, out, k);       \
+        else if (dtype == BLOB_Q4_0) zmm_i8_q4_0(w, g0, a, t0, out, k);            \
+        else zmm_i8_q8_0(w, g0, a, t0, out, k);                                  \
+        break;
+    switch (T) {
+        ZI8_CASE(1) ZI8_CASE(2) ZI8_CASE(4) ZI8_CASE(8)
+        default: ZI8_CASE(ZI8_TOKENS)
+    }
+#undef ZI8_CASE
+}
+
+/* The prefill (more tokens than a decode step) of interleaved rows r0 .. r0 + nr - 1 (r0 a
+ * multiple of 8, 8 < nr <= 16; the rows a partial second group completes are computed, not
+ * stored); q5_0 with rows short enough to unpack (Q5_UNPACKED_MAX_BLOCKS). Returns 0, having
+ * done nothing, for the calls it leaves to kernels_x86.inc's tiles. */
+static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                     size_t nt, float *y, size_t ys, int dtype) {
+    if (nt <= BLOB_DECODE_TILES_MAX_TOKENS || nr <= BLOB_INTERLEAVE ||
+        (dtype == BLOB_Q5_0 && a->nblocks > Q5_UNPACKED_MAX_BLOCKS))
+        return 0;
+    const size_t g0 = r0 / BLOB_INTERLEAVE;
+    __m512i unpacked[dtype == BLOB_Q5_0 ? Q5_UNPACKED_MAX_BLOCKS : 1][BLOB_QBLOCK / 2];
+    if (dtype == BLOB_Q5_0) zmm_q5_unpack(w, g0, unpacked);
+    for (size_t t = t0; t < t0 + nt;) {
+        const int T = zmm_tile_tokens(t0 + nt - t);
+        __m512 out[ZI8_TOKENS];
+        zmm_tile((const __m512i (*)[BLOB_QBLOCK / 2])unpacked, w, g0, a, t, out, T, dtype);
+        zmm_i8_store(out, T, r0, nr, t, y, ys);
+        t += (size_t)T;
+    }
+    return 1;
+}
 #endif

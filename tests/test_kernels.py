@@ -278,7 +278,7 @@ def assert_interleaved_equals_scalar_planar(isa, interleaved, planar, x):
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("shape", [(13, 100), (24, 640), (40, 608), (1, 31)])
-@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 70])   # the decode tile takes 1 .. 6 tokens at a time
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 8, 31, 70])   # decode tiles take 1 .. 6 tokens, avx512 prefill 12, 8, 4, 2, 1
 def test_interleave8_equals_planar_scalar_bitwise(isa, threads, dtype, shape, n):
     """Every path's product over interleaved q8_0 / q4_0 rows, decode and prefill, at 1 and 2
     threads, equals the scalar path's planar product bit for bit (the same exact block sums, then
@@ -310,7 +310,7 @@ def test_interleave8_binding_checks_its_planes():
 
 
 @pytest.mark.parametrize("shape", [(13, 96), (24, 640), (40, 288), (1, 32), (9, 2048), (9, 2080)])
-@pytest.mark.parametrize("n", [1, 3, 8, 70])
+@pytest.mark.parametrize("n", [1, 3, 8, 31, 70])
 def test_interleave8_q5_0_equals_planar_scalar_bitwise(isa, threads, shape, n):
     """Every path's product over interleaved q5_0 rows (random bytes in every plane), decode and
     prefill, at 1 and 2 threads, equals the scalar path's planar product bit for bit (the same

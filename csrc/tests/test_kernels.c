@@ -443,7 +443,7 @@ static void check_against_dequantized(const blob_isa_ops *ops, const test_weight
 
 static void check_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {7, 33}, {13, 100}, {9, 257}, {17, 1000}, {6, 640}, {5, 608}};
-    const size_t token_counts[] = {1, 2, 3, 5, 8, 70};   /* 70: the x86 prefill tile of q4_1 .. q6_k in two runs */
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 31, 70};   /* avx512 prefill: 12, 8, 4, 2, 1 at a time */   /* 70: the x86 prefill tile of q4_1 .. q6_k in two runs */
     for (int dtype = 0; dtype < BLOB_NUM_DTYPES; dtype++) {
         if (!blob_dtype_block(dtype)) continue;
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -536,7 +536,7 @@ static const int interleaved_dtypes[] = {BLOB_Q8_0, BLOB_Q4_0};
  * bit for bit to the planar scalar tile's (which sums each output alone, whatever the tile shape). */
 static void check_interleave8(const blob_isa_ops *ops, const char *path) {
     const size_t shapes[][2] = {{1, 1}, {5, 31}, {13, 100}, {17, 640}, {24, 608}, {40, 64}};
-    const size_t token_counts[] = {1, 2, 3, 5, 8, 70};
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 31, 70};   /* avx512 prefill: 12, 8, 4, 2, 1 at a time */
     for (size_t d = 0; d < sizeof interleaved_dtypes / sizeof *interleaved_dtypes; d++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             const int dtype = interleaved_dtypes[d], bits = blob_act_bits(dtype);
@@ -657,7 +657,7 @@ static test_weight interleave8_q5_0(const test_weight *w) {
 static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
     /* 2048 columns (64 blocks): the most x86's prefill tile unpacks once per call; 2144 past it */
     const size_t shapes[][2] = {{1, 32}, {5, 96}, {13, 640}, {17, 640}, {24, 288}, {9, 2048}, {40, 2144}};
-    const size_t token_counts[] = {1, 2, 3, 5, 8, 9, 70};
+    const size_t token_counts[] = {1, 2, 3, 5, 8, 9, 31, 70};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes + 1; s++) {
         const int extreme = s == sizeof shapes / sizeof *shapes;
         const size_t rows = extreme ? 9 : shapes[s][0], cols = extreme ? 256 : shapes[s][1];
