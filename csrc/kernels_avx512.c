@@ -144,6 +144,17 @@ ZFN void zmm_block_epilogue(__m512 out[], const __m512i dots[], __m512 dw, const
     }
 }
 
+/* dots[t] += the sixteen rows' level pair i of block b (int16 pairs) . token t0 + t's pair i,
+ * broadcast: one VPDPWSSD a token. */
+ZFN void zmm_pair_dots(__m512i dots[], __m512i pairs, const blob_acts *a, size_t t0, size_t b, int i, int T) {
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) {
+        int32_t x_pair;
+        memcpy(&x_pair, a->q16 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 2 * i, 4);
+        dots[t] = _mm512_dpwssd_epi32(dots[t], pairs, _mm512_set1_epi32(x_pair));
+    }
+}
+
 /* Rows 8 g0 .. 8 g0 + 15 of interleaved q8_0 against tokens t0 .. t0 + T - 1. */
 ZFN void zmm_i8_q8_0(const blob_matrix *w, size_t g0, const blob_acts *a, size_t t0, __m512 out[], int T) {
     const size_t nb = a->nblocks, block_bytes = blob_interleave8_block_bytes(BLOB_Q8_0);
@@ -161,12 +172,7 @@ ZFN void zmm_i8_q8_0(const blob_matrix *w, size_t g0, const blob_acts *a, size_t
             const __m512i pairs = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
                 _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(group0 + at))),
                 _mm_loadu_si128((const __m128i *)(group1 + at)), 1));
-            BLOB_UNROLL
-            for (int t = 0; t < T; t++) {
-                int32_t x_pair;
-                memcpy(&x_pair, a->q16 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 2 * i, 4);
-                dots[t] = _mm512_dpwssd_epi32(dots[t], pairs, _mm512_set1_epi32(x_pair));
-            }
+            zmm_pair_dots(dots, pairs, a, t0, b, i, T);
         }
         zmm_block_epilogue(out, dots, zmm_group_scales(scales0 + b * BLOB_INTERLEAVE, scales1 + b * BLOB_INTERLEAVE),
                            a, t0, b, T);
@@ -259,7 +265,7 @@ ZFN void zmm_q5_tile(const __m512i (*unpacked)[BLOB_QBLOCK / 2], const blob_matr
                      size_t t0, __m512 out[], int T) {
     const size_t nb = a->nblocks;
     const uint16_t *scales0 = (const uint16_t *)w->plane[2] + g0 * nb * BLOB_INTERLEAVE, *scales1 = scales0 + nb * BLOB_INTERLEAVE;
-    __m512 lanes[BLOB_SUM_LANES][ZI8_TOKENS];   /* [b % 8][token]: block32_tile's partial sums */
+    __m512 lanes[ZI8_TOKENS][BLOB_SUM_LANES];   /* [token][b % 8]: block32_tile's partial sums */
     for (int l = 0; l < BLOB_SUM_LANES; l++) {
         __m512 acc[ZI8_TOKENS];
         BLOB_UNROLL
@@ -270,24 +276,17 @@ ZFN void zmm_q5_tile(const __m512i (*unpacked)[BLOB_QBLOCK / 2], const blob_matr
             for (int t = 0; t < T; t++) dots[t] = _mm512_setzero_si512();
             BLOB_UNROLL
             for (int i = 0; i < BLOB_QBLOCK / 2; i++) {
-                const __m512i pairs = _mm512_load_si512(&unpacked[b][i]);
-                BLOB_UNROLL
-                for (int t = 0; t < T; t++) {
-                    int32_t x_pair;
-                    memcpy(&x_pair, a->q16 + (t0 + t) * a->q_stride + BLOB_QBLOCK * b + 2 * i, 4);
-                    dots[t] = _mm512_dpwssd_epi32(dots[t], pairs, _mm512_set1_epi32(x_pair));
-                }
+                zmm_pair_dots(dots, _mm512_load_si512(&unpacked[b][i]), a, t0, b, i, T);
             }
             zmm_block_epilogue(acc, dots, zmm_group_scales(scales0 + b * BLOB_INTERLEAVE, scales1 + b * BLOB_INTERLEAVE),
                                a, t0, b, T);
         }
         BLOB_UNROLL
-        for (int t = 0; t < T; t++) lanes[l][t] = acc[t];
+        for (int t = 0; t < T; t++) lanes[t][l] = acc[t];
     }
     BLOB_UNROLL
     for (int t = 0; t < T; t++)
-        out[t] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(lanes[0][t], lanes[4][t]), _mm512_add_ps(lanes[2][t], lanes[6][t])),
-                               _mm512_add_ps(_mm512_add_ps(lanes[1][t], lanes[5][t]), _mm512_add_ps(lanes[3][t], lanes[7][t])));
+        out[t] = BLOB_FOLD_LANES(_mm512_add_ps, lanes[t]);
 }
 
 /* T constant in each call, so that the tile's loops unroll and its accumulators stay in registers */
