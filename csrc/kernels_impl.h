@@ -407,14 +407,14 @@ static inline int blob_has_mins(int dtype) {
  * x - 256 hi, for the int8 dot instructions (SDOT); the lost range is 0.4 %. */
 static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127.0f; }
 
+/* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes */
+enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2 };
+
 /* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
  * quantized to blocks of 32 levels, int8 in q8 or int16 in q16 as blob_act_bits says (the
  * other pointer is unused): token t's levels at q8/q16 + t*q_stride, its block scales at
  * d + t*nblocks, and with int8 levels the sum of each block's levels (exact in f32) at
  * sums + t*nblocks (blob_level_sums). */
-/* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes */
-enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2 };
-
 typedef struct blob_acts {
     const float *x;
     size_t x_stride;
