@@ -118,13 +118,19 @@ def _timed(work) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--streams", default="1,2,4")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        description="Batched decoding benchmark: aggregate tok/s of concurrent streams through "
+        "BatchEngine against one generate() call, on one model (markdown on stdout).")
+    parser.add_argument("model", type=Path, help="a .blob file (blob-pack convert's output)")
+    parser.add_argument("--threads", type=int, default=2, help="kernel threads (default 2)")
+    parser.add_argument("--streams", default="1,2,4",
+                        help="comma-separated counts of concurrent streams to measure (default 1,2,4)")
+    parser.add_argument("--prompt-tokens", type=int, default=64,
+                        help="prompt tokens of each stream (default 64)")
+    parser.add_argument("--new-tokens", type=int, default=128,
+                        help="greedy tokens each stream generates, EOS ignored (default 128)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every configuration, taking turns; the best is reported (default 3)")
     args = parser.parse_args()
     counts = [int(c) for c in args.streams.split(",")]
     model = load(args.model, threads=args.threads, max_seq_len=args.prompt_tokens + args.new_tokens + 8)

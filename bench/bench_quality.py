@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                              "'source': the GGUF file as it is")
     parser.add_argument("--text", type=Path, default=CORPUS, help="the held-out text (default bench/quality_corpus.txt)")
     parser.add_argument("--ctx", type=int, default=128, help="chunk length; 0 = the whole text, every position scored")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="kernel threads (default 2)")
     parser.add_argument("--workdir", type=Path, help="keep the converted blobs here and reuse them (default: a temp dir)")
     args = parser.parse_args(argv)
 

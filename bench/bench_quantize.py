@@ -24,9 +24,9 @@ TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--rows", type=int, default=2048, help="rows of the random f32 matrix (default 2048)")
     p.add_argument("--cols", type=int, default=2048, help="a multiple of 256")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per type; the best counts (default 3)")
     return p.parse_args(argv)
 
 

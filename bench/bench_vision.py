@@ -94,11 +94,11 @@ def encode_seconds(path: Path, repeats: int) -> tuple[float, float]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtypes", nargs="+", default=["bf16", "q8_0"])
+    parser.add_argument("--threads", type=int, default=2, help="kernel threads (default 2)")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "q8_0"], help="weight types of the encoder to time (default bf16 q8_0)")
     parser.add_argument("--layers", type=int, default=SO400M["num_hidden_layers"],
                         help="encoder layers (27 on the real tower; fewer for a quick look)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed encodes per type; the best counts (default 1)")
     args = parser.parse_args(argv)
     kernels.set_threads(args.threads)
     config = {**SO400M, "num_hidden_layers": args.layers}

@@ -25,7 +25,7 @@ DTYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q5_k", "q5_1", "q5_0", "q4_k_
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(TRAINED), help="which of: " + ", ".join(TRAINED))
-    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated --dtype values to convert and score (default: every one)")
     p.add_argument("--embed-dtype", default=None, help="instead of each --dtype's default")
     args = p.parse_args(argv)
     dtypes = args.dtypes.split(",")

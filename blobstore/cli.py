@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "kernels read fastest); everything else is copied unchanged.")
     relayout.add_argument("src", metavar="SRC.blob", help="the blob file to read")
     relayout.add_argument("-o", "--output", required=True, metavar="OUT.blob", help="the blob file to write")
-    relayout.add_argument("--layout", required=True, choices=layouts_of(DType.Q8_0))
+    relayout.add_argument("--layout", required=True, choices=layouts_of(DType.Q8_0),
+                          help="planar: rows one after another; interleave8: eight rows block by block")
     relayout.add_argument("--force", action="store_true", help="overwrite OUT.blob if it exists")
     relayout.set_defaults(func=run_relayout)
     return parser
