@@ -242,22 +242,17 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
  * q5_unpacked_tile's: block b into partial sum b % 8, one partial sum at a time, then
  * blob_fold_lanes' order; bit-identical to the scalar reference. */
 
-/* Groups g0 and g0 + 1 of interleaved q5_0 as dst[b][i]: level pair i of block b of the sixteen rows. */
+/* Groups g0 and g0 + 1 of interleaved q5_0 as dst[b][i]: level pair i of block b of the sixteen
+ * rows, kernels_x86.inc's q5_unpack_block of each group side by side. */
 ZFN void zmm_q5_unpack(const blob_matrix *w, size_t g0, __m512i (*dst)[BLOB_QBLOCK / 2]) {
-    const size_t nb = w->cols / BLOB_QBLOCK, nibble_bytes = blob_interleave8_block_bytes(BLOB_Q5_0);
-    const size_t fifth_bytes = BLOB_INTERLEAVE * blob_plane_bytes(BLOB_Q5_0, 1);
+    const size_t nb = w->cols / BLOB_QBLOCK;
     const uint8_t *nibbles = (const uint8_t *)w->plane[0], *fifth = (const uint8_t *)w->plane[1];
-    for (size_t b = 0; b < nb; b++)
-        for (int c = 0; c < BLOB_QBLOCK / 8; c++) {
-            __m256i pairs[2][4];
-            for (int g = 0; g < 2; g++) {
-                const size_t block = (g0 + (size_t)g) * nb + b;
-                q5_pairs(nibbles + block * nibble_bytes, fifth + block * fifth_bytes, c, pairs[g]);
-            }
-            for (int k = 0; k < 4; k++)
-                dst[b][4 * c + k] = _mm512_sub_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(pairs[0][k]), pairs[1][k], 1),
-                                                     _mm512_set1_epi16(16));
-        }
+    for (size_t b = 0; b < nb; b++) {
+        __m256i pairs[2][BLOB_QBLOCK / 2];   /* [group][pair] */
+        for (size_t g = 0; g < 2; g++) q5_unpack_block(nibbles, fifth, (g0 + g) * nb + b, pairs[g]);
+        for (int i = 0; i < BLOB_QBLOCK / 2; i++)
+            dst[b][i] = _mm512_inserti64x4(_mm512_castsi256_si512(pairs[0][i]), pairs[1][i], 1);
+    }
 }
 
 /* Rows 8 g0 .. 8 g0 + 15 against tokens t0 .. t0 + T - 1, from zmm_q5_unpack's pairs. */
