@@ -48,18 +48,23 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
+def add_training_options(p: argparse.ArgumentParser, steps: int, batch: int) -> None:
+    """The run's options `train()` reads, shared with train_tiny_checkpoints.py."""
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps (the run length; fixed for reproducibility)")
+    p.add_argument("--batch", type=int, default=batch, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence, after the BOS")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--seed", type=int, default=1611, help="seed of the weights and the batches")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece vocabulary size")
     p.add_argument("--hidden", type=int, default=256, help="model width")
     p.add_argument("--intermediate", type=int, default=768, help="FFN width")
     p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (the run length; fixed for reproducibility)")
-    p.add_argument("--batch", type=int, default=32, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence, after the BOS")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=1611, help="seed of the weights and the batches")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    add_training_options(p, steps=1200, batch=32)
     p.add_argument("--fixture", type=Path, default=FIXTURE, help="where the Hugging Face folder goes")
     p.add_argument("--blob", type=Path, default=BLOB, help="where the packed q8_0 demo goes")
     return p.parse_args(argv)

@@ -41,12 +41,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help="which of " + ", ".join(MODELS))
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=1611, help="seed of the weights and the batches")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    demo.add_training_options(p, steps=300, batch=16)
     p.add_argument("--out", type=Path, default=FIXTURES, help="folder for the tiny-<model> folders")
     return p.parse_args(argv)
 
