@@ -1,13 +1,21 @@
 /* The x86-64 path for CPUs with AVX-512 F/BW/VL/DQ and VNNI ("avx512"): kernels_x86.inc compiled
  * with EVEX encodings and 32 vector registers (its int8 / int16 dot products by VPDPBUSD /
- * VPDPWSSD on 256-bit registers), with 512-bit tiles for bf16 weights in place of its float tiles.
+ * VPDPWSSD on 256-bit registers), with 512-bit tiles for bf16 weights and f16 prefill in place of
+ * its float tiles.
  *
  * Measured on Zen 4, whose 512-bit operations are split in two 256-bit halves, one thread, CPU
  * time against the avx2 path's VNNI variant: bf16 decode rows 1.13-1.2x as fast (Gemma 3 270M's
  * shapes from the cache, its 262144 x 640 head streamed from memory), bf16 prefill 1.15x, the
- * widening costing half the instructions. f16 and f32 stay on the 256-bit tiles: with 512-bit
- * rows f16 decode was 1.15x as fast from the cache but 0.80x streamed (the head; VCVTPH2PS on
- * 512 bits) and f32 decode 3-8 % slower, their prefill equal. The quantized decode tiles stay on
+ * widening costing half the instructions. f16 decode and f32 stay on the 256-bit tiles: with
+ * 512-bit rows f16 decode was 1.15x as fast from the cache but 0.80x streamed (the head; VCVTPH2PS
+ * on 512 bits) and f32 decode 3-8 % slower, their prefill equal. On Sapphire Rapids the 512-bit f16
+ * prefill tile is 1.3-1.5x the 256-bit one (the 1.1B llama's 2048-column shapes, one thread):
+ * Intel's VCVTPH2PS on 512 bits is one instruction where the 256-bit tile needs two, and both
+ * of Zen 4's halves are the 256-bit tile's work, so there it costs nothing. f16 and bf16 decode
+ * rows ask for their bytes PREFETCH_AHEAD on: Sapphire Rapids' prefetchers, which stop at each
+ * 4 KiB page, left them at 14 GB/s on 2 threads against 20-23 with it (q8_0's interleaved rows,
+ * which prefetch, 21-23); on Zen 4 the float rows measured slower with it (kernels_x86.inc), a
+ * cost not measured on this path. The quantized decode tiles stay on
  * the 256-bit ones too: a 512-bit VPDPWSSD or VPDPBUSD does the work of two 256-bit ones there,
  * and the 256-bit tiles already sum a block's products to eight lanes in two of them before the
  * one conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a
@@ -35,84 +43,6 @@
 
 /* The mask of the first len (<= 16) of sixteen lanes. */
 ZFN __mmask16 zmm_mask16(size_t len) { return len >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << len) - 1); }
-
-/* bf16 weights k .. k+len-1 (len <= 16) of a row as f32, zero past len: a masked load, which never
- * touches the masked-off bytes. */
-ZFN __m512 zmm_load_bf16(const uint8_t *row, size_t k, size_t len) {
-    const __m256i bits = _mm256_maskz_loadu_epi16(zmm_mask16(len), row + 2 * k);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-/* One row against one token, in four accumulators (one FMA chain would wait out its latency). */
-ZFN float zmm_bf16_row(const uint8_t *row, const float *x, size_t K) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    size_t k = 0;
-    for (; k + 64 <= K; k += 64)
-        BLOB_UNROLL
-        for (int u = 0; u < 4; u++)
-            acc[u] = _mm512_fmadd_ps(zmm_load_bf16(row, k + 16 * u, 16), _mm512_loadu_ps(x + k + 16 * u), acc[u]);
-    for (; k < K; k += 16) {
-        const size_t len = blob_min(16, K - k);
-        acc[0] = _mm512_fmadd_ps(zmm_load_bf16(row, k, len), _mm512_maskz_loadu_ps(zmm_mask16(len), x + k), acc[0]);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-}
-
-/* acc[r][t] += W[row r][k .. k+len) . X[token t][k .. k+len), len <= 16 */
-ZFN void zmm_bf16_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows, const float *const *xs,
-                       size_t k, size_t len, int R, int T) {
-    __m512 xv[BLOB_TILE_MAX_TOKENS];
-    BLOB_UNROLL
-    for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(zmm_mask16(len), xs[t] + k);
-    BLOB_UNROLL
-    for (int r = 0; r < R; r++) {
-        const __m512 wv = zmm_load_bf16(rows[r], k, len);
-        BLOB_UNROLL
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
-    }
-}
-
-/* kernels_x86.inc's 256-bit float tile, defined by the include at the end of this file. */
-static inline void float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
-                              float *y, size_t ys, int dtype, int R, int T);
-
-/* The float tile of this path: bf16 sixteen lanes at a time, f32 and f16 by float_tile. */
-ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
-                        float *y, size_t ys, int dtype, int R, int T) {
-    if (dtype != BLOB_BF16) {
-        float_tile(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);
-        return;
-    }
-    if (R == 1 && T == 1) {
-        y[t0 * ys + r0] = zmm_bf16_row((const uint8_t *)w->plane[0] + r0 * w->row_stride_bytes,
-                                       a->x + t0 * a->x_stride, w->cols);
-        return;
-    }
-    const uint8_t *rows[BLOB_TILE_MAX_ROWS];
-    size_t tokens[BLOB_TILE_MAX_TOKENS];
-    const float *xs[BLOB_TILE_MAX_TOKENS];
-    __m512 acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    blob_tile_rows(w, r0, nr, R, rows);
-    blob_tile_tokens(t0, nt, T, tokens);
-    BLOB_UNROLL
-    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
-    BLOB_UNROLL
-    for (int r = 0; r < R; r++)
-        BLOB_UNROLL
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    size_t k = 0, K = w->cols;
-    for (; k + 16 <= K; k += 16) zmm_bf16_step(acc, rows, xs, k, 16, R, T);
-    if (k < K) zmm_bf16_step(acc, rows, xs, k, K - k, R, T);
-    /* reduced with constant indices first: indexing acc by the run-time nr, nt would make GCC
-     * keep acc in memory too, storing sixteen registers per step (prefill 2.4x slower) */
-    float sums[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    BLOB_UNROLL
-    for (int r = 0; r < R; r++)
-        BLOB_UNROLL
-        for (int t = 0; t < T; t++) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-    for (size_t r = 0; r < nr; r++)
-        for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = sums[r][t];
-}
 
 /* ---- q8_0 and q4_0 in BLOB_LAYOUT_INTERLEAVE8 at prefill: sixteen rows a register ----
  * kernels_x86.inc's interleaved tiles hold a group's eight rows in the eight int32 lanes of a
@@ -227,6 +157,11 @@ ZFN int zmm_tile_tokens(size_t left) {
 static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                      size_t nt, float *y, size_t ys, int dtype);
 
+/* The float tile of this path, defined after kernels_x86.inc (it falls back on its float_tile);
+ * inline, so that each tile function specializes it on its constant R and T. */
+static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
+                                             size_t t0, size_t nt, float *y, size_t ys, int dtype, int R, int T);
+
 #define X86_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define X86_VNNI 1
 #define X86_AVX512 1
@@ -234,6 +169,88 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
 #define X86_I8_PREFILL zmm_i8_prefill
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
+
+/* ---- f16 and bf16 weights: sixteen lanes a register ---- */
+
+/* bf16 or f16 weights k .. k+len-1 (len <= 16) of a row as f32, zero past len: a masked load,
+ * which never touches the masked-off bytes. Both widenings are exact. */
+ZFN __m512 zmm_load_half(const uint8_t *row, size_t k, size_t len, int dtype) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(zmm_mask16(len), row + 2 * k);
+    if (dtype == BLOB_F16) return _mm512_cvtph_ps(bits);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/* One row against one token, in four accumulators (one FMA chain would wait out its latency). */
+ZFN float zmm_half_row(const uint8_t *row, const float *x, size_t K, int dtype) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    size_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)row + 2 * k + PREFETCH_AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + 2 * k + 64 + PREFETCH_AHEAD, _MM_HINT_T0);
+        BLOB_UNROLL
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm512_fmadd_ps(zmm_load_half(row, k + 16 * u, 16, dtype), _mm512_loadu_ps(x + k + 16 * u), acc[u]);
+    }
+    for (; k < K; k += 16) {
+        const size_t len = blob_min(16, K - k);
+        acc[0] = _mm512_fmadd_ps(zmm_load_half(row, k, len, dtype), _mm512_maskz_loadu_ps(zmm_mask16(len), x + k), acc[0]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+/* acc[r][t] += W[row r][k .. k+len) . X[token t][k .. k+len), len <= 16, W bf16 or f16 */
+ZFN void zmm_half_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows, const float *const *xs,
+                       size_t k, size_t len, int dtype, int R, int T) {
+    __m512 xv[BLOB_TILE_MAX_TOKENS];
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) xv[t] = _mm512_maskz_loadu_ps(zmm_mask16(len), xs[t] + k);
+    BLOB_UNROLL
+    for (int r = 0; r < R; r++) {
+        const __m512 wv = zmm_load_half(rows[r], k, len, dtype);
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+}
+
+/* The float tile of this path: bf16 sixteen lanes at a time; f16 too at prefill (T > 1: 1.4x the
+ * 256-bit tile's GFLOP/s on Sapphire Rapids), its decode rows by float_tile's 256-bit
+ * conversions (see the header); f32 by float_tile. */
+ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
+                        float *y, size_t ys, int dtype, int R, int T) {
+    if (dtype == BLOB_F32 || (dtype == BLOB_F16 && T == 1)) {
+        float_tile(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);
+        return;
+    }
+    if (R == 1 && T == 1) {
+        y[t0 * ys + r0] = zmm_half_row((const uint8_t *)w->plane[0] + r0 * w->row_stride_bytes,
+                                       a->x + t0 * a->x_stride, w->cols, dtype);
+        return;
+    }
+    const uint8_t *rows[BLOB_TILE_MAX_ROWS];
+    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    const float *xs[BLOB_TILE_MAX_TOKENS];
+    __m512 acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+    blob_tile_rows(w, r0, nr, R, rows);
+    blob_tile_tokens(t0, nt, T, tokens);
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
+    BLOB_UNROLL
+    for (int r = 0; r < R; r++)
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
+    size_t k = 0, K = w->cols;
+    for (; k + 16 <= K; k += 16) zmm_half_step(acc, rows, xs, k, 16, dtype, R, T);
+    if (k < K) zmm_half_step(acc, rows, xs, k, K - k, dtype, R, T);
+    /* reduced with constant indices first: indexing acc by the run-time nr, nt would make GCC
+     * keep acc in memory too, storing sixteen registers per step (prefill 2.4x slower) */
+    float sums[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+    BLOB_UNROLL
+    for (int r = 0; r < R; r++)
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (size_t r = 0; r < nr; r++)
+        for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = sums[r][t];
+}
 
 /* ---- q5_0 in BLOB_LAYOUT_INTERLEAVE8 at prefill: sixteen rows a register ----
  * kernels_x86.inc's unpacked groups (q5_unpacked_groups) with the call's two groups side by side:

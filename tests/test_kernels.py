@@ -157,7 +157,9 @@ def test_matvec(isa, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,n", [((7, 33), 2), ((13, 100), 5), ((64, 256), 17), ((37, 1000), 3), ((33, 65), 64)])
+# rows and tokens leaving every remainder of the x86 paths' 4 x 4 register tiles
+@pytest.mark.parametrize("shape,n", [((7, 33), 2), ((13, 100), 5), ((64, 256), 17), ((37, 1000), 3), ((33, 65), 64),
+                                     ((10, 129), 7)])
 def test_matmul_prefill(isa, dtype, shape, n):
     rng = np.random.default_rng(stable_seed(dtype, shape, n))
     m, w = make_weight(dtype, *shape, rng)
