@@ -20,7 +20,8 @@
  * and the 256-bit tiles already sum a block's products to eight lanes in two of them before the
  * one conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a
  * block per step (sixteen lanes to convert and scale) and 1.07-1.2x with two (halved by
- * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows has 512-bit tiles (below).
+ * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows and of planar q4_k and q6_k
+ * rows has 512-bit tiles (below).
  *
  * bf16 weights are widened to f32 and multiplied by the f32 activations with FMA, as on every
  * other path: the kernels' contract for float weights is exact products and f32 sums
@@ -36,8 +37,10 @@
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #define ZMM_TARGET
+#define ZMM_NOINLINE __declspec(noinline)
 #else
 #define ZMM_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define ZMM_NOINLINE __attribute__((noinline))
 #endif
 #define ZFN BLOB_INLINE ZMM_TARGET
 
@@ -162,11 +165,19 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
 static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
                                              size_t t0, size_t nt, float *y, size_t ys, int dtype, int R, int T);
 
+/* The prefill of planar q4_k and q6_k rows, defined after kernels_x86.inc (it unpacks with its
+ * functions), ZK_ROWS rows a call (blob_isa_ops.mm_tile_rows): matmul.c's MATMUL_CHUNK_ROWS, a work item's. */
+#define ZK_ROWS 16
+static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                    size_t nt, float *y, size_t ys, int dtype);
+
 #define X86_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define X86_VNNI 1
 #define X86_AVX512 1
 #define X86_FLOAT_TILE zmm_float_tile
 #define X86_I8_PREFILL zmm_i8_prefill
+#define X86_GROUP_PREFILL zmm_k_prefill
+#define X86_GROUP_PREFILL_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS}
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
 
@@ -336,6 +347,313 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
         zmm_i8_store(out, T, r0, nr, t, y, ys);
         t += (size_t)T;
     }
+    return 1;
+}
+
+/* ---- q4_k and q6_k, planar, at prefill: two rows' eight blocks a register ----
+ * kernels_x86.inc's prefill tile (group_tokens_tile) meets each block's level pairs with the
+ * tokens' pairs (blob_pair_levels) lane by lane, block j of a super-block in lane j, in 256-bit
+ * registers, four rows a call. Here a 512-bit register holds two rows' lanes, row 2p in lanes 0-7
+ * and 2p + 1 in 8-15, against the token's 256-bit pairs broadcast to both halves: one VPDPWSSD
+ * adds the products of two rows and eight blocks. A call takes a work item's ZK_ROWS rows, so
+ * each token's pairs are read from the cache once for all of them (four rows a call streamed
+ * them once per four rows, which bound the tile by the cache's bandwidth at 512 tokens). Each
+ * super-block of the rows is unpacked once per ZK_CHUNK tokens, its levels already multiplied
+ * by their sub-block scales (q4_k: 0..15 x 0..63; q6_k: -32..31 x -128..127: int16 either way),
+ * so a lane's integer sum is the scalar path's sc x S: q4_k's whole block (at most 32 x 945 x
+ * 32639 < 2^31), q6_k's each half apart (at most 16 x 4096 x 32639 < 2^31), the halves' sum
+ * then formed as the scalar path does, in int64 where int32 would overflow. The float operations
+ * are the scalar reference's, lane by lane, and each output's eight partial sums are folded in
+ * blob_fold_lanes' order: bit-identical to it. */
+#define ZK_PAIRS (ZK_ROWS / 2)
+#define ZK_CHUNK 64       /* tokens whose partial sums a call keeps (32 KiB) while it walks the super-blocks */
+#define ZK_Q4_K_TOKENS 8  /* tokens per register tile of two row pairs: 16 integer sums of 32 registers */
+#define ZK_Q6_K_TOKENS 4  /* q6_k keeps each half's sum apart: 16 likewise */
+
+/* Super-block g of a pair of rows: pairs[i] lane 8h + j holds levels 2i, 2i + 1 of block j of its
+ * row h times their sub-block scale; d, m (-dmin) of those lanes, and q4_k's sub-block mins mn as
+ * the int16 pair (mn, 256 mn), which meets a token's block sums split in bytes (zk_token_mins). */
+typedef struct {
+    __m512i pairs[BLOB_QBLOCK / 2];
+    __m512 d, m;
+    __m512i mins;
+} zk_pair;
+
+/* out[i] lane k = in[k] lane i: the 16 x 16 transpose of int32 lanes. */
+ZFN void zmm_transpose16_epi32(const __m512i in[16], __m512i out[16]) {
+    __m512i pairs[16], quads[16];
+    BLOB_UNROLL
+    for (int k = 0; k < 16; k += 2) {   /* per 128-bit lane: lanes 0, 1 of in[k], in[k+1] interleaved, then 2, 3 */
+        pairs[k] = _mm512_unpacklo_epi32(in[k], in[k + 1]);
+        pairs[k + 1] = _mm512_unpackhi_epi32(in[k], in[k + 1]);
+    }
+    BLOB_UNROLL
+    for (int k = 0; k < 16; k += 4) {   /* quads[k + e] lane 4L + q: in[k + q] lane 4L + e */
+        quads[k] = _mm512_unpacklo_epi64(pairs[k], pairs[k + 2]);
+        quads[k + 1] = _mm512_unpackhi_epi64(pairs[k], pairs[k + 2]);
+        quads[k + 2] = _mm512_unpacklo_epi64(pairs[k + 1], pairs[k + 3]);
+        quads[k + 3] = _mm512_unpackhi_epi64(pairs[k + 1], pairs[k + 3]);
+    }
+    BLOB_UNROLL
+    for (int e = 0; e < 4; e++) {   /* the 4 x 4 transpose of 128-bit lanes among quads[e], [4 + e], [8 + e], [12 + e] */
+        const __m512i low01 = _mm512_shuffle_i32x4(quads[e], quads[4 + e], 0x44), high01 = _mm512_shuffle_i32x4(quads[e], quads[4 + e], 0xee);
+        const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + e], quads[12 + e], 0x44), high23 = _mm512_shuffle_i32x4(quads[8 + e], quads[12 + e], 0xee);
+        out[e] = _mm512_shuffle_i32x4(low01, low23, 0x88);
+        out[4 + e] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
+        out[8 + e] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+        out[12 + e] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
+    }
+}
+
+/* Two rows' 8-lane vectors as one register, the first row's in lanes 0-7. */
+ZFN __m512i zmm_join_epi32(__m256i first, __m256i second) { return _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1); }
+ZFN __m512 zmm_join_ps(__m256 first, __m256 second) { return _mm512_insertf32x8(_mm512_castps256_ps512(first), second, 1); }
+
+/* Each int32 lane's value (within int16) in both of its int16 halves. */
+ZFN __m512i zmm_twice_epi16(__m512i v) {
+    return _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(v, 16));
+}
+
+/* The pair's scales of super-block g (rows at p0, p1), and its levels times their sub-block
+ * scales: q6_k's levels 0-15 (pairs 0-7) take sc[0], 16-31 sc[1]; q4_k one scale a block. */
+ZFN void zk_scale_pair(const uint8_t *const *p0, const uint8_t *const *p1, size_t g, int dtype, zk_pair *out) {
+    const group_scales first = load_group_scales(p0, g, dtype), second = load_group_scales(p1, g, dtype);
+    const __m512i low = zmm_twice_epi16(zmm_join_epi32(first.sc[0], second.sc[0]));
+    const __m512i high = dtype == BLOB_Q6_K ? zmm_twice_epi16(zmm_join_epi32(first.sc[1], second.sc[1])) : low;
+    BLOB_UNROLL
+    for (int i = 0; i < BLOB_QBLOCK / 2; i++) out->pairs[i] = _mm512_mullo_epi16(out->pairs[i], i < BLOB_QBLOCK / 4 ? low : high);
+    out->d = zmm_join_ps(first.d, second.d);
+    out->m = zmm_join_ps(first.m, second.m);
+    const __m512i mn = zmm_join_epi32(first.mn, second.mn);
+    out->mins = _mm512_or_si512(mn, _mm512_slli_epi32(mn, 24));
+}
+
+/* Super-block g of the rows at p0 and p1 as zk_pair, through group_block_levels' int16 levels. */
+ZFN void zk_unpack_levels(const uint8_t *const *p0, const uint8_t *const *p1, size_t g, int dtype, zk_pair *out) {
+    __m512i blocks[16];   /* lane i: levels 2i, 2i + 1 of block j of row h, at 8h + j */
+    BLOB_UNROLL
+    for (int j = 0; j < 8; j++) {
+        const step_bytes first = group_block_levels(p0, g, j, dtype), second = group_block_levels(p1, g, j, dtype);
+        blocks[j] = zmm_join_epi32(first.lo, first.hi);
+        blocks[8 + j] = zmm_join_epi32(second.lo, second.hi);
+    }
+    zmm_transpose16_epi32(blocks, out->pairs);
+    zk_scale_pair(p0, p1, g, dtype, out);
+}
+
+/* q4_k's super-block g of the rows at p0 and p1 as zk_pair. Pair i of block j is the low (even j)
+ * or high nibbles of the 16-bit word i of the row's 32-byte run j / 2: the eight runs' words i
+ * are gathered with an 8 x 8 transpose of 16-bit words in each 128-bit half (words i and 8 + i in
+ * the halves of one register), then each word is zero-extended into the two lanes of its blocks
+ * by one byte shuffle of the gathered sixteen bytes, the odd lanes shifted down a nibble. */
+ZFN void zk_unpack_q4_k(const uint8_t *const *p0, const uint8_t *const *p1, size_t g, zk_pair *out) {
+    __m256i runs[8], words[8];
+    BLOB_UNROLL
+    for (int c = 0; c < 4; c++) {
+        runs[c] = _mm256_loadu_si256((const __m256i *)(p0[0] + 128 * g + 32 * c));
+        runs[4 + c] = _mm256_loadu_si256((const __m256i *)(p1[0] + 128 * g + 32 * c));
+    }
+    __m256i by2[8], by4[8];
+    BLOB_UNROLL
+    for (int k = 0; k < 8; k += 2) {
+        by2[k] = _mm256_unpacklo_epi16(runs[k], runs[k + 1]);
+        by2[k + 1] = _mm256_unpackhi_epi16(runs[k], runs[k + 1]);
+    }
+    BLOB_UNROLL
+    for (int k = 0; k < 8; k += 4) {
+        by4[k] = _mm256_unpacklo_epi32(by2[k], by2[k + 2]);
+        by4[k + 1] = _mm256_unpackhi_epi32(by2[k], by2[k + 2]);
+        by4[k + 2] = _mm256_unpacklo_epi32(by2[k + 1], by2[k + 3]);
+        by4[k + 3] = _mm256_unpackhi_epi32(by2[k + 1], by2[k + 3]);
+    }
+    BLOB_UNROLL
+    for (int k = 0; k < 4; k++) {   /* word i of runs 0..7 (row 0's four, then row 1's): half i / 8 of words[i % 8] */
+        words[2 * k] = _mm256_unpacklo_epi64(by4[k], by4[4 + k]);
+        words[2 * k + 1] = _mm256_unpackhi_epi64(by4[k], by4[4 + k]);
+    }
+    _Alignas(64) uint8_t gathered[8][32];
+    BLOB_UNROLL
+    for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)gathered[i], words[i]);
+    /* lane 8h + j (block j of row h) takes word 4h + j / 2 (run j / 2 of row h): bytes 2m, 2m + 1
+     * for m = lane / 2, each zero-extended (index 0x80) */
+#define ZK_SPREAD(m) (int)(0x80008000u | (2u * (m)) | ((2u * (m) + 1) << 16))
+    const __m512i spread = _mm512_setr_epi32(ZK_SPREAD(0), ZK_SPREAD(0), ZK_SPREAD(1), ZK_SPREAD(1), ZK_SPREAD(2), ZK_SPREAD(2),
+                                             ZK_SPREAD(3), ZK_SPREAD(3), ZK_SPREAD(4), ZK_SPREAD(4), ZK_SPREAD(5), ZK_SPREAD(5),
+                                             ZK_SPREAD(6), ZK_SPREAD(6), ZK_SPREAD(7), ZK_SPREAD(7));
+#undef ZK_SPREAD
+    const __m512i odd_shift = _mm512_set1_epi64(0x0004000400000000ll), low4 = _mm512_set1_epi16(15);
+    BLOB_UNROLL
+    for (int i = 0; i < BLOB_QBLOCK / 2; i++) {
+        const __m512i bytes = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)(gathered[i % 8] + 16 * (i / 8))));
+        out->pairs[i] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_shuffle_epi8(bytes, spread), odd_shift), low4);
+    }
+    zk_scale_pair(p0, p1, g, BLOB_Q4_K, out);
+}
+
+/* Token t's pairs i of super-block g, in both halves. */
+ZFN __m512i zk_token_pairs(const blob_acts *a, size_t t, size_t g, int i) {
+    return _mm512_broadcast_i32x8(_mm256_loadu_si256((const __m256i *)(a->pairs + t * blob_pair_stride(a->nblocks) + 256 * g + 16 * i)));
+}
+
+/* Token t's scales dx of super-block g's blocks, in both halves. */
+ZFN __m512 zk_token_scales(const blob_acts *a, size_t t, size_t g) {
+    return _mm512_broadcast_f32x8(_mm256_loadu_ps(a->d + t * a->nblocks + 8 * g));
+}
+
+/* Token t's level sum X of each block of super-block g (its halves' sums added) as the int16
+ * pair (X mod 256, floor(X / 256)), in both halves: against zk_pair.mins one multiply-add of
+ * pairs is mn X (|X| <= 32 x 32639, so the high part fits int16 and 256 mn <= 16128 too). */
+ZFN __m512i zk_token_mins(const blob_acts *a, size_t t, size_t g) {
+    const __m512i halves = _mm512_loadu_si512(a->half_sums + t * 2 * a->nblocks + 16 * g);   /* x0, x1 of block 0, ... */
+    const __m512i sums = _mm512_add_epi32(halves, _mm512_srli_epi64(halves, 32));           /* block j's in lane 2j */
+    const __m512i x = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14), sums);
+    return _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(255)), _mm512_slli_epi32(_mm512_srai_epi32(x, 8), 16));
+}
+
+/* sums[p][u] = the products of pairs first .. first + steps - 1 of row pair p with token t + u's. */
+ZFN void zk_dots(const zk_pair *wp, const blob_acts *a, size_t g, size_t t, int first, int steps,
+                 __m512i sums[][ZK_Q4_K_TOKENS], int T) {
+    BLOB_UNROLL
+    for (int u = 0; u < T; u++) sums[0][u] = sums[1][u] = _mm512_setzero_si512();
+    BLOB_UNROLL
+    for (int i = first; i < first + steps; i++) {
+        const __m512i w0 = _mm512_load_si512(&wp[0].pairs[i]), w1 = _mm512_load_si512(&wp[1].pairs[i]);
+        BLOB_UNROLL
+        for (int u = 0; u < T; u++) {
+            const __m512i x = zk_token_pairs(a, t + (size_t)u, g, i);
+            sums[0][u] = _mm512_dpwssd_epi32(sums[0][u], w0, x);
+            sums[1][u] = _mm512_dpwssd_epi32(sums[1][u], w1, x);
+        }
+    }
+}
+
+/* q6_k's (float)(sc0 S0 + sc1 S1) per lane from the halves' scaled sums: int32 where their sum
+ * fits, else in int64 as the scalar path forms it (a sum overflowed where both halves share a
+ * sign it lacks). */
+ZFN __m512 zk_half_levels(__m512i first, __m512i second) {
+    const __m512i total = _mm512_add_epi32(first, second);
+    /* (first ^ total) & (second ^ total): ternary-logic table 0x42 */
+    if (!_mm512_movepi32_mask(_mm512_ternarylogic_epi32(first, second, total, 0x42))) return _mm512_cvtepi32_ps(total);
+    _Alignas(64) int32_t a[16], b[16];
+    _Alignas(64) float wide[16];
+    _mm512_store_si512(a, first);
+    _mm512_store_si512(b, second);
+    for (int l = 0; l < 16; l++) wide[l] = (float)((int64_t)a[l] + b[l]);
+    return _mm512_load_ps(wide);
+}
+
+/* Tokens t .. t + T - 1 against super-block g of row pairs wp[0], wp[1], their block values added
+ * to acc[u * ZK_PAIRS + p]; q4_k's token block sums at xmins[u] (zk_token_mins). */
+ZFN void zk_tokens(const zk_pair *wp, const blob_acts *a, size_t g, size_t t, const __m512i *xmins, __m512 *acc, int T,
+                   int dtype) {
+    __m512i sums[2][2][ZK_Q4_K_TOKENS];   /* [half (q6_k)][row pair][token] */
+    if (dtype == BLOB_Q6_K) {
+        zk_dots(wp, a, g, t, 0, BLOB_QBLOCK / 4, sums[0], T);
+        zk_dots(wp, a, g, t, BLOB_QBLOCK / 4, BLOB_QBLOCK / 4, sums[1], T);
+    } else {
+        zk_dots(wp, a, g, t, 0, BLOB_QBLOCK / 2, sums[0], T);
+    }
+    BLOB_UNROLL
+    for (int u = 0; u < T; u++) {
+        const __m512 dx = zk_token_scales(a, t + (size_t)u, g);
+        BLOB_UNROLL
+        for (int p = 0; p < 2; p++) {
+            /* (d dx) (float) levels, + (m dx) (float) mins: the scalar path's operations */
+            const __m512 levels = dtype == BLOB_Q6_K ? zk_half_levels(sums[0][p][u], sums[1][p][u]) : _mm512_cvtepi32_ps(sums[0][p][u]);
+            __m512 value = _mm512_mul_ps(_mm512_mul_ps(wp[p].d, dx), levels);
+            if (dtype == BLOB_Q4_K) {
+                const __m512 mins = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), wp[p].mins, xmins[u]));
+                value = _mm512_add_ps(value, _mm512_mul_ps(_mm512_mul_ps(wp[p].m, dx), mins));
+            }
+            acc[u * ZK_PAIRS + p] = _mm512_add_ps(acc[u * ZK_PAIRS + p], value);
+        }
+    }
+}
+
+/* Each register tile a function of its own, T and the type constant: inlined into one loop
+ * over the tiles, GCC kept the tokens' pairs in registers across steps and spilled the weights. */
+#define ZK_TILE_FN(type, dtype, T)                                                                     \
+    static ZMM_NOINLINE ZMM_TARGET void zk_##type##_##T(const zk_pair *wp, const blob_acts *a, size_t g, \
+                                                        size_t t, const __m512i *xmins, __m512 *acc) { \
+        zk_tokens(wp, a, g, t, xmins, acc, T, dtype);                                              \
+    }
+ZK_TILE_FN(q4_k, BLOB_Q4_K, 8) ZK_TILE_FN(q4_k, BLOB_Q4_K, 4) ZK_TILE_FN(q4_k, BLOB_Q4_K, 2) ZK_TILE_FN(q4_k, BLOB_Q4_K, 1)
+ZK_TILE_FN(q6_k, BLOB_Q6_K, 4) ZK_TILE_FN(q6_k, BLOB_Q6_K, 2) ZK_TILE_FN(q6_k, BLOB_Q6_K, 1)
+_Static_assert(ZK_Q4_K_TOKENS == 8 && ZK_Q6_K_TOKENS == 4, "the register tiles above");
+
+/* Tokens t .. t + count - 1 of acc (ZK_PAIRS a token) against super-block g of `quads` pairs of
+ * row pairs at wp: the widest register tile, then 4, 2, 1 tokens, each tile's tokens against
+ * every pair of pairs in turn, so that their activations are read from memory once. */
+#define ZK_QUADS(tile, T)                                                                    \
+    for (int q = 0; q < quads; q++) tile(wp + 2 * q, a, g, t + u, xmins + u, acc + u * ZK_PAIRS + 2 * q); \
+    u += (T)
+ZFN void zk_tiles(const zk_pair *wp, int quads, const blob_acts *a, size_t g, size_t t, size_t count, const __m512i *xmins,
+                  __m512 *acc, int dtype) {
+    size_t u = 0;
+    if (dtype == BLOB_Q4_K) {
+        while (u + 8 <= count) { ZK_QUADS(zk_q4_k_8, 8); }
+        if (u + 4 <= count) { ZK_QUADS(zk_q4_k_4, 4); }
+        if (u + 2 <= count) { ZK_QUADS(zk_q4_k_2, 2); }
+        if (u < count) { ZK_QUADS(zk_q4_k_1, 1); }
+    } else {
+        while (u + 4 <= count) { ZK_QUADS(zk_q6_k_4, 4); }
+        if (u + 2 <= count) { ZK_QUADS(zk_q6_k_2, 2); }
+        if (u < count) { ZK_QUADS(zk_q6_k_1, 1); }
+    }
+}
+#undef ZK_QUADS
+
+/* Rows 4q .. 4q + 3's sums of each token (acc[t][2q], [2q + 1]), folded in blob_fold_lanes' order,
+ * into y: the first `rows` of them. */
+ZFN void zk_store(const __m512 (*acc)[ZK_PAIRS], int q, size_t count, size_t r, size_t rows, size_t t0, float *y, size_t ys) {
+    const __mmask8 stored = (__mmask8)((1u << rows) - 1);
+    for (size_t t = 0; t < count; t++) {
+        /* 128-bit lane k: row 4q + k's lanes l + l4 (l < 4), then (l0 + l4) + (l2 + l6) and (l1 + l5) + (l3 + l7), then their sum */
+        const __m512 first = acc[t][2 * q], second = acc[t][2 * q + 1];
+        const __m512 halves = _mm512_add_ps(_mm512_shuffle_f32x4(first, second, 0x88), _mm512_shuffle_f32x4(first, second, 0xdd));
+        const __m512 quarters = _mm512_add_ps(halves, _mm512_permute_ps(halves, 0x4e));
+        const __m512 total = _mm512_add_ps(quarters, _mm512_permute_ps(quarters, 0xb1));
+        const __m128 sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), total));
+        _mm_mask_storeu_ps(y + (t0 + t) * ys + r, stored, sums);
+    }
+}
+
+/* The prefill of rows r0 .. r0 + nr - 1 (nr <= ZK_ROWS) of planar q4_k or q6_k (`dtype` constant),
+ * any number of tokens, ZK_CHUNK at a time, four rows (two pairs) to a register tile; the rows
+ * that complete the last four repeat the last row, computed but not stored. */
+ZFN void zk_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt, float *y,
+                    size_t ys, int dtype) {
+    const uint8_t *planes[ZK_ROWS][BLOB_MAX_PLANES];
+    const int quads = (int)blob_div_up(nr, 4);
+    for (int r = 0; r < 4 * quads; r++) blob_row_planes(w, r0 + blob_min((size_t)r, nr - 1), planes[r]);
+    const size_t ngroups = a->nblocks / 8;
+    for (size_t c = t0; c < t0 + nt; c += ZK_CHUNK) {
+        const size_t count = blob_min(ZK_CHUNK, t0 + nt - c);
+        __m512 acc[ZK_CHUNK][ZK_PAIRS];   /* token c + t's, rows 2p and 2p + 1's eight partial sums */
+        __m512i xmins[ZK_CHUNK];          /* q4_k: token c + t's zk_token_mins of the super-block */
+        for (size_t t = 0; t < count; t++)
+            for (int p = 0; p < 2 * quads; p++) acc[t][p] = _mm512_setzero_ps();
+        for (size_t g = 0; g < ngroups; g++) {
+            zk_pair wp[ZK_PAIRS];
+            for (int p = 0; p < 2 * quads; p++) {
+                if (dtype == BLOB_Q4_K) zk_unpack_q4_k(planes[2 * p], planes[2 * p + 1], g, &wp[p]);
+                else zk_unpack_levels(planes[2 * p], planes[2 * p + 1], g, dtype, &wp[p]);
+            }
+            if (dtype == BLOB_Q4_K)
+                for (size_t t = 0; t < count; t++) xmins[t] = zk_token_mins(a, c + t, g);
+            zk_tiles(wp, quads, a, g, c, count, xmins, &acc[0][0], dtype);
+        }
+        for (int q = 0; q < quads; q++)
+            zk_store((const __m512 (*)[ZK_PAIRS])acc, q, count, r0 + 4 * (size_t)q, blob_min(4, nr - 4 * (size_t)q), c, y, ys);
+    }
+}
+
+/* kernels_x86.inc's X86_GROUP_PREFILL: q4_k and q6_k here, 0 (nothing done) for the other types. */
+static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
+                                    size_t nt, float *y, size_t ys, int dtype) {
+    if (dtype == BLOB_Q4_K) zk_prefill(w, r0, nr, a, t0, nt, y, ys, BLOB_Q4_K);
+    else if (dtype == BLOB_Q6_K) zk_prefill(w, r0, nr, a, t0, nt, y, ys, BLOB_Q6_K);
+    else return 0;
     return 1;
 }
 #endif

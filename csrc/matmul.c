@@ -187,7 +187,7 @@ static void choose_tile(const blob_isa_ops *ops, const matmul_job *job, matmul_p
     const blob_tile_fn few_tokens = row_tiles && job->n > 1 ? ops->matvec_tokens[dtype] : NULL;
     p->tile = few_tokens ? few_tokens : row_tiles ? ops->matvec_row[dtype]
             : decode ? ops->matvec[dtype] : ops->matmul[dtype];
-    p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_rows;
+    p->tile_rows = row_tiles ? 1 : decode ? ops->mv_rows : ops->mm_tile_rows[dtype] ? ops->mm_tile_rows[dtype] : ops->mm_rows;
     p->tile_tokens = few_tokens ? BLOB_MVT_TOKENS : decode ? 1
                    : ops->mm_any_tokens[dtype] ? (int)job->token_tile : ops->mm_tokens;
 }

@@ -396,6 +396,32 @@ def test_block_types_every_path_bit_identical_to_scalar(dtype, rows, nblocks):
         K.set_isa(previous)
 
 
+@pytest.mark.parametrize("dtype", ["q4_k", "q6_k"])
+def test_k_quant_prefill_register_tiles_bit_identical_to_scalar(dtype):
+    """The planar q4_k and q6_k prefill (avx512: sixteen rows a call, 64 tokens a chunk, register
+    tiles of 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1) on every path against the scalar
+    reference, bit for bit: 21 rows (a call of 16 and one of 5, whose last four repeat a row),
+    token counts that leave every register-tile remainder (9: 8 + 1, 15: 8 + 4 + 2 + 1 and
+    4 + 4 + 4 + 2 + 1, 70 and 131: chunks of 64 and the rest), at 1 and 2 threads."""
+    rng = np.random.default_rng(stable_seed(dtype, "prefill tiles"))
+    m, w = block_weight(dtype, 21, 3, rng)
+    x = rng.standard_normal((131, w.shape[1])).astype(np.float32)
+    counts = (9, 15, 70, 131)
+    previous, threads = K.get_isa(), K.get_threads()
+    try:
+        K.set_isa("scalar")
+        reference = [K.matmul(m, x[:n]) for n in counts]
+        for name in ISAS:
+            K.set_isa(name)
+            for count in (1, 2):
+                K.set_threads(count)
+                for n, expected in zip(counts, reference):
+                    np.testing.assert_array_equal(K.matmul(m, x[:n]), expected, err_msg=f"{name} n={n} threads={count}")
+    finally:
+        K.set_isa(previous)
+        K.set_threads(threads)
+
+
 @pytest.mark.parametrize("n", [1, 3, 70])
 def test_block_values_summed_in_eight_partial_sums(isa, n):
     """The summation order every path shares (blob_fold_lanes), computed here from its definition:

@@ -385,7 +385,8 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int dtype = w->m.dtype;
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
-    size_t R = (size_t)(shape == TILES_FEW_TOKENS ? 3 : shape == TILES_ONE_ROW ? 1 : n == 1 ? ops->mv_rows : ops->mm_rows);
+    const int mm_rows = ops->mm_tile_rows[dtype] ? ops->mm_tile_rows[dtype] : ops->mm_rows;
+    size_t R = (size_t)(shape == TILES_FEW_TOKENS ? 3 : shape == TILES_ONE_ROW ? 1 : n == 1 ? ops->mv_rows : mm_rows);
     size_t T = shape == TILES_FEW_TOKENS ? BLOB_MVT_TOKENS : shape == TILES_ONE_ROW || n == 1 ? 1
              : ops->mm_any_tokens[dtype] ? n : (size_t)ops->mm_tokens;
     for (size_t r = 0; r < w->m.rows; r += R)
@@ -799,6 +800,43 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
         expect_identical("matvec extreme levels", path, y, ref, rows);
         free_block_weight(&w);
     }
+}
+
+/* The planar q4_k and q6_k prefill tile (the matmul tile at more tokens than a decode step)
+ * against the scalar tile, bit for bit: row counts that leave partial calls (x86 avx512: 16 rows
+ * a call, four to a register tile), token counts that leave every register-tile remainder
+ * (avx512: 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1; 64 a chunk), and the extreme levels of
+ * check_block_tiles, whose q6_k halves' sum overflows int32. */
+static void check_k_quant_prefill(const blob_isa_ops *ops, const char *path) {
+    const int dtypes[] = {BLOB_Q4_K, BLOB_Q6_K};
+    const size_t row_counts[] = {3, 21}, cols = 512, token_counts[] = {9, 15, 70, 131};
+    for (size_t di = 0; di < 2; di++)
+        for (size_t ri = 0; ri < 2; ri++) {
+            const int dtype = dtypes[di];
+            const size_t rows = row_counts[ri];
+            test_weight w = make_block_weight(dtype, rows, cols, 0);
+            for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
+                const size_t n = token_counts[ti];
+                float *x = (float *)malloc(n * cols * sizeof(float));
+                float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
+                for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
+                char what[64];
+                snprintf(what, sizeof what, "prefill %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
+                run_tiles(ops, &w, x, n, y, TILES_MATVEC_OR_MATMUL);
+                run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+                expect_identical(what, path, y, ref, n * rows);
+                free(x), free(y), free(ref);
+            }
+            free_block_weight(&w);
+            w = make_block_weight(dtype, rows, cols, 1);
+            enum { N = 13 };
+            float x[N * 512], y[N * 21], ref[N * 21];
+            for (size_t k = 0; k < N * cols; k++) x[k] = 1.0f;
+            run_tiles(ops, &w, x, N, y, TILES_MATVEC_OR_MATMUL);
+            run_tiles(&blob_ops_scalar, &w, x, N, ref, TILES_MATVEC_OR_MATMUL);
+            expect_identical("prefill extreme levels", path, y, ref, N * rows);
+            free_block_weight(&w);
+        }
 }
 
 /* weighted_rows over f32 and f16 rows: within rounding of scalar's (which multiplies, then
@@ -1338,6 +1376,7 @@ int main(void) {
         check_quantize(paths[i].ops, paths[i].name);
         check_tiles(paths[i].ops, paths[i].name);
         check_block_tiles(paths[i].ops, paths[i].name);
+        check_k_quant_prefill(paths[i].ops, paths[i].name);
         check_interleave8(paths[i].ops, paths[i].name);
         check_interleave8_q5_0(paths[i].ops, paths[i].name);
         check_weighted_rows(paths[i].ops, paths[i].name);
