@@ -133,7 +133,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
  * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Planar tiles
  * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
- * ones, and x86's one-token q4_k and q6_k tiles read the split bytes rearranged by
+ * ones, and x86's decode q4_k and q6_k tiles read the split bytes rearranged by
  * blob_lane_levels (n, 2 * q_stride) after them: each only where the path's reads_levels says
  * it reads them. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype,
