@@ -747,6 +747,24 @@ static void free_block_weight(test_weight *w) {
 /* Every tile shape of the path (matvec, matvec_row, matmul) against the scalar tile, bit for
  * bit, at token counts that leave partial token tiles, on rows of whole groups of eight blocks
  * and (q5_0) of a remainder; then the extreme case above against activations all at +amax. */
+/* n tokens of activations (n x cols): random, every 37th value 50x as large. */
+static float *random_activations(size_t n, size_t cols) {
+    float *x = (float *)malloc(n * cols * sizeof(float));
+    for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
+    return x;
+}
+
+/* The matvec or matmul tiles of ops against the scalar ones, bit for bit, on n random tokens. */
+static void expect_matmul_as_scalar(const blob_isa_ops *ops, const test_weight *w, size_t n, const char *what,
+                                    const char *path) {
+    float *x = random_activations(n, w->m.cols);
+    float *y = (float *)malloc(n * w->m.rows * sizeof(float)), *ref = (float *)malloc(n * w->m.rows * sizeof(float));
+    run_tiles(ops, w, x, n, y, TILES_MATVEC_OR_MATMUL);
+    run_tiles(&blob_ops_scalar, w, x, n, ref, TILES_MATVEC_OR_MATMUL);
+    expect_identical(what, path, y, ref, n * w->m.rows);
+    free(x), free(y), free(ref);
+}
+
 static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
     const size_t q32_cols[] = {32, 96, 256, 640, 2144}, k_cols[] = {256, 512, 2304};
     const size_t row_counts[] = {1, 5, 13}, token_counts[] = {1, 2, 3, 5, 8};
@@ -760,9 +778,8 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
                 test_weight w = make_block_weight(dtype, rows, cols, 0);
                 for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
                     const size_t n = token_counts[ti];
-                    float *x = (float *)malloc(n * cols * sizeof(float));
+                    float *x = random_activations(n, cols);
                     float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
-                    for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
                     if (cols >= 64) memset(x + 32, 0, 32 * sizeof(float));   /* an all-zero block */
                     char what[64];
                     snprintf(what, sizeof what, "%s %s %zux%zu n=%zu", n == 1 ? "matvec" : "matmul", dtype_names[dtype], rows, cols, n);
@@ -817,15 +834,9 @@ static void check_k_quant_prefill(const blob_isa_ops *ops, const char *path) {
             test_weight w = make_block_weight(dtype, rows, cols, 0);
             for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
                 const size_t n = token_counts[ti];
-                float *x = (float *)malloc(n * cols * sizeof(float));
-                float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
-                for (size_t k = 0; k < n * cols; k++) x[k] = next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
                 char what[64];
                 snprintf(what, sizeof what, "prefill %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
-                run_tiles(ops, &w, x, n, y, TILES_MATVEC_OR_MATMUL);
-                run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-                expect_identical(what, path, y, ref, n * rows);
-                free(x), free(y), free(ref);
+                expect_matmul_as_scalar(ops, &w, n, what, path);
             }
             free_block_weight(&w);
             w = make_block_weight(dtype, rows, cols, 1);
