@@ -17,6 +17,11 @@
 
 static void worker_main(int ith);   /* the pool's worker loop, run by thread_start */
 
+/* The workers' stack, set rather than left to the platform: kernels keep a work item's scratch on
+ * the stack (the avx512 q4_k / q6_k prefill about 260 KiB), more than some defaults give a new
+ * thread (musl 128 KiB, macOS 512 KiB). */
+#define WORKER_STACK_BYTES ((size_t)4 << 20)
+
 /* ---- platform primitives ----
  * sync_int: a word the pool's threads share; sync_load, sync_store and sync_add are sequentially
  * consistent. A pool job makes a handful of these accesses, so the strongest ordering costs nothing
@@ -78,7 +83,7 @@ static unsigned __stdcall thread_entry(void *arg) {
     return 0;
 }
 static int thread_start(os_thread *t, int ith) {
-    *t = (HANDLE)_beginthreadex(NULL, 0, thread_entry, (void *)(size_t)ith, 0, NULL);
+    *t = (HANDLE)_beginthreadex(NULL, WORKER_STACK_BYTES, thread_entry, (void *)(size_t)ith, 0, NULL);
     return *t != NULL;
 }
 static void thread_join(os_thread t) {
@@ -144,7 +149,12 @@ static void *thread_entry(void *arg) {
     return NULL;
 }
 static int thread_start(os_thread *t, int ith) {
-    return pthread_create(t, NULL, thread_entry, (void *)(size_t)ith) == 0;
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0) return 0;
+    const int started = pthread_attr_setstacksize(&attr, WORKER_STACK_BYTES) == 0 &&
+                        pthread_create(t, &attr, thread_entry, (void *)(size_t)ith) == 0;
+    pthread_attr_destroy(&attr);
+    return started;
 }
 static void thread_join(os_thread t) { pthread_join(t, NULL); }
 
