@@ -358,7 +358,8 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
  * adds the products of two rows and eight blocks. A call takes a work item's ZK_ROWS rows, so
  * each token's pairs are read from the cache once for all of them (four rows a call streamed
  * them once per four rows, which bound the tile by the cache's bandwidth at 512 tokens). Each
- * super-block of the rows is unpacked once per ZK_CHUNK tokens, its levels already multiplied
+ * super-block of the rows is unpacked once per call (rows of at most ZK_UNPACKED_MAX_GROUPS
+ * super-blocks, else once per ZK_LONG_CHUNK tokens), its levels already multiplied
  * by their sub-block scales (q4_k: 0..15 x 0..63; q6_k: -32..31 x -128..127: int16 either way),
  * so a lane's integer sum is the scalar path's sc x S: q4_k's whole block (at most 32 x 945 x
  * 32639 < 2^31), q6_k's each half apart (at most 16 x 4096 x 32639 < 2^31), the halves' sum
@@ -366,7 +367,16 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
  * are the scalar reference's, lane by lane, and each output's eight partial sums are folded in
  * blob_fold_lanes' order: bit-identical to it. */
 #define ZK_PAIRS (ZK_ROWS / 2)
-#define ZK_CHUNK 64       /* tokens whose partial sums a call keeps (32 KiB) while it walks the super-blocks */
+/* Tokens whose partial sums a call keeps while it walks the super-blocks. Few enough that the
+ * walk reads the tokens' pairs of a super-block from as few 4 KiB pages as the L2 prefetcher
+ * follows: one thread, 512 tokens, Sapphire Rapids, the rows unpacked once, 16 tokens were
+ * 1.09x 64 on 2048 x 2048 q4_k and 1.12x on 5632 columns. */
+#define ZK_CHUNK 16
+/* The super-blocks a call unpacks once (the 1.1B llama's 5632 columns: 22), in 16 x 24 x 608
+ * bytes of stack (228 KiB); longer rows are unpacked once per ZK_LONG_CHUNK tokens, which
+ * amortizes the unpacking over as many tokens as before (32 KiB of partial sums). */
+#define ZK_UNPACKED_MAX_GROUPS 24
+#define ZK_LONG_CHUNK 64
 #define ZK_Q4_K_TOKENS 8  /* tokens per register tile of two row pairs: 16 integer sums of 32 registers */
 #define ZK_Q6_K_TOKENS 4  /* q6_k keeps each half's sum apart: 16 likewise */
 
@@ -618,30 +628,39 @@ ZFN void zk_store(const __m512 (*acc)[ZK_PAIRS], int q, size_t count, size_t r, 
     }
 }
 
+/* Super-block g of the 4 quads rows at `planes` as 2 quads zk_pair. */
+ZFN void zk_unpack(const uint8_t *const (*planes)[BLOB_MAX_PLANES], int quads, size_t g, int dtype, zk_pair *wp) {
+    for (int p = 0; p < 2 * quads; p++) {
+        if (dtype == BLOB_Q4_K) zk_unpack_q4_k(planes[2 * p], planes[2 * p + 1], g, &wp[p]);
+        else zk_unpack_levels(planes[2 * p], planes[2 * p + 1], g, dtype, &wp[p]);
+    }
+}
+
 /* The prefill of rows r0 .. r0 + nr - 1 (nr <= ZK_ROWS) of planar q4_k or q6_k (`dtype` constant),
- * any number of tokens, ZK_CHUNK at a time, four rows (two pairs) to a register tile; the rows
- * that complete the last four repeat the last row, computed but not stored. */
+ * any number of tokens, ZK_CHUNK at a time (ZK_LONG_CHUNK for long rows), four rows (two pairs)
+ * to a register tile; the rows that complete the last four repeat the last row, computed but not
+ * stored. */
 ZFN void zk_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt, float *y,
                     size_t ys, int dtype) {
     const uint8_t *planes[ZK_ROWS][BLOB_MAX_PLANES];
     const int quads = (int)blob_div_up(nr, 4);
     for (int r = 0; r < 4 * quads; r++) blob_row_planes(w, r0 + blob_min((size_t)r, nr - 1), planes[r]);
     const size_t ngroups = a->nblocks / 8;
-    for (size_t c = t0; c < t0 + nt; c += ZK_CHUNK) {
-        const size_t count = blob_min(ZK_CHUNK, t0 + nt - c);
-        __m512 acc[ZK_CHUNK][ZK_PAIRS];   /* token c + t's, rows 2p and 2p + 1's eight partial sums */
-        __m512i xmins[ZK_CHUNK];          /* q4_k: token c + t's zk_token_mins of the super-block */
+    const int once = ngroups <= ZK_UNPACKED_MAX_GROUPS;   /* else unpacked[0] holds the super-block at hand */
+    const size_t chunk = once ? ZK_CHUNK : ZK_LONG_CHUNK;
+    zk_pair unpacked[ZK_UNPACKED_MAX_GROUPS][ZK_PAIRS];
+    for (size_t g = 0; once && g < ngroups; g++) zk_unpack((const uint8_t *const (*)[BLOB_MAX_PLANES])planes, quads, g, dtype, unpacked[g]);
+    for (size_t c = t0; c < t0 + nt; c += chunk) {
+        const size_t count = blob_min(chunk, t0 + nt - c);
+        __m512 acc[ZK_LONG_CHUNK][ZK_PAIRS];   /* token c + t's, rows 2p and 2p + 1's eight partial sums */
+        __m512i xmins[ZK_LONG_CHUNK];          /* q4_k: token c + t's zk_token_mins of the super-block */
         for (size_t t = 0; t < count; t++)
             for (int p = 0; p < 2 * quads; p++) acc[t][p] = _mm512_setzero_ps();
         for (size_t g = 0; g < ngroups; g++) {
-            zk_pair wp[ZK_PAIRS];
-            for (int p = 0; p < 2 * quads; p++) {
-                if (dtype == BLOB_Q4_K) zk_unpack_q4_k(planes[2 * p], planes[2 * p + 1], g, &wp[p]);
-                else zk_unpack_levels(planes[2 * p], planes[2 * p + 1], g, dtype, &wp[p]);
-            }
+            if (!once) zk_unpack((const uint8_t *const (*)[BLOB_MAX_PLANES])planes, quads, g, dtype, unpacked[0]);
             if (dtype == BLOB_Q4_K)
                 for (size_t t = 0; t < count; t++) xmins[t] = zk_token_mins(a, c + t, g);
-            zk_tiles(wp, quads, a, g, c, count, xmins, &acc[0][0], dtype);
+            zk_tiles(unpacked[once ? g : 0], quads, a, g, c, count, xmins, &acc[0][0], dtype);
         }
         for (int q = 0; q < quads; q++)
             zk_store((const __m512 (*)[ZK_PAIRS])acc, q, count, r0 + 4 * (size_t)q, blob_min(4, nr - 4 * (size_t)q), c, y, ys);
