@@ -396,15 +396,18 @@ def test_block_types_every_path_bit_identical_to_scalar(dtype, rows, nblocks):
         K.set_isa(previous)
 
 
+@pytest.mark.parametrize("groups", [3, 25])
 @pytest.mark.parametrize("dtype", ["q4_k", "q6_k"])
-def test_k_quant_prefill_register_tiles_bit_identical_to_scalar(dtype):
-    """The planar q4_k and q6_k prefill (avx512: sixteen rows a call, 64 tokens a chunk, register
-    tiles of 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1) on every path against the scalar
-    reference, bit for bit: 21 rows (a call of 16 and one of 5, whose last four repeat a row),
-    token counts that leave every register-tile remainder (9: 8 + 1, 15: 8 + 4 + 2 + 1 and
-    4 + 4 + 4 + 2 + 1, 70 and 131: chunks of 64 and the rest), at 1 and 2 threads."""
-    rng = np.random.default_rng(stable_seed(dtype, "prefill tiles"))
-    m, w = block_weight(dtype, 21, 3, rng)
+def test_k_quant_prefill_register_tiles_bit_identical_to_scalar(dtype, groups):
+    """The planar q4_k and q6_k prefill (avx512: sixteen rows a call, their super-blocks unpacked
+    once and 16 tokens a chunk, or for rows of over 24 super-blocks unpacked per chunk of 64
+    tokens; register tiles of 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1) on every path against
+    the scalar reference, bit for bit: 21 rows (a call of 16 and one of 5, whose last four repeat
+    a row) of 3 and 25 super-blocks, token counts that leave every register-tile remainder (9:
+    8 + 1, 15: 8 + 4 + 2 + 1 and 4 + 4 + 4 + 2 + 1, 70 and 131: whole chunks and the rest), at 1
+    and 2 threads."""
+    rng = np.random.default_rng(stable_seed(dtype, groups, "prefill tiles"))
+    m, w = block_weight(dtype, 21, groups, rng)
     x = rng.standard_normal((131, w.shape[1])).astype(np.float32)
     counts = (9, 15, 70, 131)
     previous, threads = K.get_isa(), K.get_threads()

@@ -822,24 +822,27 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
 /* The planar q4_k and q6_k prefill tile (the matmul tile at more tokens than a decode step)
  * against the scalar tile, bit for bit: row counts that leave partial calls (x86 avx512: 16 rows
  * a call, four to a register tile), token counts that leave every register-tile remainder
- * (avx512: 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1; 64 a chunk), and the extreme levels of
- * check_block_tiles, whose q6_k halves' sum overflows int32. */
+ * (avx512: 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1; 16 a chunk, or 64 for rows of over 24
+ * super-blocks, which 6400 columns are), and the extreme levels of check_block_tiles, whose q6_k
+ * halves' sum overflows int32. */
 static void check_k_quant_prefill(const blob_isa_ops *ops, const char *path) {
     const int dtypes[] = {BLOB_Q4_K, BLOB_Q6_K};
-    const size_t row_counts[] = {3, 21}, cols = 512, token_counts[] = {9, 15, 70, 131};
+    const size_t row_counts[] = {3, 21}, col_counts[] = {512, 6400}, cols = 512, token_counts[] = {9, 15, 70, 131};
     for (size_t di = 0; di < 2; di++)
         for (size_t ri = 0; ri < 2; ri++) {
             const int dtype = dtypes[di];
             const size_t rows = row_counts[ri];
-            test_weight w = make_block_weight(dtype, rows, cols, 0);
-            for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
-                const size_t n = token_counts[ti];
-                char what[64];
-                snprintf(what, sizeof what, "prefill %s %zux%zu n=%zu", dtype_names[dtype], rows, cols, n);
-                expect_matmul_as_scalar(ops, &w, n, what, path);
+            for (size_t ci = 0; ci < sizeof col_counts / sizeof *col_counts; ci++) {
+                test_weight w = make_block_weight(dtype, rows, col_counts[ci], 0);
+                for (size_t ti = 0; ti < sizeof token_counts / sizeof *token_counts; ti++) {
+                    const size_t n = token_counts[ti];
+                    char what[64];
+                    snprintf(what, sizeof what, "prefill %s %zux%zu n=%zu", dtype_names[dtype], rows, col_counts[ci], n);
+                    expect_matmul_as_scalar(ops, &w, n, what, path);
+                }
+                free_block_weight(&w);
             }
-            free_block_weight(&w);
-            w = make_block_weight(dtype, rows, cols, 1);
+            test_weight w = make_block_weight(dtype, rows, cols, 1);
             enum { N = 13 };
             float x[N * 512], y[N * 21], ref[N * 21];
             for (size_t k = 0; k < N * cols; k++) x[k] = 1.0f;
