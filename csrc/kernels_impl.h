@@ -407,8 +407,9 @@ static inline int blob_has_mins(int dtype) {
  * x - 256 hi, for the int8 dot instructions (SDOT); the lost range is 0.4 %. */
 static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127.0f; }
 
-/* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes */
-enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2 };
+/* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes (BLOB_READS_CROSSED: blob_lane_levels'
+ * crossed arrangement) */
+enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2, BLOB_READS_CROSSED = 4 };
 
 /* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
  * quantized to blocks of 32 levels, int8 in q8 or int16 in q16 as blob_act_bits says (the
@@ -430,8 +431,9 @@ typedef struct blob_acts {
     /* q4_1 .. q6_k prefill (blob_isa_ops.mm_any_tokens): the int16 levels rearranged by
      * blob_pair_levels, token t's at pairs + t * blob_pair_stride(nblocks) */
     const int16_t *pairs;
-    /* q4_k, q6_k decode: the split levels of each whole group rearranged by blob_lane_levels,
-     * token t's at lanes + t * 2 * q_stride, or NULL */
+    /* q4_k, q6_k decode: the split levels of each whole group rearranged by blob_lane_levels
+     * (crossed where reads_levels says BLOB_READS_CROSSED), token t's at lanes + t * 2 * q_stride,
+     * or NULL */
     const int8_t *lanes;
 } blob_acts;
 
@@ -472,15 +474,17 @@ static inline void blob_split_levels(const int16_t *q, size_t nblocks, int8_t *o
  * that a block's sums land in a lane of their own in a byte dot product (VPDPBUSD) against
  * weights arranged alike, with no reduction across lanes: vector pair (k, s), k = 0..3, s = 0
  * (even blocks) or 1 (odd), is 32 hi bytes then 32 lo bytes at 128k + 64s, and its 4-byte lane
- * l holds levels 4k .. 4k + 3 (l < 4) or 16 + 4k .. 16 + 4k + 3 (l >= 4) of block 2 (l % 4) + s.
- * x86's q4_k and q6_k decode tiles read them; a partial last group is left out. */
-static inline void blob_lane_levels(const int16_t *q, size_t nblocks, int8_t *out) {
+ * l holds levels 4k .. 4k + 3 (l < 4) or 16 + 4k .. 16 + 4k + 3 (l >= 4) of block 2 (l % 4) + s;
+ * `crossed`: of block 2 (l % 4) + (s xor l >= 4), the upper halves of the pair's two vectors
+ * swapped, which x86's q4_k weights take with one mask a vector (q4_k_crossed_bytes).
+ * x86's q4_k (crossed) and q6_k decode tiles read them; a partial last group is left out. */
+static inline void blob_lane_levels(const int16_t *q, size_t nblocks, int crossed, int8_t *out) {
     for (size_t g = 0; g < nblocks / 8; g++)
         for (int k = 0; k < 4; k++)
             for (int s = 0; s < 2; s++)
                 for (int l = 0; l < 8; l++)
                     for (int e = 0; e < 4; e++) {
-                        const int block = 2 * (l % 4) + s, level = 4 * k + 16 * (l / 4) + e;
+                        const int block = 2 * (l % 4) + (s ^ (crossed && l >= 4)), level = 4 * k + 16 * (l / 4) + e;
                         int8_t *v = out + 512 * g + 128 * k + 64 * s + 4 * l + e;
                         blob_split_level(q[256 * g + BLOB_QBLOCK * block + level], v, v + 32);
                     }
@@ -551,8 +555,9 @@ typedef struct blob_isa_ops {
      * item's 16 rows, each token's activations read once for all of them). */
     unsigned char mm_tile_rows[BLOB_NUM_DTYPES];
     /* Per dtype, which arrangements of the int16 levels beside q16 this path's planar tiles (and
-     * its one-token interleaved q5_0 tile) read, BLOB_READS_SPLIT | BLOB_READS_LANES: matmul.c
-     * makes only those, a pass over the activations each. */
+     * its one-token interleaved q5_0 tile) read, BLOB_READS_SPLIT | BLOB_READS_LANES (and
+     * BLOB_READS_CROSSED for the crossed lanes): matmul.c makes only those, a pass over the
+     * activations each. */
     unsigned char reads_levels[BLOB_NUM_DTYPES];
     /* Per dtype that has BLOB_LAYOUT_INTERLEAVE8 (q8_0, q4_0, q5_0), the tile of that layout,
      * decode and prefill alike: rows r0 .. r0+nr-1 (r0 a multiple of 8, nr <= BLOB_INTERLEAVE8_ROWS)

@@ -99,6 +99,7 @@ typedef struct {
     int8_t *split;                  /* q4_1 .. q6_k: the levels as two int8 planes, or NULL */
     int16_t *pairs;                 /* q4_1 .. q6_k prefill: the levels in pairs, or NULL */
     int8_t *lanes;                  /* q4_k, q6_k decode: the split levels by lanes, or NULL */
+    int crossed;                    /* blob_lane_levels' crossed arrangement */
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
 } quantize_job;
@@ -115,7 +116,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
             j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
             if (j->half_sums) blob_half_sums((const int16_t *)q, j->nblocks, j->half_sums + t * 2 * j->nblocks);
             if (j->split) blob_split_levels((const int16_t *)q, j->nblocks, j->split + t * j->q_stride_bytes);
-            if (j->lanes) blob_lane_levels((const int16_t *)q, j->nblocks, j->lanes + t * j->q_stride_bytes);
+            if (j->lanes) blob_lane_levels((const int16_t *)q, j->nblocks, j->crossed, j->lanes + t * j->q_stride_bytes);
             if (j->pairs) blob_pair_levels((const int16_t *)q, j->nblocks, j->pairs + t * blob_pair_stride(j->nblocks));
         } else {
             j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
@@ -155,7 +156,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     float *d = (float *)(space + n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes);
     int32_t *half_sums = block32 ? (int32_t *)(d + n * nblocks) : NULL;
     quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
-                        split, pairs, lanes, q_stride_bytes, nblocks, 0};
+                        split, pairs, lanes, (reads & BLOB_READS_CROSSED) != 0, q_stride_bytes, nblocks, 0};
     if (decode_tiles(n)) quantize_task(&job, 0, 1);   /* a decode step's few tokens: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;

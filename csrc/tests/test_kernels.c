@@ -334,6 +334,7 @@ typedef struct {
     int8_t *split;        /* int16 levels as bytes, blob_split_levels */
     int16_t *pairs;       /* int16 levels in pairs, blob_pair_levels */
     int8_t *lanes;        /* split levels by lanes, blob_lane_levels */
+    int8_t *crossed;      /* the same, crossed */
     size_t q_stride, nblocks;
 } quantized_acts;
 
@@ -349,13 +350,15 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.split = (int8_t *)calloc(n, qa.q_stride * 2);
     qa.pairs = (int16_t *)calloc(n, blob_pair_stride(qa.nblocks) * sizeof(int16_t));
     qa.lanes = (int8_t *)calloc(n, qa.q_stride * 2);
+    qa.crossed = (int8_t *)calloc(n, qa.q_stride * 2);
     for (size_t t = 0; t < n; t++) {
         if (bits == 16) {
             ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
             blob_split_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.split + 2 * t * qa.q_stride);
             blob_pair_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.pairs + t * blob_pair_stride(qa.nblocks));
-            blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.lanes + 2 * t * qa.q_stride);
+            blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, 0, qa.lanes + 2 * t * qa.q_stride);
+            blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, 1, qa.crossed + 2 * t * qa.q_stride);
         } else {
             ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
@@ -365,7 +368,7 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
 }
 
 static void free_acts(quantized_acts *qa) {
-    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs), free(qa->lanes);
+    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs), free(qa->lanes), free(qa->crossed);
 }
 
 /* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
@@ -380,9 +383,10 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     const int bits = blob_act_bits(w->m.dtype), with_lanes = shape != TILES_WITHOUT_LANES;
     if (!with_lanes) shape = TILES_MATVEC_OR_MATMUL;
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
-    blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? qa.lanes : NULL};
     const int dtype = w->m.dtype;
+    const int8_t *lanes = ops->reads_levels[dtype] & BLOB_READS_CROSSED ? qa.crossed : qa.lanes;
+    blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? lanes : NULL};
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
     const int mm_rows = ops->mm_tile_rows[dtype] ? ops->mm_tile_rows[dtype] : ops->mm_rows;
