@@ -168,6 +168,8 @@ static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, si
 /* The prefill of planar q4_k and q6_k rows, in kernels_avx512_kquant.inc after kernels_x86.inc (it
  * unpacks with its functions), ZK_ROWS rows a call (blob_isa_ops.mm_tile_rows): matmul.c's MATMUL_CHUNK_ROWS, a work item's. */
 #define ZK_ROWS 16
+/* The rows a call of the f16 and bf16 prefill tile takes (zmm_float_tile), blob_isa_ops.mm_tile_rows. */
+#define ZF_ROWS 16
 static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                     size_t nt, float *y, size_t ys, int dtype);
 
@@ -177,7 +179,7 @@ static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, 
 #define X86_FLOAT_TILE zmm_float_tile
 #define X86_I8_PREFILL zmm_i8_prefill
 #define X86_GROUP_PREFILL zmm_k_prefill
-#define X86_GROUP_PREFILL_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS}
+#define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
 
@@ -223,9 +225,48 @@ ZFN void zmm_half_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const 
     }
 }
 
+/* acc[r][t] += rows r . tokens t over columns k0 .. k1 - 1 (k0 a multiple of 16) */
+ZFN void zmm_half_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows, const float *const *xs,
+                       size_t k0, size_t k1, int dtype, int R, int T) {
+    size_t k = k0;
+    for (; k + 16 <= k1; k += 16) zmm_half_step(acc, rows, xs, k, 16, dtype, R, T);
+    if (k < k1) zmm_half_step(acc, rows, xs, k, k1 - k, dtype, R, T);
+}
+
+/* Register tile i (rows r0 + R i ..) of a call: its R row pointers. */
+ZFN void zmm_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int R, size_t i, const uint8_t **rows) {
+    blob_tile_rows(w, r0 + (size_t)R * i, nr - (size_t)R * i, R, rows);
+}
+
+/* The register tiles' sums into y, rows r0 .. r0 + nr - 1, tokens t0 .. t0 + nt - 1. */
+ZFN void zmm_half_store(__m512 acc[][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS], size_t tiles, size_t r0, size_t nr,
+                        size_t t0, size_t nt, float *y, size_t ys, int R, int T) {
+    for (size_t i = 0; i < tiles; i++) {
+        /* reduced with constant indices first: indexing acc by the run-time nr, nt would make GCC
+         * keep acc in memory too, storing sixteen registers per step (prefill 2.4x slower) */
+        float sums[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+        BLOB_UNROLL
+        for (int r = 0; r < R; r++)
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) sums[r][t] = _mm512_reduce_add_ps(acc[i][r][t]);
+        const size_t first = r0 + (size_t)R * i, count = blob_min((size_t)R, nr - (size_t)R * i);
+        for (size_t r = 0; r < count; r++)
+            for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + first + r] = sums[r][t];
+    }
+}
+
+/* The f16 / bf16 prefill takes ZF_ROWS rows a call (defined above the ops table), a work item's,
+ * in register tiles of R rows x T tokens, and blocks the columns: each tile runs over a block
+ * of ZF_BLOCK_COLS columns in turn, its accumulators kept in memory between blocks, so the
+ * tokens' activations over a block (16 KiB for four) stay in L1 for all the call's rows and its
+ * weights come once from L2. Every accumulator lane still adds its columns in column order, so
+ * each output is the unblocked tile's sum, bit for bit. */
+#define ZF_BLOCK_COLS 1024
+_Static_assert(ZF_ROWS % MM_ROWS == 0 && ZF_BLOCK_COLS % 16 == 0, "whole register tiles, whole steps");
+
 /* The float tile of this path: bf16 sixteen lanes at a time; f16 too at prefill (T > 1: 1.4x the
  * 256-bit tile's GFLOP/s on Sapphire Rapids), its decode rows by float_tile's 256-bit
- * conversions (see the header); f32 by float_tile. */
+ * conversions (see the header); f32 by float_tile. Any nr <= ZF_ROWS rows when R is MM_ROWS. */
 ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
                         float *y, size_t ys, int dtype, int R, int T) {
     if (dtype == BLOB_F32 || (dtype == BLOB_F16 && T == 1)) {
@@ -237,30 +278,34 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
                                        a->x + t0 * a->x_stride, w->cols, dtype);
         return;
     }
-    const uint8_t *rows[BLOB_TILE_MAX_ROWS];
+    const size_t tiles = blob_div_up(nr, (size_t)R), K = w->cols;
     size_t tokens[BLOB_TILE_MAX_TOKENS];
     const float *xs[BLOB_TILE_MAX_TOKENS];
-    __m512 acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    blob_tile_rows(w, r0, nr, R, rows);
+    __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
     blob_tile_tokens(t0, nt, T, tokens);
     BLOB_UNROLL
     for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
-    BLOB_UNROLL
-    for (int r = 0; r < R; r++)
+    for (size_t i = 0; i < tiles; i++)
         BLOB_UNROLL
-        for (int t = 0; t < T; t++) acc[r][t] = _mm512_setzero_ps();
-    size_t k = 0, K = w->cols;
-    for (; k + 16 <= K; k += 16) zmm_half_step(acc, rows, xs, k, 16, dtype, R, T);
-    if (k < K) zmm_half_step(acc, rows, xs, k, K - k, dtype, R, T);
-    /* reduced with constant indices first: indexing acc by the run-time nr, nt would make GCC
-     * keep acc in memory too, storing sixteen registers per step (prefill 2.4x slower) */
-    float sums[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    BLOB_UNROLL
-    for (int r = 0; r < R; r++)
-        BLOB_UNROLL
-        for (int t = 0; t < T; t++) sums[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-    for (size_t r = 0; r < nr; r++)
-        for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = sums[r][t];
+        for (int r = 0; r < R; r++)
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) acc[i][r][t] = _mm512_setzero_ps();
+    for (size_t k0 = 0; k0 < K; k0 += ZF_BLOCK_COLS)
+        for (size_t i = 0; i < tiles; i++) {
+            const uint8_t *rows[BLOB_TILE_MAX_ROWS];
+            __m512 regs[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+            zmm_tile_rows(w, r0, nr, R, i, rows);
+            BLOB_UNROLL
+            for (int r = 0; r < R; r++)
+                BLOB_UNROLL
+                for (int t = 0; t < T; t++) regs[r][t] = acc[i][r][t];
+            zmm_half_cols(regs, rows, xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), dtype, R, T);
+            BLOB_UNROLL
+            for (int r = 0; r < R; r++)
+                BLOB_UNROLL
+                for (int t = 0; t < T; t++) acc[i][r][t] = regs[r][t];
+        }
+    zmm_half_store(acc, tiles, r0, nr, t0, nt, y, ys, R, T);
 }
 
 /* ---- q5_0 in BLOB_LAYOUT_INTERLEAVE8 at prefill: sixteen rows a register ----

@@ -551,8 +551,9 @@ typedef struct blob_isa_ops {
      * unpacks each weight block once for all of them; 0: at most mm_tokens per call. */
     unsigned char mm_any_tokens[BLOB_NUM_DTYPES];
     /* Per dtype, the rows a call of its prefill (matmul) tile takes where that is not mm_rows, 0
-     * elsewhere: the tile then takes any nr up to it (kernels_avx512_kquant.inc's q4_k and q6_k, a work
-     * item's 16 rows, each token's activations read once for all of them). */
+     * elsewhere: the tile then takes any nr up to it (kernels_avx512_kquant.inc's q4_k and q6_k,
+     * kernels_avx512.c's f16 and bf16: a work item's 16 rows, each token's activations read once
+     * for all of them). */
     unsigned char mm_tile_rows[BLOB_NUM_DTYPES];
     /* Per dtype, which arrangements of the int16 levels beside q16 this path's planar tiles (and
      * its one-token interleaved q5_0 tile) read, BLOB_READS_SPLIT | BLOB_READS_LANES (and
