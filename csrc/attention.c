@@ -23,10 +23,14 @@ typedef struct {
     volatile size_t next;
 } attention_job;
 
-/* scores (heads, count) = Q (heads, head_dim) @ K (count, head_dim).T: the keys are a matrix
- * of cache rows and the heads its tokens, the matmul tiles' work. */
+/* scores (heads, count) = Q (heads, head_dim) @ K (count, head_dim).T: the path's key_scores, or
+ * the matmul tiles' work with the keys a matrix of cache rows and the heads its tokens. */
 static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_bytes, size_t count,
                        const blob_attention *a, const float *q, size_t heads, float *scores, size_t stride) {
+    if (ops->key_scores) {
+        ops->key_scores(q, heads, a->head_dim, k, a->k_pos_stride, count, a->kv_dtype, scores, stride);
+        return;
+    }
     const blob_matrix keys = {.dtype = a->kv_dtype, .plane = {k}, .row_stride_bytes = row_bytes, .rows = count,
                               .cols = a->head_dim};
     blob_acts queries;
@@ -40,32 +44,56 @@ static void key_scores(const blob_isa_ops *ops, const uint8_t *k, size_t row_byt
                                      scores, stride);
 }
 
+/* Loops over a row go SCORE_LANES values at a time, then one by one: the compiler vectorizes
+ * such fixed-length inner loops at -O2 (not a loop of unknown length), and a max over them runs
+ * as that many independent chains where one chain waits out the latency of each compare. */
+#define SCORE_LANES 8
+
+/* x[k] *= s for k < n */
+static void scale_row(float *x, size_t n, float s) {
+    const size_t whole = n - n % SCORE_LANES;
+    for (size_t k = 0; k < whole; k += SCORE_LANES)
+        for (size_t l = 0; l < SCORE_LANES; l++) x[k + l] *= s;
+    for (size_t k = whole; k < n; k++) x[k] *= s;
+}
+
 /* Scale (and soft-cap) one head's scores in place; returns their max. The scale and cap are
  * read into locals first: the scores could alias *a, so the compiler would reload them, and
  * test the cap, at every score. */
 static float scaled_scores(const blob_attention *a, float *scores, size_t count) {
     const float scale = a->scale, softcap = a->softcap;
-    float max_score = -INFINITY;
+    const size_t whole = count - count % SCORE_LANES;
     if (softcap > 0.0f)
         for (size_t c = 0; c < count; c++) scores[c] = softcap * tanhf(scores[c] * scale / softcap);
     else
-        for (size_t c = 0; c < count; c++) scores[c] *= scale;
+        scale_row(scores, count, scale);
     /* fmaxf's result (NaN skipped; which zero wins does not change exp(s - max)), but inline:
-     * libm's fmaxf is a call per score */
-    for (size_t c = 0; c < count; c++)
+     * libm's fmaxf is a call per score. Max picks a value, so the lanes' order is immaterial. */
+    float lanes[SCORE_LANES];
+    for (size_t l = 0; l < SCORE_LANES; l++) lanes[l] = -INFINITY;
+    for (size_t c = 0; c < whole; c += SCORE_LANES)
+        for (size_t l = 0; l < SCORE_LANES; l++)
+            if (scores[c + l] > lanes[l]) lanes[l] = scores[c + l];
+    float max_score = -INFINITY;
+    for (size_t l = 0; l < SCORE_LANES; l++)
+        if (lanes[l] > max_score) max_score = lanes[l];
+    for (size_t c = whole; c < count; c++)
         if (scores[c] > max_score) max_score = scores[c];
     return max_score;
 }
 
 /* totals[h] = the sum of row h's `count` values in order, for h < heads (rows `stride` apart):
  * four rows' sums at a time, so that four chains of adds overlap (a last group repeats its last
- * row and drops the surplus). */
+ * row and drops the surplus). The unrolled loops keep the sums in registers: GCC otherwise
+ * kept them in memory, each add then waiting on the store before it. */
 static void row_sums(const float *rows, size_t stride, size_t heads, size_t count, float *totals) {
     for (size_t h0 = 0; h0 < heads; h0 += 4) {
         const float *r[4];
         float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        BLOB_UNROLL
         for (size_t k = 0; k < 4; k++) r[k] = rows + blob_min(h0 + k, heads - 1) * stride;
         for (size_t c = 0; c < count; c++)
+            BLOB_UNROLL
             for (size_t k = 0; k < 4; k++) t[k] += r[k][c];
         for (size_t k = 0; k < 4 && h0 + k < heads; k++) totals[h0 + k] = t[k];
     }
@@ -102,8 +130,7 @@ static void attend(const attention_job *j, size_t s, size_t row0, size_t i, size
     row_sums(scores, j->scores_stride, heads, count, inv_totals);
     for (size_t h = 0; h < heads; h++) inv_totals[h] = 1.0f / inv_totals[h];
     j->ops->weighted_rows(o, hd, scores, j->scores_stride, heads, v, a->v_pos_stride, count, hd, a->kv_dtype);
-    for (size_t h = 0; h < heads; h++)
-        for (size_t d = 0; d < hd; d++) o[h * hd + d] *= inv_totals[h];
+    for (size_t h = 0; h < heads; h++) scale_row(o + h * hd, hd, inv_totals[h]);
 }
 
 /* A thread's scratch: its heads' scores, then their 1 / (sum of exponentials), in 64-byte lines. */

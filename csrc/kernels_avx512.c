@@ -173,6 +173,13 @@ static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, si
 static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                     size_t nt, float *y, size_t ys, int dtype);
 
+/* Attention's weighted value rows and key scores, sixteen columns a register, defined after
+ * kernels_x86.inc (the weighted rows finish on its 8-column weighted_tile). */
+static ZMM_TARGET void zmm_weighted_rows(float *y, size_t ys, const float *alpha, size_t as, size_t heads,
+                                         const void *rows, size_t stride, size_t count, size_t n, int dtype);
+static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_dim, const void *keys, size_t stride,
+                                      size_t count, int dtype, float *scores, size_t ss);
+
 #define X86_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 #define X86_VNNI 1
 #define X86_AVX512 1
@@ -180,6 +187,8 @@ static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, 
 #define X86_I8_PREFILL zmm_i8_prefill
 #define X86_GROUP_PREFILL zmm_k_prefill
 #define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
+#define X86_WEIGHTED_ROWS zmm_weighted_rows
+#define X86_KEY_SCORES zmm_key_scores
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
 
@@ -393,6 +402,126 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
         t += (size_t)T;
     }
     return 1;
+}
+
+/* ---- attention over f32 and f16 caches: sixteen columns a register ----
+ * Attention's two products, the scores Q K^T and the probabilities times the value rows, on
+ * 512-bit registers: on Sapphire Rapids a vector operation issues about once a cycle whatever
+ * its width, so each does twice the 256-bit tiles' multiply-adds per instruction. */
+
+/* Elements k .. k+len-1 (len <= 16) of an f32 or f16 cache row as f32, zero past len. */
+ZFN __m512 zmm_cache_row(const uint8_t *row, size_t k, size_t len, int dtype) {
+    if (dtype == BLOB_F16) return zmm_load_half(row, k, len, BLOB_F16);
+    return _mm512_maskz_loadu_ps(zmm_mask16(len), (const float *)row + k);
+}
+
+/* zmm_weighted_rows' register tile: columns k .. k+16C-1 of H <= WR_HEADS heads' sums, lane for
+ * lane the 256-bit weighted_tile's FMAs in row order (so the same sums, bit for bit), on twice
+ * its columns per instruction. Four heads by four vectors of columns fill 16 of the 32 registers
+ * with sums. */
+#define ZWR_COLUMNS 4
+ZFN void zmm_weighted_tile(float *y, size_t ys, const float *alpha, size_t as, const uint8_t *rows, size_t step,
+                           size_t count, size_t k, int dtype, int H, int C) {
+    __m512 acc[WR_HEADS][ZWR_COLUMNS];
+    BLOB_UNROLL
+    for (int h = 0; h < H; h++)
+        BLOB_UNROLL
+        for (int c = 0; c < C; c++) acc[h][c] = _mm512_setzero_ps();
+    for (size_t i = 0; i < count; i++, rows += step) {
+        __m512 v[ZWR_COLUMNS];
+        BLOB_UNROLL
+        for (int c = 0; c < C; c++) v[c] = zmm_cache_row(rows, k + 16 * (size_t)c, 16, dtype);
+        BLOB_UNROLL
+        for (int h = 0; h < H; h++) {
+            const __m512 a = _mm512_set1_ps(alpha[(size_t)h * as + i]);
+            BLOB_UNROLL
+            for (int c = 0; c < C; c++) acc[h][c] = _mm512_fmadd_ps(a, v[c], acc[h][c]);
+        }
+    }
+    BLOB_UNROLL
+    for (int h = 0; h < H; h++)
+        BLOB_UNROLL
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(y + (size_t)h * ys + k + 16 * (size_t)c, acc[h][c]);
+}
+
+BLOB_DEFINE_WEIGHTED_ROWS(ZMM_TARGET, zmm_weighted_rows, zmm_weighted_tile, 16, ZWR_COLUMNS)
+
+/* Key scores in register tiles of ZS_KEYS keys by ZS_HEADS heads, sixteen products of the head
+ * dimension a lane; a tile past the last key or head repeats it (computed, not stored). */
+#define ZS_KEYS 4
+#define ZS_HEADS 4
+
+/* acc[t][r] += key r . head t over columns k .. k+len-1 (len <= 16) */
+ZFN void zmm_score_step(__m512 acc[ZS_HEADS][ZS_KEYS], const uint8_t *const *keys, const float *const *qs, size_t k,
+                        size_t len, int dtype) {
+    __m512 kv[ZS_KEYS];
+    BLOB_UNROLL
+    for (int r = 0; r < ZS_KEYS; r++) kv[r] = zmm_cache_row(keys[r], k, len, dtype);
+    BLOB_UNROLL
+    for (int t = 0; t < ZS_HEADS; t++) {
+        const __m512 qv = _mm512_maskz_loadu_ps(zmm_mask16(len), qs[t] + k);
+        BLOB_UNROLL
+        for (int r = 0; r < ZS_KEYS; r++) acc[t][r] = _mm512_fmadd_ps(kv[r], qv, acc[t][r]);
+    }
+}
+
+/* Lane 4t + r = the sum of acc[t][r]'s sixteen lanes: the tile's sums reduced together, 15 adds
+ * and 30 shuffles where one at a time would take 4 adds and 4 shuffles each. Every lane's sum
+ * is the same tree of adds (lanes l and l + 8, then + 4, + 2, + 1), whichever sum it is. */
+ZFN __m512 zmm_tile_sums(__m512 acc[ZS_HEADS][ZS_KEYS]) {
+    _Static_assert(ZS_HEADS == 4 && ZS_KEYS == 4, "a 4 x 4 tile: one sum a lane");
+    __m512 halves[8], quarters[4], eighths[2];
+    BLOB_UNROLL
+    for (int i = 0; i < 8; i++) {   /* pair i: keys i / 2, heads 2 (i % 2) and 2 (i % 2) + 1 */
+        const __m512 x = acc[2 * i % 4][i / 2], y = acc[(2 * i + 1) % 4][i / 2];
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xee));
+    }
+    BLOB_UNROLL
+    for (int i = 0; i < 4; i++)
+        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                    _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xdd));
+    BLOB_UNROLL
+    for (int i = 0; i < 2; i++)
+        eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0x44),
+                                   _mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88), _mm512_shuffle_ps(eighths[0], eighths[1], 0xdd));
+}
+
+/* The scores of heads .. (at most ZS_HEADS of them, queries q, q + head_dim ..) against keys ..
+ * (at most ZS_KEYS, `step` bytes apart) into scores[t * ss + r]. */
+ZFN void zmm_score_tile(const float *q, size_t heads, size_t head_dim, const uint8_t *keys, size_t step, size_t count,
+                        int dtype, float *scores, size_t ss) {
+    const uint8_t *rows[ZS_KEYS];
+    const float *qs[ZS_HEADS];
+    __m512 acc[ZS_HEADS][ZS_KEYS];
+    BLOB_UNROLL
+    for (int r = 0; r < ZS_KEYS; r++) rows[r] = keys + blob_min((size_t)r, count - 1) * step;
+    BLOB_UNROLL
+    for (int t = 0; t < ZS_HEADS; t++) {
+        qs[t] = q + blob_min((size_t)t, heads - 1) * head_dim;
+        BLOB_UNROLL
+        for (int r = 0; r < ZS_KEYS; r++) acc[t][r] = _mm512_setzero_ps();
+    }
+    size_t k = 0;
+    for (; k + 16 <= head_dim; k += 16) zmm_score_step(acc, rows, qs, k, 16, dtype);
+    if (k < head_dim) zmm_score_step(acc, rows, qs, k, head_dim - k, dtype);
+    const __m512 sums = zmm_tile_sums(acc);
+    const __mmask8 keys_mask = (__mmask8)((1u << blob_min(ZS_KEYS, count)) - 1);
+    _mm_mask_storeu_ps(scores, keys_mask, _mm512_castps512_ps128(sums));
+    if (heads > 1) _mm_mask_storeu_ps(scores + ss, keys_mask, _mm512_extractf32x4_ps(sums, 1));
+    if (heads > 2) _mm_mask_storeu_ps(scores + 2 * ss, keys_mask, _mm512_extractf32x4_ps(sums, 2));
+    if (heads > 3) _mm_mask_storeu_ps(scores + 3 * ss, keys_mask, _mm512_extractf32x4_ps(sums, 3));
+}
+
+/* blob_isa_ops.key_scores: the key tiles outer, so that a tile's keys stay in L1 for all the
+ * heads' tiles. */
+static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_dim, const void *keys, size_t stride,
+                                      size_t count, int dtype, float *scores, size_t ss) {
+    const size_t step = stride * blob_cache_elem_size(dtype);
+    for (size_t j = 0; j < count; j += ZS_KEYS)
+        for (size_t h = 0; h < heads; h += ZS_HEADS)
+            zmm_score_tile(q + h * head_dim, heads - h, head_dim, (const uint8_t *)keys + j * step, step, count - j,
+                           dtype, scores + h * ss + j, ss);
 }
 
 /* ---- q4_k and q6_k, planar, at prefill ---- */

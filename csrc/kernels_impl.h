@@ -566,6 +566,14 @@ typedef struct blob_isa_ops {
      * quant_tile's sum, each block's exact integer dot, then acc += (float)dot * (dw * dx) in
      * block order; q5_0: block32_tile's, in the lanes of blob_fold_lanes). */
     blob_tile_fn interleave8[BLOB_NUM_DTYPES];
+    /* Attention's key scores where a path has a kernel of its own for them, else NULL (attention.c
+     * then runs the matmul tiles, the heads as tokens): scores[h * scores_stride + j] = Q_h . K_j
+     * for h < heads and j < count, Q_h at q + h * head_dim, key j at keys + j * stride elements
+     * (f32 or f16). Each score is the same sum in the same order whatever `heads` and `count`,
+     * so a query's scores are the same in decode and prefill. Attention's own entry, not the f32
+     * matmul tile: f32 weights keep theirs. */
+    void (*key_scores)(const float *q, size_t heads, size_t head_dim, const void *keys, size_t stride, size_t count,
+                       int dtype, float *scores, size_t scores_stride);
 } blob_isa_ops;
 #define BLOB_INTERLEAVE8_ROWS 16   /* rows per call of an interleave8 tile: two groups */
 
@@ -694,24 +702,27 @@ void blob_scalar_interleave8_q5_0(const blob_matrix *w, size_t r0, size_t nr, co
     BLOB_DTYPE_TILES(mv), BLOB_DTYPE_TILES(mm), BLOB_DTYPE_TILES(mv1), BLOB_QUANT_TILES(mvt),  \
     mv_rows, mm_rows, mm_tokens
 
-/* A vector path's weighted_rows over its own weighted_tile(y, ys, alpha, as, rows, step, count,
- * k, dtype, H, C), which sums columns k .. k+8C-1 of H <= WR_HEADS heads with every row loaded
- * once for all of them (C <= WR_COLUMNS). Up to WR_HEADS heads at a time, each element's FMAs
- * in row order, as the heads one by one would run them; against one head at a time the rows are
- * loaded and converted a quarter as often and the sums stay in registers (Gemma 3 270M's
- * attention over 512 queries, one thread, x86: 14.3-15.2 -> 9.4-9.8 ms a layer). The columns
- * past the last 8 are summed one by one. */
-#define BLOB_WEIGHTED_TILE(C)                                                                  \
+/* A vector path's weighted_rows, `name`, over its register tile `tile`(y, ys, alpha, as, rows, step,
+ * count, k, dtype, H, C), which sums columns k .. k+LC-1 of H <= WR_HEADS heads with every row
+ * loaded once for all of them (C <= `columns` vectors of L = `lanes` columns). Up to WR_HEADS
+ * heads at a time, each element's FMAs in row order, as the heads one by one would run them;
+ * against one head at a time the rows are loaded and converted a quarter as often and the sums
+ * stay in registers (Gemma 3 270M's attention over 512 queries, one thread, x86: 14.3-15.2 ->
+ * 9.4-9.8 ms a layer). Where L is 16, the columns past its last multiple go eight at a time by
+ * the path's 8-column weighted_tile, so that every path fuses the same columns; those past the
+ * last 8 are summed one by one. */
+#define BLOB_WEIGHTED_TILE(tile, C)                                                            \
     switch (H) {                                                                               \
-    case 1: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 1, C); break;             \
-    case 2: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 2, C); break;             \
-    case 3: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 3, C); break;             \
-    default: weighted_tile(yh, ys, ah, as, r8, step, count, k, dtype, 4, C); break;            \
+    case 1: tile(yh, ys, ah, as, r8, step, count, k, dtype, 1, C); break;                      \
+    case 2: tile(yh, ys, ah, as, r8, step, count, k, dtype, 2, C); break;                      \
+    case 3: tile(yh, ys, ah, as, r8, step, count, k, dtype, 3, C); break;                      \
+    default: tile(yh, ys, ah, as, r8, step, count, k, dtype, 4, C); break;                     \
     }
-#define BLOB_DEFINE_WEIGHTED_ROWS(attr)                                                        \
+#define BLOB_DEFINE_WEIGHTED_ROWS(attr, name, tile, lanes, columns)                            \
     _Static_assert(WR_HEADS == 4, "BLOB_WEIGHTED_TILE takes 1 .. 4 heads");                    \
-    static attr void weighted_rows(float *y, size_t ys, const float *alpha, size_t as, size_t heads, \
-                                   const void *rows, size_t stride, size_t count, size_t n, int dtype) { \
+    _Static_assert((lanes) == 8 || (lanes) == 16, "8-column steps complete a 16-lane tile's"); \
+    static attr void name(float *y, size_t ys, const float *alpha, size_t as, size_t heads,    \
+                          const void *rows, size_t stride, size_t count, size_t n, int dtype) { \
         const size_t step = stride * blob_cache_elem_size(dtype);                              \
         const uint8_t *r8 = (const uint8_t *)rows;                                             \
         for (size_t h0 = 0; h0 < heads; h0 += WR_HEADS) {                                      \
@@ -719,8 +730,9 @@ void blob_scalar_interleave8_q5_0(const blob_matrix *w, size_t r0, size_t nr, co
             float *yh = y + h0 * ys;                                                           \
             const float *ah = alpha + h0 * as;                                                 \
             size_t k = 0;                                                                      \
-            for (; k + 8 * WR_COLUMNS <= n; k += 8 * WR_COLUMNS) BLOB_WEIGHTED_TILE(WR_COLUMNS) \
-            for (; k + 8 <= n; k += 8) BLOB_WEIGHTED_TILE(1)                                   \
+            for (; k + (lanes) * (columns) <= n; k += (lanes) * (columns)) BLOB_WEIGHTED_TILE(tile, columns) \
+            for (; k + (lanes) <= n; k += (lanes)) BLOB_WEIGHTED_TILE(tile, 1)                 \
+            for (; k + 8 <= n; k += 8) BLOB_WEIGHTED_TILE(weighted_tile, 1)                    \
             for (; k < n; k++)                                                                 \
                 for (int h = 0; h < H; h++) {                                                  \
                     float sum = 0.0f;                                                          \

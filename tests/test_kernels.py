@@ -621,6 +621,27 @@ def test_attention_head_major_cache(isa, threads):
     np.testing.assert_allclose(results[0], attention_reference(q, k, v, 30, 0.2, 16, 0.0), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("head_dim", [20, 64, 72, 256])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_attention_decode_matches_prefill(isa, threads, head_dim, group):
+    """Each query alone at its position (decode) bit-identical to the same query in a prefill of
+    all: its key scores and weighted value rows must not depend on how many heads or queries
+    share a call. One KV head, so a lone query at 2 threads splits its group (heads_per_item);
+    13 queries see every count of keys past a multiple of 4; head_dims cover vector remainders."""
+    rng = np.random.default_rng(stable_seed(head_dim, group))
+    n, scale = 13, head_dim ** -0.5
+    for cache_dtype in (np.float32, np.float16):
+        k = rng.standard_normal((n, 1, head_dim)).astype(cache_dtype)
+        v = rng.standard_normal((n, 1, head_dim)).astype(cache_dtype)
+        q = rng.standard_normal((n, group, head_dim)).astype(np.float32)
+        for count in (1, 2):
+            K.set_threads(count)
+            prefill = K.attention(q, k, v, p0=0, scale=scale)
+            for i in range(n):
+                assert np.array_equal(K.attention(q[i:i + 1], k, v, p0=i, scale=scale)[0], prefill[i])
+        np.testing.assert_allclose(prefill, attention_reference(q, k, v, 0, scale, 0, 0.0), rtol=2e-5, atol=2e-5)
+
+
 def test_attention_errors():
     q = np.zeros((2, 6, 8), np.float32)
     k = np.zeros((10, 4, 8), np.float32)

@@ -17,7 +17,8 @@
  *   2 threads) and blob_embed on each selectable path, bit-identical to the planar scalar tile
  *   and rows, partial groups of rows and blocks included;
  * - weighted_rows over f32 and f16 (attention's weighted sum of values; heads together
- *   bit-identical to each alone), read_sum (the bandwidth probe);
+ *   bit-identical to each alone), key_scores where a path has one (attention's Q K^T: within
+ *   rounding of double, each score the same alone), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
  *   attention's exp (exp_row) bit-identical to blob_exp_same, within 4 ulp of expf;
@@ -890,6 +891,42 @@ static void check_weighted_rows(const blob_isa_ops *ops, const char *path) {
     }
 }
 
+/* key_scores, on the paths that have one, over f32 and f16 keys: within rounding of the dot
+ * products in double, and each score bit-identical to that of its head and key alone in a call,
+ * so that a query scores alike in decode and in prefill whatever heads and keys share a call.
+ * head_dims cover less than a vector (7), a vector's remainder (20, 72) and whole vectors (64,
+ * 256); 1..6 heads and 9 keys cover the register tile's partial heads and keys. */
+static void check_key_scores(const blob_isa_ops *ops, const char *path) {
+    enum { MAX_HEADS = 6, COUNT = 9, MAX_D = 256, SS = COUNT + 3 };
+    const size_t dims[] = {7, 20, 64, 72, 256};
+    if (!ops->key_scores) return;
+    for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
+        for (size_t i = 0; i < sizeof dims / sizeof *dims; i++) {
+            const size_t d = dims[i];
+            test_weight keys = make_weight(dtype, COUNT, d);   /* rows 64 bytes apart, like a cache */
+            const size_t stride = keys.m.row_stride_bytes / blob_cache_elem_size(dtype);
+            float q[MAX_HEADS * MAX_D], scores[MAX_HEADS * SS], alone;
+            for (size_t k = 0; k < MAX_HEADS * d; k++) q[k] = next_float();
+            for (size_t heads = 1; heads <= MAX_HEADS; heads++) {
+                ops->key_scores(q, heads, d, keys.plane, stride, COUNT, dtype, scores, SS);
+                for (size_t h = 0; h < heads; h++)
+                    for (size_t j = 0; j < COUNT; j++) {
+                        ops->key_scores(q + h * d, 1, d, keys.plane + j * keys.m.row_stride_bytes, stride, 1, dtype,
+                                        &alone, 1);
+                        expect_identical("key_scores together vs alone", path, &scores[h * SS + j], &alone, 1);
+                        double want = 0.0, scale = 0.0;
+                        for (size_t k = 0; k < d; k++) {
+                            want += (double)keys.values[j * d + k] * q[h * d + k];
+                            scale += fabs((double)keys.values[j * d + k] * q[h * d + k]);
+                        }
+                        expect_close("key_scores vs double", path, scores[h * SS + j], want, 1e-5 * scale);
+                    }
+            }
+            free_weight(&keys);
+        }
+    }
+}
+
 /* RMSNorm rows bit-identical to scalar's: the same per-lane double sums, the same float ops.
  * Sizes cover the eight-wide loop, its tail, and a row of zeros (eps alone). */
 static void check_rms_norm(const blob_isa_ops *ops, const char *path) {
@@ -1400,6 +1437,7 @@ int main(void) {
         check_interleave8(paths[i].ops, paths[i].name);
         check_interleave8_q5_0(paths[i].ops, paths[i].name);
         check_weighted_rows(paths[i].ops, paths[i].name);
+        check_key_scores(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
         check_softmax(paths[i].ops, paths[i].name);
