@@ -1,7 +1,8 @@
 /* Causal grouped-query attention (bidirectional inside image spans) over KV caches (f32 or f16), for one decode token, a prefill
  * batch, or each of several sequences' run of tokens (a batched step: prompt chunks and decode tokens), in one job. One work
  * item = one query position of one sequence and a slice of the query heads that share a KV head: the slice's scores come
- * from one pass over the keys (the matmul tiles, heads as tokens), so a GQA group reads its keys once, not once per head.
+ * from one pass over the keys (the path's key_scores, else the matmul tiles with the heads as tokens), so a GQA group reads
+ * its keys once, not once per head.
  * Each head's scores go to a per-thread scratch row, are soft-capped and exponentiated with the path's exp_row (one function,
  * blob_exp_same, on every path: vectorized, where libm's expf took a call per score) and summed in key order; the value rows
  * are then weighted for all the slice's heads at once (weighted_rows: each row read once for the slice), each output element

@@ -1,7 +1,8 @@
 /* The x86-64 path for CPUs with AVX-512 F/BW/VL/DQ and VNNI ("avx512"): kernels_x86.inc compiled
  * with EVEX encodings and 32 vector registers (its int8 / int16 dot products by VPDPBUSD /
  * VPDPWSSD on 256-bit registers), with 512-bit tiles for bf16 weights and f16 prefill in place of
- * its float tiles.
+ * its float tiles, and for attention over f32 and f16 caches (its key scores and weighted value
+ * rows; the f32 weight tiles stay 256-bit, see below).
  *
  * Measured on Zen 4, whose 512-bit operations are split in two 256-bit halves, one thread, CPU
  * time against the avx2 path's VNNI variant: bf16 decode rows 1.13-1.2x as fast (Gemma 3 270M's
