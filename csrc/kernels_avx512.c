@@ -447,8 +447,9 @@ ZFN void zmm_weighted_tile(float *y, size_t ys, const float *alpha, size_t as, c
 
 BLOB_DEFINE_WEIGHTED_ROWS(ZMM_TARGET, zmm_weighted_rows, zmm_weighted_tile, 16, ZWR_COLUMNS)
 
-/* Key scores in register tiles of ZS_KEYS keys by ZS_HEADS heads, sixteen products of the head
- * dimension a lane; a tile past the last key or head repeats it (computed, not stored). */
+/* Key scores in register tiles of ZS_KEYS keys by ZS_HEADS heads, sixteen columns of the head
+ * dimension a register (lane l sums columns l, l + 16, ..); a tile past the last key or head
+ * repeats it (computed, not stored). */
 #define ZS_KEYS 4
 #define ZS_HEADS 4
 
