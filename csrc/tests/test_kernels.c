@@ -17,7 +17,7 @@
  *   2 threads) and blob_embed on each selectable path, bit-identical to the planar scalar tile
  *   and rows, partial groups of rows and blocks included;
  * - weighted_rows over f32 and f16 (attention's weighted sum of values; heads together
- *   bit-identical to each alone), key_scores where a path has one (attention's Q K^T: within
+ *   bit-identical to each alone, and every vector path to the first), key_scores where a path has one (attention's Q K^T: within
  *   rounding of double, each score the same alone), read_sum (the bandwidth probe);
  * - the gated activations (SiLU, GELU-tanh) within 8 ulp of scalar's libm expf;
  * - RMSNorm rows bit-identical to scalar's; softmax rows within a few ulp of scalar's;
@@ -862,12 +862,14 @@ static void check_k_quant_prefill(const blob_isa_ops *ops, const char *path) {
 
 /* weighted_rows over f32 and f16 rows: within rounding of scalar's (which multiplies, then
  * adds), and on each path every head's sums bit-identical to that head's alone, so that
- * attention's output does not depend on how many heads a work item takes. Sizes cover the
- * register tile's columns, one vector, the tail past a multiple of 8, and 1..6 heads (x86
- * and NEON take four at a time). */
-static void check_weighted_rows(const blob_isa_ops *ops, const char *path) {
+ * attention's output does not depend on how many heads a work item takes; with `same` (the
+ * architecture's first vector path, for the others) bit-identical to its: every vector path
+ * fuses the same multiply-adds in the same order, whatever its register width. Sizes cover the
+ * register tiles' columns, one vector of 8 and of 16, the tail past a multiple of 8, and 1..6
+ * heads (x86 and NEON take four at a time). */
+static void check_weighted_rows(const blob_isa_ops *ops, const char *path, const blob_isa_ops *same) {
     enum { MAX_N = 100, MAX_HEADS = 6, COUNT = 7 };
-    const size_t sizes[] = {1, 7, 8, 9, 24, 64, 100};
+    const size_t sizes[] = {1, 7, 8, 9, 16, 24, 64, 72, 100};
     for (int dtype = BLOB_F32; dtype <= BLOB_F16; dtype++) {
         for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
             const size_t n = sizes[i];
@@ -883,6 +885,10 @@ static void check_weighted_rows(const blob_isa_ops *ops, const char *path) {
                 for (size_t h = 0; h < heads; h++) {
                     ops->weighted_rows(alone, MAX_N, alpha[h], COUNT + 1, 1, a.plane, stride, COUNT, n, dtype);
                     expect_identical("weighted_rows heads together vs alone", path, y[h], alone, n);
+                    if (same) {
+                        same->weighted_rows(alone, MAX_N, alpha[h], COUNT + 1, 1, a.plane, stride, COUNT, n, dtype);
+                        expect_identical("weighted_rows vs the first vector path", path, y[h], alone, n);
+                    }
                     for (size_t k = 0; k < n; k++) expect_close("weighted_rows vs scalar", path, y[h][k], ref[h][k], 1e-5);
                 }
             }
@@ -1436,7 +1442,8 @@ int main(void) {
         check_k_quant_prefill(paths[i].ops, paths[i].name);
         check_interleave8(paths[i].ops, paths[i].name);
         check_interleave8_q5_0(paths[i].ops, paths[i].name);
-        check_weighted_rows(paths[i].ops, paths[i].name);
+        const int vector = paths[i].ops != &blob_ops_scalar && paths[0].usable;
+        check_weighted_rows(paths[i].ops, paths[i].name, vector && i > 0 ? paths[0].ops : NULL);
         check_key_scores(paths[i].ops, paths[i].name);
         check_gated_act(paths[i].ops, paths[i].name);
         check_rms_norm(paths[i].ops, paths[i].name);
