@@ -10,7 +10,8 @@ static uint32_t isa_requirements(int isa) {
     switch (isa) {
     case BLOB_ISA_AVX2: return BLOB_CPU_AVX2 | BLOB_CPU_FMA | BLOB_CPU_F16C;
     /* VNNI for the integer dot products; not AVX512-BF16, which no kernel uses: its VDPBF16PS
-     * would round the activations to bf16 as well (kernels_avx512.c), so Ice / Tiger Lake run it */
+     * would round the activations to bf16 as well, and with them split in two bf16 parts it was
+     * slower than FMA (kernels_avx512.c), so Ice / Tiger Lake run it */
     case BLOB_ISA_AVX512:
         return BLOB_CPU_AVX2 | BLOB_CPU_FMA | BLOB_CPU_F16C | BLOB_CPU_AVX512F | BLOB_CPU_AVX512BW |
                BLOB_CPU_AVX512VL | BLOB_CPU_AVX512DQ | BLOB_CPU_AVX512VNNI;

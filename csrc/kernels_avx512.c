@@ -25,11 +25,14 @@
  * rows has 512-bit tiles (below; q4_k and q6_k in kernels_avx512_kquant.inc).
  *
  * bf16 weights are widened to f32 and multiplied by the f32 activations with FMA, as on every
- * other path: the kernels' contract for float weights is exact products and f32 sums
- * (tests/test_kernels.py: within 1e-5 of the sum of |w x|). AVX512-BF16's VDPBF16PS takes both
- * operands as bf16, so it would round each activation to 8 significant bits (a relative error up
- * to 2^-9, two hundred times that bound); splitting each activation into three bf16 parts keeps
- * it exact but would cost three VDPBF16PS per 32 weights and token against two FMAs.
+ * other path (at prefill 32 at a time, against activations arranged for it: below): the
+ * kernels' contract for float weights is exact products and f32 sums (tests/test_kernels.py:
+ * within 1e-5 of the sum of |w x|). AVX512-BF16's VDPBF16PS takes both operands as bf16, so it
+ * would round each activation to 8 significant bits (a relative error up to 2^-9, two hundred
+ * times that bound). Split in two bf16 parts, its rounding and the rounded rest, an activation
+ * is within 2^-17 of itself, but on Sapphire Rapids a VDPBF16PS issues a quarter as often as an
+ * FMA (512- or 256-bit alike): a 4 x 4 register tile with two of them per 32 columns ran at
+ * 0.43-0.45x the FMA tile's GFLOP/s, and with one (activations rounded) at 0.84-0.91x.
  */
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -173,6 +176,10 @@ static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, si
 #define ZF_ROWS 16
 static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                     size_t nt, float *y, size_t ys, int dtype);
+/* The bf16 prefill tile, defined after zmm_float_tile, which hands it those calls: the
+ * activations arranged by blob_even_odd_columns (blob_isa_ops.bf16_even_odd). */
+static inline ZMM_TARGET void zmm_bf16_even_odd_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
+                                                     size_t t0, size_t nt, float *y, size_t ys, int R, int T);
 
 /* Attention's weighted value rows and key scores, sixteen columns a register, defined after
  * kernels_x86.inc (the weighted rows finish on its 8-column weighted_tile). */
@@ -190,6 +197,7 @@ static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_
 #define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
 #define X86_WEIGHTED_ROWS zmm_weighted_rows
 #define X86_KEY_SCORES zmm_key_scores
+#define X86_BF16_EVEN_ODD 1
 #define X86_OPS blob_ops_avx512
 #include "kernels_x86.inc"
 
@@ -274,13 +282,18 @@ ZFN void zmm_half_store(__m512 acc[][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS], 
 #define ZF_BLOCK_COLS 1024
 _Static_assert(ZF_ROWS % MM_ROWS == 0 && ZF_BLOCK_COLS % 16 == 0, "whole register tiles, whole steps");
 
-/* The float tile of this path: bf16 sixteen lanes at a time; f16 too at prefill (T > 1: 1.4x the
- * 256-bit tile's GFLOP/s on Sapphire Rapids), its decode rows by float_tile's 256-bit
- * conversions (see the header); f32 by float_tile. Any nr <= ZF_ROWS rows when R is MM_ROWS. */
+/* The float tile of this path: bf16 sixteen lanes at a time (prefill: zmm_bf16_even_odd_tile's
+ * 32); f16 too at prefill (T > 1: 1.4x the 256-bit tile's GFLOP/s on Sapphire Rapids), its
+ * decode rows by float_tile's 256-bit conversions (see the header); f32 by float_tile. Any
+ * nr <= ZF_ROWS rows when R is MM_ROWS. */
 ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
                         float *y, size_t ys, int dtype, int R, int T) {
     if (dtype == BLOB_F32 || (dtype == BLOB_F16 && T == 1)) {
         float_tile(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);
+        return;
+    }
+    if (dtype == BLOB_BF16 && T > 1) {
+        zmm_bf16_even_odd_tile(w, r0, nr, a, t0, nt, y, ys, R, T);
         return;
     }
     if (R == 1 && T == 1) {
@@ -310,6 +323,83 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
                 BLOB_UNROLL
                 for (int t = 0; t < T; t++) regs[r][t] = acc[i][r][t];
             zmm_half_cols(regs, rows, xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), dtype, R, T);
+            BLOB_UNROLL
+            for (int r = 0; r < R; r++)
+                BLOB_UNROLL
+                for (int t = 0; t < T; t++) acc[i][r][t] = regs[r][t];
+        }
+    zmm_half_store(acc, tiles, r0, nr, t0, nt, y, ys, R, T);
+}
+
+/* ---- bf16 at prefill: 32 columns a step ----
+ * A 512-bit load takes 32 bf16 weights of a row, two to each 32-bit lane: shifted left by 16
+ * bits the lanes hold the even columns' weights as f32, masked to their upper halves the odd
+ * columns', both exact. Against the activations of each 32 columns stored even ones first
+ * (blob_even_odd_columns), that widens 32 weights with two instructions where zmm_load_half
+ * takes four (a VPMOVZXWD and a shift per 16): a register tile of 4 rows x 4 tokens issues 40
+ * vector instructions per 32 columns in place of 48. Products are exact and sums f32 as in the
+ * FMA tile, each accumulator lane adding its even and odd column in turn, 32 columns a step:
+ * one order per output whatever the tile, the call or the thread count. */
+
+/* A mask of the first len (<= 32) of 32 sixteen-bit lanes. */
+ZFN __mmask32 zmm_mask32(size_t len) { return len >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << len) - 1); }
+
+/* acc[r][t] += W[row r][k .. k+len) . X[token t][k .. k+len), len <= 32, k a multiple of 32;
+ * xs[t]: token t's even / odd arrangement, zero past the row's columns. */
+ZFN void zmm_bf16_even_odd_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows,
+                                const float *const *xs, size_t k, size_t len, int R, int T) {
+    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 even[BLOB_TILE_MAX_TOKENS], odd[BLOB_TILE_MAX_TOKENS];
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) {
+        even[t] = _mm512_loadu_ps(xs[t] + k);
+        odd[t] = _mm512_loadu_ps(xs[t] + k + BLOB_EVEN_ODD_COLS / 2);
+    }
+    BLOB_UNROLL
+    for (int r = 0; r < R; r++) {
+        const __m512i pairs = _mm512_maskz_loadu_epi16(zmm_mask32(len), rows[r] + 2 * k);
+        const __m512 w_even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+        const __m512 w_odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, upper));
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) acc[r][t] = _mm512_fmadd_ps(w_odd, odd[t], _mm512_fmadd_ps(w_even, even[t], acc[r][t]));
+    }
+}
+
+/* acc[r][t] += rows r . tokens t over columns k0 .. k1 - 1 (k0 a multiple of 32) */
+ZFN void zmm_bf16_even_odd_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows,
+                                const float *const *xs, size_t k0, size_t k1, int R, int T) {
+    size_t k = k0;
+    for (; k + BLOB_EVEN_ODD_COLS <= k1; k += BLOB_EVEN_ODD_COLS)
+        zmm_bf16_even_odd_step(acc, rows, xs, k, BLOB_EVEN_ODD_COLS, R, T);
+    if (k < k1) zmm_bf16_even_odd_step(acc, rows, xs, k, k1 - k, R, T);
+}
+
+/* zmm_float_tile's calls of bf16 rows at prefill, in its register tiles and column blocks. */
+_Static_assert(ZF_BLOCK_COLS % BLOB_EVEN_ODD_COLS == 0, "blocks of whole even / odd runs");
+ZFN void zmm_bf16_even_odd_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
+                                float *y, size_t ys, int R, int T) {
+    const size_t tiles = blob_div_up(nr, (size_t)R), K = w->cols;
+    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    const float *xs[BLOB_TILE_MAX_TOKENS];
+    __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+    blob_tile_tokens(t0, nt, T, tokens);
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) xs[t] = a->even_odd + tokens[t] * blob_even_odd_stride(K);
+    for (size_t i = 0; i < tiles; i++)
+        BLOB_UNROLL
+        for (int r = 0; r < R; r++)
+            BLOB_UNROLL
+            for (int t = 0; t < T; t++) acc[i][r][t] = _mm512_setzero_ps();
+    for (size_t k0 = 0; k0 < K; k0 += ZF_BLOCK_COLS)
+        for (size_t i = 0; i < tiles; i++) {
+            const uint8_t *rows[BLOB_TILE_MAX_ROWS];
+            __m512 regs[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
+            blob_tile_rows(w, r0 + (size_t)R * i, nr - (size_t)R * i, R, rows);
+            BLOB_UNROLL
+            for (int r = 0; r < R; r++)
+                BLOB_UNROLL
+                for (int t = 0; t < T; t++) regs[r][t] = acc[i][r][t];
+            zmm_bf16_even_odd_cols(regs, rows, xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), R, T);
             BLOB_UNROLL
             for (int r = 0; r < R; r++)
                 BLOB_UNROLL

@@ -435,6 +435,9 @@ typedef struct blob_acts {
      * (crossed where reads_levels says BLOB_READS_CROSSED), token t's at lanes + t * 2 * q_stride,
      * or NULL */
     const int8_t *lanes;
+    /* bf16 prefill on a path whose blob_isa_ops.bf16_even_odd is set: X rearranged by
+     * blob_even_odd_columns, token t's at even_odd + t * blob_even_odd_stride(cols) */
+    const float *even_odd;
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -501,6 +504,24 @@ static inline void blob_pair_levels(const int16_t *q, size_t nblocks, int16_t *o
             for (size_t j = 0; j < 8; j++)
                 for (size_t e = 0; e < 2; e++)
                     out[256 * g + 16 * i + 2 * j + e] = 8 * g + j < nblocks ? q[256 * g + 32 * j + 2 * i + e] : 0;
+}
+
+/* The f32 activations of each BLOB_EVEN_ODD_COLS columns with the even columns first, then the
+ * odd ones (zeros past cols): a 512-bit load of 32 bf16 weights holds two in each 32-bit lane,
+ * the lane shifted left by 16 bits being the even column's weight as f32 and the lane masked to
+ * its upper half the odd one's, so that such a tile widens 32 weights with two instructions
+ * (kernels_avx512.c). out holds blob_even_odd_stride(cols) floats. */
+#define BLOB_EVEN_ODD_COLS 32
+static inline size_t blob_even_odd_stride(size_t cols) { return blob_div_up(cols, BLOB_EVEN_ODD_COLS) * BLOB_EVEN_ODD_COLS; }
+static inline void blob_even_odd_columns(const float *x, size_t cols, float *out) {
+    const size_t half = BLOB_EVEN_ODD_COLS / 2, whole = cols / BLOB_EVEN_ODD_COLS * BLOB_EVEN_ODD_COLS;
+    for (size_t c = 0; c < whole; c += BLOB_EVEN_ODD_COLS)
+        for (size_t j = 0; j < half; j++) {
+            out[c + j] = x[c + 2 * j];
+            out[c + half + j] = x[c + 2 * j + 1];
+        }
+    for (size_t k = whole; k < blob_even_odd_stride(cols); k++)   /* the last, partial run */
+        out[whole + (k % 2) * half + (k - whole) / 2] = k < cols ? x[k] : 0.0f;
 }
 
 /* Token t's activation levels for `dtype` weights: int8_t or int16_t, per blob_act_bits. */
@@ -574,6 +595,9 @@ typedef struct blob_isa_ops {
      * matmul tile: f32 weights keep theirs. */
     void (*key_scores)(const float *q, size_t heads, size_t head_dim, const void *keys, size_t stride, size_t count,
                        int dtype, float *scores, size_t scores_stride);
+    /* 1 when this path's bf16 matmul tile reads the activations from blob_acts.even_odd, which
+     * matmul.c then makes for every bf16 prefill */
+    unsigned char bf16_even_odd;
 } blob_isa_ops;
 #define BLOB_INTERLEAVE8_ROWS 16   /* rows per call of an interleave8 tile: two groups */
 

@@ -172,6 +172,31 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     return BLOB_OK;
 }
 
+typedef struct {
+    const float *x;
+    size_t x_stride, cols, n;
+    float *out;
+    volatile size_t next;
+} even_odd_job;
+
+static void even_odd_task(void *ctx, int ith, int nth) {
+    even_odd_job *j = (even_odd_job *)ctx;
+    (void)ith, (void)nth;
+    for (size_t t; (t = blob_next_item(&j->next)) < j->n;)
+        blob_even_odd_columns(j->x + t * j->x_stride, j->cols, j->out + t * blob_even_odd_stride(j->cols));
+}
+
+/* The activations of a bf16 prefill arranged for a path whose tile reads them so
+ * (blob_isa_ops.bf16_even_odd) into the workspace: (n, blob_even_odd_stride(cols)) f32. */
+static int arrange_even_odd(blob_acts *acts, size_t n, size_t cols) {
+    float *out = (float *)blob_workspace(n * blob_even_odd_stride(cols) * sizeof(float));
+    if (!out) return BLOB_ENOMEM;
+    even_odd_job job = {acts->x, acts->x_stride, cols, n, out, 0};
+    blob_pool_run(even_odd_task, &job);
+    acts->even_odd = out;
+    return BLOB_OK;
+}
+
 static size_t round_down_to(size_t v, size_t m) { return v < m ? m : v / m * m; }
 
 /* Part p's tile, and the rows and tokens it takes a call. Interleaved rows
@@ -239,7 +264,9 @@ int blob_matmul_group(const blob_matrix *const *w, float *const *y, const size_t
     if (job.nitems == 0) return BLOB_OK;
 
     blob_call_lock();
-    int status = quantized ? quantize_activations(ops, &job.acts, n, cols, w[0]->dtype, planar) : BLOB_OK;
+    const int even_odd = w[0]->dtype == BLOB_BF16 && !decode_tiles(n) && ops->bf16_even_odd;
+    int status = quantized ? quantize_activations(ops, &job.acts, n, cols, w[0]->dtype, planar)
+               : even_odd ? arrange_even_odd(&job.acts, n, cols) : BLOB_OK;
     if (status == BLOB_OK) blob_pool_run(matmul_task, &job);
     blob_call_unlock();
     return status;

@@ -171,6 +171,27 @@ def test_matmul_prefill(isa, dtype, shape, n):
 
 
 
+@pytest.mark.parametrize("cols", [70, 1000, 2100])
+@pytest.mark.parametrize("n", [9, 33, 130])
+def test_bf16_prefill(isa, threads, cols, n):
+    """bf16 prefill, which the avx512 path runs 32 columns a step against the activations
+    arranged even columns first (blob_even_odd_columns): columns past the last whole 32, its
+    blocks of columns, strided activations with activations of long mantissas and of every
+    magnitude; each output one sum whatever the tokens beside it (the tokens reversed) and the
+    thread count."""
+    rng = np.random.default_rng(stable_seed("bf16 prefill", cols, n))
+    m, w = make_weight("bf16", 37, cols, rng)
+    wide = rng.standard_normal((n, cols + 24)) * 2.0 ** rng.integers(-30, 30, (n, cols + 24))
+    x = wide.astype(np.float32)[:, :cols]
+    results = []
+    for count in (1, 2):
+        K.set_threads(count)
+        results.append(K.matmul(m, x))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(K.matmul(m, x[::-1]), results[0][::-1])
+    check_matmul("bf16", w, np.ascontiguousarray(x), results[0].astype(np.float64))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 640), (29, 608), (11, 4097)])
 def test_matvec_equals_prefill_rows_bitwise(isa, dtype, shape):
@@ -503,7 +524,7 @@ def test_activation_outliers_and_zero_blocks(isa):
 def test_threads_bit_identical(threads, dtype):
     rng = np.random.default_rng(7)
     m, _ = make_weight(dtype, 301, 257, rng)
-    for n in (1, 7):
+    for n in (1, 7, 20):   # decode tiles, then the prefill tiles
         x = rng.standard_normal((n, 257)).astype(np.float32)
         results = []
         for count in (1, 2):

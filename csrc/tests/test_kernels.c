@@ -386,8 +386,12 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
     quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
     const int dtype = w->m.dtype;
     const int8_t *lanes = ops->reads_levels[dtype] & BLOB_READS_CROSSED ? qa.crossed : qa.lanes;
+    float *even_odd = (float *)malloc(n * blob_even_odd_stride(w->m.cols) * sizeof(float));
+    for (size_t t = 0; t < n; t++)
+        blob_even_odd_columns(x + t * w->m.cols, w->m.cols, even_odd + t * blob_even_odd_stride(w->m.cols));
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? lanes : NULL};
+                   qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? lanes : NULL,
+                   ops->bf16_even_odd && dtype == BLOB_BF16 ? even_odd : NULL};
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
     const int mm_rows = ops->mm_tile_rows[dtype] ? ops->mm_tile_rows[dtype] : ops->mm_rows;
@@ -398,6 +402,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
         for (size_t t = 0; t < n; t += T)
             tile(&w->m, r, blob_min(R, w->m.rows - r), &a, t, blob_min(T, n - t), y, w->m.rows);
     free_acts(&qa);
+    free(even_odd);
 }
 
 static const char *const dtype_names[BLOB_NUM_DTYPES] = {"f32", "f16", "bf16", "q8_0", "q4_0", [BLOB_Q4_1] = "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"};
@@ -559,7 +564,7 @@ static void check_interleave8(const blob_isa_ops *ops, const char *path) {
                 run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
                 quantized_acts qa = quantize_all(ops, x, n, cols, bits);
                 blob_acts a = {x, cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL, NULL};
+                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[dtype](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[80];
@@ -679,7 +684,7 @@ static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
             quantized_acts qa = quantize_all(ops, x, n, cols, 16);
             for (int with_split = 0; with_split < 2; with_split++) {
                 blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums,
-                               with_split ? qa.split : NULL, NULL, NULL};
+                               with_split ? qa.split : NULL, NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[96];
