@@ -251,9 +251,18 @@ ZFN void zmm_half_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const 
     if (k < k1) zmm_half_step(acc, rows, xs, k, k1 - k, dtype, R, T);
 }
 
-/* Register tile i (rows r0 + R i ..) of a call: its R row pointers. */
-ZFN void zmm_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int R, size_t i, const uint8_t **rows) {
-    blob_tile_rows(w, r0 + (size_t)R * i, nr - (size_t)R * i, R, rows);
+/* The row pointers of a call's register tiles: tile i's R rows from r0 + R i (blob_tile_rows). */
+ZFN void zmm_tile_rows(const blob_matrix *w, size_t r0, size_t nr, int R, size_t tiles,
+                       const uint8_t *rows[][BLOB_TILE_MAX_ROWS]) {
+    for (size_t i = 0; i < tiles; i++) blob_tile_rows(w, r0 + (size_t)R * i, nr - (size_t)R * i, R, rows[i]);
+}
+
+/* dst = src, a register tile's R x T accumulators. */
+ZFN void zmm_copy_tile(__m512 dst[][BLOB_TILE_MAX_TOKENS], __m512 src[][BLOB_TILE_MAX_TOKENS], int R, int T) {
+    BLOB_UNROLL
+    for (int r = 0; r < R; r++)
+        BLOB_UNROLL
+        for (int t = 0; t < T; t++) dst[r][t] = src[r][t];
 }
 
 /* The register tiles' sums into y, rows r0 .. r0 + nr - 1, tokens t0 .. t0 + nt - 1. */
@@ -267,9 +276,7 @@ ZFN void zmm_half_store(__m512 acc[][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS], 
         for (int r = 0; r < R; r++)
             BLOB_UNROLL
             for (int t = 0; t < T; t++) sums[r][t] = _mm512_reduce_add_ps(acc[i][r][t]);
-        const size_t first = r0 + (size_t)R * i, count = blob_min((size_t)R, nr - (size_t)R * i);
-        for (size_t r = 0; r < count; r++)
-            for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + first + r] = sums[r][t];
+        blob_store_tile(sums, r0 + (size_t)R * i, blob_min((size_t)R, nr - (size_t)R * i), t0, nt, y, ys);
     }
 }
 
@@ -302,12 +309,11 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
         return;
     }
     const size_t tiles = blob_div_up(nr, (size_t)R), K = w->cols;
-    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    const uint8_t *rows[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS];
     const float *xs[BLOB_TILE_MAX_TOKENS];
     __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    blob_tile_tokens(t0, nt, T, tokens);
-    BLOB_UNROLL
-    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
+    zmm_tile_rows(w, r0, nr, R, tiles, rows);
+    blob_tile_xs(a, t0, nt, T, xs);
     for (size_t i = 0; i < tiles; i++)
         BLOB_UNROLL
         for (int r = 0; r < R; r++)
@@ -315,18 +321,10 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
             for (int t = 0; t < T; t++) acc[i][r][t] = _mm512_setzero_ps();
     for (size_t k0 = 0; k0 < K; k0 += ZF_BLOCK_COLS)
         for (size_t i = 0; i < tiles; i++) {
-            const uint8_t *rows[BLOB_TILE_MAX_ROWS];
             __m512 regs[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-            zmm_tile_rows(w, r0, nr, R, i, rows);
-            BLOB_UNROLL
-            for (int r = 0; r < R; r++)
-                BLOB_UNROLL
-                for (int t = 0; t < T; t++) regs[r][t] = acc[i][r][t];
-            zmm_half_cols(regs, rows, xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), dtype, R, T);
-            BLOB_UNROLL
-            for (int r = 0; r < R; r++)
-                BLOB_UNROLL
-                for (int t = 0; t < T; t++) acc[i][r][t] = regs[r][t];
+            zmm_copy_tile(regs, acc[i], R, T);
+            zmm_half_cols(regs, rows[i], xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), dtype, R, T);
+            zmm_copy_tile(acc[i], regs, R, T);
         }
     zmm_half_store(acc, tiles, r0, nr, t0, nt, y, ys, R, T);
 }

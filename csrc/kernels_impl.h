@@ -618,6 +618,22 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
 
+/* The activation rows of a tile's T tokens, repeating the last past nt (blob_tile_tokens). */
+BLOB_INLINE void blob_tile_xs(const blob_acts *a, size_t t0, size_t nt, int T, const float **xs) {
+    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    blob_tile_tokens(t0, nt, T, tokens);
+    BLOB_UNROLL
+    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
+}
+
+/* A tile's outputs into y: sums[r][t] for its nr rows from r0 and nt tokens from t0 (a tile
+ * kernel's surplus rows and tokens are not stored). */
+BLOB_INLINE void blob_store_tile(float sums[][BLOB_TILE_MAX_TOKENS], size_t r0, size_t nr, size_t t0, size_t nt,
+                                 float *y, size_t ys) {
+    for (size_t r = 0; r < nr; r++)
+        for (size_t t = 0; t < nt; t++) y[(t0 + t) * ys + r0 + r] = sums[r][t];
+}
+
 /* A path's tile functions, one per (dtype, tile shape): mv_<type>, mm_<type>, mv1_<type> and
  * mvt_<type> (matvec, matmul, matvec_row, matvec_tokens; no mvt_ for the float types).
  * BLOB_DEFINE_TILES defines those of the five original types, each calling the path's generic

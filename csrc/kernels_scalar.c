@@ -40,12 +40,10 @@ BLOB_INLINE void float_step(float acc[][BLOB_TILE_MAX_TOKENS][LANES], const uint
 BLOB_INLINE void float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
                             size_t t0, size_t nt, float *y, size_t ys, int dtype, int R, int T) {
     const uint8_t *rows[BLOB_TILE_MAX_ROWS];
-    size_t tokens[BLOB_TILE_MAX_TOKENS];
     const float *xs[BLOB_TILE_MAX_TOKENS];
     float acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS][LANES] = {{{0}}};
     blob_tile_rows(w, r0, nr, R, rows);
-    blob_tile_tokens(t0, nt, T, tokens);
-    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
+    blob_tile_xs(a, t0, nt, T, xs);
     size_t k = 0, K = w->cols;
     for (; k + LANES <= K; k += LANES) float_step(acc, rows, xs, k, LANES, dtype, R, T);
     if (k < K) float_step(acc, rows, xs, k, K - k, dtype, R, T);
