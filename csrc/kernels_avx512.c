@@ -176,10 +176,6 @@ static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, si
 #define ZF_ROWS 16
 static ZMM_TARGET int zmm_k_prefill(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0,
                                     size_t nt, float *y, size_t ys, int dtype);
-/* The bf16 prefill tile, defined after zmm_float_tile, which hands it those calls: the
- * activations arranged by blob_even_odd_columns (blob_isa_ops.bf16_even_odd). */
-static inline ZMM_TARGET void zmm_bf16_even_odd_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
-                                                     size_t t0, size_t nt, float *y, size_t ys, int R, int T);
 
 /* Attention's weighted value rows and key scores, sixteen columns a register, defined after
  * kernels_x86.inc (the weighted rows finish on its 8-column weighted_tile). */
@@ -280,55 +276,6 @@ ZFN void zmm_half_store(__m512 acc[][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS], 
     }
 }
 
-/* The f16 / bf16 prefill takes ZF_ROWS rows a call (defined above the ops table), a work item's,
- * in register tiles of R rows x T tokens, and blocks the columns: each tile runs over a block
- * of ZF_BLOCK_COLS columns in turn, its accumulators kept in memory between blocks, so the
- * tokens' activations over a block (16 KiB for four) stay in L1 for all the call's rows and its
- * weights come once from L2. Every accumulator lane still adds its columns in column order, so
- * each output is the unblocked tile's sum, bit for bit. */
-#define ZF_BLOCK_COLS 1024
-_Static_assert(ZF_ROWS % MM_ROWS == 0 && ZF_BLOCK_COLS % 16 == 0, "whole register tiles, whole steps");
-
-/* The float tile of this path: bf16 sixteen lanes at a time (prefill: zmm_bf16_even_odd_tile's
- * 32); f16 too at prefill (T > 1: 1.4x the 256-bit tile's GFLOP/s on Sapphire Rapids), its
- * decode rows by float_tile's 256-bit conversions (see the header); f32 by float_tile. Any
- * nr <= ZF_ROWS rows when R is MM_ROWS. */
-ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
-                        float *y, size_t ys, int dtype, int R, int T) {
-    if (dtype == BLOB_F32 || (dtype == BLOB_F16 && T == 1)) {
-        float_tile(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);
-        return;
-    }
-    if (dtype == BLOB_BF16 && T > 1) {
-        zmm_bf16_even_odd_tile(w, r0, nr, a, t0, nt, y, ys, R, T);
-        return;
-    }
-    if (R == 1 && T == 1) {
-        y[t0 * ys + r0] = zmm_half_row((const uint8_t *)w->plane[0] + r0 * w->row_stride_bytes,
-                                       a->x + t0 * a->x_stride, w->cols, dtype);
-        return;
-    }
-    const size_t tiles = blob_div_up(nr, (size_t)R), K = w->cols;
-    const uint8_t *rows[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS];
-    const float *xs[BLOB_TILE_MAX_TOKENS];
-    __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    zmm_tile_rows(w, r0, nr, R, tiles, rows);
-    blob_tile_xs(a, t0, nt, T, xs);
-    for (size_t i = 0; i < tiles; i++)
-        BLOB_UNROLL
-        for (int r = 0; r < R; r++)
-            BLOB_UNROLL
-            for (int t = 0; t < T; t++) acc[i][r][t] = _mm512_setzero_ps();
-    for (size_t k0 = 0; k0 < K; k0 += ZF_BLOCK_COLS)
-        for (size_t i = 0; i < tiles; i++) {
-            __m512 regs[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-            zmm_copy_tile(regs, acc[i], R, T);
-            zmm_half_cols(regs, rows[i], xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), dtype, R, T);
-            zmm_copy_tile(acc[i], regs, R, T);
-        }
-    zmm_half_store(acc, tiles, r0, nr, t0, nt, y, ys, R, T);
-}
-
 /* ---- bf16 at prefill: 32 columns a step ----
  * A 512-bit load takes 32 bf16 weights of a row, two to each 32-bit lane: shifted left by 16
  * bits the lanes hold the even columns' weights as f32, masked to their upper halves the odd
@@ -363,6 +310,13 @@ ZFN void zmm_bf16_even_odd_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_
     }
 }
 
+/* xs[t]: the even / odd arrangement of the tile's token t (blob_tile_tokens' tokens). */
+ZFN void zmm_even_odd_xs(const blob_acts *a, size_t t0, size_t nt, int T, size_t K, const float **xs) {
+    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    blob_tile_tokens(t0, nt, T, tokens);
+    for (int t = 0; t < T; t++) xs[t] = a->even_odd + tokens[t] * blob_even_odd_stride(K);
+}
+
 /* acc[r][t] += rows r . tokens t over columns k0 .. k1 - 1 (k0 a multiple of 32) */
 ZFN void zmm_bf16_even_odd_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows,
                                 const float *const *xs, size_t k0, size_t k1, int R, int T) {
@@ -372,17 +326,39 @@ ZFN void zmm_bf16_even_odd_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_
     if (k < k1) zmm_bf16_even_odd_step(acc, rows, xs, k, k1 - k, R, T);
 }
 
-/* zmm_float_tile's calls of bf16 rows at prefill, in its register tiles and column blocks. */
-_Static_assert(ZF_BLOCK_COLS % BLOB_EVEN_ODD_COLS == 0, "blocks of whole even / odd runs");
-ZFN void zmm_bf16_even_odd_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
-                                float *y, size_t ys, int R, int T) {
+/* The f16 / bf16 prefill takes ZF_ROWS rows a call (defined above the ops table), a work item's,
+ * in register tiles of R rows x T tokens, and blocks the columns: each tile runs over a block
+ * of ZF_BLOCK_COLS columns in turn, its accumulators kept in memory between blocks, so the
+ * tokens' activations over a block (16 KiB for four) stay in L1 for all the call's rows and its
+ * weights come once from L2. Every accumulator lane still adds its columns in column order, so
+ * each output is the unblocked tile's sum, bit for bit. */
+#define ZF_BLOCK_COLS 1024
+_Static_assert(ZF_ROWS % MM_ROWS == 0 && ZF_BLOCK_COLS % BLOB_EVEN_ODD_COLS == 0 && BLOB_EVEN_ODD_COLS % 16 == 0,
+               "whole register tiles, whole steps");
+
+/* The float tile of this path: bf16 sixteen lanes at a time (prefill: zmm_bf16_even_odd_step's
+ * 32); f16 too at prefill (T > 1: 1.4x the 256-bit tile's GFLOP/s on Sapphire Rapids), its
+ * decode rows by float_tile's 256-bit conversions (see the header); f32 by float_tile. Any
+ * nr <= ZF_ROWS rows when R is MM_ROWS. */
+ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a, size_t t0, size_t nt,
+                        float *y, size_t ys, int dtype, int R, int T) {
+    if (dtype == BLOB_F32 || (dtype == BLOB_F16 && T == 1)) {
+        float_tile(w, r0, nr, a, t0, nt, y, ys, dtype, R, T);
+        return;
+    }
+    if (R == 1 && T == 1) {
+        y[t0 * ys + r0] = zmm_half_row((const uint8_t *)w->plane[0] + r0 * w->row_stride_bytes,
+                                       a->x + t0 * a->x_stride, w->cols, dtype);
+        return;
+    }
     const size_t tiles = blob_div_up(nr, (size_t)R), K = w->cols;
-    size_t tokens[BLOB_TILE_MAX_TOKENS];
+    const uint8_t *rows[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS];
     const float *xs[BLOB_TILE_MAX_TOKENS];
     __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-    blob_tile_tokens(t0, nt, T, tokens);
-    BLOB_UNROLL
-    for (int t = 0; t < T; t++) xs[t] = a->even_odd + tokens[t] * blob_even_odd_stride(K);
+    const int even_odd = dtype == BLOB_BF16 && T > 1;   /* bf16 at prefill: blob_acts.even_odd */
+    zmm_tile_rows(w, r0, nr, R, tiles, rows);
+    if (even_odd) zmm_even_odd_xs(a, t0, nt, T, K, xs);
+    else blob_tile_xs(a, t0, nt, T, xs);
     for (size_t i = 0; i < tiles; i++)
         BLOB_UNROLL
         for (int r = 0; r < R; r++)
@@ -390,18 +366,12 @@ ZFN void zmm_bf16_even_odd_tile(const blob_matrix *w, size_t r0, size_t nr, cons
             for (int t = 0; t < T; t++) acc[i][r][t] = _mm512_setzero_ps();
     for (size_t k0 = 0; k0 < K; k0 += ZF_BLOCK_COLS)
         for (size_t i = 0; i < tiles; i++) {
-            const uint8_t *rows[BLOB_TILE_MAX_ROWS];
             __m512 regs[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
-            blob_tile_rows(w, r0 + (size_t)R * i, nr - (size_t)R * i, R, rows);
-            BLOB_UNROLL
-            for (int r = 0; r < R; r++)
-                BLOB_UNROLL
-                for (int t = 0; t < T; t++) regs[r][t] = acc[i][r][t];
-            zmm_bf16_even_odd_cols(regs, rows, xs, k0, blob_min(k0 + ZF_BLOCK_COLS, K), R, T);
-            BLOB_UNROLL
-            for (int r = 0; r < R; r++)
-                BLOB_UNROLL
-                for (int t = 0; t < T; t++) acc[i][r][t] = regs[r][t];
+            zmm_copy_tile(regs, acc[i], R, T);
+            const size_t k1 = blob_min(k0 + ZF_BLOCK_COLS, K);
+            if (even_odd) zmm_bf16_even_odd_cols(regs, rows[i], xs, k0, k1, R, T);
+            else zmm_half_cols(regs, rows[i], xs, k0, k1, dtype, R, T);
+            zmm_copy_tile(acc[i], regs, R, T);
         }
     zmm_half_store(acc, tiles, r0, nr, t0, nt, y, ys, R, T);
 }
