@@ -310,13 +310,6 @@ ZFN void zmm_bf16_even_odd_step(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_
     }
 }
 
-/* xs[t]: the even / odd arrangement of the tile's token t (blob_tile_tokens' tokens). */
-ZFN void zmm_even_odd_xs(const blob_acts *a, size_t t0, size_t nt, int T, size_t K, const float **xs) {
-    size_t tokens[BLOB_TILE_MAX_TOKENS];
-    blob_tile_tokens(t0, nt, T, tokens);
-    for (int t = 0; t < T; t++) xs[t] = a->even_odd + tokens[t] * blob_even_odd_stride(K);
-}
-
 /* acc[r][t] += rows r . tokens t over columns k0 .. k1 - 1 (k0 a multiple of 32) */
 ZFN void zmm_bf16_even_odd_cols(__m512 acc[][BLOB_TILE_MAX_TOKENS], const uint8_t *const *rows,
                                 const float *const *xs, size_t k0, size_t k1, int R, int T) {
@@ -357,8 +350,8 @@ ZFN void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_a
     __m512 acc[ZF_ROWS / MM_ROWS][BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS];
     const int even_odd = dtype == BLOB_BF16 && T > 1;   /* bf16 at prefill: blob_acts.even_odd */
     zmm_tile_rows(w, r0, nr, R, tiles, rows);
-    if (even_odd) zmm_even_odd_xs(a, t0, nt, T, K, xs);
-    else blob_tile_xs(a, t0, nt, T, xs);
+    if (even_odd) blob_tile_xs(a->even_odd, blob_even_odd_stride(K), t0, nt, T, xs);
+    else blob_tile_xs(a->x, a->x_stride, t0, nt, T, xs);
     for (size_t i = 0; i < tiles; i++)
         BLOB_UNROLL
         for (int r = 0; r < R; r++)

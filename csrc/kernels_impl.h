@@ -618,12 +618,13 @@ BLOB_INLINE void blob_tile_tokens(size_t t0, size_t nt, int T, size_t *tokens) {
     for (int t = 0; t < T; t++) tokens[t] = t0 + blob_min((size_t)t, nt - 1);
 }
 
-/* The activation rows of a tile's T tokens, repeating the last past nt (blob_tile_tokens). */
-BLOB_INLINE void blob_tile_xs(const blob_acts *a, size_t t0, size_t nt, int T, const float **xs) {
+/* The activation rows of a tile's T tokens, repeating the last past nt (blob_tile_tokens):
+ * token t's at x + t * x_stride (blob_acts.x, or an arrangement of it such as even_odd). */
+BLOB_INLINE void blob_tile_xs(const float *x, size_t x_stride, size_t t0, size_t nt, int T, const float **xs) {
     size_t tokens[BLOB_TILE_MAX_TOKENS];
     blob_tile_tokens(t0, nt, T, tokens);
     BLOB_UNROLL
-    for (int t = 0; t < T; t++) xs[t] = a->x + tokens[t] * a->x_stride;
+    for (int t = 0; t < T; t++) xs[t] = x + tokens[t] * x_stride;
 }
 
 /* A tile's outputs into y: sums[r][t] for its nr rows from r0 and nt tokens from t0 (a tile

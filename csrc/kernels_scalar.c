@@ -43,7 +43,7 @@ BLOB_INLINE void float_tile(const blob_matrix *w, size_t r0, size_t nr, const bl
     const float *xs[BLOB_TILE_MAX_TOKENS];
     float acc[BLOB_TILE_MAX_ROWS][BLOB_TILE_MAX_TOKENS][LANES] = {{{0}}};
     blob_tile_rows(w, r0, nr, R, rows);
-    blob_tile_xs(a, t0, nt, T, xs);
+    blob_tile_xs(a->x, a->x_stride, t0, nt, T, xs);
     size_t k = 0, K = w->cols;
     for (; k + LANES <= K; k += LANES) float_step(acc, rows, xs, k, LANES, dtype, R, T);
     if (k < K) float_step(acc, rows, xs, k, K - k, dtype, R, T);
