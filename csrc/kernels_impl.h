@@ -395,6 +395,12 @@ static inline float blob_inv_rms(double lanes[8], const float *x, size_t k, size
  * activations and one byte dot product per block (VPMADDUBSW, VPDPBUSD, SDOT). */
 static inline int blob_act_bits(int dtype) { return dtype == BLOB_Q4_0 ? 8 : 16; }
 
+/* Whether a dtype's int16 activation levels hold int8 ones (|level| <= 127, blob_act_qmax(8)):
+ * q4_k's, so that its prefill multiplies bytes (64 products a VPDPBUSD, not VPDPWSSD's 32) while
+ * every tile that reads int16 levels stays exact. Its 4-bit weights dominate the error as q4_0's
+ * do: trained models' q4_k_m mixes gained 0.8-2.5 % of KL divergence to f32 (docs/CONVERT.md). */
+static inline int blob_act_int8_levels(int dtype) { return dtype == BLOB_Q4_0 || dtype == BLOB_Q4_K; }
+
 /* The types of GGUF's numbers (q4_1 .. q6_k), multiplied through blob_block32 below with int16
  * activations, whose block sums (blob_half_sums) their mins need. */
 static inline int blob_is_block32_type(int dtype) { return dtype >= BLOB_Q4_1 && dtype <= BLOB_Q6_K; }
@@ -408,8 +414,9 @@ static inline int blob_has_mins(int dtype) {
 static inline float blob_act_qmax(int bits) { return bits == 16 ? 32639.0f : 127.0f; }
 
 /* blob_isa_ops.reads_levels: blob_acts.split, blob_acts.lanes (BLOB_READS_CROSSED: blob_lane_levels'
- * crossed arrangement) */
-enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2, BLOB_READS_CROSSED = 4 };
+ * crossed arrangement); BLOB_READS_QUADS: the prefill tile of a blob_act_int8_levels type reads
+ * blob_acts.quads in place of blob_acts.pairs */
+enum { BLOB_READS_SPLIT = 1, BLOB_READS_LANES = 2, BLOB_READS_CROSSED = 4, BLOB_READS_QUADS = 8 };
 
 /* Activations of a matrix product: X (n, cols) f32, and for quantized weights the same rows
  * quantized to blocks of 32 levels, int8 in q8 or int16 in q16 as blob_act_bits says (the
@@ -438,6 +445,9 @@ typedef struct blob_acts {
     /* bf16 prefill on a path whose blob_isa_ops.bf16_even_odd is set: X rearranged by
      * blob_even_odd_columns, token t's at even_odd + t * blob_even_odd_stride(cols) */
     const float *even_odd;
+    /* q4_k prefill on a path that reads them (BLOB_READS_QUADS): its int8 levels rearranged by
+     * blob_quad_levels, token t's at quads + t * blob_pair_stride(nblocks) */
+    const int8_t *quads;
 } blob_acts;
 
 /* The level sum of each of `nblocks` blocks of int8 levels. The x86 q4_0 tiles multiply the
@@ -504,6 +514,19 @@ static inline void blob_pair_levels(const int16_t *q, size_t nblocks, int16_t *o
             for (size_t j = 0; j < 8; j++)
                 for (size_t e = 0; e < 2; e++)
                     out[256 * g + 16 * i + 2 * j + e] = 8 * g + j < nblocks ? q[256 * g + 32 * j + 2 * i + e] : 0;
+}
+
+/* The int8 levels (held in int16: blob_act_int8_levels) of each group of eight blocks rearranged
+ * so that 32-byte vector i of the group holds, in its 4-byte lane j, levels 4i .. 4i + 3 of
+ * block j: a byte dot product (VPDPBUSD) against weights arranged alike then sums each block in
+ * a lane of its own. A last partial group is completed with zeros: out holds blob_pair_stride
+ * bytes. */
+static inline void blob_quad_levels(const int16_t *q, size_t nblocks, int8_t *out) {
+    for (size_t g = 0; g < blob_div_up(nblocks, 8); g++)
+        for (size_t i = 0; i < 8; i++)
+            for (size_t j = 0; j < 8; j++)
+                for (size_t e = 0; e < 4; e++)
+                    out[256 * g + 32 * i + 4 * j + e] = 8 * g + j < nblocks ? (int8_t)q[256 * g + 32 * j + 4 * i + e] : 0;
 }
 
 /* The f32 activations of each BLOB_EVEN_ODD_COLS columns with the even columns first, then the
@@ -599,6 +622,19 @@ typedef struct blob_isa_ops {
      * matmul.c then makes for every bf16 prefill */
     unsigned char bf16_even_odd;
 } blob_isa_ops;
+
+/* Token row x (cols values) quantized for `dtype` weights: blocks of levels, blob_act_bits wide,
+ * at q, and their scales at d; int8 ones widened in place where int16 levels hold them. */
+static inline void blob_quantize_acts(const blob_isa_ops *ops, int dtype, const float *x, size_t cols, void *q, float *d) {
+    if (blob_act_bits(dtype) == 16 && !blob_act_int8_levels(dtype)) {
+        ops->quantize_row16(x, cols, (int16_t *)q, d);
+        return;
+    }
+    ops->quantize_row(x, cols, (int8_t *)q, d);
+    if (blob_act_bits(dtype) == 16)   /* backwards: level k's two bytes lie at or after byte k */
+        for (size_t k = blob_div_up(cols, BLOB_QBLOCK) * BLOB_QBLOCK; k-- > 0;) ((int16_t *)q)[k] = ((const int8_t *)q)[k];
+}
+
 #define BLOB_INTERLEAVE8_ROWS 16   /* rows per call of an interleave8 tile: two groups */
 
 /* Largest tile any path uses (sizes the tile kernels' local arrays). */

@@ -92,12 +92,13 @@ typedef struct {
     const blob_isa_ops *ops;
     const float *x;
     size_t x_stride, cols, n;
-    int bits;                       /* level width, blob_act_bits */
+    int dtype, bits;                /* the weights' type; its level width, blob_act_bits */
     uint8_t *q;
     float *d, *sums;
     int32_t *half_sums;
     int8_t *split;                  /* q4_1 .. q6_k: the levels as two int8 planes, or NULL */
     int16_t *pairs;                 /* q4_1 .. q6_k prefill: the levels in pairs, or NULL */
+    int8_t *quads;                  /* or, where the tile reads them, the int8 levels in quads */
     int8_t *lanes;                  /* q4_k, q6_k decode: the split levels by lanes, or NULL */
     int crossed;                    /* blob_lane_levels' crossed arrangement */
     size_t q_stride_bytes, nblocks;
@@ -112,14 +113,14 @@ static void quantize_task(void *ctx, int ith, int nth) {
         uint8_t *q = j->q + t * j->q_stride_bytes;
         const float *x = j->x + t * j->x_stride;
         float *d = j->d + t * j->nblocks;
+        blob_quantize_acts(j->ops, j->dtype, x, j->cols, q, d);
         if (j->bits == 16) {
-            j->ops->quantize_row16(x, j->cols, (int16_t *)q, d);
             if (j->half_sums) blob_half_sums((const int16_t *)q, j->nblocks, j->half_sums + t * 2 * j->nblocks);
             if (j->split) blob_split_levels((const int16_t *)q, j->nblocks, j->split + t * j->q_stride_bytes);
             if (j->lanes) blob_lane_levels((const int16_t *)q, j->nblocks, j->crossed, j->lanes + t * j->q_stride_bytes);
             if (j->pairs) blob_pair_levels((const int16_t *)q, j->nblocks, j->pairs + t * blob_pair_stride(j->nblocks));
+            if (j->quads) blob_quad_levels((const int16_t *)q, j->nblocks, j->quads + t * blob_pair_stride(j->nblocks));
         } else {
-            j->ops->quantize_row(x, j->cols, (int8_t *)q, d);
             blob_level_sums((const int8_t *)q, j->nblocks, j->sums + t * j->nblocks);
         }
         memset(q + used, 0, j->q_stride_bytes - used);   /* defined bytes in the row padding too */
@@ -132,7 +133,8 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * each half block (n, 2 * nblocks) int32, and between the levels and the scales either the
  * levels split in bytes (n, 2 * q_stride), which the decode tiles read, or, for a path whose
  * matmul tile takes any number of tokens and more tokens than a decode step, in pairs
- * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead. Planar tiles
+ * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead (q4_k's int8
+ * levels in quads, (n, blob_pair_stride) bytes, where it reads those: BLOB_READS_QUADS). Planar tiles
  * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
  * ones, and x86's decode q4_k and q6_k tiles read the split bytes rearranged by
  * blob_lane_levels (n, 2 * q_stride) after them: each only where the path's reads_levels says
@@ -146,17 +148,19 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     const int reads = block32 && (planar || n == 1) && !paired ? ops->reads_levels[dtype] : 0;
     const size_t split_bytes = reads & BLOB_READS_SPLIT ? n * q_stride_bytes : 0;   /* 2 bytes a level, as int16 */
     const size_t lane_bytes = reads & BLOB_READS_LANES ? n * q_stride_bytes : 0;
-    const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * sizeof(int16_t) : 0;
+    const int quads = paired && blob_act_int8_levels(dtype) && (ops->reads_levels[dtype] & BLOB_READS_QUADS);
+    const size_t pair_bytes = paired ? n * blob_pair_stride(nblocks) * (quads ? 1 : sizeof(int16_t)) : 0;
     uint8_t *space = (uint8_t *)blob_workspace(n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes +
                                                3 * n * nblocks * sizeof(float));
     if (!space) return BLOB_ENOMEM;
     int8_t *split = split_bytes ? (int8_t *)(space + n * q_stride_bytes) : NULL;
     int8_t *lanes = lane_bytes ? (int8_t *)(space + n * q_stride_bytes + split_bytes) : NULL;
-    int16_t *pairs = paired ? (int16_t *)(space + n * q_stride_bytes + split_bytes + lane_bytes) : NULL;
+    int16_t *pairs = paired && !quads ? (int16_t *)(space + n * q_stride_bytes + split_bytes + lane_bytes) : NULL;
+    int8_t *quad_levels = quads ? (int8_t *)(space + n * q_stride_bytes + split_bytes + lane_bytes) : NULL;
     float *d = (float *)(space + n * q_stride_bytes + split_bytes + lane_bytes + pair_bytes);
     int32_t *half_sums = block32 ? (int32_t *)(d + n * nblocks) : NULL;
-    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, bits, space, d, d + n * nblocks, half_sums,
-                        split, pairs, lanes, (reads & BLOB_READS_CROSSED) != 0, q_stride_bytes, nblocks, 0};
+    quantize_job job = {ops, acts->x, acts->x_stride, cols, n, dtype, bits, space, d, d + n * nblocks, half_sums,
+                        split, pairs, quad_levels, lanes, (reads & BLOB_READS_CROSSED) != 0, q_stride_bytes, nblocks, 0};
     if (decode_tiles(n)) quantize_task(&job, 0, 1);   /* a decode step's few tokens: not worth waking the pool */
     else blob_pool_run(quantize_task, &job);
     acts->q8 = bits == 8 ? (const int8_t *)space : NULL;
@@ -166,6 +170,7 @@ static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t
     acts->half_sums = half_sums;
     acts->split = split;
     acts->pairs = pairs;
+    acts->quads = quad_levels;
     acts->lanes = lanes;
     acts->q_stride = q_stride_bytes / (size_t)(bits / 8);
     acts->nblocks = nblocks;

@@ -103,8 +103,8 @@ def make_weight(dtype: str, rows: int, cols: int, rng) -> tuple[K.Matrix, np.nda
     return K.Matrix(tensor), quant.dequantize(planes, cols, dtype)
 
 
-# the largest activation level: int8 for q4_0, int16 for every other quantized type
-ACT_QMAX = {**{name: 32639 for name in DTYPES + BLOCK_DTYPES}, "q4_0": 127}
+# the largest activation level: int8 for q4_0 and q4_k, int16 for every other quantized type
+ACT_QMAX = {**{name: 32639 for name in DTYPES + BLOCK_DTYPES}, "q4_0": 127, "q4_k": 127}
 
 
 def quantize_activations(x: np.ndarray, dtype: str):
@@ -971,8 +971,9 @@ def planes_like(kind, values: np.ndarray, rng) -> tuple[np.ndarray, ...]:
 @pytest.mark.parametrize("dtype", BLOCK_DTYPES)
 def test_a_model_in_a_block_type_matches_its_f32_dequantization(wide_llama, tmp_path, dtype):
     """Every matrix (the embedding and the head too) stored as `dtype` from random planes: the runtime's
-    logits equal, within the int16 activation rounding, those of the same model stored as the f32
-    dequantization of those planes."""
+    logits equal, within the activation rounding (int16 levels; q4_k's int8 ones, 257 times coarser,
+    moved these random weights' logits by 1.7 % of their largest), those of the same model stored as
+    the f32 dequantization of those planes."""
     from blobstore.runtime import load
     kind, rng = blobstore.DType.parse(dtype), np.random.default_rng(stable_seed(dtype, "model"))
     paths = {"blocks": tmp_path / f"{dtype}.blob", "f32": tmp_path / "dequantized.blob"}
@@ -998,8 +999,8 @@ def test_a_model_in_a_block_type_matches_its_f32_dequantization(wide_llama, tmp_
         assert kind in {i.dtype for i in r.infos()}
     ids = [2] + rng.integers(4, blocks.config.vocab_size, 23).tolist()
     ours, theirs = blocks.forward(ids), reference.forward(ids)
-    scale = np.abs(theirs).max()
-    assert np.abs(ours - theirs).max() <= 2e-3 * scale, f"max |difference| {np.abs(ours - theirs).max()} of {scale}"
+    scale = np.abs(theirs).max() * (3e-2 if ACT_QMAX[dtype] == 127 else 2e-3)
+    assert np.abs(ours - theirs).max() <= scale, f"max |difference| {np.abs(ours - theirs).max()}, bound {scale}"
     assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).mean() >= 0.95
 
 
@@ -1038,8 +1039,10 @@ def test_the_real_gemma3_q4_k_m_tensors(gemma3_270m_gguf):
 def test_the_real_gemma3_q4_k_m_runs_with_its_own_numbers(gemma3_270m_gguf, tmp_path):
     """The real Q4_K_M file converted at f32, then every matrix put back as the file's own planes (q8_0, q5_0,
     q4_k, q6_k; checked equal to the f32 values first): the runtime's logits over a few hundred tokens of
-    prose agree with the f32 dequantization's, the int16 activations being the only difference (measured
-    here: top-1 100 %, mean KL divergence 4e-8; llama.cpp on this file: 93.8 % and 0.027, issue 14)."""
+    prose agree with the f32 dequantization's, the quantized activations being the only difference: int16
+    levels but for the q4_k matrices' int8 ones (measured here: top-1 97.4 %, every change a near-tie of
+    the f32 logits within 0.033, mean KL divergence 3.6e-4; with int16 levels for q4_k too 100 % and 4e-8;
+    llama.cpp on this file: 93.8 % and 0.027, issue 14)."""
     gguf = pytest.importorskip("gguf")
     from blobstore.convert import convert
     from blobstore.runtime import load
@@ -1072,5 +1075,7 @@ def test_the_real_gemma3_q4_k_m_runs_with_its_own_numbers(gemma3_270m_gguf, tmp_
     log_q = found - found.max(axis=1, keepdims=True)
     log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
     kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
-    assert (expected.argmax(axis=1) == found.argmax(axis=1)).mean() >= 0.99
-    assert kl.mean() <= 1e-4, f"mean KL divergence {kl.mean()}"
+    changed = expected.argmax(axis=1) != found.argmax(axis=1)
+    top_two = np.sort(expected[changed], axis=1)[:, -2:]
+    assert changed.mean() <= 0.03 and (top_two[:, 1] - top_two[:, 0]).max(initial=0) <= 0.15
+    assert kl.mean() <= 1e-3, f"mean KL divergence {kl.mean()}"

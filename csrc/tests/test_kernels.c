@@ -334,14 +334,16 @@ typedef struct {
     int32_t *half_sums;   /* int16 levels: the sum of each 16 */
     int8_t *split;        /* int16 levels as bytes, blob_split_levels */
     int16_t *pairs;       /* int16 levels in pairs, blob_pair_levels */
+    int8_t *quads;        /* int8 levels held in int16, in quads: blob_quad_levels */
     int8_t *lanes;        /* split levels by lanes, blob_lane_levels */
     int8_t *crossed;      /* the same, crossed */
     size_t q_stride, nblocks;
 } quantized_acts;
 
-static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size_t n, size_t cols, int bits) {
+/* X (n, cols) quantized for `dtype` weights as matmul.c does, in every arrangement a tile reads. */
+static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size_t n, size_t cols, int dtype) {
     quantized_acts qa;
-    qa.bits = bits;
+    const int bits = qa.bits = blob_act_bits(dtype);
     qa.nblocks = blob_div_up(cols, BLOB_QBLOCK);
     qa.q_stride = round64(qa.nblocks * 32);
     qa.q = calloc(n, qa.q_stride * (size_t)(bits / 8));
@@ -350,18 +352,20 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
     qa.half_sums = (int32_t *)calloc(2 * n * qa.nblocks, sizeof(int32_t));
     qa.split = (int8_t *)calloc(n, qa.q_stride * 2);
     qa.pairs = (int16_t *)calloc(n, blob_pair_stride(qa.nblocks) * sizeof(int16_t));
+    qa.quads = (int8_t *)calloc(n, blob_pair_stride(qa.nblocks));
     qa.lanes = (int8_t *)calloc(n, qa.q_stride * 2);
     qa.crossed = (int8_t *)calloc(n, qa.q_stride * 2);
     for (size_t t = 0; t < n; t++) {
+        blob_quantize_acts(ops, dtype, x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride * (size_t)(bits / 8), qa.d + t * qa.nblocks);
         if (bits == 16) {
-            ops->quantize_row16(x + t * cols, cols, (int16_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_half_sums((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.half_sums + 2 * t * qa.nblocks);
             blob_split_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.split + 2 * t * qa.q_stride);
             blob_pair_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.pairs + t * blob_pair_stride(qa.nblocks));
+            if (blob_act_int8_levels(dtype))
+                blob_quad_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.quads + t * blob_pair_stride(qa.nblocks));
             blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, 0, qa.lanes + 2 * t * qa.q_stride);
             blob_lane_levels((const int16_t *)qa.q + t * qa.q_stride, qa.nblocks, 1, qa.crossed + 2 * t * qa.q_stride);
         } else {
-            ops->quantize_row(x + t * cols, cols, (int8_t *)qa.q + t * qa.q_stride, qa.d + t * qa.nblocks);
             blob_level_sums((const int8_t *)qa.q + t * qa.q_stride, qa.nblocks, qa.sums + t * qa.nblocks);
         }
     }
@@ -369,7 +373,7 @@ static quantized_acts quantize_all(const blob_isa_ops *ops, const float *x, size
 }
 
 static void free_acts(quantized_acts *qa) {
-    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs), free(qa->lanes), free(qa->crossed);
+    free(qa->q), free(qa->d), free(qa->sums), free(qa->half_sums), free(qa->split), free(qa->pairs), free(qa->quads), free(qa->lanes), free(qa->crossed);
 }
 
 /* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
@@ -383,7 +387,7 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
                       int shape) {
     const int bits = blob_act_bits(w->m.dtype), with_lanes = shape != TILES_WITHOUT_LANES;
     if (!with_lanes) shape = TILES_MATVEC_OR_MATMUL;
-    quantized_acts qa = quantize_all(ops, x, n, w->m.cols, bits);
+    quantized_acts qa = quantize_all(ops, x, n, w->m.cols, w->m.dtype);
     const int dtype = w->m.dtype;
     const int8_t *lanes = ops->reads_levels[dtype] & BLOB_READS_CROSSED ? qa.crossed : qa.lanes;
     float *even_odd = (float *)malloc(n * blob_even_odd_stride(w->m.cols) * sizeof(float));
@@ -391,7 +395,8 @@ static void run_tiles(const blob_isa_ops *ops, const test_weight *w, const float
         blob_even_odd_columns(x + t * w->m.cols, w->m.cols, even_odd + t * blob_even_odd_stride(w->m.cols));
     blob_acts a = {x, w->m.cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
                    qa.d, qa.q_stride, qa.nblocks, qa.sums, qa.half_sums, qa.split, qa.pairs, with_lanes ? lanes : NULL,
-                   ops->bf16_even_odd && dtype == BLOB_BF16 ? even_odd : NULL};
+                   ops->bf16_even_odd && dtype == BLOB_BF16 ? even_odd : NULL,
+                   ops->reads_levels[dtype] & BLOB_READS_QUADS ? qa.quads : NULL};
     blob_tile_fn tile = shape == TILES_FEW_TOKENS ? ops->matvec_tokens[dtype] : shape == TILES_ONE_ROW ? ops->matvec_row[dtype]
                       : n == 1 ? ops->matvec[dtype] : ops->matmul[dtype];
     const int mm_rows = ops->mm_tile_rows[dtype] ? ops->mm_tile_rows[dtype] : ops->mm_rows;
@@ -416,8 +421,10 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
         for (size_t k = 0; k < n; k++) x[k] = next_float() * (k % 7 == 0 ? 100.0f : 1.0f);
         if (n > 40) for (size_t k = 32; k < 64; k++) x[k] = 0.0f;   /* an all-zero block */
         if (n > 200) for (size_t k = 96; k < 128; k++) x[k] *= 1e-39f; /* scale below FLT_MIN */
-        for (int bits = 8; bits <= 16; bits += 8) {
-            quantized_acts mine = quantize_all(ops, x, 1, n, bits), ref = quantize_all(&blob_ops_scalar, x, 1, n, bits);
+        const int dtypes[] = {BLOB_Q4_0, BLOB_Q8_0, BLOB_Q4_K};   /* int8, int16 and int8 levels held in int16 */
+        for (int i = 0; i < 3; i++) {
+            const int bits = blob_act_bits(dtypes[i]);
+            quantized_acts mine = quantize_all(ops, x, 1, n, dtypes[i]), ref = quantize_all(&blob_ops_scalar, x, 1, n, dtypes[i]);
             checks++;
             if (memcmp(mine.q, ref.q, mine.nblocks * 32 * (size_t)(bits / 8)) != 0 ||
                 memcmp(mine.d, ref.d, mine.nblocks * sizeof(float)) != 0)
@@ -430,11 +437,11 @@ static void check_quantize(const blob_isa_ops *ops, const char *path) {
 }
 
 /* Y of a q4_1 .. q6_k weight against the straightforward product: W dequantized as ggml does,
- * times the activations quantized (int16 levels x block scale), summed in double. */
+ * times the activations quantized (levels x block scale), summed in double. */
 static void check_against_dequantized(const blob_isa_ops *ops, const test_weight *w, const float *x, size_t n,
                                       const float *y, const char *what, const char *path) {
     const size_t rows = w->m.rows, cols = w->m.cols;
-    quantized_acts qa = quantize_all(ops, x, n, cols, 16);
+    quantized_acts qa = quantize_all(ops, x, n, cols, w->m.dtype);
     char label[96];
     snprintf(label, sizeof label, "%s vs dequantized", what);
     for (size_t t = 0; t < n; t++) {
@@ -562,9 +569,9 @@ static void check_interleave8(const blob_isa_ops *ops, const char *path) {
                 float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
                 for (size_t k = 0; k < n * cols; k++) x[k] = next_float();
                 run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-                quantized_acts qa = quantize_all(ops, x, n, cols, bits);
+                quantized_acts qa = quantize_all(ops, x, n, cols, dtype);
                 blob_acts a = {x, cols, bits == 8 ? (const int8_t *)qa.q : NULL, bits == 16 ? (const int16_t *)qa.q : NULL,
-                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL, NULL, NULL};
+                               qa.d, qa.q_stride, qa.nblocks, qa.sums, NULL, NULL, NULL, NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[dtype](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[80];
@@ -681,10 +688,10 @@ static void check_interleave8_q5_0(const blob_isa_ops *ops, const char *path) {
             float *y = (float *)malloc(n * rows * sizeof(float)), *ref = (float *)malloc(n * rows * sizeof(float));
             for (size_t k = 0; k < n * cols; k++) x[k] = extreme ? 1.0f : next_float() * (k % 37 == 0 ? 50.0f : 1.0f);
             run_tiles(&blob_ops_scalar, &w, x, n, ref, TILES_MATVEC_OR_MATMUL);
-            quantized_acts qa = quantize_all(ops, x, n, cols, 16);
+            quantized_acts qa = quantize_all(ops, x, n, cols, BLOB_Q5_0);
             for (int with_split = 0; with_split < 2; with_split++) {
                 blob_acts a = {x, cols, NULL, (const int16_t *)qa.q, qa.d, qa.q_stride, qa.nblocks, NULL, qa.half_sums,
-                               with_split ? qa.split : NULL, NULL, NULL, NULL};
+                               with_split ? qa.split : NULL, NULL, NULL, NULL, NULL};
                 for (size_t r = 0; r < rows; r += BLOB_INTERLEAVE8_ROWS)
                     ops->interleave8[BLOB_Q5_0](&iw.m, r, blob_min(BLOB_INTERLEAVE8_ROWS, rows - r), &a, 0, n, y, rows);
                 char what[96];
