@@ -190,7 +190,6 @@ static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_
 #define X86_FLOAT_TILE zmm_float_tile
 #define X86_I8_PREFILL zmm_i8_prefill
 #define X86_GROUP_PREFILL zmm_k_prefill
-#define X86_Q4_K_QUADS BLOB_READS_QUADS
 #define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
 #define X86_WEIGHTED_ROWS zmm_weighted_rows
 #define X86_KEY_SCORES zmm_key_scores
