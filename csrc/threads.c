@@ -18,7 +18,7 @@
 static void worker_main(int ith);   /* the pool's worker loop, run by thread_start */
 
 /* The workers' stack, set rather than left to the platform: kernels keep a work item's scratch on
- * the stack (the avx512 q4_k / q6_k prefill about 260 KiB), more than some defaults give a new
+ * the stack (the avx512 q4_k / q6_k prefill about 275 KiB), more than some defaults give a new
  * thread (musl 128 KiB, macOS 512 KiB). */
 #define WORKER_STACK_BYTES ((size_t)4 << 20)
 
