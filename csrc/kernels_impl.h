@@ -626,7 +626,7 @@ typedef struct blob_isa_ops {
 /* Token row x (cols values) quantized for `dtype` weights: blocks of levels, blob_act_bits wide,
  * at q, and their scales at d; int8 ones widened in place where int16 levels hold them. */
 static inline void blob_quantize_acts(const blob_isa_ops *ops, int dtype, const float *x, size_t cols, void *q, float *d) {
-    if (blob_act_bits(dtype) == 16 && !blob_act_int8_levels(dtype)) {
+    if (!blob_act_int8_levels(dtype)) {
         ops->quantize_row16(x, cols, (int16_t *)q, d);
         return;
     }
