@@ -438,7 +438,7 @@ typedef struct blob_acts {
     /* q4_1 .. q6_k prefill (blob_isa_ops.mm_any_tokens): the int16 levels rearranged by
      * blob_pair_levels, token t's at pairs + t * blob_pair_stride(nblocks) */
     const int16_t *pairs;
-    /* q4_k, q6_k decode: the split levels of each whole group rearranged by blob_lane_levels
+    /* q4_k .. q6_k decode: the split levels of each whole group rearranged by blob_lane_levels
      * (crossed where reads_levels says BLOB_READS_CROSSED), token t's at lanes + t * 2 * q_stride,
      * or NULL */
     const int8_t *lanes;
@@ -490,7 +490,7 @@ static inline void blob_split_levels(const int16_t *q, size_t nblocks, int8_t *o
  * l holds levels 4k .. 4k + 3 (l < 4) or 16 + 4k .. 16 + 4k + 3 (l >= 4) of block 2 (l % 4) + s;
  * `crossed`: of block 2 (l % 4) + (s xor l >= 4), the upper halves of the pair's two vectors
  * swapped, which x86's q4_k weights take with one mask a vector (q4_k_crossed_bytes).
- * x86's q4_k (crossed) and q6_k decode tiles read them; a partial last group is left out. */
+ * x86's q4_k (crossed), q5_k and q6_k decode tiles read them; a partial last group is left out. */
 static inline void blob_lane_levels(const int16_t *q, size_t nblocks, int crossed, int8_t *out) {
     for (size_t g = 0; g < nblocks / 8; g++)
         for (int k = 0; k < 4; k++)

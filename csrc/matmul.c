@@ -99,7 +99,7 @@ typedef struct {
     int8_t *split;                  /* q4_1 .. q6_k: the levels as two int8 planes, or NULL */
     int16_t *pairs;                 /* q4_1 .. q6_k prefill: the levels in pairs, or NULL */
     int8_t *quads;                  /* or, where the tile reads them, the int8 levels in quads */
-    int8_t *lanes;                  /* q4_k, q6_k decode: the split levels by lanes, or NULL */
+    int8_t *lanes;                  /* q4_k .. q6_k decode: the split levels by lanes, or NULL */
     int crossed;                    /* blob_lane_levels' crossed arrangement */
     size_t q_stride_bytes, nblocks;
     volatile size_t next;
@@ -136,7 +136,7 @@ static void quantize_task(void *ctx, int ith, int nth) {
  * (n, blob_pair_stride) int16 (blob_pair_levels), which that tile reads instead (q4_k's int8
  * levels in quads, (n, blob_pair_stride) bytes, where it reads those: BLOB_READS_QUADS). Planar tiles
  * read the split or paired levels, and at one token the interleaved q5_0 tile reads the split
- * ones, and x86's decode q4_k and q6_k tiles read the split bytes rearranged by
+ * ones, and x86's decode q4_k, q5_k and q6_k tiles read the split bytes rearranged by
  * blob_lane_levels (n, 2 * q_stride) after them: each only where the path's reads_levels says
  * it reads them. */
 static int quantize_activations(const blob_isa_ops *ops, blob_acts *acts, size_t n, size_t cols, int dtype,

@@ -379,7 +379,7 @@ static void free_acts(quantized_acts *qa) {
 /* Which tiles run_tiles runs: matvec at n == 1, else matmul; the one-row matvec tile token after
  * token; or the few-token tile (matvec_tokens, quantized types), three rows to a call; or the
  * first without the activations arranged by lanes (blob_lane_levels), which matmul.c always
- * makes for the x86 one-token q4_k and q6_k tiles, so that their other path is tested too. */
+ * makes for the x86 one-token q4_k, q5_k and q6_k tiles, so that their other path is tested too. */
 enum { TILES_MATVEC_OR_MATMUL = 0, TILES_ONE_ROW = 1, TILES_FEW_TOKENS = 2, TILES_WITHOUT_LANES = 3 };
 
 /* Y = X @ W.T through the path's tiles of `shape`. */
