@@ -21,8 +21,8 @@
  * and the 256-bit tiles already sum a block's products to eight lanes in two of them before the
  * one conversion and FMA per block; a 512-bit q8_0 decode row took 1.2-2.5x the time with a
  * block per step (sixteen lanes to convert and scale) and 1.07-1.2x with two (halved by
- * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows and of planar q4_k and q6_k
- * rows has 512-bit tiles (below; q4_k and q6_k in kernels_avx512_kquant.inc).
+ * VPERMT2D). The prefill of interleaved q8_0, q4_0 and q5_0 rows and of planar q4_k, q5_k and q6_k
+ * rows has 512-bit tiles (below; q4_k, q5_k and q6_k in kernels_avx512_kquant.inc).
  *
  * bf16 weights are widened to f32 and multiplied by the f32 activations with FMA, as on every
  * other path (at prefill 32 at a time, against activations arranged for it: below): the
@@ -169,7 +169,7 @@ static ZMM_TARGET int zmm_i8_prefill(const blob_matrix *w, size_t r0, size_t nr,
 static inline ZMM_TARGET void zmm_float_tile(const blob_matrix *w, size_t r0, size_t nr, const blob_acts *a,
                                              size_t t0, size_t nt, float *y, size_t ys, int dtype, int R, int T);
 
-/* The prefill of planar q4_k and q6_k rows, in kernels_avx512_kquant.inc after kernels_x86.inc (it
+/* The prefill of planar q4_k, q5_k and q6_k rows, in kernels_avx512_kquant.inc after kernels_x86.inc (it
  * unpacks with its functions), ZK_ROWS rows a call (blob_isa_ops.mm_tile_rows): matmul.c's MATMUL_CHUNK_ROWS, a work item's. */
 #define ZK_ROWS 16
 /* The rows a call of the f16 and bf16 prefill tile takes (zmm_float_tile), blob_isa_ops.mm_tile_rows. */
@@ -190,7 +190,7 @@ static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_
 #define X86_FLOAT_TILE zmm_float_tile
 #define X86_I8_PREFILL zmm_i8_prefill
 #define X86_GROUP_PREFILL zmm_k_prefill
-#define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
+#define X86_TILE_ROWS {[BLOB_Q4_K] = ZK_ROWS, [BLOB_Q5_K] = ZK_ROWS, [BLOB_Q6_K] = ZK_ROWS, [BLOB_F16] = ZF_ROWS, [BLOB_BF16] = ZF_ROWS}
 #define X86_WEIGHTED_ROWS zmm_weighted_rows
 #define X86_KEY_SCORES zmm_key_scores
 #define X86_BF16_EVEN_ODD 1
@@ -577,6 +577,6 @@ static ZMM_TARGET void zmm_key_scores(const float *q, size_t heads, size_t head_
                            dtype, scores + h * ss + j, ss);
 }
 
-/* ---- q4_k and q6_k, planar, at prefill ---- */
+/* ---- q4_k, q5_k and q6_k, planar, at prefill ---- */
 #include "kernels_avx512_kquant.inc"
 #endif

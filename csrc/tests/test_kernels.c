@@ -838,16 +838,16 @@ static void check_block_tiles(const blob_isa_ops *ops, const char *path) {
     }
 }
 
-/* The planar q4_k and q6_k prefill tile (the matmul tile at more tokens than a decode step)
+/* The planar q4_k, q5_k and q6_k prefill tile (the matmul tile at more tokens than a decode step)
  * against the scalar tile, bit for bit: row counts that leave partial calls (x86 avx512: 16 rows
  * a call, four to a register tile), token counts that leave every register-tile remainder
- * (avx512: 8 (q4_k) or 4 (q6_k) tokens, then 4, 2, 1; 16 a chunk, or 64 for rows of over 24
+ * (avx512: 8 (q4_k, q5_k) or 4 (q6_k) tokens, then 4, 2, 1; 16 a chunk, or 64 for rows of over 24
  * super-blocks, which 6400 columns are), and the extreme levels of check_block_tiles, whose q6_k
  * halves' sum overflows int32. */
 static void check_k_quant_prefill(const blob_isa_ops *ops, const char *path) {
-    const int dtypes[] = {BLOB_Q4_K, BLOB_Q6_K};
+    const int dtypes[] = {BLOB_Q4_K, BLOB_Q5_K, BLOB_Q6_K};
     const size_t row_counts[] = {3, 21}, col_counts[] = {512, 6400}, cols = 512, token_counts[] = {9, 15, 70, 131};
-    for (size_t di = 0; di < 2; di++)
+    for (size_t di = 0; di < sizeof dtypes / sizeof *dtypes; di++)
         for (size_t ri = 0; ri < 2; ri++) {
             const int dtype = dtypes[di];
             const size_t rows = row_counts[ri];
