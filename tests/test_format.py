@@ -165,8 +165,10 @@ def test_writer_failure_leaves_nothing_at_the_target(tmp_path):
 
 
 def test_writer_interrupted_by_ctrl_c_leaves_nothing(tmp_path):
+    # a shell without job control starts its background jobs with SIGINT ignored: restore Ctrl-C
     script = textwrap.dedent(f"""
         import os, signal, numpy as np, blobstore
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with blobstore.BlobWriter({str(tmp_path / 'out.blob')!r}) as w:
             w.add("a", np.ones((100, 100), np.float32))
             os.kill(os.getpid(), signal.SIGINT)
