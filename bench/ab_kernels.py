@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
-from bench_kernels import STREAM_BYTES, block_tensor
+from bench_kernels import STREAM_BYTES, streamed_copies
 
 
 def load_build(path: str, index: int, threads: int):
@@ -29,16 +28,8 @@ def load_build(path: str, index: int, threads: int):
     return module
 
 
-def streamed(dtype: str, rows: int, cols: int, rng) -> tuple[list, int]:
-    """Copies of one random (rows, cols) tensor of `dtype`, STREAM_BYTES in all, and one copy's bytes."""
-    tensor, nbytes = block_tensor(dtype, rows, cols, rng)
-    copies = [types.SimpleNamespace(dtype=tensor.dtype, shape=tensor.shape, planes=tuple(p.copy() for p in tensor.planes))
-              for _ in range(max(1, STREAM_BYTES // nbytes))]
-    return copies, nbytes
-
-
 def compare(builds, dtype: str, rows: int, cols: int, rounds: int, rng) -> str:
-    copies, nbytes = streamed(dtype, rows, cols, rng)
+    copies, nbytes = streamed_copies(dtype, rows, cols, rng)
     x = rng.standard_normal(cols).astype(np.float32)
     matrices = [[build.Matrix(c) for c in copies] for build in builds]
     outputs = [build.matmul(m[0], x) for build, m in zip(builds, matrices)]

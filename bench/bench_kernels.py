@@ -130,13 +130,20 @@ def make_weight(dtype: str, size: int, rng) -> tuple[K.Matrix, int]:
     return K.Matrix(values, dtype=dtype), values.nbytes
 
 
+def streamed_copies(dtype: str, rows: int, cols: int, rng) -> tuple[list, int]:
+    """Copies of one random (rows, cols) tensor of `dtype` (block_tensor), STREAM_BYTES in all, so
+    that multiplying them one after another reads each from memory; and one copy's bytes as stored."""
+    tensor, nbytes = block_tensor(dtype, rows, cols, rng)
+    copies = [types.SimpleNamespace(dtype=tensor.dtype, shape=tensor.shape, planes=tuple(p.copy() for p in tensor.planes))
+              for _ in range(max(1, STREAM_BYTES // nbytes))]
+    return copies, nbytes
+
+
 def streamed_matvec(dtype: str, rows: int, cols: int, rounds: int, thread_counts, rng) -> dict[int, float]:
     """Decode GB/s of `dtype` on a rows x cols matrix at each thread count: copies of it (STREAM_BYTES
     in all) are multiplied one after another, so each is read from memory, as in a model's decode."""
-    tensor, nbytes = block_tensor(dtype, rows, cols, rng)
-    copies = [K.Matrix(types.SimpleNamespace(dtype=tensor.dtype, shape=tensor.shape,
-                                             planes=tuple(p.copy() for p in tensor.planes)))
-              for _ in range(max(1, STREAM_BYTES // nbytes))]
+    tensors, nbytes = streamed_copies(dtype, rows, cols, rng)
+    copies = [K.Matrix(t) for t in tensors]
     x = rng.standard_normal(cols).astype(np.float32)
 
     def run():
